@@ -1,0 +1,42 @@
+# blockmig: `make test` and `make demo` set up a fresh Debian 12 machine themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+APT_PACKAGES := nbdkit libnbd-bin nbdfuse python3-libnbd fio qemu-utils fuse3 e2fsprogs util-linux \
+                iproute2 kmod procps
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install apt venv test lint typecheck bench-nbd clean
+
+install: apt venv
+
+# Install the real NBD peers the tests run against (skipped when all are present).
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check emulator control bench tests
+	$(VENV)/bin/mypy
+
+bench-nbd: install
+	$(PY) -m bench.nbd_server
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .hypothesis

@@ -1,0 +1,167 @@
+"""The one interface that carries every byte: :class:`Backend`.
+
+The NBD server serves any Backend; arrays implement it with sparse files,
+the mirror with remote LUNs and migrating LUNs. Offsets and lengths given to
+a Backend have already been checked against ``size`` by the caller.
+
+Methods are coroutines. A Backend that can finish at once (a page-cache hit)
+simply never awaits, and the server runs such calls eagerly without a task.
+"""
+
+from __future__ import annotations
+
+import errno
+from abc import ABC, abstractmethod
+
+from .errors import BackendError
+from .protocol import STATE_HOLE, STATE_ZERO, Extent
+
+
+class Backend(ABC):
+    """Block storage of a fixed size (see DESIGN.md, "One interface")."""
+
+    #: capability flags; the server advertises only what is True
+    read_only: bool = False
+    can_trim: bool = True
+    can_zero: bool = True
+    can_fast_zero: bool = False
+    can_cache: bool = True
+    can_flush: bool = True
+    can_fua: bool = True
+    #: flushing on one connection covers writes completed on every connection
+    can_multi_conn: bool = True
+    can_extents: bool = True
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @abstractmethod
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset``."""
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        buf = bytearray(length)
+        await self.read_into(offset, memoryview(buf))
+        return buf
+
+    @abstractmethod
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        """Write ``data``; with ``fua`` it is durable when this returns."""
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        """Make the range read as zeroes.
+
+        ``may_trim``: the range may become a hole. ``fast``: fail with
+        ENOTSUP rather than fall back to writing zeroes slowly.
+        """
+        if fast:
+            raise BackendError(errno.ENOTSUP, "fast zero is not supported")
+        chunk = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            await self.write(offset, memoryview(chunk)[:n])
+            offset += n
+        if fua:
+            await self.flush()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Advise that the range is no longer needed (may do nothing)."""
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Advise that the range will be read soon."""
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """Allocation map from ``offset``: at least one extent, covering at
+        most ``length`` bytes (fewer is allowed). Default: all data."""
+        return [Extent(length, 0)]
+
+    def close(self) -> None:
+        """Release resources; no calls follow."""
+
+
+class MemoryBackend(Backend):
+    """Sparse in-memory Backend: the test double for unit tests.
+
+    Pages never written (or trimmed/zeroed) are holes that read as zeroes.
+    """
+
+    PAGE = 4096
+
+    def __init__(self, size: int, read_only: bool = False) -> None:
+        self._size = size
+        self._pages: dict[int, bytearray] = {}
+        self.read_only = read_only
+        self.can_fast_zero = True
+        self.flushes = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        pos, end = offset, offset + len(buf)
+        while pos < end:
+            page, off = divmod(pos, self.PAGE)
+            n = min(self.PAGE - off, end - pos)
+            data = self._pages.get(page)
+            dst = buf[pos - offset : pos - offset + n]
+            if data is None:
+                dst[:] = bytes(n)
+            else:
+                dst[:] = data[off : off + n]
+            pos += n
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        view = memoryview(data).cast("B")
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            page, off = divmod(pos, self.PAGE)
+            n = min(self.PAGE - off, end - pos)
+            p = self._pages.get(page)
+            if p is None:
+                p = self._pages[page] = bytearray(self.PAGE)
+            p[off : off + n] = view[pos - offset : pos - offset + n]
+            pos += n
+
+    def _zero(self, offset: int, length: int) -> None:
+        pos, end = offset, offset + length
+        while pos < end:
+            page, off = divmod(pos, self.PAGE)
+            n = min(self.PAGE - off, end - pos)
+            if n == self.PAGE:
+                self._pages.pop(page, None)
+            elif page in self._pages:
+                self._pages[page][off : off + n] = bytes(n)
+            pos += n
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        self._zero(offset, length)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._zero(offset, length)
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        out: list[Extent] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            page, off = divmod(pos, self.PAGE)
+            n = min(self.PAGE - off, end - pos)
+            flags = 0 if page in self._pages else STATE_HOLE | STATE_ZERO
+            if out and out[-1].flags == flags:
+                out[-1] = Extent(out[-1].length + n, flags)
+            else:
+                out.append(Extent(n, flags))
+            pos += n
+        return out

@@ -1,0 +1,575 @@
+"""asyncio NBD server: a thin adapter around protocol.py that serves Backends.
+
+One :class:`NbdServer` serves many exports to many clients; each connection
+is a BufferedProtocol that feeds the sans-IO core, runs each request
+eagerly (a Task only when the Backend must wait), and sends the replies of
+one receive pass with a single ``writelines``. Replies may go out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from . import protocol as p
+from .backend import Backend
+from .eager import run_eager
+from .errors import BackendError, ProtocolError, nbd_error
+
+log = logging.getLogger("blockmig.nbd.server")
+
+HANDSHAKE_TIMEOUT = 30.0
+#: reads at least this large look for holes and send them as OFFSET_HOLE chunks;
+#: for smaller ones an lseek costs more than the zeroes on the wire
+SPARSE_READ_MIN = 64 * 1024
+#: pause reading from a client with this many requests waiting on its Backend
+MAX_INFLIGHT = 256
+
+_CMD_FLAGS = {
+    p.CMD_READ: p.CMD_FLAG_DF,
+    p.CMD_WRITE: p.CMD_FLAG_FUA,
+    p.CMD_DISC: 0,
+    p.CMD_FLUSH: 0,
+    p.CMD_TRIM: p.CMD_FLAG_FUA,
+    p.CMD_CACHE: 0,
+    p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO,
+    p.CMD_BLOCK_STATUS: p.CMD_FLAG_REQ_ONE,
+}
+_MODIFYING = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
+
+
+@dataclass(slots=True)
+class Export:
+    """A Backend under a name."""
+
+    name: str
+    backend: Backend
+    description: str = ""
+    read_only: bool = False
+
+    def info(self) -> p.ExportInfo:
+        b = self.backend
+        ro = self.read_only or b.read_only
+        flags = p.FLAG_HAS_FLAGS | p.FLAG_SEND_DF
+        if ro:
+            flags |= p.FLAG_READ_ONLY
+        if b.can_flush:
+            flags |= p.FLAG_SEND_FLUSH
+        if b.can_fua and not ro:
+            flags |= p.FLAG_SEND_FUA
+        if b.can_trim and not ro:
+            flags |= p.FLAG_SEND_TRIM
+        if b.can_zero and not ro:
+            flags |= p.FLAG_SEND_WRITE_ZEROES
+            if b.can_fast_zero:
+                flags |= p.FLAG_SEND_FAST_ZERO
+        if b.can_cache:
+            flags |= p.FLAG_SEND_CACHE
+        if b.can_multi_conn:
+            flags |= p.FLAG_CAN_MULTI_CONN
+        return p.ExportInfo(self.name, b.size, flags, self.description, allocation=b.can_extents)
+
+
+class _ExportTable(dict[str, p.ExportInfo]):
+    """The live view of exports the handshake core reads."""
+
+    def __init__(self, server: NbdServer) -> None:
+        super().__init__()
+        self._server = server
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        e = self._server.exports.get(name)
+        return e.info() if e else default
+
+    def values(self) -> Any:
+        return [e.info() for e in self._server.exports.values()]
+
+
+class NbdServer:
+    """Serve Backends as NBD exports (fixed newstyle only)."""
+
+    def __init__(self, default_export: str | None = None) -> None:
+        self.exports: dict[str, Export] = {}
+        self.default_export = default_export
+        self._servers: list[asyncio.AbstractServer] = []
+        self.connections: set[_Connection] = set()
+        self._table = _ExportTable(self)
+
+    # ---- exports
+    def add_export(
+        self, name: str, backend: Backend, description: str = "", read_only: bool = False
+    ) -> Export:
+        if name in self.exports:
+            raise ValueError(f"export {name!r} already exists")
+        if len(name.encode()) > p.MAX_STRING:
+            raise ValueError("export name is longer than 4096 bytes")
+        e = self.exports[name] = Export(name, backend, description, read_only)
+        return e
+
+    def remove_export(self, name: str) -> Export:
+        """Stop offering ``name``; connected clients keep their Backend."""
+        return self.exports.pop(name)
+
+    def clients_of(self, name: str) -> int:
+        return sum(1 for c in self.connections if c.export is not None and c.export.name == name)
+
+    # ---- listening
+    async def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(
+            lambda: _Connection(self), host, port, reuse_address=True, backlog=128
+        )
+        self._servers.append(srv)
+        addr = srv.sockets[0].getsockname()
+        return addr[0], addr[1]
+
+    async def listen_unix(self, path: str) -> str:
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_unix_server(lambda: _Connection(self), path)
+        self._servers.append(srv)
+        return path
+
+    async def close(self) -> None:
+        """Stop listening, let in-flight requests finish, close connections."""
+        for s in self._servers:
+            s.close()
+        for c in list(self.connections):
+            c.shutdown()
+        await asyncio.gather(*(c.closed for c in list(self.connections)), return_exceptions=True)
+        for s in self._servers:
+            await s.wait_closed()
+        self._servers.clear()
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client: handshake, then transmission."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.export: Export | None = None
+        self.transport: asyncio.Transport | None = None
+        self._hs: p.ServerHandshake | None = p.ServerHandshake(server._table, server.default_export)
+        self._hs_buf = bytearray(4096)
+        self._dec: p.RequestDecoder | None = None
+        self._backend: Backend | None = None
+        self._size = 0
+        self._structured = False
+        self._alloc_ctx: int | None = None
+        self._flags = 0
+        self._out: list[Any] = []
+        self._in_receive = False
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._disconnecting = False
+        self._paused_reasons = 0  # bit 1: write buffer full, bit 2: too many in flight
+        self._timer: asyncio.TimerHandle | None = None
+        self.peer = ""
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # ---- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = str(transport.get_extra_info("peername"))
+        assert self._hs is not None
+        transport.write(self._hs.data_to_send())
+        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._hs_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._timer:
+            self._timer.cancel()
+        for t in self._inflight:
+            t.cancel()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._dec is not None:
+            return self._dec.get_buffer()
+        return memoryview(self._hs_buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._dec is not None:
+                self._dec.buffer_updated(nbytes)
+                self._process()
+            else:
+                self._handshake(bytes(self._hs_buf[:nbytes]))
+        except ProtocolError as e:
+            self._abort(f"protocol error: {e}")
+
+    def pause_writing(self) -> None:
+        self._pause(1)
+
+    def resume_writing(self) -> None:
+        self._resume(1)
+
+    def eof_received(self) -> bool | None:
+        # Let in-flight requests finish, then close (a client may half-close).
+        self._disconnect()
+        return True
+
+    # ---- handshake
+    def _hs_timeout(self) -> None:
+        if self._dec is None:
+            self._abort("handshake timed out")
+
+    def _handshake(self, data: bytes) -> None:
+        hs = self._hs
+        assert hs is not None and self.transport is not None
+        try:
+            hs.receive_data(data)
+        finally:
+            out = hs.data_to_send()
+            if out:
+                self.transport.write(out)
+        if hs.phase is p.Phase.CLOSED:
+            self.transport.close()
+        elif hs.phase is p.Phase.TRANSMISSION:
+            neg = hs.negotiated
+            assert neg is not None
+            export = self.server.exports.get(neg.export.name)
+            if export is None:  # removed while we negotiated
+                self._abort(f"export {neg.export.name!r} went away")
+                return
+            if self._timer:
+                self._timer.cancel()
+            self.export = export
+            self._backend = export.backend
+            self._size = neg.export.size
+            self._flags = neg.export.flags
+            self._structured = neg.structured_replies
+            self._alloc_ctx = neg.allocation_context
+            self._hs = None
+            self._dec = p.RequestDecoder()
+            if hs.leftover:
+                self._dec.receive_data(hs.leftover)
+                self._process()
+
+    # ---- transmission
+    def _process(self) -> None:
+        dec = self._dec
+        assert dec is not None
+        self._in_receive = True
+        try:
+            while not self._disconnecting:
+                req = dec.next_event()
+                if req is None:
+                    break
+                self._dispatch(req)
+        finally:
+            self._in_receive = False
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        if self._out and self.transport is not None:
+            out, self._out = self._out, []
+            self.transport.writelines(out)
+
+    def _send(self, *parts: Any) -> None:
+        self._out.extend(parts)
+        if not self._in_receive:
+            self._flush_out()
+
+    def _dispatch(self, req: p.Request) -> None:
+        err = self._validate(req)
+        if err is not None:
+            self._send_error(req, err[0], err[1])
+            return
+        t = req.type
+        if t == p.CMD_READ:
+            coro = self._read(req)
+        elif t == p.CMD_WRITE:
+            coro = self._write(req)
+        elif t == p.CMD_DISC:
+            self._disconnect()
+            return
+        else:
+            coro = self._other(req)
+        task = run_eager(coro)
+        if task is None:
+            return
+        if t == p.CMD_WRITE:
+            # The suspended write may hold a view of the receive buffer:
+            # receive what follows into a fresh one.
+            assert self._dec is not None
+            self._dec.detach_buffer()
+        self._inflight.add(task)
+        task.add_done_callback(self._task_done)
+        if len(self._inflight) >= MAX_INFLIGHT:
+            self._pause(2)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if len(self._inflight) < MAX_INFLIGHT // 2:
+            self._resume(2)
+        if self._disconnecting and not self._inflight:
+            self._close_now()
+
+    def _validate(self, req: p.Request) -> tuple[int, str] | None:
+        """The spec's checks, in nbdkit's order; (NBD error, message) or None."""
+        t = req.type
+        allowed = _CMD_FLAGS.get(t)
+        if allowed is None:
+            return p.EINVAL, f"unknown command {t}"
+        name = p.CMD_NAMES[t]
+        if req.flags & ~allowed:
+            return p.EINVAL, f"{name}: flags 0x{req.flags:x} not allowed"
+        if req.flags & p.CMD_FLAG_DF and not self._structured:
+            return p.EINVAL, "READ: DF needs structured replies"
+        if req.flags & p.CMD_FLAG_FAST_ZERO and not self._flags & p.FLAG_SEND_FAST_ZERO:
+            return p.EINVAL, "WRITE_ZEROES: FAST_ZERO not offered"
+        if t in _MODIFYING and self._flags & p.FLAG_READ_ONLY:
+            return p.EPERM, f"{name}: export is read-only"
+        if t == p.CMD_DISC:
+            return None
+        if t == p.CMD_FLUSH:
+            if req.offset or req.length:
+                return p.EINVAL, "FLUSH: offset and length must be 0"
+            return None
+        if req.length == 0:
+            return p.EINVAL, f"{name}: zero length"
+        if req.offset + req.length > self._size:
+            err = p.ENOSPC if t in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) else p.EINVAL
+            return err, (
+                f"{name}: offset {req.offset} + length {req.length} is beyond the end "
+                f"of the export ({self._size} bytes)"
+            )
+        if t == p.CMD_READ and req.length > p.MAX_BLOCK:
+            return p.EINVAL, f"READ: length {req.length} exceeds the {p.MAX_BLOCK} byte maximum"
+        if t == p.CMD_TRIM and not self._flags & p.FLAG_SEND_TRIM:
+            return p.EINVAL, "TRIM not supported"
+        if t == p.CMD_WRITE_ZEROES and not self._flags & p.FLAG_SEND_WRITE_ZEROES:
+            return p.EINVAL, "WRITE_ZEROES not supported"
+        if t == p.CMD_CACHE and not self._flags & p.FLAG_SEND_CACHE:
+            return p.EINVAL, "CACHE not supported"
+        if t == p.CMD_BLOCK_STATUS and self._alloc_ctx is None:
+            return p.EINVAL, "BLOCK_STATUS: no metadata context was negotiated"
+        return None
+
+    def _send_error(self, req: p.Request, error: int, message: str) -> None:
+        if self._structured and req.type in (p.CMD_READ, p.CMD_BLOCK_STATUS):
+            self._send(p.build_error_chunk(req.cookie, error, message))
+        else:
+            self._send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, error, req.cookie))
+
+    def _backend_failed(self, req: p.Request, e: Exception) -> None:
+        if isinstance(e, BackendError):
+            err = nbd_error(
+                e.errno,
+                fast_zero=bool(req.flags & p.CMD_FLAG_FAST_ZERO),
+                df=bool(req.flags & p.CMD_FLAG_DF),
+            )
+            msg = str(e)
+        else:
+            log.exception("%s on export %s failed", p.CMD_NAMES.get(req.type), self._name())
+            err, msg = p.EIO, f"internal error: {e!r}"
+        self._send_error(req, err, msg)
+
+    def _name(self) -> str:
+        return self.export.name if self.export else "?"
+
+    async def _read(self, req: p.Request) -> None:
+        backend = self._backend
+        assert backend is not None
+        off, length, cookie = req.offset, req.length, req.cookie
+        try:
+            if not self._structured:
+                data = await backend.read(off, length)
+                self._send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie), data)
+                return
+            if (
+                length >= SPARSE_READ_MIN
+                and not req.flags & p.CMD_FLAG_DF
+                and backend.can_extents
+            ):
+                await self._sparse_read(req)
+                return
+            data = await backend.read(off, length)
+            self._send(
+                p.OFFSET_DATA_HEADER.pack(
+                    p.STRUCTURED_REPLY_MAGIC,
+                    p.REPLY_FLAG_DONE,
+                    p.REPLY_TYPE_OFFSET_DATA,
+                    cookie,
+                    length + 8,
+                    off,
+                ),
+                data,
+            )
+        except Exception as e:
+            self._backend_failed(req, e)
+
+    async def _sparse_read(self, req: p.Request) -> None:
+        """Structured read that sends holes as OFFSET_HOLE chunks."""
+        backend = self._backend
+        assert backend is not None
+        off, end, cookie = req.offset, req.offset + req.length, req.cookie
+        runs: list[tuple[int, int, bool]] = []  # (offset, length, is_hole)
+        pos = off
+        while pos < end and len(runs) <= 16:
+            for ext in await backend.extents(pos, end - pos):
+                n = min(ext.length, end - pos)
+                if n <= 0:
+                    break
+                hole = bool(ext.flags & p.STATE_ZERO)
+                if runs and runs[-1][2] == hole:
+                    o, ln, h = runs[-1]
+                    runs[-1] = (o, ln + n, h)
+                else:
+                    runs.append((pos, n, hole))
+                pos += n
+                if pos >= end:
+                    break
+        if pos < end or len(runs) > 16 or not any(h for _, _, h in runs):
+            runs = [(off, end - off, False)]  # too fragmented or no holes: one data chunk
+        parts: list[Any] = []
+        last = len(runs) - 1
+        for i, (o, n, hole) in enumerate(runs):
+            flags = p.REPLY_FLAG_DONE if i == last else 0
+            if hole:
+                parts.append(
+                    p.OFFSET_HOLE.pack(
+                        p.STRUCTURED_REPLY_MAGIC, flags, p.REPLY_TYPE_OFFSET_HOLE, cookie, 12, o, n
+                    )
+                )
+            else:
+                data = await backend.read(o, n)
+                parts.append(
+                    p.OFFSET_DATA_HEADER.pack(
+                        p.STRUCTURED_REPLY_MAGIC, flags, p.REPLY_TYPE_OFFSET_DATA, cookie, n + 8, o
+                    )
+                )
+                parts.append(data)
+        # All chunks of one reply go out together, so a failure half-way
+        # sends a single error chunk rather than a partial reply.
+        self._send(*parts)
+
+    async def _write(self, req: p.Request) -> None:
+        backend = self._backend
+        assert backend is not None and req.data is not None
+        try:
+            await backend.write(req.offset, req.data, bool(req.flags & p.CMD_FLAG_FUA))
+        except Exception as e:
+            self._backend_failed(req, e)
+            return
+        self._send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, req.cookie))
+
+    async def _other(self, req: p.Request) -> None:
+        backend = self._backend
+        assert backend is not None
+        t, off, length, f = req.type, req.offset, req.length, req.flags
+        try:
+            if t == p.CMD_FLUSH:
+                await backend.flush()
+            elif t == p.CMD_TRIM:
+                await backend.trim(off, length, bool(f & p.CMD_FLAG_FUA))
+            elif t == p.CMD_WRITE_ZEROES:
+                await backend.write_zeroes(
+                    off,
+                    length,
+                    may_trim=not f & p.CMD_FLAG_NO_HOLE,
+                    fast=bool(f & p.CMD_FLAG_FAST_ZERO),
+                    fua=bool(f & p.CMD_FLAG_FUA),
+                )
+            elif t == p.CMD_CACHE:
+                await backend.cache(off, length)
+            elif t == p.CMD_BLOCK_STATUS:
+                await self._block_status(req)
+                return
+        except Exception as e:
+            self._backend_failed(req, e)
+            return
+        self._send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, req.cookie))
+
+    async def _block_status(self, req: p.Request) -> None:
+        backend = self._backend
+        assert backend is not None and self._alloc_ctx is not None
+        extents = await backend.extents(req.offset, req.length)
+        if req.flags & p.CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        # Lengths on the wire are u32: split what is longer.
+        out: list[p.Extent] = []
+        limit = 0xFFFFF000
+        for e in extents:
+            n = e.length
+            while n > 0:
+                out.append(p.Extent(min(n, limit), e.flags))
+                n -= limit
+        self._send(p.build_block_status_chunk(req.cookie, self._alloc_ctx, out))
+
+    # ---- flow control and teardown
+    def _pause(self, reason: int) -> None:
+        if not self._paused_reasons and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused_reasons |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self._paused_reasons & reason:
+            return
+        self._paused_reasons &= ~reason
+        if not self._paused_reasons and self.transport is not None and not self._disconnecting:
+            self.transport.resume_reading()
+
+    def _disconnect(self) -> None:
+        """DISC or EOF: stop reading, finish what is in flight, close."""
+        self._disconnecting = True
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, OSError):
+                pass
+        if not self._inflight:
+            if self._in_receive:
+                asyncio.get_running_loop().call_soon(self._close_now)
+            else:
+                self._close_now()
+
+    def _close_now(self) -> None:
+        self._flush_out()
+        if self.transport is not None:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Server stopping: like DISC from our side."""
+        if self._dec is None:
+            self._abort("server shutting down")
+        else:
+            self._disconnect()
+
+    def _abort(self, why: str) -> None:
+        log.info("closing connection %s (export %s): %s", self.peer, self._name(), why)
+        self._disconnecting = True
+        for t in self._inflight:
+            t.cancel()
+        if self.transport is not None:
+            self._flush_out()
+            self.transport.close()
+
+
+def serve_forever_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop, uvloop when installed."""
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+
+
+def format_listen(host: str, port: int) -> str:
+    return f"nbd://{host}:{port}" if ":" not in host else f"nbd://[{host}]:{port}"
+
+
+def uris(host: str, port: int, names: Iterable[str]) -> list[str]:
+    base = format_listen(host, port)
+    return [f"{base}/{n}" for n in names]
+
+

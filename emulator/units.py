@@ -1,0 +1,39 @@
+"""Sizes as people write them: 4096, 64K, 512M, 1G, 2T (binary units), 1.5G."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse a size; raise ValueError with a readable message if it is not one."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (try 4096, 64K, 512M, 1G)")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value != int(value):
+        raise ValueError(f"size {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    for unit in ("P", "T", "G", "M", "K"):
+        u = _UNITS[unit]
+        if n >= u and n % (u // 1024 or 1) == 0:
+            v = n / u
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
+    return f"{n}B"
+
+
+def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """'127.0.0.1:10809', ':10809', '[::1]:10809' or '10809' -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = default_host, text
+    host = host.strip("[]") or default_host
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not a host:port: {text!r} (try 127.0.0.1:10809, or port 0 for any)")
+    return host, int(port)
