@@ -18,6 +18,10 @@ class ProtocolError(NbdError):
     """The byte stream is not valid NBD: the connection must be closed."""
 
 
+class DisconnectedError(NbdError):
+    """The connection is gone (or never came up); pending requests fail with it."""
+
+
 class OptionError(NbdError):
     """The server refused a handshake option (``reply`` holds NBD_REP_ERR_*)."""
 

@@ -159,6 +159,7 @@ SIMPLE_REPLY = struct.Struct("!IIQ")  # magic, error, cookie
 STRUCTURED_REPLY = struct.Struct("!IHHQI")  # magic, flags, type, cookie, length
 OFFSET_DATA_HEADER = struct.Struct("!IHHQIQ")  # structured header + offset
 OFFSET_HOLE = struct.Struct("!IHHQIQI")  # structured header + offset + hole size
+HOLE_BODY = struct.Struct("!QI")  # OFFSET_HOLE payload: offset, hole size
 ERROR_CHUNK = struct.Struct("!IH")  # error, message length
 U16 = struct.Struct("!H")
 U32 = struct.Struct("!I")

@@ -1,0 +1,517 @@
+"""asyncio NBD client: negotiate GO, structured replies and base:allocation,
+then pipeline requests (many in flight, completed out of order).
+
+    async with await NbdClient.connect("nbd://127.0.0.1:10809/vol") as c:
+        data = await c.read(0, 4096)
+        await c.write(4096, data, fua=True)
+        for e in await c.extents(0, c.size): ...
+
+Failed requests raise :class:`RequestError` carrying the NBD error; a broken
+connection fails every pending request with :class:`DisconnectedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from . import protocol as p
+from .errors import DisconnectedError, OptionError, ProtocolError, RequestError
+
+DEFAULT_PORT = 10809
+READ_CHUNK = 256 * 1024
+
+
+@dataclass(slots=True, frozen=True)
+class Address:
+    """Where an NBD server is: TCP host/port or a unix socket, plus export name."""
+
+    export: str = ""
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    socket: str | None = None
+
+    @classmethod
+    def parse(cls, uri: str) -> Address:
+        """Parse ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``."""
+        u = urllib.parse.urlsplit(uri)
+        export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)
+        if u.scheme == "nbd":
+            if not u.hostname:
+                raise ValueError(f"{uri!r}: nbd:// needs a host, e.g. nbd://127.0.0.1:10809/vol")
+            try:
+                port = u.port or DEFAULT_PORT
+            except ValueError:
+                raise ValueError(f"{uri!r}: bad port") from None
+            return cls(export, u.hostname, port)
+        if u.scheme == "nbd+unix":
+            q = urllib.parse.parse_qs(u.query)
+            if "socket" not in q:
+                raise ValueError(f"{uri!r}: nbd+unix:// needs ?socket=PATH")
+            return cls(export, socket=q["socket"][0])
+        raise ValueError(f"{uri!r}: not an nbd:// or nbd+unix:// URI (TLS schemes are not supported)")
+
+    def uri(self) -> str:
+        name = urllib.parse.quote(self.export)
+        if self.socket:
+            return f"nbd+unix:///{name}?socket={self.socket}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{name}"
+
+
+@dataclass(slots=True)
+class _Pending:
+    type: int
+    offset: int
+    length: int
+    future: asyncio.Future[Any]
+    buf: memoryview | None = None  # READ destination
+    extents: list[p.Extent] | None = None
+    error: RequestError | None = None
+
+
+async def _open(addr: Address, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if addr.socket:
+        coro = asyncio.open_unix_connection(addr.socket, limit=1 << 20)
+    else:
+        coro = asyncio.open_connection(addr.host, addr.port, limit=1 << 20)
+    try:
+        reader, writer = await asyncio.wait_for(coro, timeout)
+    except (OSError, asyncio.TimeoutError) as e:
+        raise DisconnectedError(f"cannot connect to {addr.uri()}: {e or 'timed out'}") from None
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader, writer
+
+
+class _Handshake:
+    """The client's side of option haggling over a stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, uri: str):
+        self.r, self.w, self.uri = reader, writer, uri
+        self.no_zeroes = False
+
+    async def greet(self) -> None:
+        data = await self.r.readexactly(p.SERVER_GREETING.size)
+        magic, opt, hflags = p.SERVER_GREETING.unpack(data)
+        if magic != p.NBDMAGIC:
+            raise ProtocolError(f"{self.uri}: not an NBD server (magic 0x{magic:x})")
+        if opt != p.IHAVEOPT:
+            raise ProtocolError(f"{self.uri}: oldstyle servers are not supported")
+        if not hflags & p.FLAG_FIXED_NEWSTYLE:
+            raise ProtocolError(f"{self.uri}: server does not speak fixed newstyle")
+        cflags = p.FLAG_C_FIXED_NEWSTYLE
+        if hflags & p.FLAG_NO_ZEROES:
+            cflags |= p.FLAG_C_NO_ZEROES
+            self.no_zeroes = True
+        self.w.write(p.CLIENT_FLAGS.pack(cflags))
+
+    async def option(self, opt: int, data: bytes = b"") -> list[p.OptionReply]:
+        """Send one option; collect its replies up to ACK or an error."""
+        self.w.write(p.build_option(opt, data))
+        replies: list[p.OptionReply] = []
+        while True:
+            hdr = await self.r.readexactly(p.OPTION_REPLY_HEADER.size)
+            _, _, _, length = p.OPTION_REPLY_HEADER.unpack(hdr)
+            if length > p.MAX_OPTION_LENGTH:
+                raise ProtocolError(f"{self.uri}: option reply of {length} bytes")
+            parsed = p.parse_option_reply(hdr + await self.r.readexactly(length))
+            assert parsed is not None
+            rep = parsed[0]
+            if rep.option != opt:
+                raise ProtocolError(f"{self.uri}: reply to option {rep.option}, expected {opt}")
+            replies.append(rep)
+            if rep.type == p.REP_ACK or rep.is_error:
+                return replies
+
+
+def _option_error(uri: str, what: str, rep: p.OptionReply) -> OptionError:
+    names = {
+        p.REP_ERR_UNSUP: "not supported",
+        p.REP_ERR_POLICY: "refused by policy",
+        p.REP_ERR_INVALID: "invalid",
+        p.REP_ERR_PLATFORM: "not available on this platform",
+        p.REP_ERR_TLS_REQD: "TLS required",
+        p.REP_ERR_UNKNOWN: "unknown export",
+        p.REP_ERR_SHUTDOWN: "server shutting down",
+        p.REP_ERR_BLOCK_SIZE_REQD: "block size required",
+        p.REP_ERR_TOO_BIG: "too big",
+    }
+    msg = rep.data.decode(errors="replace")
+    why = names.get(rep.type, f"error 0x{rep.type:x}")
+    return OptionError(f"{uri}: {what}: {why}" + (f" ({msg})" if msg else ""), rep.type)
+
+
+async def list_exports(uri: str, timeout: float = 10.0) -> list[tuple[str, str]]:
+    """(name, description) of every export the server lists."""
+    addr = Address.parse(uri)
+    reader, writer = await _open(addr, timeout)
+    try:
+        hs = _Handshake(reader, writer, addr.uri())
+        await asyncio.wait_for(hs.greet(), timeout)
+        replies = await asyncio.wait_for(hs.option(p.OPT_LIST), timeout)
+        if replies[-1].is_error:
+            raise _option_error(addr.uri(), "LIST", replies[-1])
+        out = []
+        for rep in replies[:-1]:
+            (n,) = p.U32.unpack_from(rep.data)
+            out.append((rep.data[4 : 4 + n].decode(), rep.data[4 + n :].decode()))
+        writer.write(p.build_option(p.OPT_ABORT))
+        return out
+    finally:
+        writer.close()
+
+
+class NbdClient:
+    """A connected NBD export. Create with :meth:`connect`."""
+
+    def __init__(self) -> None:
+        self.address = Address()
+        self.size = 0
+        self.flags = 0
+        self.description = ""
+        self.block_size = p.BlockSize()
+        self.structured = False
+        self.allocation_context: int | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._cookies = itertools.count(1)
+        self._decoder = p.ReplyDecoder(self._read_length)
+        self._reader_task: asyncio.Task[None] | None = None
+        self._broken: Exception | None = None
+        self._max_request = p.MAX_BLOCK
+
+    # ---- connection
+    @classmethod
+    async def connect(
+        cls,
+        uri: str,
+        *,
+        structured: bool = True,
+        allocation: bool = True,
+        timeout: float = 10.0,
+    ) -> NbdClient:
+        """Connect and negotiate; raises DisconnectedError/OptionError/ProtocolError."""
+        self = cls()
+        self.address = addr = Address.parse(uri)
+        reader, writer = await _open(addr, timeout)
+        try:
+            await asyncio.wait_for(self._negotiate(reader, writer, structured, allocation), timeout)
+        except asyncio.IncompleteReadError:
+            writer.close()
+            raise DisconnectedError(f"{addr.uri()}: server closed the connection during the handshake") from None
+        except asyncio.TimeoutError:
+            writer.close()
+            raise DisconnectedError(f"{addr.uri()}: handshake timed out") from None
+        except BaseException:
+            writer.close()
+            raise
+        self._reader, self._writer = reader, writer
+        self._reader_task = asyncio.create_task(self._receive_loop())
+        return self
+
+    async def _negotiate(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, structured: bool, allocation: bool
+    ) -> None:
+        uri, name = self.address.uri(), self.address.export
+        hs = _Handshake(r, w, uri)
+        await hs.greet()
+        if structured:
+            rep = (await hs.option(p.OPT_STRUCTURED_REPLY))[-1]
+            self.structured = rep.type == p.REP_ACK
+        if self.structured and allocation:
+            replies = await hs.option(
+                p.OPT_SET_META_CONTEXT, p.build_meta_context_request(name, [p.BASE_ALLOCATION])
+            )
+            for rep in replies:
+                if rep.type == p.REP_META_CONTEXT and rep.data[4:] == p.BASE_ALLOCATION.encode():
+                    (self.allocation_context,) = p.U32.unpack_from(rep.data)
+        replies = await hs.option(
+            p.OPT_GO,
+            p.build_info_request(name, [p.INFO_NAME, p.INFO_DESCRIPTION, p.INFO_BLOCK_SIZE]),
+        )
+        last = replies[-1]
+        if last.type == p.REP_ERR_UNSUP:
+            await self._export_name(hs, name)
+            return
+        if last.is_error:
+            raise _option_error(uri, f"GO to export {name!r}", last)
+        got_export = False
+        for rep in replies[:-1]:
+            if rep.type != p.REP_INFO or len(rep.data) < 2:
+                continue
+            (itype,) = p.U16.unpack_from(rep.data)
+            if itype == p.INFO_EXPORT and len(rep.data) == p.INFO_EXPORT_FMT.size:
+                _, self.size, self.flags = p.INFO_EXPORT_FMT.unpack(rep.data)
+                got_export = True
+            elif itype == p.INFO_DESCRIPTION:
+                self.description = rep.data[2:].decode(errors="replace")
+            elif itype == p.INFO_BLOCK_SIZE and len(rep.data) == p.INFO_BLOCK_SIZE_FMT.size:
+                _, mn, pref, mx = p.INFO_BLOCK_SIZE_FMT.unpack(rep.data)
+                self.block_size = p.BlockSize(mn, pref, mx)
+        if not got_export:
+            raise ProtocolError(f"{uri}: GO succeeded without NBD_INFO_EXPORT")
+        self._max_request = min(self.block_size.maximum, p.MAX_BLOCK)
+
+    async def _export_name(self, hs: _Handshake, name: str) -> None:
+        """Fallback for servers without GO (section "NBD_OPT_EXPORT_NAME")."""
+        hs.w.write(p.build_option(p.OPT_EXPORT_NAME, name.encode()))
+        data = await hs.r.readexactly(p.EXPORT_NAME_REPLY.size)
+        self.size, self.flags = p.EXPORT_NAME_REPLY.unpack(data)
+        if not hs.no_zeroes:
+            await hs.r.readexactly(len(p.HANDSHAKE_ZEROES))
+        self._max_request = p.MAX_BLOCK
+
+    async def close(self) -> None:
+        """Send DISC after the requests in flight, then close."""
+        w = self._writer
+        if w is None:
+            return
+        self._writer = None
+        if self._pending and self._broken is None:
+            await asyncio.gather(*(x.future for x in list(self._pending.values())),
+                                 return_exceptions=True)
+        if self._broken is None and not w.is_closing():
+            w.write(p.Request(0, p.CMD_DISC, next(self._cookies), 0, 0).header())
+        w.close()
+        try:
+            await w.wait_closed()
+        except OSError:
+            pass
+        if self._reader_task:
+            self._reader_task.cancel()
+            try:
+                await self._reader_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._fail_all(DisconnectedError(f"{self.address.uri()}: connection closed"))
+
+    async def __aenter__(self) -> NbdClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ---- capabilities
+    @property
+    def read_only(self) -> bool:
+        return bool(self.flags & p.FLAG_READ_ONLY)
+
+    def can(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+    @property
+    def closed(self) -> bool:
+        return self._writer is None or self._broken is not None
+
+    # ---- requests
+    def _read_length(self, cookie: int) -> int:
+        pend = self._pending.get(cookie)
+        if pend is None:
+            raise ProtocolError(f"reply for unknown cookie {cookie}")
+        return pend.length if pend.type == p.CMD_READ else 0
+
+    def _submit(
+        self, type_: int, offset: int, length: int, flags: int = 0,
+        payload: bytes | bytearray | memoryview | None = None, buf: memoryview | None = None,
+    ) -> asyncio.Future[Any]:
+        if self._broken is not None:
+            raise DisconnectedError(f"{self.address.uri()}: connection is broken: {self._broken}")
+        w = self._writer
+        if w is None:
+            raise DisconnectedError(f"{self.address.uri()}: client is closed")
+        cookie = next(self._cookies)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[cookie] = _Pending(type_, offset, length, fut, buf)
+        hdr = p.REQUEST.pack(p.REQUEST_MAGIC, flags, type_, cookie, offset, length)
+        if payload is None:
+            w.write(hdr)
+        else:
+            w.writelines((hdr, payload))
+        return fut
+
+    async def _drain(self) -> None:
+        w = self._writer
+        if w is not None and w.transport.get_write_buffer_size() > (4 << 20):
+            await w.drain()
+
+    def _check_range(self, what: str, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RequestError(
+                p.EINVAL,
+                f"{what} {offset}+{length} is outside export {self.address.export!r} "
+                f"of {self.size} bytes",
+            )
+
+    async def read_into(self, offset: int, buf: memoryview, df: bool = False) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (split as the server requires)."""
+        self._check_range("read", offset, len(buf))
+        flags = p.CMD_FLAG_DF if df and self.structured else 0
+        step = self._max_request
+        futs = [
+            self._submit(p.CMD_READ, offset + i, min(step, len(buf) - i), flags, buf=buf[i : i + step])
+            for i in range(0, len(buf), step)
+        ]
+        await self._drain()
+        await asyncio.gather(*futs)
+
+    async def read(self, offset: int, length: int, df: bool = False) -> bytearray:
+        buf = bytearray(length)
+        if length:
+            await self.read_into(offset, memoryview(buf), df)
+        return buf
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        view = memoryview(data).cast("B")
+        self._check_range("write", offset, len(view))
+        flags = p.CMD_FLAG_FUA if fua else 0
+        step = self._max_request
+        futs = [
+            self._submit(p.CMD_WRITE, offset + i, len(view[i : i + step]), flags, payload=view[i : i + step])
+            for i in range(0, len(view), step)
+        ]
+        await self._drain()
+        await asyncio.gather(*futs)
+
+    async def _ranged(self, type_: int, offset: int, length: int, flags: int) -> None:
+        name = p.CMD_NAMES[type_]
+        self._check_range(name, offset, length)
+        step = 0xFFFF_F000  # lengths are u32 on the wire
+        futs = [
+            self._submit(type_, offset + i, min(step, length - i), flags)
+            for i in range(0, length, step)
+        ]
+        await asyncio.gather(*futs)
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_trim: bool = True, fast: bool = False, fua: bool = False
+    ) -> None:
+        flags = (0 if may_trim else p.CMD_FLAG_NO_HOLE) | (p.CMD_FLAG_FAST_ZERO if fast else 0)
+        flags |= p.CMD_FLAG_FUA if fua else 0
+        await self._ranged(p.CMD_WRITE_ZEROES, offset, length, flags)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._ranged(p.CMD_TRIM, offset, length, p.CMD_FLAG_FUA if fua else 0)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._ranged(p.CMD_CACHE, offset, length, 0)
+
+    async def flush(self) -> None:
+        await self._submit(p.CMD_FLUSH, 0, 0)
+
+    async def extents(self, offset: int, length: int) -> list[p.Extent]:
+        """base:allocation extents from ``offset`` (may cover less than ``length``).
+
+        Without a negotiated context, the whole range is reported as data.
+        """
+        self._check_range("block status", offset, length)
+        if self.allocation_context is None:
+            return [p.Extent(length, 0)]
+        length = min(length, 0xFFFF_F000)
+        result: list[p.Extent] = await self._submit(p.CMD_BLOCK_STATUS, offset, length)
+        return result
+
+    # ---- replies
+    async def _receive_loop(self) -> None:
+        reader = self._reader
+        assert reader is not None
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    raise DisconnectedError(f"{self.address.uri()}: server closed the connection")
+                self._decoder.receive_data(data)
+                while (item := self._decoder.next_event()) is not None:
+                    self._on_reply(*item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            err = e if isinstance(e, DisconnectedError) else DisconnectedError(
+                f"{self.address.uri()}: {e}")
+            self._broken = err
+            self._fail_all(err)
+            if self._writer is not None:
+                self._writer.close()
+
+    def _fail_all(self, err: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for x in pending.values():
+            if not x.future.done():
+                x.future.set_exception(err)
+                x.future.exception()  # mark retrieved: a caller may have gone
+
+    def _on_reply(self, ev: p.ReplyEvent, data: bytes | None) -> None:
+        pend = self._pending.get(ev.cookie)
+        if pend is None:
+            raise ProtocolError(f"reply for unknown cookie {ev.cookie}")
+        if isinstance(ev, p.SimpleReply):
+            del self._pending[ev.cookie]
+            if ev.error:
+                pend.future.set_exception(self._error(pend, ev.error, ""))
+            else:
+                if pend.buf is not None and data is not None:
+                    pend.buf[:] = data
+                pend.future.set_result(None)
+            return
+        self._on_chunk(pend, ev)
+        if ev.done:
+            del self._pending[ev.cookie]
+            if pend.error is not None:
+                pend.future.set_exception(pend.error)
+            elif pend.type == p.CMD_BLOCK_STATUS:
+                if not pend.extents:
+                    raise ProtocolError("BLOCK_STATUS reply without extents")
+                pend.future.set_result(pend.extents)
+            else:
+                pend.future.set_result(None)
+
+    def _on_chunk(self, pend: _Pending, ch: p.StructuredChunk) -> None:
+        t = ch.type
+        if t == p.REPLY_TYPE_NONE:
+            return
+        if t in (p.REPLY_TYPE_ERROR, p.REPLY_TYPE_ERROR_OFFSET):
+            err, msg, _ = p.parse_error_chunk(ch)
+            if pend.error is None:
+                pend.error = self._error(pend, err, msg)
+            return
+        if t == p.REPLY_TYPE_OFFSET_DATA and pend.type == p.CMD_READ:
+            if len(ch.payload) < 8:
+                raise ProtocolError("OFFSET_DATA chunk too short")
+            (off,) = p.U64.unpack_from(ch.payload)
+            n = len(ch.payload) - 8
+            start = off - pend.offset
+            if start < 0 or start + n > pend.length:
+                raise ProtocolError(f"OFFSET_DATA chunk at {off}+{n} outside the request")
+            assert pend.buf is not None
+            pend.buf[start : start + n] = memoryview(ch.payload)[8:]
+            return
+        if t == p.REPLY_TYPE_OFFSET_HOLE and pend.type == p.CMD_READ:
+            if len(ch.payload) != 12:
+                raise ProtocolError("OFFSET_HOLE chunk has the wrong length")
+            off, n = p.HOLE_BODY.unpack(ch.payload)
+            start = off - pend.offset
+            if start < 0 or start + n > pend.length:
+                raise ProtocolError(f"OFFSET_HOLE chunk at {off}+{n} outside the request")
+            assert pend.buf is not None
+            pend.buf[start : start + n] = bytes(n)
+            return
+        if t == p.REPLY_TYPE_BLOCK_STATUS and pend.type == p.CMD_BLOCK_STATUS:
+            ctx, extents = p.parse_block_status_chunk(ch.payload)
+            if ctx == self.allocation_context:
+                pend.extents = extents
+            return
+        raise ProtocolError(f"unexpected chunk type {t} for {p.CMD_NAMES.get(pend.type)}")
+
+    def _error(self, pend: _Pending, error: int, msg: str) -> RequestError:
+        name = p.CMD_NAMES.get(pend.type, str(pend.type))
+        where = f"{name} {pend.offset}+{pend.length} on {self.address.uri()}"
+        return RequestError(error, f"{where}: {msg}" if msg else where)

@@ -1,0 +1,200 @@
+"""Our asyncio client against real servers: nbdkit (memory, file), qemu-nbd, ours."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from servers import Server, nbdkit, qemu_nbd, serve_file
+
+from emulator.nbd import protocol as p
+from emulator.nbd.client import Address, NbdClient, list_exports
+from emulator.nbd.errors import DisconnectedError, OptionError, RequestError
+
+pytestmark = pytest.mark.interop
+SIZE = 16 << 20
+PEERS = ["ours", "nbdkit-memory", "nbdkit-file", "qemu-nbd"]
+
+
+@pytest.fixture(params=PEERS)
+def peer(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    img = tmp_path / "peer.img"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    with ExitStack() as stack:
+        kind = request.param
+        if kind == "ours":
+            yield stack.enter_context(serve_file(img, export="vol"))
+        elif kind == "nbdkit-memory":
+            yield stack.enter_context(nbdkit(tmp_path, "memory", f"size={SIZE}"))
+        elif kind == "nbdkit-file":
+            yield stack.enter_context(nbdkit(tmp_path, "file", str(img)))
+        else:
+            yield stack.enter_context(qemu_nbd(tmp_path, img))
+
+
+def run(coro: object) -> object:
+    return asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+
+
+def test_uri_parsing() -> None:
+    a = Address.parse("nbd://10.1.2.3:1234/my%20vol")
+    assert (a.host, a.port, a.export, a.socket) == ("10.1.2.3", 1234, "my vol", None)
+    assert Address.parse("nbd://localhost/").port == 10809
+    u = Address.parse("nbd+unix:///exp?socket=/tmp/s.sock")
+    assert (u.export, u.socket) == ("exp", "/tmp/s.sock")
+    assert Address.parse(u.uri()) == u
+    for bad in ("http://x/", "nbd+unix:///e", "nbd:///e", "nbds://h/e"):
+        with pytest.raises(ValueError):
+            Address.parse(bad)
+
+
+def test_pipelined_io_matches_model(peer: Server) -> None:
+    """Many requests in flight, completed in any order; every byte checked."""
+
+    async def main() -> None:
+        async with await NbdClient.connect(peer.uri) as c:
+            assert c.size == SIZE
+            assert c.structured
+            model = bytearray(SIZE)
+            rng = random.Random(7)
+            for _ in range(4):
+                writes = []
+                for _ in range(64):
+                    off = rng.randrange(0, SIZE - 70000)
+                    data = rng.randbytes(rng.randrange(1, 70000))
+                    model[off : off + len(data)] = data
+                    writes.append((off, data))
+                # Non-overlapping batches keep the model exact under reordering.
+                batch: list[tuple[int, bytes]] = []
+                for off, data in writes:
+                    if any(o < off + len(data) and off < o + len(d) for o, d in batch):
+                        await asyncio.gather(*(c.write(o, d) for o, d in batch))
+                        batch = []
+                    batch.append((off, data))
+                await asyncio.gather(*(c.write(o, d) for o, d in batch))
+                reads = [(rng.randrange(0, SIZE - 65536), rng.randrange(1, 65536)) for _ in range(128)]
+                got = await asyncio.gather(*(c.read(o, n) for o, n in reads))
+                for (o, n), data in zip(reads, got, strict=True):
+                    assert data == model[o : o + n]
+            await c.flush()
+            assert await c.read(0, SIZE) == model
+
+    run(main())
+
+
+def test_zero_trim_cache_and_extents(peer: Server) -> None:
+    async def main() -> None:
+        async with await NbdClient.connect(peer.uri) as c:
+            await c.write(0, b"\xaa" * (4 << 20))
+            await c.write_zeroes(1 << 20, 1 << 20)  # may punch a hole
+            await c.write_zeroes(2 << 20, 4096, may_trim=False, fua=True)
+            await c.trim(3 << 20, 1 << 20)
+            await c.cache(0, 1 << 20)
+            await c.flush()
+            data = await c.read(0, 4 << 20)
+            assert data[: 1 << 20] == b"\xaa" * (1 << 20)
+            assert data[1 << 20 : 2 << 20] == bytes(1 << 20)
+            assert data[2 << 20 : (2 << 20) + 4096] == bytes(4096)
+            assert data[(2 << 20) + 4096 : 3 << 20] == b"\xaa" * ((1 << 20) - 4096)
+            # TRIM makes no promise about content; nothing to check but success.
+            assert c.allocation_context is not None
+            ext = await c.extents(0, SIZE)
+            assert sum(e.length for e in ext) <= SIZE
+            assert ext[0].flags & p.STATE_HOLE == 0  # the first MiB is data
+            pos, zeroed = 0, 0
+            for e in ext:  # every range reported as zero reads as zeroes
+                end = min(pos + e.length, len(data))
+                if e.flags & p.STATE_ZERO and pos < end:
+                    assert data[pos:end] == bytes(end - pos)
+                    zeroed += max(0, min(end, 2 << 20) - max(pos, 1 << 20))
+                pos += e.length
+            assert zeroed == 1 << 20  # the zeroed MiB is reported as zero
+
+    run(main())
+
+
+def test_large_requests_are_split(tmp_path: Path) -> None:
+    """A 40 MiB read/write spans two requests of the server's 32 MiB maximum."""
+    img = tmp_path / "big.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    blob = os.urandom(40 << 20)
+
+    async def main(uri: str) -> None:
+        async with await NbdClient.connect(uri) as c:
+            assert c.block_size.maximum == 32 << 20
+            await c.write(1000, blob)
+            assert await c.read(1000, len(blob)) == blob
+
+    with serve_file(img) as s:
+        run(main(s.uri))
+    with open(img, "rb") as f:
+        f.seek(1000)
+        assert f.read(len(blob)) == blob
+
+
+def test_errors_carry_nbd_codes(tmp_path: Path) -> None:
+    img = tmp_path / "ro.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+
+    async def main(uri: str) -> None:
+        async with await NbdClient.connect(uri) as c:
+            assert c.read_only
+            with pytest.raises(RequestError) as ei:
+                await c._submit(p.CMD_WRITE, 0, 4, payload=b"abcd")
+            assert ei.value.error == p.EPERM
+            # The connection survives an error.
+            assert await c.read(0, 4) == bytes(4)
+            with pytest.raises(RequestError) as ei:
+                await c.read(c.size - 2, 4)  # refused before it is sent
+            assert ei.value.error == p.EINVAL
+
+    with serve_file(img, "--read-only") as s:
+        run(main(s.uri))
+    with nbdkit(tmp_path, "file", str(img), "-r") as s:
+        run(main(s.uri))
+
+
+def test_unknown_export_and_no_server(tmp_path: Path) -> None:
+    img = tmp_path / "x.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    with serve_file(img, export="known") as s:
+        assert run(list_exports(s.uri)) == [("known", "")]
+        with pytest.raises(OptionError, match="unknown export"):
+            run(NbdClient.connect(f"nbd://127.0.0.1:{s.port}/nope"))
+        port = s.port
+    with pytest.raises(DisconnectedError, match="cannot connect"):
+        run(NbdClient.connect(f"nbd://127.0.0.1:{port}/known"))
+
+
+def test_server_killed_fails_pending_requests(tmp_path: Path) -> None:
+    """SIGKILL of the server: every pending request fails, none hangs."""
+    img = tmp_path / "k.img"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+
+    async def main(s: Server) -> None:
+        c = await NbdClient.connect(s.uri)
+        await c.write(0, b"z" * 4096)
+        os.kill(s.proc.pid, signal.SIGSTOP)  # freeze it so requests stay in flight
+        futs = [asyncio.ensure_future(c.read(i * 4096, 4096)) for i in range(32)]
+        await asyncio.sleep(0.2)
+        assert not any(f.done() for f in futs)
+        os.kill(s.proc.pid, signal.SIGKILL)
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        assert all(isinstance(r, DisconnectedError) for r in results), results
+        with pytest.raises(DisconnectedError):
+            await c.read(0, 1)
+        await c.close()
+
+    with serve_file(img) as s:
+        run(main(s))
