@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     sp.add_argument("path", metavar="PATH")
     sp.add_argument(
-        "--listen", default="127.0.0.1:10809", metavar="HOST:PORT",
+        "--listen",
+        default="127.0.0.1:10809",
+        metavar="HOST:PORT",
         help="address to listen on (port 0 picks a free one; default %(default)s)",
     )
     sp.add_argument("--unix", metavar="SOCKET", help="also listen on this unix socket")
@@ -44,8 +46,10 @@ async def _serve(args: argparse.Namespace) -> int:
         host, port = await server.listen_tcp(host, port)
         if args.unix:
             await server.listen_unix(args.unix)
-        print(f"serving {args.path} ({backend.size} bytes) at {format_listen(host, port)}/{args.export}",
-              flush=True)
+        print(
+            f"serving {args.path} ({backend.size} bytes) at {format_listen(host, port)}/{args.export}",
+            flush=True,
+        )
         if args.unix:
             print(f"serving at nbd+unix:///{args.export}?socket={args.unix}", flush=True)
         stop = asyncio.Event()

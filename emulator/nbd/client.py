@@ -82,7 +82,7 @@ async def _open(addr: Address, timeout: float) -> tuple[asyncio.StreamReader, as
         coro = asyncio.open_connection(addr.host, addr.port, limit=1 << 20)
     try:
         reader, writer = await asyncio.wait_for(coro, timeout)
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         raise DisconnectedError(f"cannot connect to {addr.uri()}: {e or 'timed out'}") from None
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -206,8 +206,10 @@ class NbdClient:
             await asyncio.wait_for(self._negotiate(reader, writer, structured, allocation), timeout)
         except asyncio.IncompleteReadError:
             writer.close()
-            raise DisconnectedError(f"{addr.uri()}: server closed the connection during the handshake") from None
-        except asyncio.TimeoutError:
+            raise DisconnectedError(
+                f"{addr.uri()}: server closed the connection during the handshake"
+            ) from None
+        except TimeoutError:
             writer.close()
             raise DisconnectedError(f"{addr.uri()}: handshake timed out") from None
         except BaseException:
@@ -276,8 +278,7 @@ class NbdClient:
             return
         self._writer = None
         if self._pending and self._broken is None:
-            await asyncio.gather(*(x.future for x in list(self._pending.values())),
-                                 return_exceptions=True)
+            await asyncio.gather(*(x.future for x in list(self._pending.values())), return_exceptions=True)
         if self._broken is None and not w.is_closing():
             w.write(p.Request(0, p.CMD_DISC, next(self._cookies), 0, 0).header())
         w.close()
@@ -321,8 +322,13 @@ class NbdClient:
         return pend.length if pend.type == p.CMD_READ else 0
 
     def _submit(
-        self, type_: int, offset: int, length: int, flags: int = 0,
-        payload: bytes | bytearray | memoryview | None = None, buf: memoryview | None = None,
+        self,
+        type_: int,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        payload: bytes | bytearray | memoryview | None = None,
+        buf: memoryview | None = None,
     ) -> asyncio.Future[Any]:
         if self._broken is not None:
             raise DisconnectedError(f"{self.address.uri()}: connection is broken: {self._broken}")
@@ -348,8 +354,7 @@ class NbdClient:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise RequestError(
                 p.EINVAL,
-                f"{what} {offset}+{length} is outside export {self.address.export!r} "
-                f"of {self.size} bytes",
+                f"{what} {offset}+{length} is outside export {self.address.export!r} of {self.size} bytes",
             )
 
     async def read_into(self, offset: int, buf: memoryview, df: bool = False) -> None:
@@ -386,10 +391,7 @@ class NbdClient:
         name = p.CMD_NAMES[type_]
         self._check_range(name, offset, length)
         step = 0xFFFF_F000  # lengths are u32 on the wire
-        futs = [
-            self._submit(type_, offset + i, min(step, length - i), flags)
-            for i in range(0, length, step)
-        ]
+        futs = [self._submit(type_, offset + i, min(step, length - i), flags) for i in range(0, length, step)]
         await asyncio.gather(*futs)
 
     async def write_zeroes(
@@ -435,8 +437,7 @@ class NbdClient:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            err = e if isinstance(e, DisconnectedError) else DisconnectedError(
-                f"{self.address.uri()}: {e}")
+            err = e if isinstance(e, DisconnectedError) else DisconnectedError(f"{self.address.uri()}: {e}")
             self._broken = err
             self._fail_all(err)
             if self._writer is not None:

@@ -579,7 +579,8 @@ class ServerHandshake:
         self._exports = exports
         self._default = default_export
         self._in = bytearray()
-        self._out: list[bytes] = [SERVER_GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)]
+        greeting = SERVER_GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        self._out: list[bytes] = [greeting]
         self.phase = Phase.GREETING
         self.no_zeroes = False
         self.structured = False

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from . import protocol as p
 from .backend import Backend
@@ -74,19 +74,20 @@ class Export:
         return p.ExportInfo(self.name, b.size, flags, self.description, allocation=b.can_extents)
 
 
-class _ExportTable(dict[str, p.ExportInfo]):
-    """The live view of exports the handshake core reads."""
+class _ExportTable(Mapping[str, p.ExportInfo]):
+    """The live view of exports that the handshake core reads."""
 
     def __init__(self, server: NbdServer) -> None:
-        super().__init__()
         self._server = server
 
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
-        e = self._server.exports.get(name)
-        return e.info() if e else default
+    def __getitem__(self, name: str) -> p.ExportInfo:
+        return self._server.exports[name].info()
 
-    def values(self) -> Any:
-        return [e.info() for e in self._server.exports.values()]
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._server.exports))
+
+    def __len__(self) -> int:
+        return len(self._server.exports)
 
 
 class NbdServer:
@@ -171,14 +172,15 @@ class _Connection(asyncio.BufferedProtocol):
 
     # ---- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        # uvloop's transports are not asyncio.Transport subclasses, but quack alike
+        self.transport = t = cast(asyncio.Transport, transport)
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = str(transport.get_extra_info("peername"))
         assert self._hs is not None
-        transport.write(self._hs.data_to_send())
+        t.write(self._hs.data_to_send())
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._hs_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
