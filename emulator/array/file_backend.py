@@ -80,6 +80,11 @@ class FileBackend(Backend):
     def size(self) -> int:
         return self._size
 
+    def refresh_size(self) -> int:
+        """Re-read the size after the file was extended (a LUN grow)."""
+        self._size = os.lseek(self._fd, 0, os.SEEK_END)
+        return self._size
+
     @property
     def fd(self) -> int:
         return self._fd

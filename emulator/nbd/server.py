@@ -115,6 +115,13 @@ class NbdServer:
         """Stop offering ``name``; connected clients keep their Backend."""
         return self.exports.pop(name)
 
+    async def disconnect_export(self, name: str) -> None:
+        """Drop every client of export ``name`` (after a forced delete)."""
+        conns = [c for c in self.connections if c.export is not None and c.export.name == name]
+        for c in conns:
+            c.shutdown()
+        await asyncio.gather(*(c.closed for c in conns), return_exceptions=True)
+
     def clients_of(self, name: str) -> int:
         return sum(1 for c in self.connections if c.export is not None and c.export.name == name)
 

@@ -1,0 +1,105 @@
+"""A small synchronous client of an array's management API (stdlib only).
+
+The control layer reaches arrays only through this API, never through their
+files or internals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+TOKEN_ENV = "BLOCKMIG_TOKEN"
+
+
+class ApiError(Exception):
+    """The array answered with an error (or could not be reached: status 0)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ArrayApi:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None) -> Any:
+        url = self.url + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+                ctype = resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                err = json.loads(raw)["error"]
+                raise ApiError(e.code, err.get("code", "error"), err.get("message", str(e))) from None
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(e.code, "http_error", f"{method} {url}: HTTP {e.code}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ApiError(0, "unreachable", f"cannot reach the array API at {self.url}: {reason}") from None
+        if not raw:
+            return None
+        if "json" in ctype:
+            return json.loads(raw)
+        return raw.decode()
+
+    # ---- calls
+    def array_info(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", "/api/v1/array")
+        return result
+
+    def list_luns(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("GET", "/api/v1/luns")
+        return result
+
+    def create_lun(self, name: str, size: int | str, pool: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "size": size}
+        if pool:
+            body["pool"] = pool
+        result: dict[str, Any] = self.call("POST", "/api/v1/luns", body)
+        return result
+
+    def get_lun(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", f"/api/v1/luns/{urllib.parse.quote(name, safe='')}")
+        return result
+
+    def grow_lun(self, name: str, size: int | str) -> dict[str, Any]:
+        q = urllib.parse.quote(name, safe="")
+        result: dict[str, Any] = self.call("POST", f"/api/v1/luns/{q}/grow", {"size": size})
+        return result
+
+    def delete_lun(self, name: str, force: bool = False) -> None:
+        q = urllib.parse.quote(name, safe="")
+        self.call("DELETE", f"/api/v1/luns/{q}", query={"force": "true" if force else "false"})
+
+    def connection(self, name: str) -> dict[str, Any]:
+        q = urllib.parse.quote(name, safe="")
+        result: dict[str, Any] = self.call("GET", f"/api/v1/luns/{q}/connection")
+        return result
+
+    def stats(self, name: str) -> dict[str, Any]:
+        q = urllib.parse.quote(name, safe="")
+        result: dict[str, Any] = self.call("GET", f"/api/v1/luns/{q}/stats")
+        return result
+
+    def metrics(self) -> str:
+        result: str = self.call("GET", "/metrics")
+        return result

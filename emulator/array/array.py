@@ -1,0 +1,258 @@
+"""An emulated storage array: pools of thin LUNs exported over NBD.
+
+Layout of the data dir::
+
+    array.db                 metadata (SQLite): pools, LUNs, settings
+    pools/POOL/LUN.img       one sparse file per LUN
+
+State changes are ordered so that a crash at any point leaves something a
+restart can finish: a LUN is recorded as ``creating`` before its file exists
+and ``ready`` after; a deleted LUN is marked ``deleting`` before its file is
+removed; a grow records the new size before the file is extended.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from emulator.nbd.backend import Backend
+from emulator.nbd.server import NbdServer
+
+from .errors import Conflict, InvalidInput, NoSpace, NotFound
+from .file_backend import FileBackend
+from .lun import Lun, LunBackend
+from .media import MediaBackend
+from .metadata import Metadata
+from .models import ArrayModel
+from .pool import Pool
+
+log = logging.getLogger("blockmig.array")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SECTOR = 512
+MAX_LUN_SIZE = 1 << 50  # 1 PiB
+
+
+def check_name(kind: str, name: object) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidInput(
+            f"invalid {kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_size(size: object, what: str = "size") -> int:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidInput(f"{what} must be a whole number of bytes, not {size!r}")
+    if size <= 0 or size % SECTOR or size > MAX_LUN_SIZE:
+        raise InvalidInput(
+            f"{what} {size} is invalid: it must be a positive multiple of {SECTOR} bytes "
+            f"and at most {MAX_LUN_SIZE} bytes"
+        )
+    return size
+
+
+class Array:
+    """Pools and LUNs of one array, wired to an NBD server."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        name: str,
+        model: ArrayModel,
+        server: NbdServer,
+        pools: dict[str, int] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.name = check_name("array", name)
+        self.model = model
+        self.server = server
+        self._pool_config = pools or {}
+        self.pools: dict[str, Pool] = {}
+        self.luns: dict[str, Lun] = {}
+        self.meta: Metadata | None = None
+
+    # ---- start and stop
+    def open(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.meta = meta = Metadata(self.data_dir / "array.db")
+        stored = meta.get_meta("name")
+        if stored is not None and stored != self.name:
+            raise InvalidInput(f"data dir {self.data_dir} belongs to array {stored!r}, not {self.name!r}")
+        meta.set_meta("name", self.name)
+        for pname, cap in self._pool_config.items():
+            check_name("pool", pname)
+            meta.upsert_pool(pname, check_size(cap, f"capacity of pool {pname!r}"))
+        if not meta.pools():
+            free = shutil.disk_usage(self.data_dir).free
+            meta.upsert_pool("default", max(SECTOR, free - free % SECTOR))
+        for row in meta.pools():
+            d = self.data_dir / "pools" / row.name
+            d.mkdir(parents=True, exist_ok=True)
+            self.pools[row.name] = Pool(row.name, row.capacity, d)
+        for lrow in meta.luns():
+            path = self._path(lrow.pool, lrow.name)
+            if lrow.state in ("creating", "deleting"):
+                # Finish what a crash interrupted.
+                path.unlink(missing_ok=True)
+                meta.delete_lun(lrow.name)
+                log.warning("array %s: removed LUN %s left %s by a crash", self.name, lrow.name, lrow.state)
+                continue
+            if not path.exists():
+                log.error("array %s: LUN %s has no file %s; recreating it empty", self.name, lrow.name, path)
+            fb = FileBackend(str(path), create_size=lrow.size if not path.exists() else None)
+            if fb.size < lrow.size:  # a grow recorded but not yet applied
+                os.ftruncate(fb.fd, lrow.size)
+                fb.refresh_size()
+            self._attach(lrow.name, lrow.pool, lrow.state, lrow.created, fb)
+
+    async def close(self) -> None:
+        """Flush and close every LUN (the NBD server is closed by its owner)."""
+        for lun in list(self.luns.values()):
+            try:
+                await lun.backend.flush()
+            except Exception as e:  # keep closing the others
+                log.error("array %s: flush of LUN %s failed: %s", self.name, lun.name, e)
+            lun.backend.close()
+        self.luns.clear()
+        if self.meta:
+            self.meta.close()
+            self.meta = None
+
+    # ---- helpers
+    def _path(self, pool: str, lun: str) -> Path:
+        return self.data_dir / "pools" / pool / f"{lun}.img"
+
+    def _db(self) -> Metadata:
+        assert self.meta is not None, "array is not open"
+        return self.meta
+
+    def _attach(self, name: str, pool: str, state: str, created: float, fb: FileBackend) -> Lun:
+        inner: Backend = fb
+        if self.model.media.active:
+            inner = MediaBackend(fb, self.model.media)
+        p = self.pools[pool]
+        lb = LunBackend(name, inner, p, fb)
+        lun = Lun(name, pool, fb.size, state, created, fb, lb)
+        self.luns[name] = lun
+        p.files[name] = fb
+        self.server.add_export(name, lb, description=f"array {self.name} pool {pool}")
+        return lun
+
+    def get_lun(self, name: str) -> Lun:
+        lun = self.luns.get(name)
+        if lun is None:
+            raise NotFound(f"LUN {name!r} does not exist on array {self.name!r}")
+        return lun
+
+    def get_pool(self, name: str | None) -> Pool:
+        if name is None:
+            name = "default" if "default" in self.pools else sorted(self.pools)[0]
+        pool = self.pools.get(name)
+        if pool is None:
+            raise NotFound(
+                f"pool {name!r} does not exist on array {self.name!r} "
+                f"(pools: {', '.join(sorted(self.pools))})"
+            )
+        return pool
+
+    # ---- LUN lifecycle
+    def create_lun(self, name: object, size: object, pool: object = None) -> Lun:
+        name = check_name("LUN", name)
+        size = check_size(size)
+        if pool is not None:
+            check_name("pool", pool)
+        p = self.get_pool(pool)  # type: ignore[arg-type]
+        if name in self.luns:
+            raise Conflict(f"LUN {name!r} already exists on array {self.name!r}")
+        meta = self._db()
+        row = meta.insert_lun(name, p.name, size, "creating")
+        path = self._path(p.name, name)
+        try:
+            path.unlink(missing_ok=True)  # a stale file of a LUN deleted during a crash
+            fb = FileBackend(str(path), create_size=size)
+        except OSError as e:
+            meta.delete_lun(name)
+            raise NoSpace(f"cannot create the file of LUN {name!r}: {e.strerror}") from None
+        meta.update_lun(name, state="ready")
+        return self._attach(name, p.name, "ready", row.created, fb)
+
+    def grow_lun(self, name: object, size: object) -> Lun:
+        lun = self.get_lun(check_name("LUN", name))
+        size = check_size(size)
+        if size < lun.size:
+            raise InvalidInput(f"LUN {lun.name!r} is {lun.size} bytes; shrinking to {size} is not supported")
+        if size == lun.size:
+            return lun
+        self._db().update_lun(lun.name, size=size)
+        try:
+            os.ftruncate(lun.file.fd, size)
+        except OSError as e:
+            self._db().update_lun(lun.name, size=lun.size)
+            raise NoSpace(f"cannot grow LUN {lun.name!r}: {e.strerror}") from None
+        lun.file.refresh_size()
+        lun.size = size
+        return lun
+
+    async def delete_lun(self, name: object, force: bool = False) -> None:
+        lun = self.get_lun(check_name("LUN", name))
+        hosts = self.connected_hosts(lun.name)
+        if hosts and not force:
+            raise Conflict(
+                f"LUN {lun.name!r} has {len(hosts)} connected host(s) ({', '.join(hosts)}); "
+                "detach them first or delete with force"
+            )
+        meta = self._db()
+        meta.update_lun(lun.name, state="deleting")
+        self.server.remove_export(lun.name)
+        await self.server.disconnect_export(lun.name)
+        del self.luns[lun.name]
+        self.pools[lun.pool].files.pop(lun.name, None)
+        lun.backend.close()
+        self._path(lun.pool, lun.name).unlink(missing_ok=True)
+        meta.delete_lun(lun.name)
+
+    # ---- views
+    def connected_hosts(self, name: str) -> list[str]:
+        return sorted(
+            c.peer for c in self.server.connections if c.export is not None and c.export.name == name
+        )
+
+    def lun_info(self, lun: Lun) -> dict[str, Any]:
+        return {
+            "name": lun.name,
+            "size": lun.size,
+            "allocated": lun.allocated,
+            "pool": lun.pool,
+            "export": lun.name,
+            "state": lun.state,
+            "created": lun.created,
+            "connected_hosts": self.connected_hosts(lun.name),
+        }
+
+    def pool_info(self, pool: Pool) -> dict[str, Any]:
+        used = pool.used()
+        return {
+            "name": pool.name,
+            "capacity": pool.capacity,
+            "used": used,
+            "free": max(0, pool.capacity - used),
+            "luns": len(pool.files),
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model.name,
+            "description": self.model.description,
+            "capabilities": self.model.capabilities(),
+            "media": self.model.media.name,
+            "pools": [self.pool_info(p) for p in self.pools.values()],
+            "luns": len(self.luns),
+        }

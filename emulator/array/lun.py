@@ -1,0 +1,145 @@
+"""A LUN: a name, a size, a pool, and the Backend its export serves.
+
+:class:`LunBackend` is what the NBD server serves for a LUN. It counts I/O,
+charges the pool for writes (ENOSPC when full) and holds the inner Backend
+(the LUN's file, or later a migrating or remote Backend), which can be
+swapped atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from emulator.nbd.backend import Backend
+from emulator.nbd.protocol import Extent
+
+from .file_backend import FileBackend
+from .pool import Pool
+from .stats import LunStats
+
+
+class LunBackend(Backend):
+    """The exported Backend of one LUN."""
+
+    def __init__(self, name: str, inner: Backend, pool: Pool | None, file: FileBackend | None) -> None:
+        self.name = name
+        self.stats = LunStats()
+        self._pool = pool
+        self._file = file  # the local file charged to the pool, if any
+        self.inner = inner
+        self.swap(inner)
+
+    def swap(self, inner: Backend, file: FileBackend | None = None) -> Backend:
+        """Serve ``inner`` from now on; return the previous one."""
+        old, self.inner = self.inner, inner
+        if file is not None:
+            self._file = file
+        for cap in (
+            "read_only",
+            "can_trim",
+            "can_zero",
+            "can_fast_zero",
+            "can_cache",
+            "can_flush",
+            "can_fua",
+            "can_multi_conn",
+            "can_extents",
+        ):
+            setattr(self, cap, getattr(inner, cap))
+        return old
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def _charge(self, offset: int, length: int) -> None:
+        if self._pool is not None and self._file is not None:
+            self._pool.charge(self._file, self.name, offset, length)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        t0 = time.perf_counter()
+        st = self.stats.ops["read"]
+        try:
+            data = await self.inner.read(offset, length)
+        except BaseException:
+            st.record(0, time.perf_counter() - t0, ok=False)
+            raise
+        st.record(length, time.perf_counter() - t0)
+        return data
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        t0 = time.perf_counter()
+        st = self.stats.ops["read"]
+        try:
+            await self.inner.read_into(offset, buf)
+        except BaseException:
+            st.record(0, time.perf_counter() - t0, ok=False)
+            raise
+        st.record(len(buf), time.perf_counter() - t0)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        t0 = time.perf_counter()
+        st = self.stats.ops["write"]
+        try:
+            self._charge(offset, len(data))
+            await self.inner.write(offset, data, fua)
+        except BaseException:
+            st.record(0, time.perf_counter() - t0, ok=False)
+            raise
+        st.record(len(data), time.perf_counter() - t0)
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        if not may_trim:  # ZERO_RANGE allocates
+            self._charge(offset, length)
+        await self._timed("zero", length, self.inner.write_zeroes(offset, length, may_trim, fast, fua))
+
+    async def _timed(self, op: str, nbytes: int, coro: Any) -> Any:
+        t0 = time.perf_counter()
+        st = self.stats.ops[op]
+        try:
+            result = await coro
+        except BaseException:
+            st.record(0, time.perf_counter() - t0, ok=False)
+            raise
+        st.record(nbytes, time.perf_counter() - t0)
+        return result
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._timed("trim", length, self.inner.trim(offset, length, fua))
+
+    async def flush(self) -> None:
+        await self._timed("flush", 0, self.inner.flush())
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._timed("cache", length, self.inner.cache(offset, length))
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        result: list[Extent] = await self._timed("extents", 0, self.inner.extents(offset, length))
+        return result
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class Lun:
+    name: str
+    pool: str
+    size: int
+    state: str
+    created: float
+    file: FileBackend
+    backend: LunBackend
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def allocated(self) -> int:
+        try:
+            return os.fstat(self.file.fd).st_blocks * 512
+        except OSError:
+            return 0

@@ -1,0 +1,117 @@
+"""Array metadata in SQLite (the data dir's array.db).
+
+Every change is one transaction; the database is in WAL mode with
+synchronous=FULL, so a change that returned survives kill -9 and power loss.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pools (
+    name TEXT PRIMARY KEY,
+    capacity INTEGER NOT NULL CHECK (capacity > 0),
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS luns (
+    name TEXT PRIMARY KEY,
+    pool TEXT NOT NULL REFERENCES pools(name),
+    size INTEGER NOT NULL CHECK (size > 0),
+    state TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+@dataclass(slots=True)
+class PoolRow:
+    name: str
+    capacity: int
+    created: float
+
+
+@dataclass(slots=True)
+class LunRow:
+    name: str
+    pool: str
+    size: int
+    state: str  # creating, ready, deleting (and, later, migration states)
+    created: float
+
+
+class Metadata:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- meta
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # ---- pools
+    def pools(self) -> list[PoolRow]:
+        return [
+            PoolRow(*r) for r in self.db.execute("SELECT name, capacity, created FROM pools ORDER BY name")
+        ]
+
+    def upsert_pool(self, name: str, capacity: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO pools(name, capacity, created) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET capacity=excluded.capacity",
+                (name, capacity, time.time()),
+            )
+
+    # ---- luns
+    def luns(self) -> list[LunRow]:
+        return [
+            LunRow(*r)
+            for r in self.db.execute("SELECT name, pool, size, state, created FROM luns ORDER BY name")
+        ]
+
+    def insert_lun(self, name: str, pool: str, size: int, state: str) -> LunRow:
+        row = LunRow(name, pool, size, state, time.time())
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO luns(name, pool, size, state, created) VALUES (?, ?, ?, ?, ?)",
+                (row.name, row.pool, row.size, row.state, row.created),
+            )
+        return row
+
+    def update_lun(self, name: str, **fields: object) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE luns SET {cols} WHERE name=?", (*fields.values(), name))
+
+    def delete_lun(self, name: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM luns WHERE name=?", (name,))

@@ -1,0 +1,74 @@
+"""A storage pool: a directory of thin LUN files with a capacity.
+
+LUNs are sparse, so the pool may be overcommitted; what counts is the bytes
+actually allocated. A write that could allocate past the capacity fails with
+ENOSPC and changes nothing. The check is cheap while the pool has room: an
+estimate that only grows is kept between exact recounts, and only when the
+estimate reaches the capacity are the files stat'ed and the write's range
+inspected for holes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from emulator.nbd.errors import BackendError
+
+from .file_backend import FileBackend
+
+
+class Pool:
+    def __init__(self, name: str, capacity: int, directory: Path) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.directory = directory
+        self.files: dict[str, FileBackend] = {}  # LUN name -> its file
+        self._estimate = 0
+
+    def used(self) -> int:
+        """Exact allocated bytes of every LUN file in the pool."""
+        total = 0
+        for fb in self.files.values():
+            try:
+                total += os.fstat(fb.fd).st_blocks * 512
+            except OSError:
+                pass
+        self._estimate = total
+        return total
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - self.used())
+
+    def charge(self, fb: FileBackend, lun: str, offset: int, length: int) -> None:
+        """Account for a write that may allocate ``length`` bytes; ENOSPC if it cannot fit."""
+        if self._estimate + length <= self.capacity:
+            self._estimate += length
+            return
+        used = self.used()
+        new = _unallocated(fb, offset, length)
+        if used + new > self.capacity:
+            raise BackendError(
+                errno.ENOSPC,
+                f"pool {self.name!r} is full ({used} of {self.capacity} bytes used): "
+                f"write of {length} bytes to LUN {lun!r} refused; grow the pool or free space",
+            )
+        self._estimate = used + new
+
+
+def _unallocated(fb: FileBackend, offset: int, length: int) -> int:
+    """Bytes of the range that are holes (a write there allocates them)."""
+    fd, pos, end, holes = fb.fd, offset, offset + length, 0
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            return holes + end - pos  # ENXIO: a hole to the end of the file
+        if data > pos:
+            holes += min(data, end) - pos
+            pos = data
+            continue
+        pos = os.lseek(fd, pos, os.SEEK_HOLE)
+    return holes

@@ -1,0 +1,1 @@
+"""The array daemon: wires an Array, its NBD server and its management API."""

@@ -1,0 +1,210 @@
+"""The array's management API: JSON over HTTP, bearer token on every route.
+
+Every error is a JSON body ``{"error": {"code": ..., "message": ...}}`` with
+the matching status; nothing a client sends can produce a 5xx except a bug,
+which is logged and answered with a JSON 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+
+from emulator.array.array import Array
+from emulator.array.errors import ArrayError, InvalidInput
+from emulator.array.stats import collector
+from emulator.units import parse_size
+
+from .openapi import SPEC
+
+log = logging.getLogger("blockmig.api")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 64 * 1024
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+class ApiContext:
+    """What the handlers need: the array, where its NBD server listens, the token."""
+
+    def __init__(self, array: Array, nbd_host: str, nbd_port: int, token: str) -> None:
+        self.array = array
+        self.nbd_host = nbd_host
+        self.nbd_port = nbd_port
+        self.token = token
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(
+            collector(lambda: ((n, lun.backend.stats) for n, lun in array.luns.items()), array.name)
+        )
+
+    def uri(self, export: str) -> str:
+        host = f"[{self.nbd_host}]" if ":" in self.nbd_host else self.nbd_host
+        return f"nbd://{host}:{self.nbd_port}/{export}"
+
+
+CTX = web.AppKey("ctx", ApiContext)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ArrayError as e:
+        return error_response(e.status, e.code, e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(e.status, "http_error")
+        msg = e.text if e.text and not e.text.startswith(str(e.status)) else e.reason
+        return error_response(e.status, code, f"{request.method} {request.path}: {msg}")
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error; see the array's log")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[CTX].token
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        resp = error_response(
+            401,
+            "unauthorized",
+            "missing or wrong bearer token: send 'Authorization: Bearer TOKEN' "
+            "(the token is in the array's data dir, file 'token', unless set with --token)",
+        )
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
+    return await handler(request)
+
+
+async def _json_body(request: web.Request, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise InvalidInput(f"request body is larger than {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise InvalidInput(f"request body is larger than {MAX_BODY} bytes")
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    unknown = set(body) - allowed
+    if unknown:
+        raise InvalidInput(
+            f"unknown field(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
+        )
+    missing = required - set(body)
+    if missing:
+        raise InvalidInput(f"missing field(s): {', '.join(sorted(missing))}")
+    return body
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"size must be bytes (an integer) or a string like '1G', not {value!r}")
+    return value
+
+
+def _lun_json(ctx: ApiContext, name: str) -> dict[str, Any]:
+    lun = ctx.array.get_lun(name)
+    info = ctx.array.lun_info(lun)
+    info["uri"] = ctx.uri(lun.name)
+    return info
+
+
+async def get_array(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    info = ctx.array.info()
+    info["nbd"] = {"host": ctx.nbd_host, "port": ctx.nbd_port}
+    return web.json_response(info)
+
+
+async def list_luns(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    return web.json_response([_lun_json(ctx, n) for n in sorted(ctx.array.luns)])
+
+
+async def create_lun(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    body = await _json_body(request, {"name", "size", "pool"}, {"name", "size"})
+    lun = ctx.array.create_lun(body["name"], _size(body["size"]), body.get("pool"))
+    return web.json_response(_lun_json(ctx, lun.name), status=201)
+
+
+async def get_lun(request: web.Request) -> web.Response:
+    return web.json_response(_lun_json(request.app[CTX], request.match_info["name"]))
+
+
+async def delete_lun(request: web.Request) -> web.Response:
+    force_arg = request.query.get("force", "false").lower()
+    if force_arg not in ("true", "false", "1", "0"):
+        raise InvalidInput(f"force must be true or false, not {force_arg!r}")
+    await request.app[CTX].array.delete_lun(request.match_info["name"], force=force_arg in ("true", "1"))
+    return web.Response(status=204)
+
+
+async def grow_lun(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    body = await _json_body(request, {"size"}, {"size"})
+    lun = ctx.array.grow_lun(request.match_info["name"], _size(body["size"]))
+    return web.json_response(_lun_json(ctx, lun.name))
+
+
+async def lun_connection(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    lun = ctx.array.get_lun(request.match_info["name"])
+    return web.json_response(
+        {
+            "host": ctx.nbd_host,
+            "port": ctx.nbd_port,
+            "export": lun.name,
+            "uri": ctx.uri(lun.name),
+            "nbd_client": f"nbd-client {ctx.nbd_host} {ctx.nbd_port} /dev/nbd0 -N {lun.name}",
+        }
+    )
+
+
+async def lun_stats(request: web.Request) -> web.Response:
+    lun = request.app[CTX].array.get_lun(request.match_info["name"])
+    return web.json_response({"name": lun.name, "ops": lun.backend.stats.as_dict()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[CTX].registry)
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(SPEC)
+
+
+def make_app(ctx: ApiContext) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY)
+    app[CTX] = ctx
+    app.router.add_get("/api/v1/array", get_array)
+    app.router.add_get("/api/v1/luns", list_luns)
+    app.router.add_post("/api/v1/luns", create_lun)
+    app.router.add_get("/api/v1/luns/{name}", get_lun)
+    app.router.add_delete("/api/v1/luns/{name}", delete_lun)
+    app.router.add_post("/api/v1/luns/{name}/grow", grow_lun)
+    app.router.add_get("/api/v1/luns/{name}/connection", lun_connection)
+    app.router.add_get("/api/v1/luns/{name}/stats", lun_stats)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app

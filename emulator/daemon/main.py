@@ -1,0 +1,171 @@
+"""`blockmig array serve`: run one array in the foreground.
+
+One event loop (uvloop) serves the array's LUNs over NBD and its management
+API over HTTP. SIGTERM/SIGINT stop it cleanly: the API and NBD listeners
+close, in-flight requests finish, every LUN is flushed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from emulator.array.array import Array
+from emulator.array.errors import ArrayError
+from emulator.array.models import DEFAULT_MODEL, MODELS, get_model, parse_media
+from emulator.nbd.server import NbdServer, serve_forever_loop
+from emulator.units import parse_hostport, parse_size
+
+from .api import ApiContext, make_app
+
+log = logging.getLogger("blockmig.daemon")
+TOKEN_ENV = "BLOCKMIG_TOKEN"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sp = sub.add_parser(
+        "serve",
+        help="run an array in the foreground",
+        description="Run one emulated array: its LUNs as NBD exports (export name = LUN name) "
+        "and a management API (JSON over HTTP, bearer token) on its own port.",
+    )
+    sp.add_argument("--name", required=True, help="array name")
+    sp.add_argument("--data-dir", required=True, type=Path, help="where LUN files and metadata live")
+    sp.add_argument(
+        "--nbd-listen",
+        default="127.0.0.1:10809",
+        metavar="HOST:PORT",
+        help="NBD address (port 0 picks a free one; default %(default)s)",
+    )
+    sp.add_argument(
+        "--api-listen",
+        default="127.0.0.1:8701",
+        metavar="HOST:PORT",
+        help="management API address (port 0 picks a free one; default %(default)s)",
+    )
+    sp.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=sorted(MODELS),
+        help="array model: what it supports (default %(default)s)",
+    )
+    sp.add_argument(
+        "--media",
+        default="none",
+        help="media latency model: none, ssd, hdd or fixed:MS (default %(default)s)",
+    )
+    sp.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="NAME=CAPACITY",
+        help="a pool and its capacity, e.g. gold=10G (repeatable; default: one pool "
+        "'default' as large as the free space of the data dir)",
+    )
+    sp.add_argument(
+        "--token",
+        help=f"API bearer token (default: ${TOKEN_ENV}, else generated into DATA_DIR/token at first start)",
+    )
+    sp.add_argument("-v", "--verbose", action="store_true", help="log requests and connections")
+    sp.set_defaults(func=main)
+
+
+def load_token(data_dir: Path, given: str | None) -> str:
+    token = given or os.environ.get(TOKEN_ENV)
+    if token:
+        return token
+    path = data_dir / "token"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def _parse_pools(specs: list[str]) -> dict[str, int]:
+    pools = {}
+    for spec in specs:
+        name, sep, cap = spec.partition("=")
+        if not sep:
+            raise ValueError(f"--pool {spec!r}: use NAME=CAPACITY, e.g. gold=10G")
+        pools[name] = parse_size(cap)
+    return pools
+
+
+async def serve(args: argparse.Namespace) -> int:
+    nbd_host, nbd_port = parse_hostport(args.nbd_listen)
+    api_host, api_port = parse_hostport(args.api_listen)
+    model = get_model(args.model).with_media(parse_media(args.media))
+    data_dir: Path = args.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = load_token(data_dir, args.token)
+
+    server = NbdServer()
+    array = Array(data_dir, args.name, model, server, _parse_pools(args.pool))
+    array.open()
+    runner: web.AppRunner | None = None
+    try:
+        nbd_host, nbd_port = await server.listen_tcp(nbd_host, nbd_port)
+        ctx = ApiContext(array, nbd_host, nbd_port, token)
+        runner = web.AppRunner(make_app(ctx), access_log=log if args.verbose else None)
+        await runner.setup()
+        site = web.TCPSite(runner, api_host, api_port)
+        await site.start()
+        api_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runtime = {
+            "name": array.name,
+            "model": model.name,
+            "pid": os.getpid(),
+            "nbd": f"nbd://{nbd_host}:{nbd_port}",
+            "api": f"http://{api_host}:{api_port}",
+            "data_dir": str(data_dir),
+        }
+        tmp = data_dir / "runtime.json.tmp"
+        tmp.write_text(json.dumps(runtime))
+        tmp.replace(data_dir / "runtime.json")
+        print(
+            f"array {array.name} (model {model.name}, media {model.media.name}): "
+            f"nbd {runtime['nbd']} api {runtime['api']} luns {len(array.luns)} data {data_dir}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("array %s: stopping", array.name)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await server.close()
+        await array.close()
+        (data_dir / "runtime.json").unlink(missing_ok=True)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format=f"array {args.name}: %(name)s: %(message)s",
+    )
+    loop = serve_forever_loop()
+    try:
+        return loop.run_until_complete(serve(args))
+    except (ArrayError, OSError, ValueError) as e:
+        print(f"blockmig array serve: {e}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()

@@ -1,0 +1,211 @@
+"""OpenAPI 3 description of the array management API (served at /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
+SIZE = {
+    "oneOf": [
+        {"type": "integer", "minimum": 512, "multipleOf": 512},
+        {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?[KMGTP]?$", "example": "1G"},
+    ]
+}
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
+
+
+def _resp(schema: Any, desc: str = "OK") -> dict[str, Any]:
+    return {"description": desc, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "invalid input",
+        401: "missing or wrong bearer token",
+        404: "no such LUN or pool",
+        409: "conflict",
+        507: "pool full",
+    }
+    return {str(c): _resp({"$ref": "#/components/schemas/Error"}, text[c]) for c in (401, *codes)}
+
+
+LUN_PATH = [{"name": "name", "in": "path", "required": True, "schema": NAME}]
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "blockmig array management API", "version": "1"},
+    "security": [{"bearer": []}],
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": ERROR,
+            "Pool": {
+                "type": "object",
+                "required": ["name", "capacity", "used", "free", "luns"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "capacity": {"type": "integer"},
+                    "used": {"type": "integer"},
+                    "free": {"type": "integer"},
+                    "luns": {"type": "integer"},
+                },
+            },
+            "Array": {
+                "type": "object",
+                "required": ["name", "model", "capabilities", "pools"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "model": {"type": "string"},
+                    "description": {"type": "string"},
+                    "media": {"type": "string"},
+                    "capabilities": {
+                        "type": "object",
+                        "properties": {
+                            "remote_takeover": {"type": "boolean"},
+                            "async_migration": {"type": "boolean"},
+                            "pool_migration": {"type": "boolean"},
+                        },
+                    },
+                    "pools": {"type": "array", "items": {"$ref": "#/components/schemas/Pool"}},
+                    "luns": {"type": "integer"},
+                    "nbd": {"type": "object"},
+                },
+            },
+            "Lun": {
+                "type": "object",
+                "required": ["name", "size", "allocated", "pool", "export", "state", "connected_hosts"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "size": {"type": "integer"},
+                    "allocated": {"type": "integer"},
+                    "pool": {"type": "string"},
+                    "export": {"type": "string"},
+                    "state": {"type": "string"},
+                    "created": {"type": "number"},
+                    "connected_hosts": {"type": "array", "items": {"type": "string"}},
+                    "uri": {"type": "string"},
+                },
+            },
+            "Connection": {
+                "type": "object",
+                "required": ["host", "port", "export", "uri"],
+                "properties": {
+                    "host": {"type": "string"},
+                    "port": {"type": "integer"},
+                    "export": {"type": "string"},
+                    "uri": {"type": "string"},
+                    "nbd_client": {"type": "string"},
+                },
+            },
+            "LunCreate": {
+                "type": "object",
+                "required": ["name", "size"],
+                "additionalProperties": False,
+                "properties": {"name": NAME, "size": SIZE, "pool": NAME},
+            },
+            "LunGrow": {
+                "type": "object",
+                "required": ["size"],
+                "additionalProperties": False,
+                "properties": {"size": SIZE},
+            },
+        },
+    },
+    "paths": {
+        "/api/v1/array": {
+            "get": {
+                "operationId": "getArray",
+                "summary": "array info: model, capabilities, pools with used and free bytes",
+                "responses": {"200": _resp({"$ref": "#/components/schemas/Array"}), **_errors()},
+            }
+        },
+        "/api/v1/luns": {
+            "get": {
+                "operationId": "listLuns",
+                "responses": {
+                    "200": _resp({"type": "array", "items": {"$ref": "#/components/schemas/Lun"}}),
+                    **_errors(),
+                },
+            },
+            "post": {
+                "operationId": "createLun",
+                "summary": "create a thin LUN (a sparse file) in a pool",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LunCreate"}}},
+                },
+                "responses": {
+                    "201": _resp({"$ref": "#/components/schemas/Lun"}, "created"),
+                    **_errors(400, 404, 409, 507),
+                },
+            },
+        },
+        "/api/v1/luns/{name}": {
+            "parameters": LUN_PATH,
+            "get": {
+                "operationId": "getLun",
+                "responses": {"200": _resp({"$ref": "#/components/schemas/Lun"}), **_errors(400, 404)},
+            },
+            "delete": {
+                "operationId": "deleteLun",
+                "summary": "delete a LUN; refused while hosts are connected unless force=true",
+                "parameters": [
+                    {
+                        "name": "force",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["true", "false"]},
+                    }
+                ],
+                "responses": {"204": {"description": "deleted"}, **_errors(400, 404, 409)},
+            },
+        },
+        "/api/v1/luns/{name}/grow": {
+            "parameters": LUN_PATH,
+            "post": {
+                "operationId": "growLun",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LunGrow"}}},
+                },
+                "responses": {"200": _resp({"$ref": "#/components/schemas/Lun"}), **_errors(400, 404, 507)},
+            },
+        },
+        "/api/v1/luns/{name}/connection": {
+            "parameters": LUN_PATH,
+            "get": {
+                "operationId": "getLunConnection",
+                "summary": "how a host attaches the LUN over NBD",
+                "responses": {"200": _resp({"$ref": "#/components/schemas/Connection"}), **_errors(400, 404)},
+            },
+        },
+        "/api/v1/luns/{name}/stats": {
+            "parameters": LUN_PATH,
+            "get": {
+                "operationId": "getLunStats",
+                "summary": "I/O counters and latency histograms per operation",
+                "responses": {"200": _resp({"type": "object"}), **_errors(400, 404)},
+            },
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus text exposition of the per-LUN counters",
+                "responses": {
+                    "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    **_errors(),
+                },
+            }
+        },
+    },
+}
