@@ -6,6 +6,7 @@ socket in the test's tmp dir; each is a real process stopped at teardown.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,18 +67,22 @@ def serve_file(path: str | Path, *args: str, export: str = "") -> Iterator[Serve
     """`blockmig serve-file PATH --listen 127.0.0.1:0 ...` as a subprocess."""
     cmd = [sys.executable, "-m", "control.cli", "serve-file", str(path),
            "--listen", "127.0.0.1:0", "--export", export, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         m = re.search(r"nbd://127\.0\.0\.1:(\d+)/", line)
         if not m:
             proc.kill()
-            raise RuntimeError(f"serve-file did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+            proc.wait(5)
+            err.seek(0)
+            raise RuntimeError(f"serve-file did not start: {line!r} {err.read()}")
         port = int(m.group(1))
         yield Server(proc, f"nbd://127.0.0.1:{port}/{export}", port=port, export=export)
     finally:
         stop(proc)
+        err.close()
 
 
 @contextmanager
@@ -108,3 +114,195 @@ def qemu_nbd(tmp: Path, image: str | Path, *args: str, export: str = "") -> Iter
         yield Server(proc, f"nbd+unix:///{export}?socket={sock}", export=export, socket=sock)
     finally:
         stop(proc)
+
+
+@dataclass(frozen=True)
+class MemoryExport:
+    """One export of :func:`serve_exports`: a MemoryBackend of ``size`` bytes."""
+
+    name: str
+    size: int
+    description: str = ""
+    read_only: bool = False
+
+
+_SERVE_EXPORTS = r"""
+import asyncio, json, signal, sys
+from emulator.nbd.backend import MemoryBackend
+from emulator.nbd.server import NbdServer, serve_forever_loop
+
+async def main(spec):
+    server = NbdServer(default_export=spec["default"])
+    for e in spec["exports"]:
+        server.add_export(e["name"], MemoryBackend(e["size"]), e["description"],
+                          read_only=e["read_only"])
+    host, port = await server.listen_tcp("127.0.0.1", 0)
+    print(f"listening nbd://127.0.0.1:{port}/", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.close()
+
+loop = serve_forever_loop()
+try:
+    loop.run_until_complete(main(json.loads(sys.argv[1])))
+finally:
+    loop.close()
+"""
+
+
+@contextmanager
+def serve_exports(*exports: MemoryExport, default: str | None = None) -> Iterator[Server]:
+    """Our NbdServer with several in-memory exports, as a subprocess on 127.0.0.1 port 0.
+
+    ``uri`` is the base ``nbd://127.0.0.1:PORT/`` (the empty export name, which
+    reaches ``default`` when given); name an export with ``server.uri + name``.
+    """
+    spec = {
+        "default": default,
+        "exports": [
+            {"name": e.name, "size": e.size, "description": e.description,
+             "read_only": e.read_only}
+            for e in exports
+        ],
+    }
+    cmd = [sys.executable, "-c", _SERVE_EXPORTS, json.dumps(spec)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.search(r"nbd://127\.0\.0\.1:(\d+)/", line)
+        if not m:
+            proc.kill()
+            raise RuntimeError(f"serve_exports did not start: {line!r} "
+                               f"{proc.stderr.read() if proc.stderr else ''}")
+        port = int(m.group(1))
+        yield Server(proc, f"nbd://127.0.0.1:{port}/", port=port, export=default or "")
+    finally:
+        stop(proc)
+
+
+# --------------------------------------------------------------------------- arrays
+ARRAY_BANNER = re.compile(
+    r"^array (?P<name>\S+) \(model (?P<model>\S+), media (?P<media>\S+)\): "
+    r"nbd nbd://(?P<nbd_host>\[[^\]]+\]|[^:\s]+):(?P<nbd_port>\d+) "
+    r"api (?P<api>http://\S+) luns (?P<luns>\d+) data (?P<data>.+)$"
+)
+
+
+@dataclass
+class ArrayDaemon:
+    """A running `blockmig array serve` subprocess (see :func:`array_daemon`)."""
+
+    proc: subprocess.Popen[bytes]
+    name: str
+    data_dir: Path
+    model: str
+    media: str
+    nbd_host: str
+    nbd_port: int
+    api: str  # http://127.0.0.1:PORT
+    token: str
+    luns_at_start: int
+    banner: str
+    stdout_path: Path
+    stderr_path: Path
+
+    def uri(self, lun: str) -> str:
+        """The NBD URI of a LUN (its export name is the LUN name)."""
+        return f"nbd://{self.nbd_host}:{self.nbd_port}/{lun}"
+
+    def output(self) -> str:
+        """Everything the daemon wrote so far, stdout then stderr (for failure messages)."""
+        return (
+            self.stdout_path.read_text(errors="replace")
+            + self.stderr_path.read_text(errors="replace")
+        )
+
+    def sigkill(self) -> None:
+        """kill -9 the daemon and reap it: a crash, nothing flushed or closed by it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def sigterm(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; return the exit code (TimeoutExpired if it hangs)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def start_array(
+    data_dir: str | Path, name: str, *extra_args: str, token: str | None = "test-token"
+) -> ArrayDaemon:
+    """Start `blockmig array serve` on 127.0.0.1 port 0 (NBD and API); return once it listens.
+
+    The caller must stop it (``stop(d.proc)``); prefer :func:`array_daemon`.
+    ``token=None`` passes no --token: the daemon then uses $BLOCKMIG_TOKEN or the
+    token file it keeps in its data dir, which is read back into ``.token``.
+    Output goes to files next to the data dir (never a pipe that could fill up).
+    """
+    data_dir = Path(data_dir)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{data_dir.name}-{time.monotonic_ns()}"
+    out_path = data_dir.parent / f"array-{tag}.out"
+    err_path = data_dir.parent / f"array-{tag}.err"
+    cmd = [sys.executable, "-m", "control.cli", "array", "serve", "--name", name,
+           "--data-dir", str(data_dir), "--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]
+    if token is not None:
+        cmd += ["--token", token]
+    cmd += list(extra_args)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=root, env=env)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        line = ""
+        while True:
+            text = out_path.read_text(errors="replace")
+            if "\n" in text:
+                line = text.split("\n", 1)[0]
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited with {proc.returncode}" if proc.returncode is not None else "timed out"
+                raise RuntimeError(
+                    f"array {name} did not start ({why}): {' '.join(cmd)}\n"
+                    f"stdout: {text}\nstderr: {err_path.read_text(errors='replace')}"
+                )
+            time.sleep(0.02)
+        m = ARRAY_BANNER.match(line)
+        if not m:
+            raise RuntimeError(f"array {name}: unexpected first line {line!r}")
+        if token is None:
+            token = os.environ.get("BLOCKMIG_TOKEN") or (data_dir / "token").read_text().strip()
+        return ArrayDaemon(
+            proc=proc, name=m["name"], data_dir=Path(m["data"]), model=m["model"], media=m["media"],
+            nbd_host=m["nbd_host"], nbd_port=int(m["nbd_port"]), api=m["api"], token=token,
+            luns_at_start=int(m["luns"]), banner=line, stdout_path=out_path, stderr_path=err_path,
+        )
+    except BaseException:
+        stop(proc)  # type: ignore[arg-type]
+        raise
+
+
+@contextmanager
+def array_daemon(
+    data_dir: str | Path, name: str, *extra_args: str, token: str | None = "test-token"
+) -> Iterator[ArrayDaemon]:
+    """`blockmig array serve --name NAME --data-dir DIR ... --token TOKEN EXTRA...` as a subprocess.
+
+    Yields an :class:`ArrayDaemon` (``.proc``, ``.nbd_host``, ``.nbd_port``, ``.api``,
+    ``.token``, ``.uri(lun)``); stops it with SIGTERM (then SIGKILL) on the way out,
+    unless the test already killed it. To test a restart, ``d.sigkill()`` (or
+    ``d.sigterm()``) inside the block and open a new ``array_daemon`` on the same
+    data dir.
+    """
+    d = start_array(data_dir, name, *extra_args, token=token)
+    try:
+        yield d
+    finally:
+        stop(d.proc)  # type: ignore[arg-type]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -62,6 +64,9 @@ async def _serve(args: argparse.Namespace) -> int:
             await backend.flush()
     finally:
         backend.close()
+        if args.unix:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.unix)
     return 0
 
 

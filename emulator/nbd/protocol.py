@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import ProtocolError
 
@@ -683,12 +683,17 @@ class ServerHandshake:
         info = self._lookup(name)
         if info is None:
             raise ProtocolError(f"unknown export {name!r}")
-        self._out.append(EXPORT_NAME_REPLY.pack(info.size, info.flags))
+        self._out.append(EXPORT_NAME_REPLY.pack(info.size, self._flags(info)))
         if not self.no_zeroes:
             self._out.append(HANDSHAKE_ZEROES)
         self._enter_transmission(info)
 
+    def _flags(self, info: ExportInfo) -> int:
+        # Section "Transmission flags": SEND_DF MUST be clear without structured replies.
+        return info.flags if self.structured else info.flags & ~FLAG_SEND_DF
+
     def _enter_transmission(self, info: ExportInfo) -> None:
+        info = replace(info, flags=self._flags(info))
         ctx = self.ALLOCATION_ID if self.allocation_for == info.name else None
         self.negotiated = Negotiated(info, self.structured, ctx)
         self.phase = Phase.TRANSMISSION
@@ -716,7 +721,7 @@ class ServerHandshake:
         if info is None:
             self._error(opt, REP_ERR_UNKNOWN, f"unknown export {name!r}")
             return
-        self._reply(opt, REP_INFO, INFO_EXPORT_FMT.pack(INFO_EXPORT, info.size, info.flags))
+        self._reply(opt, REP_INFO, INFO_EXPORT_FMT.pack(INFO_EXPORT, info.size, self._flags(info)))
         if INFO_NAME in requests:
             self._reply(opt, REP_INFO, U16.pack(INFO_NAME) + info.name.encode())
         if INFO_DESCRIPTION in requests and info.description:
