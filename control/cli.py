@@ -11,12 +11,11 @@ def build_parser() -> argparse.ArgumentParser:
     from emulator.array import serve_file
     from emulator.daemon import main as daemon
 
-    from . import array_commands
+    from . import array_commands, migration_commands
 
     parser = argparse.ArgumentParser(
         prog="blockmig",
-        description="Userspace block-device emulator with live migration between "
-        "storage arrays over NBD.",
+        description="Userspace block-device emulator with live migration between storage arrays over NBD.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -25,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     array_sub = array.add_subparsers(dest="array_command", metavar="ACTION", required=True)
     daemon.add_parser(array_sub)
     array_commands.add_parsers(array_sub, sub)
+    migration_commands.add_parsers(sub)
     return parser
 
 

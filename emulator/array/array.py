@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,8 @@ class Array:
         self.pools: dict[str, Pool] = {}
         self.luns: dict[str, Lun] = {}
         self.meta: Metadata | None = None
+        #: called with a LUN's name before it is deleted (the migration layer hooks in here)
+        self.delete_hooks: list[Callable[[str], Awaitable[None]]] = []
 
     # ---- start and stop
     def open(self) -> None:
@@ -139,11 +142,21 @@ class Array:
             inner = MediaBackend(fb, self.model.media)
         p = self.pools[pool]
         lb = LunBackend(name, inner, p, fb)
-        lun = Lun(name, pool, fb.size, state, created, fb, lb)
+        lun = Lun(name, pool, fb.size, state, created, fb, lb, local=inner)
         self.luns[name] = lun
         p.files[name] = fb
-        self.server.add_export(name, lb, description=f"array {self.name} pool {pool}")
+        if state == "ready":  # others are exported by whoever wires their Backend
+            self.export_lun(name)
         return lun
+
+    def export_lun(self, name: str) -> None:
+        lun = self.get_lun(name)
+        self.server.add_export(name, lun.backend, description=f"array {self.name} pool {lun.pool}")
+
+    def set_lun_state(self, name: str, state: str) -> None:
+        lun = self.get_lun(name)
+        self._db().update_lun(name, state=state)
+        lun.state = state
 
     def get_lun(self, name: str) -> Lun:
         lun = self.luns.get(name)
@@ -163,7 +176,8 @@ class Array:
         return pool
 
     # ---- LUN lifecycle
-    def create_lun(self, name: object, size: object, pool: object = None) -> Lun:
+    def create_lun(self, name: object, size: object, pool: object = None, state: str = "ready") -> Lun:
+        """Create a thin LUN. Only a ``ready`` LUN is exported at once."""
         name = check_name("LUN", name)
         size = check_size(size)
         if pool is not None:
@@ -180,8 +194,8 @@ class Array:
         except OSError as e:
             meta.delete_lun(name)
             raise NoSpace(f"cannot create the file of LUN {name!r}: {e.strerror}") from None
-        meta.update_lun(name, state="ready")
-        return self._attach(name, p.name, "ready", row.created, fb)
+        meta.update_lun(name, state=state)
+        return self._attach(name, p.name, state, row.created, fb)
 
     def grow_lun(self, name: object, size: object) -> Lun:
         lun = self.get_lun(check_name("LUN", name))
@@ -210,7 +224,9 @@ class Array:
             )
         meta = self._db()
         meta.update_lun(lun.name, state="deleting")
-        self.server.remove_export(lun.name)
+        self.server.exports.pop(lun.name, None)
+        for hook in self.delete_hooks:
+            await hook(lun.name)
         await self.server.disconnect_export(lun.name)
         del self.luns[lun.name]
         self.pools[lun.pool].files.pop(lun.name, None)

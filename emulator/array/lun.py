@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from emulator.nbd.backend import Backend
@@ -135,7 +135,8 @@ class Lun:
     created: float
     file: FileBackend
     backend: LunBackend
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: the LUN's own storage as hosts should see it (the file, with media latency if any)
+    local: Backend | None = None
 
     @property
     def allocated(self) -> int:

@@ -17,8 +17,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from emulator.array.array import Array
-from emulator.array.errors import ArrayError, InvalidInput
+from emulator.array.errors import ArrayError, Conflict, InvalidInput
 from emulator.array.stats import collector
+from emulator.mirror.manager import MigrationManager
 from emulator.units import parse_size
 
 from .openapi import SPEC
@@ -35,8 +36,16 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 class ApiContext:
     """What the handlers need: the array, where its NBD server listens, the token."""
 
-    def __init__(self, array: Array, nbd_host: str, nbd_port: int, token: str) -> None:
+    def __init__(
+        self,
+        array: Array,
+        nbd_host: str,
+        nbd_port: int,
+        token: str,
+        migrations: MigrationManager | None = None,
+    ) -> None:
         self.array = array
+        self.migrations = migrations or MigrationManager(array)
         self.nbd_host = nbd_host
         self.nbd_port = nbd_port
         self.token = token
@@ -185,6 +194,49 @@ async def lun_stats(request: web.Request) -> web.Response:
     return web.json_response({"name": lun.name, "ops": lun.backend.stats.as_dict()})
 
 
+async def start_migration(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    body = await _json_body(
+        request, {"lun", "source", "pool", "mode", "throttle", "region_size"}, {"lun", "source"}
+    )
+    rs = body.get("region_size")
+    m = await ctx.migrations.start(
+        body["lun"],
+        body["source"],
+        body.get("pool"),
+        body.get("mode"),
+        body.get("throttle"),
+        _size(rs) if rs is not None else None,
+    )
+    return web.json_response(m.status(), status=201)
+
+
+async def list_migrations(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CTX].migrations.list())
+
+
+async def get_migration(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CTX].migrations.status(request.match_info["name"]))
+
+
+async def migration_action(request: web.Request) -> web.Response:
+    mgr = request.app[CTX].migrations
+    m = mgr.get(request.match_info["name"])
+    action = request.match_info["action"]
+    try:
+        if action == "pause":
+            m.pause()
+        elif action == "resume":
+            m.resume()
+        elif action == "cancel":
+            await m.cancel()
+        else:
+            raise web.HTTPNotFound(text=f"no action {action!r}: use pause, resume or cancel")
+    except ValueError as e:
+        raise Conflict(str(e)) from None
+    return web.json_response(m.status())
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[CTX].registry)
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
@@ -205,6 +257,10 @@ def make_app(ctx: ApiContext) -> web.Application:
     app.router.add_post("/api/v1/luns/{name}/grow", grow_lun)
     app.router.add_get("/api/v1/luns/{name}/connection", lun_connection)
     app.router.add_get("/api/v1/luns/{name}/stats", lun_stats)
+    app.router.add_post("/api/v1/migrations", start_migration)
+    app.router.add_get("/api/v1/migrations", list_migrations)
+    app.router.add_get("/api/v1/migrations/{name}", get_migration)
+    app.router.add_post("/api/v1/migrations/{name}/{action}", migration_action)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     return app

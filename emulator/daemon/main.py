@@ -22,6 +22,8 @@ from aiohttp import web
 from emulator.array.array import Array
 from emulator.array.errors import ArrayError
 from emulator.array.models import DEFAULT_MODEL, MODELS, get_model, parse_media
+from emulator.mirror.manager import MigrationManager
+from emulator.mirror.migration import MigrationConfig
 from emulator.nbd.server import NbdServer, serve_forever_loop
 from emulator.units import parse_hostport, parse_size
 
@@ -75,6 +77,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--token",
         help=f"API bearer token (default: ${TOKEN_ENV}, else generated into DATA_DIR/token at first start)",
     )
+    sp.add_argument(
+        "--source-retry-window",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long I/O that needs an unreachable migration source waits before "
+        "failing with EIO (default %(default)s)",
+    )
     sp.add_argument("-v", "--verbose", action="store_true", help="log requests and connections")
     sp.set_defaults(func=main)
 
@@ -116,10 +126,13 @@ async def serve(args: argparse.Namespace) -> int:
     server = NbdServer()
     array = Array(data_dir, args.name, model, server, _parse_pools(args.pool))
     array.open()
+    manager = MigrationManager(array, MigrationConfig(retry_window=args.source_retry_window))
+    array.delete_hooks.append(manager.forget_lun)
     runner: web.AppRunner | None = None
     try:
+        await manager.open()
         nbd_host, nbd_port = await server.listen_tcp(nbd_host, nbd_port)
-        ctx = ApiContext(array, nbd_host, nbd_port, token)
+        ctx = ApiContext(array, nbd_host, nbd_port, token, manager)
         runner = web.AppRunner(make_app(ctx), access_log=log if args.verbose else None)
         await runner.setup()
         site = web.TCPSite(runner, api_host, api_port)
@@ -151,6 +164,7 @@ async def serve(args: argparse.Namespace) -> int:
         if runner is not None:
             await runner.cleanup()
         await server.close()
+        await manager.close()
         await array.close()
         (data_dir / "runtime.json").unlink(missing_ok=True)
     return 0

@@ -1,0 +1,177 @@
+"""`blockmig migration start|status|list|pause|resume|cancel|wait` against an array's API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.parse
+from typing import Any
+
+from emulator.units import format_size, parse_size
+
+from .api_client import ApiError, ArrayApi
+from .array_commands import _api_args, table
+
+FINAL = ("completed", "failed", "cancelled")
+
+
+def _path(name: str, action: str = "") -> str:
+    p = f"/api/v1/migrations/{urllib.parse.quote(name, safe='')}"
+    return f"{p}/{action}" if action else p
+
+
+def format_status(st: dict[str, Any]) -> str:
+    total = st["total_bytes"] or 1
+    pct = 100.0 * (total - st["dirty_bytes"]) / total
+    eta = st.get("eta_seconds")
+    lines = [
+        f"lun:          {st['lun']}",
+        f"source:       {st['source']}",
+        f"state:        {st['state']}",
+        f"mode:         {st['mode']}" + (f" ({st['mode_reason']})" if st.get("mode_reason") else ""),
+        f"progress:     {pct:.1f}% clean, {format_size(st['dirty_bytes'])} dirty of "
+        f"{format_size(st['total_bytes'])}",
+        f"copied:       {format_size(st['copied_bytes'])} data, "
+        f"{format_size(st.get('zeroed_bytes', 0))} zeroed",
+        f"rates:        copy {st['copy_rate'] / 1e6:.1f} MB/s, dirty {st['dirty_rate'] / 1e6:.1f} MB/s",
+        f"eta:          {'-' if eta is None else f'{eta:.0f} s'}",
+        f"passes:       {st['passes']}",
+    ]
+    if st.get("cutover_pause_ms") is not None:
+        lines.append(f"cutover:      writes held {st['cutover_pause_ms']:.2f} ms")
+    if st.get("last_error"):
+        lines.append(f"last error:   {st['last_error']}")
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def cmd_start(args: argparse.Namespace, api: ArrayApi) -> int:
+    body: dict[str, Any] = {"lun": args.lun, "source": args.source, "mode": args.mode}
+    if args.pool:
+        body["pool"] = args.pool
+    if args.throttle is not None:
+        body["throttle"] = args.throttle
+    if args.region_size:
+        body["region_size"] = parse_size(args.region_size)
+    st = api.call("POST", "/api/v1/migrations", body)
+    _emit(args, st, f"migration of {st['lun']} started; the LUN is attachable now\n" + format_status(st))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, api: ArrayApi) -> int:
+    st = api.call("GET", _path(args.lun))
+    _emit(args, st, format_status(st))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, api: ArrayApi) -> int:
+    sts = api.call("GET", "/api/v1/migrations")
+    rows = [
+        (
+            s["lun"],
+            s["state"],
+            s["mode"],
+            format_size(s["dirty_bytes"]),
+            format_size(s["total_bytes"]),
+            s["source"],
+        )
+        for s in sts
+    ]
+    _emit(
+        args,
+        sts,
+        table(rows, ("LUN", "STATE", "MODE", "DIRTY", "TOTAL", "SOURCE")) if rows else "no migrations",
+    )
+    return 0
+
+
+def _action(action: str) -> Any:
+    def cmd(args: argparse.Namespace, api: ArrayApi) -> int:
+        st = api.call("POST", _path(args.lun, action))
+        _emit(args, st, format_status(st))
+        return 0
+
+    return cmd
+
+
+def cmd_wait(args: argparse.Namespace, api: ArrayApi) -> int:
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    while True:
+        st = api.call("GET", _path(args.lun))
+        if st["state"] in FINAL:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            print(
+                f"blockmig: migration of {args.lun} still {st['state']} after {args.timeout} s",
+                file=sys.stderr,
+            )
+            return 2
+        time.sleep(args.interval)
+    _emit(args, st, format_status(st))
+    if st["state"] != "completed":
+        print(f"blockmig: migration of {args.lun} {st['state']}: {st.get('last_error', '')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(func: Any) -> Any:
+    def runner(args: argparse.Namespace) -> int:
+        api = ArrayApi(args.api, args.token)
+        try:
+            rc: int = func(args, api)
+            return rc
+        except ApiError as e:
+            if args.json:
+                print(json.dumps({"error": {"status": e.status, "code": e.code, "message": e.message}}))
+            print(f"blockmig: {e.message}", file=sys.stderr)
+            return 1
+
+    return runner
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mig = sub.add_parser("migration", help="live-migrate a LUN onto an array (run against the TARGET array)")
+    msub = mig.add_subparsers(dest="migration_command", metavar="ACTION", required=True)
+    p = msub.add_parser("start", help="take a source LUN over and migrate it into a local LUN")
+    _api_args(p)
+    p.add_argument("--source", required=True, metavar="URI", help="source LUN, nbd://HOST:PORT/EXPORT")
+    p.add_argument("--lun", required=True, metavar="NAME", help="name of the LUN on this array")
+    p.add_argument("--pool", help="pool of the local copy (default: 'default')")
+    p.add_argument(
+        "--mode",
+        choices=("background", "active"),
+        default="background",
+        help="background: re-copy what writes dirty; active: writes go to both sides "
+        "(the migration goes active by itself when it would not converge)",
+    )
+    p.add_argument("--throttle", type=float, metavar="MBPS", help="copy rate limit in MB/s (0 = unlimited)")
+    p.add_argument("--region-size", metavar="SIZE", help="region size, a power of two (default 1M)")
+    p.set_defaults(func=_run(cmd_start))
+    for name, helptext, func in (
+        ("status", "show a migration", cmd_status),
+        ("pause", "pause copying (host I/O keeps flowing)", _action("pause")),
+        ("resume", "resume copying", _action("resume")),
+        (
+            "cancel",
+            "stop; the LUN then serves the source directly, which stays authoritative",
+            _action("cancel"),
+        ),
+    ):
+        p = msub.add_parser(name, help=helptext)
+        _api_args(p)
+        p.add_argument("lun", metavar="NAME")
+        p.set_defaults(func=_run(func))
+    p = msub.add_parser("list", help="list migrations")
+    _api_args(p)
+    p.set_defaults(func=_run(cmd_list))
+    p = msub.add_parser("wait", help="wait until a migration ends; exit 0 only if it completed")
+    _api_args(p)
+    p.add_argument("lun", metavar="NAME")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 2)")
+    p.add_argument("--interval", type=float, default=0.2, help=argparse.SUPPRESS)
+    p.set_defaults(func=_run(cmd_wait))

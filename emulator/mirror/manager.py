@@ -1,0 +1,230 @@
+"""Migrations of one array: start, follow, persist, resume after a restart.
+
+Migration records live in the array's SQLite database (table
+``migrations``); region progress lives beside each LUN file
+(``POOL/LUN.progress``). LUN states on the array: ``migrating`` while the
+LUN is served through a MigratingBackend, ``remote`` when it serves the
+source directly (after a cancel or a failure), ``ready`` once cut over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from emulator.array.array import Array, check_name
+from emulator.array.errors import Conflict, InvalidInput, NotFound, Unsupported
+from emulator.array.lun import Lun
+from emulator.nbd.errors import BackendError
+
+from .migration import FINAL, Migration, MigrationConfig
+from .remote import RemoteBackend
+
+log = logging.getLogger("blockmig.mirror.manager")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS migrations (
+    lun TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    config TEXT NOT NULL,
+    state TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    started REAL NOT NULL,
+    finished REAL,
+    status TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+class MigrationManager:
+    def __init__(self, array: Array, defaults: MigrationConfig | None = None) -> None:
+        self.array = array
+        self.defaults = defaults or MigrationConfig()
+        self.migrations: dict[str, Migration] = {}
+        self.remotes: dict[str, RemoteBackend] = {}  # remote LUNs served without a migration
+        self._final: dict[str, dict[str, Any]] = {}  # status of migrations that ended before a restart
+
+    @property
+    def _db(self) -> Any:
+        assert self.array.meta is not None
+        return self.array.meta
+
+    # ------------------------------------------------------------------ start-up
+    async def open(self) -> None:
+        """Resume migrations and remote LUNs found in the array's database."""
+        meta = self._db
+        meta.db.executescript(SCHEMA)
+        rows = meta.db.execute("SELECT lun, source, config, state, mode, status FROM migrations").fetchall()
+        for name, source, config, state, mode, status in rows:
+            lun = self.array.luns.get(name)
+            if lun is None:
+                continue
+            if lun.state == "migrating" and state not in FINAL:
+                cfg = MigrationConfig(**json.loads(config))
+                cfg.mode = mode
+                m = self._new(lun, source, cfg)
+                await m.start(resume=True, paused=state == "paused")
+                log.info(
+                    "array %s: resumed migration of %s (%d regions to copy again)",
+                    self.array.name,
+                    name,
+                    m.recopied_regions,
+                )
+                self.array.export_lun(name)
+            else:
+                self._final[name] = json.loads(status)
+                if lun.state == "remote":
+                    await self._serve_remote(lun, source, resume=True)
+
+    async def close(self) -> None:
+        for m in list(self.migrations.values()):
+            await m.shutdown()
+        for r in self.remotes.values():
+            await r.aclose()
+
+    # ------------------------------------------------------------------ commands
+    async def start(
+        self,
+        lun_name: object,
+        source: object,
+        pool: object = None,
+        mode: object = None,
+        throttle: object = None,
+        region_size: object = None,
+    ) -> Migration:
+        """Take ``source`` over as LUN ``lun_name`` and migrate it into a local LUN."""
+        caps = self.array.model.capabilities()
+        if not caps["remote_takeover"]:
+            raise Unsupported(
+                f"array {self.array.name!r} (model {self.array.model.name}) cannot take remote LUNs over; "
+                "use a generic host copy"
+            )
+        name = check_name("LUN", lun_name)
+        if not isinstance(source, str) or not source.startswith(("nbd://", "nbd+unix://")):
+            raise InvalidInput(f"source must be an nbd:// or nbd+unix:// URI, not {source!r}")
+        cfg = MigrationConfig(**self.defaults.as_dict())
+        if mode is not None:
+            if mode not in ("background", "active"):
+                raise InvalidInput(f"mode must be 'background' or 'active', not {mode!r}")
+            cfg.mode = str(mode)
+        if throttle is not None:
+            if isinstance(throttle, bool) or not isinstance(throttle, int | float) or throttle < 0:
+                raise InvalidInput(f"throttle must be MB/s >= 0 (0 = unlimited), not {throttle!r}")
+            cfg.throttle = float(throttle) * 1e6
+        if region_size is not None:
+            if (
+                isinstance(region_size, bool)
+                or not isinstance(region_size, int)
+                or region_size < 65536
+                or region_size > 1 << 30
+                or region_size & (region_size - 1)
+            ):
+                raise InvalidInput(
+                    f"region_size must be a power of two between 64K and 1G, not {region_size!r}"
+                )
+            cfg.region_size = region_size
+        if name in self.array.luns:
+            raise Conflict(f"LUN {name!r} already exists on array {self.array.name!r}")
+        remote = RemoteBackend(source, retry_window=cfg.retry_window)
+        try:
+            await remote.connect()
+        except BackendError as e:
+            raise InvalidInput(f"cannot reach the source: {e}") from None
+        size = remote.size
+        await remote.aclose()
+        lun = self.array.create_lun(name, size, pool, state="migrating")
+        try:
+            self._record(name, source, cfg)
+            m = self._new(lun, source, cfg)
+            await m.start()
+        except BaseException as e:
+            self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
+            self.migrations.pop(name, None)
+            await self.array.delete_lun(name, force=True)
+            if isinstance(e, BackendError):
+                raise InvalidInput(f"cannot take {source} over: {e}") from None
+            raise
+        self.array.export_lun(name)
+        return m
+
+    def get(self, name: str) -> Migration:
+        m = self.migrations.get(name)
+        if m is None:
+            raise NotFound(f"no migration of LUN {name!r} on array {self.array.name!r}")
+        return m
+
+    def status(self, name: str) -> dict[str, Any]:
+        if name in self.migrations:
+            return self.migrations[name].status()
+        if name in self._final:
+            return self._final[name]
+        raise NotFound(f"no migration of LUN {name!r} on array {self.array.name!r}")
+
+    def list(self) -> list[dict[str, Any]]:
+        out = {n: m.status() for n, m in self.migrations.items()}
+        for n, st in self._final.items():
+            out.setdefault(n, st)
+        return [out[n] for n in sorted(out)]
+
+    async def forget_lun(self, name: str) -> None:
+        """The LUN is being deleted: stop its migration or remote connection."""
+        m = self.migrations.pop(name, None)
+        if m is not None:
+            if m.state not in FINAL:
+                await m.cancel()
+            await m.shutdown()
+        r = self.remotes.pop(name, None)
+        if r is not None:
+            await r.aclose()
+        self._final.pop(name, None)
+        self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
+
+    # ------------------------------------------------------------------ internals
+    def _new(self, lun: Lun, source: str, cfg: MigrationConfig) -> Migration:
+        pool = self.array.pools[lun.pool]
+        assert lun.local is not None
+        progress = lun.file.path.removesuffix(".img") + ".progress"
+        m = Migration(
+            lun.name,
+            source,
+            lun.backend,
+            lun.local,
+            Path(progress),
+            cfg,
+            self._changed,
+            charge=lambda off, n: pool.charge(lun.file, lun.name, off, n),
+        )
+        self.migrations[lun.name] = m
+        return m
+
+    def _record(self, name: str, source: str, cfg: MigrationConfig) -> None:
+        with self._db.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO migrations(lun, source, config, state, mode, started) "
+                "VALUES (?, ?, ?, 'copying', ?, ?)",
+                (name, source, json.dumps(cfg.as_dict()), cfg.mode, time.time()),
+            )
+
+    def _changed(self, m: Migration) -> None:
+        """Persist a state change; the LUN's state follows in the same transaction."""
+        lun_state = {"completed": "ready", "failed": "remote", "cancelled": "remote"}.get(m.state)
+        st = m.status()
+        with self._db.transaction() as db:
+            db.execute(
+                "UPDATE migrations SET state=?, mode=?, error=?, finished=?, status=? WHERE lun=?",
+                (m.state, m.mode, m.last_error, m.finished, json.dumps(st), m.name),
+            )
+            if lun_state:
+                db.execute("UPDATE luns SET state=? WHERE name=?", (lun_state, m.name))
+        if lun_state and m.name in self.array.luns:
+            self.array.luns[m.name].state = lun_state
+
+    async def _serve_remote(self, lun: Lun, source: str, resume: bool) -> None:
+        remote = RemoteBackend(source, retry_window=self.defaults.retry_window, size=lun.size)
+        self.remotes[lun.name] = remote
+        lun.backend.swap(remote)
+        self.array.export_lun(lun.name)

@@ -1,0 +1,168 @@
+"""MigratingBackend: serve a LUN while its data moves from a source to a target.
+
+- Reads of CLEAN regions are served by the target; the rest read through.
+- Writes go to the source and are acknowledged only once the source has
+  them; FUA and FLUSH reach the source (I1).
+- Before a write touches a region, the region's generation is bumped and it
+  counts as in flight; in background mode it is marked DIRTY first, so a
+  concurrent copy never lands over a newer write as clean (I3).
+- In active mode a write to a CLEAN region goes to both sides, so the region
+  stays clean and the copy converges under any write rate.
+- A write to a region that is clean on disk waits until that bit is cleared
+  durably (I4).
+- During cutover writes are held at a gate; once the LUN has switched to its
+  local copy, held writes are forwarded there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from emulator.nbd.backend import Backend
+from emulator.nbd.protocol import Extent
+
+from .regions import ProgressFile, RegionMap
+
+
+class MigratingBackend(Backend):
+    can_fast_zero = False
+
+    def __init__(
+        self,
+        source: Backend,
+        target: Backend,
+        regions: RegionMap,
+        progress: ProgressFile,
+        charge: Callable[[int, int], None] = lambda off, n: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.regions = regions
+        self.progress = progress
+        self.charge = charge  # pool accounting for writes that land on the target
+        self.active = False
+        self._clock = clock
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._writers = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._forward: Backend | None = None
+        self.dirtied_bytes = 0  # bytes of host writes that dirtied regions (for the dirty rate)
+        self.local_reads = 0
+        self.remote_reads = 0
+        for cap in ("read_only", "can_trim", "can_zero", "can_cache", "can_flush", "can_fua"):
+            setattr(self, cap, getattr(source, cap))
+        self.can_multi_conn = True  # one MigratingBackend serves every connection of the LUN
+        self.can_extents = True
+
+    @property
+    def size(self) -> int:
+        return self.regions.size
+
+    # ---- reads
+    def _reader(self, offset: int, length: int) -> Backend:
+        if self._forward is not None:
+            return self._forward
+        r0, r1 = self.regions.span(offset, length)
+        if self.regions.all_clean(r0, r1):
+            self.local_reads += 1
+            return self.target
+        self.remote_reads += 1
+        return self.source
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        return await self._reader(offset, length).read(offset, length)
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await self._reader(offset, len(buf)).read_into(offset, buf)
+
+    # ---- writes
+    async def _modify(
+        self,
+        offset: int,
+        length: int,
+        on_source: Callable[[Backend], Awaitable[None]],
+        both_sides: bool,
+    ) -> None:
+        if not self._gate.is_set():
+            await self._gate.wait()
+        if self._forward is not None:  # cut over while we waited
+            await on_source(self._forward)
+            return
+        regions = self.regions
+        r0, r1 = regions.span(offset, length)
+        regions.begin_write(r0, r1, self._clock())
+        self._writers += 1
+        self._drained.clear()
+        try:
+            if self.progress.disk_clean[r0:r1].any():
+                await self.progress.ensure_dirty(r0, r1)
+            if both_sides and self.active and regions.all_clean(r0, r1):
+                await self._write_both(offset, length, r0, r1, on_source)
+            else:
+                regions.mark_dirty(r0, r1)
+                self.dirtied_bytes += length
+                await on_source(self.source)
+        finally:
+            regions.end_write(r0, r1)
+            self._writers -= 1
+            if self._writers == 0:
+                self._drained.set()
+
+    async def _write_both(
+        self, offset: int, length: int, r0: int, r1: int, op: Callable[[Backend], Awaitable[None]]
+    ) -> None:
+        async def on_target() -> None:
+            self.charge(offset, length)
+            await op(self.target)
+
+        src, tgt = await asyncio.gather(op(self.source), on_target(), return_exceptions=True)
+        if isinstance(tgt, BaseException) or isinstance(src, BaseException):
+            # The sides may differ now: copy the region again later.
+            self.regions.mark_dirty(r0, r1)
+            self.dirtied_bytes += length
+        if isinstance(src, BaseException):
+            raise src
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        data = bytes(data)  # the caller's buffer may be reused while we wait
+        await self._modify(offset, len(data), lambda b: b.write(offset, data, fua), True)
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        await self._modify(
+            offset, length, lambda b: b.write_zeroes(offset, length, may_trim, fast, fua), True
+        )
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        # What a trimmed range reads as is up to each side: always copy it again.
+        await self._modify(offset, length, lambda b: b.trim(offset, length, fua), False)
+
+    async def flush(self) -> None:
+        await (self._forward or self.source).flush()
+
+    async def cache(self, offset: int, length: int) -> None:
+        await (self._forward or self.source).cache(offset, length)
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return await (self._forward or self.source).extents(offset, length)
+
+    # ---- cutover support
+    async def hold_writes(self) -> None:
+        """Close the gate for new writes and wait for those in flight."""
+        self._gate.clear()
+        await self._drained.wait()
+
+    def release_writes(self, forward_to: Backend | None = None) -> None:
+        """Open the gate; with ``forward_to``, held and later I/O go there."""
+        if forward_to is not None:
+            self._forward = forward_to
+        self._gate.set()
+
+    def close(self) -> None:
+        """Sources and targets are owned and closed by the migration."""

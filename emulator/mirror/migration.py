@@ -1,0 +1,450 @@
+"""One live migration: a remote source LUN copied into a local one, then cutover.
+
+States: copying (first pass) -> converging (copying what writes dirtied) ->
+cutover -> completed; paused, failed and cancelled on the side. Failure or
+cancel leaves the LUN serving the source directly as a remote LUN, so the
+source stays complete and authoritative (I1) and host I/O keeps flowing
+(I7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emulator.nbd.backend import Backend
+from emulator.nbd.errors import BackendError
+
+from .copier import Copier, TargetError, Throttle
+from .migrating import MigratingBackend
+from .regions import DIRTY, ProgressFile, RegionMap
+from .remote import RemoteBackend
+
+log = logging.getLogger("blockmig.mirror")
+
+RUNNING = ("copying", "converging", "cutover")
+FINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass(slots=True)
+class MigrationConfig:
+    #: 1 MiB: see bench/migration.py (region size sweep) for the measurement behind it
+    region_size: int = 1 << 20
+    mode: str = "background"  # or "active"
+    throttle: float = 0.0  # bytes/s, 0 = unlimited
+    workers: int = 4
+    checkpoint_interval: float = 1.0
+    #: regions written within this window stay dirty on disk (saves an fsync per write)
+    hot_window: float = 1.0
+    #: cut over when at most this many bytes are dirty
+    cutover_dirty: int = 8 << 20
+    retry_window: float = 30.0
+    auto_active: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Migration:
+    """Drives one migration. The owner persists state through ``on_change``."""
+
+    def __init__(
+        self,
+        name: str,
+        source_uri: str,
+        lun: Any,  # emulator.array.lun.LunBackend: has .swap(backend)
+        local: Backend,
+        progress_path: Path,
+        config: MigrationConfig,
+        on_change: Callable[[Migration], None],
+        charge: Callable[[int, int], None] = lambda off, n: None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.name = name
+        self.source_uri = source_uri
+        self.lun = lun
+        self.local = local
+        self.progress_path = progress_path
+        self.config = config
+        self.mode = config.mode
+        self.mode_reason = "requested" if config.mode == "active" else ""
+        self.on_change = on_change
+        self.charge = charge
+        self.clock = clock
+        self.sleep = sleep
+        self.state = "copying"
+        self.last_error = ""
+        self.passes = 0
+        self.started = time.time()
+        self.finished: float | None = None
+        self.cutover_pause_s: float | None = None
+        self.cutover_steps: dict[str, float] = {}
+        self.recopied_regions = 0  # on resume: regions not clean on disk
+        self.source: RemoteBackend | None = None
+        self.regions: RegionMap | None = None
+        self.progress: ProgressFile | None = None
+        self.backend: MigratingBackend | None = None
+        self.copier: Copier | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._done = asyncio.Event()
+        self._samples: deque[tuple[float, int, int]] = deque(maxlen=64)
+        self._last_checkpoint = 0.0
+        self._checkpointing = False
+
+    # ------------------------------------------------------------------ start
+    async def start(self, resume: bool = False, paused: bool = False) -> None:
+        """Take the source over and begin (or resume) copying.
+
+        A fresh start fails at once if the source cannot be reached; a resume
+        after restart waits for it in the background.
+        """
+        size = self.local.size
+        src = RemoteBackend(self.source_uri, retry_window=self.config.retry_window, size=size)
+        if not resume:
+            await src.connect()
+            if src.size != size:
+                await src.aclose()
+                raise BackendError(
+                    errno.EINVAL, f"source {self.source_uri} is {src.size} bytes, the LUN {size}"
+                )
+        self.source = src
+        regions = self.regions = RegionMap(size, self.config.region_size)
+        header: dict[str, object] = {"source": self.source_uri, "lun": self.name}
+        progress = self.progress = ProgressFile(self.progress_path, regions, header)
+        if resume and self.progress_path.exists():
+            progress.load()
+            self.recopied_regions = regions.dirty_count()
+        else:
+            progress.create()
+            if not resume:
+                regions.target_data[:] = False  # a fresh LUN file is all holes
+        self.backend = MigratingBackend(src, self.local, regions, progress, self.charge, self.clock)
+        self.backend.active = self.mode == "active"
+        self.copier = Copier(
+            src, self.local, regions, Throttle(self.config.throttle, self.clock, self.sleep), self.charge
+        )
+        self.lun.swap(self.backend)
+        if paused:
+            self.state = "paused"
+            self._unpaused.clear()
+        self._task = asyncio.ensure_future(self._run())
+
+    # ------------------------------------------------------------------ control
+    def pause(self) -> None:
+        if self.state in FINAL:
+            raise ValueError(f"migration of {self.name} is {self.state}")
+        if self.state != "paused":
+            self._unpaused.clear()
+            self.state = "paused"
+            self.on_change(self)
+
+    def resume(self) -> None:
+        if self.state in FINAL:
+            raise ValueError(f"migration of {self.name} is {self.state}")
+        if self.state == "paused":
+            self.state = "converging" if self.passes else "copying"
+            self._unpaused.set()
+            self.on_change(self)
+
+    async def cancel(self) -> None:
+        if self.state in FINAL:
+            raise ValueError(f"migration of {self.name} is already {self.state}")
+        await self._stop_task()
+        await self._to_remote("cancelled", "")
+
+    async def wait(self, timeout: float | None = None) -> str:
+        await asyncio.wait_for(self._done.wait(), timeout)
+        return self.state
+
+    async def shutdown(self) -> None:
+        """Array stopping: stop copying, keep the migration as it is on disk."""
+        await self._stop_task()
+        if self.progress is not None:
+            await self.progress.close()
+        if self.source is not None and self.state not in ("cancelled", "failed"):
+            await self.source.aclose()
+
+    async def _stop_task(self) -> None:
+        t = self._task
+        if t is not None and not t.done():
+            t.cancel()
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    # ------------------------------------------------------------------ the loop
+    async def _run(self) -> None:
+        sampler = asyncio.ensure_future(self._sample())
+        try:
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except TargetError as e:
+            log.error("migration of %s failed: %s", self.name, e)
+            await self._to_remote("failed", str(e))
+        except Exception as e:  # a bug: fail safe, the source stays authoritative
+            log.exception("migration of %s failed", self.name)
+            await self._to_remote("failed", f"internal error: {e!r}")
+        finally:
+            sampler.cancel()
+
+    async def _loop(self) -> None:
+        regions, backend = self.regions, self.backend
+        assert regions is not None and backend is not None
+        prev_dirty = regions.dirty_bytes()
+        backoff = 0.05
+        while True:
+            await self._unpaused.wait()
+            try:
+                copied = await self._pass()
+                await self._checkpoint()
+            except BackendError as e:  # the source is unreachable: wait, retry by itself (I6)
+                self.last_error = str(e)
+                log.warning("migration of %s waits for its source: %s", self.name, e)
+                await self.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            self.passes += 1
+            dirty = regions.dirty_bytes()
+            if dirty <= self.config.cutover_dirty and self._unpaused.is_set():
+                if await self._cutover():
+                    return
+            elif self.mode == "background" and self.config.auto_active and self.passes >= 2:
+                copy_rate, dirty_rate = self.rates()
+                if dirty > prev_dirty // 2 or (copy_rate and dirty_rate >= copy_rate / 2):
+                    self.mode = "active"
+                    backend.active = True
+                    self.mode_reason = (
+                        f"dirty rate {dirty_rate / 1e6:.1f} MB/s against copy rate "
+                        f"{copy_rate / 1e6:.1f} MB/s: {dirty} bytes still dirty after pass {self.passes}"
+                    )
+                    log.info("migration of %s goes active: %s", self.name, self.mode_reason)
+                    self.on_change(self)
+            if self.state != "paused":
+                self.state = "converging"
+            prev_dirty = dirty
+            if not copied:
+                await self.sleep(0.02)  # everything left is being written right now
+
+    async def _pass(self) -> int:
+        """Copy every DIRTY region once, in LUN order; returns regions made clean."""
+        regions, copier = self.regions, self.copier
+        assert regions is not None and copier is not None
+        before = copier.regions_copied
+        cursor = 0
+        queue: deque[int] = deque()
+
+        def take() -> int:
+            nonlocal cursor
+            while not queue and cursor < regions.count:
+                end = min(regions.count, cursor + 4096)
+                queue.extend((cursor + np.flatnonzero(regions.state[cursor:end] == DIRTY)).tolist())
+                cursor = end
+            return queue.popleft() if queue else -1
+
+        async def worker() -> None:
+            while self._unpaused.is_set():
+                r = take()
+                if r < 0:
+                    return
+                await copier.copy_region(r)
+                if self.clock() - self._last_checkpoint >= self.config.checkpoint_interval:
+                    await self._checkpoint()
+
+        await asyncio.gather(*(worker() for _ in range(self.config.workers)))
+        return copier.regions_copied - before
+
+    async def _checkpoint(self) -> None:
+        """Make regions clean on disk: flush the target first, then commit the bits."""
+        regions, progress = self.regions, self.progress
+        assert regions is not None and progress is not None
+        if self._checkpointing:
+            return
+        self._checkpointing = True
+        try:
+            now = self.clock()
+            self._last_checkpoint = now
+            cand = np.flatnonzero(
+                (regions.state == 2)
+                & ~progress.disk_clean
+                & (regions.inflight == 0)
+                & (regions.last_write <= now - self.config.hot_window)
+            )
+            if cand.size == 0:
+                return
+            gens = regions.gen[cand].copy()
+            try:
+                await self.local.flush()
+            except BackendError as e:
+                raise TargetError(e.errno, f"target flush: {e}") from None
+            # No await between this check and setting the bits: a write that
+            # starts after it sees the bit set and waits for it to clear.
+            ok = cand[(regions.gen[cand] == gens) & (regions.state[cand] == 2)]
+            progress.disk_clean[ok] = True
+            await progress.commit()
+        finally:
+            self._checkpointing = False
+
+    async def _cutover(self) -> bool:
+        """Hold writes, copy the rest, flush, switch the LUN to its local copy."""
+        regions, backend, copier = self.regions, self.backend, self.copier
+        assert regions is not None and backend is not None and copier is not None
+        self.state = "cutover"
+        t0 = time.perf_counter()
+        steps: dict[str, float] = {}
+
+        def step(name: str) -> None:
+            steps[name] = round((time.perf_counter() - t0) * 1e3 - sum(steps.values()), 3)
+
+        await backend.hold_writes()
+        step("drain_ms")
+        try:
+            if regions.dirty_bytes() > 2 * self.config.cutover_dirty:
+                raise _Retry("too much was written while writes were being held")
+            # No write can race now: copy what is left, several regions at a time.
+            left = np.flatnonzero(regions.state == DIRTY).tolist()
+            sem = asyncio.Semaphore(self.config.workers)
+
+            async def copy(r: int) -> None:
+                async with sem:
+                    await copier.copy_region(r)
+
+            await asyncio.gather(*(copy(r) for r in left))
+            if regions.dirty_count():
+                raise _Retry(f"{regions.dirty_count()} regions would not copy")
+            step("copy_ms")
+            try:
+                await self.local.flush()
+            except BackendError as e:
+                raise TargetError(e.errno, f"target flush: {e}") from None
+            step("flush_ms")
+            self.state = "completed"
+            self.finished = time.time()
+            self.on_change(self)  # durable before any write lands on the local copy only
+            step("persist_ms")
+            self.lun.swap(self.local)
+            backend.release_writes(forward_to=self.local)
+            step("swap_ms")
+            self.cutover_steps = steps
+        except _Retry as e:
+            backend.release_writes()
+            self.state = "converging"
+            log.info("cutover of %s postponed: %s", self.name, e)
+            return False
+        except BackendError as e:
+            backend.release_writes()
+            if isinstance(e, TargetError):
+                raise
+            self.state = "converging"
+            self.last_error = str(e)
+            return False
+        self.cutover_pause_s = time.perf_counter() - t0
+        self.on_change(self)
+        log.info("migration of %s completed; writes held %.2f ms", self.name, self.cutover_pause_s * 1e3)
+        await self._release_source(remove_progress=True)
+        self._done.set()
+        return True
+
+    async def _to_remote(self, state: str, error: str) -> None:
+        """Serve the source directly from now on (cancel, failure)."""
+        self.state = state
+        self.last_error = error or self.last_error
+        self.finished = time.time()
+        self.on_change(self)
+        if self.source is not None and self.backend is not None:
+            self.lun.swap(self.source)
+            self.backend.release_writes(forward_to=self.source)
+        if self.progress is not None:
+            await self.progress.close(remove=True)
+        try:  # give the pool its space back
+            await self.local.trim(0, self.local.size)
+        except BackendError:
+            pass
+        self._done.set()
+
+    async def _release_source(self, remove_progress: bool) -> None:
+        if self.progress is not None:
+            await self.progress.close(remove=remove_progress)
+        if self.source is not None:
+            await self.source.aclose()
+
+    # ------------------------------------------------------------------ status
+    async def _sample(self) -> None:
+        while True:
+            if self.copier is not None and self.backend is not None:
+                self._samples.append(
+                    (
+                        self.clock(),
+                        self.copier.copied_bytes + self.copier.zeroed_bytes,
+                        self.backend.dirtied_bytes,
+                    )
+                )
+            await self.sleep(0.25)
+
+    def rates(self) -> tuple[float, float]:
+        """(copy, dirty) in bytes/s over the last few seconds."""
+        s = self._samples
+        if len(s) < 2:
+            return 0.0, 0.0
+        recent = [x for x in s if x[0] >= s[-1][0] - 5.0]
+        t0, c0, d0 = recent[0]
+        t1, c1, d1 = s[-1]
+        dt = t1 - t0
+        if dt <= 0:
+            return 0.0, 0.0
+        return (c1 - c0) / dt, (d1 - d0) / dt
+
+    def status(self) -> dict[str, Any]:
+        regions, copier = self.regions, self.copier
+        total = self.local.size
+        dirty = regions.dirty_bytes() if regions is not None and self.state not in FINAL else 0
+        if self.state == "completed":
+            dirty = 0
+        copy_rate, dirty_rate = self.rates()
+        net = copy_rate - dirty_rate
+        eta = dirty / net if net > 0 and self.state in RUNNING else None
+        return {
+            "lun": self.name,
+            "source": self.source_uri,
+            "state": self.state,
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
+            "total_bytes": total,
+            "dirty_bytes": dirty if self.state != "completed" else 0,
+            "copied_bytes": copier.copied_bytes if copier else 0,
+            "zeroed_bytes": copier.zeroed_bytes if copier else 0,
+            "clean_bytes": total - dirty if self.state not in ("failed", "cancelled") else 0,
+            "copy_rate": round(copy_rate),
+            "dirty_rate": round(dirty_rate),
+            "eta_seconds": round(eta, 1) if eta is not None else None,
+            "passes": self.passes,
+            "region_size": self.config.region_size,
+            "throttle": self.config.throttle,
+            "recopied_regions_on_resume": self.recopied_regions,
+            "cutover_pause_ms": round(self.cutover_pause_s * 1e3, 3) if self.cutover_pause_s else None,
+            "cutover_steps": self.cutover_steps,
+            "local_reads": self.backend.local_reads if self.backend else 0,
+            "remote_reads": self.backend.remote_reads if self.backend else 0,
+            "source_connected": self.source.connected if self.source else False,
+            "started": self.started,
+            "finished": self.finished,
+            "last_error": self.last_error,
+        }
+
+
+class _Retry(Exception):
+    pass

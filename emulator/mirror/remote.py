@@ -1,0 +1,193 @@
+"""RemoteBackend: a LUN of another array (any nbd:// URI) as a local Backend.
+
+It keeps one pipelined NBD connection (many requests in flight) and
+reconnects with exponential backoff when it breaks. While the source is
+unreachable, each request that needs it waits up to ``retry_window``
+seconds, then fails with EIO (I6). NBD errors the source returns (EIO,
+ENOSPC, EPERM ...) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from emulator.nbd import protocol as p
+from emulator.nbd.backend import Backend
+from emulator.nbd.client import NbdClient
+from emulator.nbd.errors import BackendError, DisconnectedError, NbdError, RequestError
+
+log = logging.getLogger("blockmig.mirror.remote")
+T = TypeVar("T")
+
+
+class RemoteBackend(Backend):
+    def __init__(
+        self,
+        uri: str,
+        retry_window: float = 30.0,
+        connect_timeout: float = 5.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        size: int = 0,
+    ) -> None:
+        self.uri = uri
+        self.retry_window = retry_window
+        self.connect_timeout = connect_timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self._clock = clock
+        self._sleep = sleep
+        self._client: NbdClient | None = None
+        self._connecting: asyncio.Future[NbdClient] | None = None
+        self._size = size  # known in advance when resuming: checked on every (re)connect
+        self._closed = False
+        self.reconnects = 0
+        self.last_error = ""
+        self.connected = False
+
+    async def connect(self) -> RemoteBackend:
+        """First connection: fails at once if the source cannot be reached."""
+        try:
+            c = await NbdClient.connect(self.uri, timeout=self.connect_timeout)
+        except NbdError as e:
+            raise BackendError(errno.EIO, f"cannot take over {self.uri}: {e}") from None
+        self._adopt(c)
+        return self
+
+    def _adopt(self, c: NbdClient) -> None:
+        if self._size and c.size != self._size:
+            asyncio.ensure_future(c.close())
+            raise BackendError(errno.EIO, f"{self.uri} changed size from {self._size} to {c.size}")
+        self._client = c
+        self._size = c.size
+        self.connected = True
+        self.read_only = c.read_only
+        self.can_trim = c.can(p.FLAG_SEND_TRIM)
+        self.can_zero = c.can(p.FLAG_SEND_WRITE_ZEROES)
+        self.can_fast_zero = c.can(p.FLAG_SEND_FAST_ZERO)
+        self.can_cache = c.can(p.FLAG_SEND_CACHE)
+        self.can_flush = c.can(p.FLAG_SEND_FLUSH)
+        self.can_fua = c.can(p.FLAG_SEND_FUA)
+        self.can_multi_conn = c.can(p.FLAG_CAN_MULTI_CONN)
+        self.can_extents = c.allocation_context is not None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def _reconnect(self, deadline: float) -> NbdClient:
+        """Wait for a working connection (shared by all waiters) until ``deadline``."""
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._reconnect_loop())
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            raise BackendError(errno.EIO, f"source {self.uri} unreachable: {self.last_error}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._connecting), remaining)
+        except TimeoutError:
+            raise BackendError(
+                errno.EIO,
+                f"source {self.uri} unreachable for {self.retry_window:g} s: {self.last_error}",
+            ) from None
+
+    async def _reconnect_loop(self) -> NbdClient:
+        delay = self.backoff_min
+        while not self._closed:
+            try:
+                c = await NbdClient.connect(self.uri, timeout=self.connect_timeout)
+            except (NbdError, OSError) as e:
+                self.last_error = str(e)
+                await self._sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            self._adopt(c)
+            self.reconnects += 1
+            log.info("reconnected to %s", self.uri)
+            return c
+        raise BackendError(errno.ESHUTDOWN, f"remote LUN {self.uri} is closed")
+
+    async def _call(self, what: str, fn: Callable[[NbdClient], Awaitable[T]]) -> T:
+        deadline: float | None = None
+        while True:
+            c = self._client
+            if c is None or c.closed:
+                self.connected = False
+                if self._closed:
+                    raise BackendError(errno.ESHUTDOWN, f"remote LUN {self.uri} is closed")
+                if deadline is None:
+                    deadline = self._clock() + self.retry_window
+                c = await self._reconnect(deadline)
+            try:
+                return await fn(c)
+            except DisconnectedError as e:
+                self.last_error = str(e)
+                if self._client is c:
+                    self._client = None
+                    asyncio.ensure_future(c.close())
+                if deadline is None:
+                    deadline = self._clock() + self.retry_window
+            except RequestError as e:
+                raise BackendError(e.error, f"source {self.uri}: {what}: {e}") from None
+
+    # ---- Backend
+    async def read(self, offset: int, length: int) -> bytearray:
+        return await self._call("read", lambda c: c.read(offset, length))
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await self._call("read", lambda c: c.read_into(offset, buf))
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        await self._call("write", lambda c: c.write(offset, data, fua))
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        if not self.can_zero:
+            await super().write_zeroes(offset, length, may_trim, fast, fua)
+            return
+        await self._call("write zeroes", lambda c: c.write_zeroes(offset, length, may_trim, fast, fua))
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        if self.can_trim:
+            await self._call("trim", lambda c: c.trim(offset, length, fua))
+
+    async def flush(self) -> None:
+        if self.can_flush:
+            await self._call("flush", lambda c: c.flush())
+
+    async def cache(self, offset: int, length: int) -> None:
+        if self.can_cache:
+            await self._call("cache", lambda c: c.cache(offset, length))
+
+    async def extents(self, offset: int, length: int) -> list[p.Extent]:
+        return await self._call("block status", lambda c: c.extents(offset, length))
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+        c, self._client = self._client, None
+        self.connected = False
+        if c is not None:
+            await c.close()
+
+    def close(self) -> None:
+        self._closed = True
+        c, self._client = self._client, None
+        if c is not None:
+            asyncio.ensure_future(c.close())
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "connected": self.connected,
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+        }
