@@ -136,10 +136,15 @@ class Array:
         assert self.meta is not None, "array is not open"
         return self.meta
 
+    def media_backend(self, fb: FileBackend) -> Backend:
+        """The file as hosts see it: with the model's media latency, if any."""
+        return MediaBackend(fb, self.model.media) if self.model.media.active else fb
+
+    def lun_path(self, pool: str, lun: str) -> Path:
+        return self._path(pool, lun)
+
     def _attach(self, name: str, pool: str, state: str, created: float, fb: FileBackend) -> Lun:
-        inner: Backend = fb
-        if self.model.media.active:
-            inner = MediaBackend(fb, self.model.media)
+        inner = self.media_backend(fb)
         p = self.pools[pool]
         lb = LunBackend(name, inner, p, fb)
         lun = Lun(name, pool, fb.size, state, created, fb, lb, local=inner)

@@ -51,6 +51,10 @@ class LunBackend(Backend):
             setattr(self, cap, getattr(inner, cap))
         return old
 
+    def set_file(self, file: FileBackend, pool: Pool) -> None:
+        """The LUN's local file moved (to another pool)."""
+        self._file, self._pool = file, pool
+
     @property
     def size(self) -> int:
         return self.inner.size

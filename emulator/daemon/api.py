@@ -211,6 +211,13 @@ async def start_migration(request: web.Request) -> web.Response:
     return web.json_response(m.status(), status=201)
 
 
+async def move_lun(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    body = await _json_body(request, {"pool"}, {"pool"})
+    m = await ctx.migrations.move(request.match_info["name"], body["pool"])
+    return web.json_response(m.status(), status=202)
+
+
 async def list_migrations(request: web.Request) -> web.Response:
     return web.json_response(request.app[CTX].migrations.list())
 
@@ -257,6 +264,7 @@ def make_app(ctx: ApiContext) -> web.Application:
     app.router.add_post("/api/v1/luns/{name}/grow", grow_lun)
     app.router.add_get("/api/v1/luns/{name}/connection", lun_connection)
     app.router.add_get("/api/v1/luns/{name}/stats", lun_stats)
+    app.router.add_post("/api/v1/luns/{name}/move", move_lun)
     app.router.add_post("/api/v1/migrations", start_migration)
     app.router.add_get("/api/v1/migrations", list_migrations)
     app.router.add_get("/api/v1/migrations/{name}", get_migration)

@@ -34,6 +34,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "missing or wrong bearer token",
         404: "no such LUN or pool",
         409: "conflict",
+        501: "not supported by this array model",
         507: "pool full",
     }
     return {str(c): _resp({"$ref": "#/components/schemas/Error"}, text[c]) for c in (401, *codes)}
@@ -112,6 +113,53 @@ SPEC: dict[str, Any] = {
                 "required": ["name", "size"],
                 "additionalProperties": False,
                 "properties": {"name": NAME, "size": SIZE, "pool": NAME},
+            },
+            "LunMove": {
+                "type": "object",
+                "required": ["pool"],
+                "additionalProperties": False,
+                "properties": {"pool": NAME},
+            },
+            "MigrationStart": {
+                "type": "object",
+                "required": ["lun", "source"],
+                "additionalProperties": False,
+                "properties": {
+                    "lun": NAME,
+                    "source": {"type": "string", "example": "nbd://127.0.0.1:10809/vol"},
+                    "pool": NAME,
+                    "mode": {"type": "string", "enum": ["background", "active"]},
+                    "throttle": {"type": "number", "minimum": 0, "description": "MB/s, 0 = unlimited"},
+                    "region_size": SIZE,
+                },
+            },
+            "Migration": {
+                "type": "object",
+                "required": ["lun", "source", "state", "mode", "copied_bytes", "dirty_bytes", "total_bytes"],
+                "properties": {
+                    "lun": {"type": "string"},
+                    "source": {"type": "string"},
+                    "state": {
+                        "type": "string",
+                        "enum": [
+                            "copying",
+                            "converging",
+                            "cutover",
+                            "completed",
+                            "paused",
+                            "failed",
+                            "cancelled",
+                        ],
+                    },
+                    "mode": {"type": "string", "enum": ["background", "active"]},
+                    "copied_bytes": {"type": "integer"},
+                    "dirty_bytes": {"type": "integer"},
+                    "total_bytes": {"type": "integer"},
+                    "copy_rate": {"type": "integer"},
+                    "dirty_rate": {"type": "integer"},
+                    "eta_seconds": {"type": "number", "nullable": True},
+                    "last_error": {"type": "string"},
+                },
             },
             "LunGrow": {
                 "type": "object",
@@ -195,6 +243,71 @@ SPEC: dict[str, Any] = {
                 "operationId": "getLunStats",
                 "summary": "I/O counters and latency histograms per operation",
                 "responses": {"200": _resp({"type": "object"}), **_errors(400, 404)},
+            },
+        },
+        "/api/v1/luns/{name}/move": {
+            "parameters": LUN_PATH,
+            "post": {
+                "operationId": "moveLun",
+                "summary": "move a LUN to another pool of this array, live (model with pool_migration)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LunMove"}}},
+                },
+                "responses": {
+                    "202": _resp({"$ref": "#/components/schemas/Migration"}, "moving"),
+                    **_errors(400, 404, 409, 501),
+                },
+            },
+        },
+        "/api/v1/migrations": {
+            "get": {
+                "operationId": "listMigrations",
+                "responses": {
+                    "200": _resp({"type": "array", "items": {"$ref": "#/components/schemas/Migration"}}),
+                    **_errors(),
+                },
+            },
+            "post": {
+                "operationId": "startMigration",
+                "summary": "take a source LUN (nbd:// URI) over as a local LUN, attachable at once, "
+                "and migrate its data here",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/MigrationStart"}}
+                    },
+                },
+                "responses": {
+                    "201": _resp({"$ref": "#/components/schemas/Migration"}, "started"),
+                    **_errors(400, 404, 409, 501, 507),
+                },
+            },
+        },
+        "/api/v1/migrations/{name}": {
+            "parameters": LUN_PATH,
+            "get": {
+                "operationId": "getMigration",
+                "responses": {"200": _resp({"$ref": "#/components/schemas/Migration"}), **_errors(400, 404)},
+            },
+        },
+        "/api/v1/migrations/{name}/{action}": {
+            "parameters": [
+                *LUN_PATH,
+                {
+                    "name": "action",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["pause", "resume", "cancel"]},
+                },
+            ],
+            "post": {
+                "operationId": "migrationAction",
+                "summary": "pause, resume or cancel a migration (cancel: the LUN serves the source directly)",
+                "responses": {
+                    "200": _resp({"$ref": "#/components/schemas/Migration"}),
+                    **_errors(400, 404, 409),
+                },
             },
         },
         "/metrics": {

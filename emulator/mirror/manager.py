@@ -17,6 +17,7 @@ from typing import Any
 
 from emulator.array.array import Array, check_name
 from emulator.array.errors import Conflict, InvalidInput, NotFound, Unsupported
+from emulator.array.file_backend import FileBackend
 from emulator.array.lun import Lun
 from emulator.nbd.errors import BackendError
 
@@ -66,7 +67,10 @@ class MigrationManager:
             if lun.state == "migrating" and state not in FINAL:
                 cfg = MigrationConfig(**json.loads(config))
                 cfg.mode = mode
-                m = self._new(lun, source, cfg)
+                if source.startswith("move:"):
+                    m = self._new_move(lun, source.split(":")[2], cfg, resume=True)
+                else:
+                    m = self._new(lun, source, cfg)
                 await m.start(resume=True, paused=state == "paused")
                 log.info(
                     "array %s: resumed migration of %s (%d regions to copy again)",
@@ -151,6 +155,57 @@ class MigrationManager:
         self.array.export_lun(name)
         return m
 
+    async def move(self, lun_name: object, pool: object) -> Migration:
+        """Move a LUN to another pool of this array, live (the pool-to-pool migration)."""
+        if not self.array.model.pool_migration:
+            raise Unsupported(
+                f"array {self.array.name!r} (model {self.array.model.name}) cannot move LUNs between pools"
+            )
+        name = check_name("LUN", lun_name)
+        lun = self.array.get_lun(name)
+        new = self.array.get_pool(check_name("pool", pool)).name
+        if lun.state != "ready":
+            raise Conflict(f"LUN {name!r} is {lun.state}; only a ready LUN can move")
+        if new == lun.pool:
+            raise InvalidInput(f"LUN {name!r} is already in pool {new!r}")
+        cfg = MigrationConfig(**self.defaults.as_dict())
+        source = f"move:{lun.pool}:{new}"
+        self._record(name, source, cfg)
+        self.array.set_lun_state(name, "migrating")
+        try:
+            m = self._new_move(lun, new, cfg, resume=False)
+            await m.start()
+        except BaseException:
+            self.migrations.pop(name, None)
+            self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
+            self.array.lun_path(new, name).unlink(missing_ok=True)
+            self.array.set_lun_state(name, "ready")
+            raise
+        return m
+
+    def _new_move(self, lun: Lun, new_pool: str, cfg: MigrationConfig, resume: bool) -> Migration:
+        path = self.array.lun_path(new_pool, lun.name)
+        if not resume:
+            path.unlink(missing_ok=True)
+        fb = FileBackend(str(path), create_size=None if resume and path.exists() else lun.size)
+        pool = self.array.pools[new_pool]
+        assert lun.local is not None
+        old_path, old_pool = lun.file.path, lun.pool
+
+        def released(m: Migration) -> None:
+            if m.state == "completed":
+                Path(old_path).unlink(missing_ok=True)
+
+        m = Migration(
+            lun.name, f"move:{old_pool}:{new_pool}", lun.backend, self.array.media_backend(fb),
+            path.with_suffix(".progress"), cfg, self._changed,
+            charge=lambda off, n: pool.charge(fb, lun.name, off, n),
+            source=lun.local, on_released=released,
+        )
+        m.move_to = (new_pool, fb)  # type: ignore[attr-defined]
+        self.migrations[lun.name] = m
+        return m
+
     def get(self, name: str) -> Migration:
         m = self.migrations.get(name)
         if m is None:
@@ -211,7 +266,10 @@ class MigrationManager:
 
     def _changed(self, m: Migration) -> None:
         """Persist a state change; the LUN's state follows in the same transaction."""
+        move = getattr(m, "move_to", None)
         lun_state = {"completed": "ready", "failed": "remote", "cancelled": "remote"}.get(m.state)
+        if move is not None and lun_state == "remote":
+            lun_state = "ready"  # a failed move keeps serving the old pool's file
         st = m.status()
         with self._db.transaction() as db:
             db.execute(
@@ -220,8 +278,20 @@ class MigrationManager:
             )
             if lun_state:
                 db.execute("UPDATE luns SET state=? WHERE name=?", (lun_state, m.name))
-        if lun_state and m.name in self.array.luns:
-            self.array.luns[m.name].state = lun_state
+            if move is not None and m.state == "completed":
+                db.execute("UPDATE luns SET pool=? WHERE name=?", (move[0], m.name))
+        lun = self.array.luns.get(m.name)
+        if lun_state and lun is not None:
+            lun.state = lun_state
+            if move is not None and m.state == "completed":
+                new_pool, fb = move
+                self.array.pools[lun.pool].files.pop(lun.name, None)
+                self.array.pools[new_pool].files[lun.name] = fb
+                lun.pool, lun.file, lun.local = new_pool, fb, m.local
+                lun.backend.set_file(fb, self.array.pools[new_pool])
+            elif move is not None:  # failed or cancelled: drop the new copy
+                move[1].close()
+                self.array.lun_path(move[0], lun.name).unlink(missing_ok=True)
 
     async def _serve_remote(self, lun: Lun, source: str, resume: bool) -> None:
         remote = RemoteBackend(source, retry_window=self.defaults.retry_window, size=lun.size)

@@ -69,8 +69,13 @@ class Migration:
         charge: Callable[[int, int], None] = lambda off, n: None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        source: Backend | None = None,
+        on_released: Callable[[Migration], None] | None = None,
     ) -> None:
         self.name = name
+        #: a local source (a move between pools of one array) instead of source_uri
+        self.local_source = source
+        self.on_released = on_released
         self.source_uri = source_uri
         self.lun = lun
         self.local = local
@@ -90,7 +95,7 @@ class Migration:
         self.cutover_pause_s: float | None = None
         self.cutover_steps: dict[str, float] = {}
         self.recopied_regions = 0  # on resume: regions not clean on disk
-        self.source: RemoteBackend | None = None
+        self.source: Backend | None = None
         self.regions: RegionMap | None = None
         self.progress: ProgressFile | None = None
         self.backend: MigratingBackend | None = None
@@ -111,14 +116,16 @@ class Migration:
         after restart waits for it in the background.
         """
         size = self.local.size
-        src = RemoteBackend(self.source_uri, retry_window=self.config.retry_window, size=size)
-        if not resume:
-            await src.connect()
-            if src.size != size:
-                await src.aclose()
-                raise BackendError(
-                    errno.EINVAL, f"source {self.source_uri} is {src.size} bytes, the LUN {size}"
-                )
+        src: Backend
+        if self.local_source is not None:
+            src = self.local_source
+        else:
+            src = RemoteBackend(self.source_uri, retry_window=self.config.retry_window, size=size)
+            if not resume:
+                await src.connect()
+        if src.size != size:
+            await _close(src)
+            raise BackendError(errno.EINVAL, f"source {self.source_uri} is {src.size} bytes, the LUN {size}")
         self.source = src
         regions = self.regions = RegionMap(size, self.config.region_size)
         header: dict[str, object] = {"source": self.source_uri, "lun": self.name}
@@ -174,7 +181,7 @@ class Migration:
         if self.progress is not None:
             await self.progress.close()
         if self.source is not None and self.state not in ("cancelled", "failed"):
-            await self.source.aclose()
+            await _close(self.source)
 
     async def _stop_task(self) -> None:
         t = self._task
@@ -380,7 +387,9 @@ class Migration:
         if self.progress is not None:
             await self.progress.close(remove=remove_progress)
         if self.source is not None:
-            await self.source.aclose()
+            await _close(self.source)
+        if self.on_released is not None:
+            self.on_released(self)
 
     # ------------------------------------------------------------------ status
     async def _sample(self) -> None:
@@ -439,7 +448,7 @@ class Migration:
             "cutover_steps": self.cutover_steps,
             "local_reads": self.backend.local_reads if self.backend else 0,
             "remote_reads": self.backend.remote_reads if self.backend else 0,
-            "source_connected": self.source.connected if self.source else False,
+            "source_connected": getattr(self.source, "connected", self.source is not None),
             "started": self.started,
             "finished": self.finished,
             "last_error": self.last_error,
@@ -448,3 +457,10 @@ class Migration:
 
 class _Retry(Exception):
     pass
+
+
+async def _close(b: Backend) -> None:
+    if isinstance(b, RemoteBackend):
+        await b.aclose()
+    else:
+        b.close()
