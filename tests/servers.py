@@ -304,5 +304,10 @@ def array_daemon(
     d = start_array(data_dir, name, *extra_args, token=token)
     try:
         yield d
+    except BaseException as e:
+        # A failing test shows what the daemon said (and whether it was still running).
+        state = "running" if d.proc.poll() is None else f"exited {d.proc.returncode}"
+        e.add_note(f"array {name} ({state}) output:\n{d.output()[-4000:]}")
+        raise
     finally:
         stop(d.proc)  # type: ignore[arg-type]

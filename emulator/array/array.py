@@ -13,6 +13,7 @@ removed; a grow records the new size before the file is extended.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -78,12 +79,21 @@ class Array:
         self.pools: dict[str, Pool] = {}
         self.luns: dict[str, Lun] = {}
         self.meta: Metadata | None = None
+        self._lock_fd = -1
         #: called with a LUN's name before it is deleted (the migration layer hooks in here)
         self.delete_hooks: list[Callable[[str], Awaitable[None]]] = []
 
     # ---- start and stop
     def open(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise Conflict(
+                f"data dir {self.data_dir} is in use by another running array; stop it first"
+            ) from None
         self.meta = meta = Metadata(self.data_dir / "array.db")
         stored = meta.get_meta("name")
         if stored is not None and stored != self.name:
@@ -114,6 +124,8 @@ class Array:
                 os.ftruncate(fb.fd, lrow.size)
                 fb.refresh_size()
             self._attach(lrow.name, lrow.pool, lrow.state, lrow.created, fb)
+        for pool in self.pools.values():
+            pool.used()  # start the pool's accounting from what the files really hold
 
     async def close(self) -> None:
         """Flush and close every LUN (the NBD server is closed by its owner)."""
@@ -127,6 +139,9 @@ class Array:
         if self.meta:
             self.meta.close()
             self.meta = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
 
     # ---- helpers
     def _path(self, pool: str, lun: str) -> Path:

@@ -36,6 +36,31 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def allocated_bytes(fd: int) -> int:
+    """Bytes of data the file holds (its SEEK_DATA extents).
+
+    Unlike st_blocks this leaves out the file system's own metadata blocks
+    (an ext4 extent tree block of a fragmented file), so a pool counts what
+    its LUNs store.
+    """
+    size = os.fstat(fd).st_size
+    pos = total = 0
+    try:
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            total += hole - data
+            pos = hole
+    except OSError:
+        return os.fstat(fd).st_blocks * 512
+    return total
+
+
 def _backend_error(what: str, e: OSError) -> BackendError:
     return BackendError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")
 

@@ -8,7 +8,6 @@ swapped atomically.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from emulator.nbd.backend import Backend
 from emulator.nbd.protocol import Extent
 
-from .file_backend import FileBackend
+from .file_backend import FileBackend, allocated_bytes
 from .pool import Pool
 from .stats import LunStats
 
@@ -98,9 +97,12 @@ class LunBackend(Backend):
     async def write_zeroes(
         self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
+        await self._timed("zero", length, self._zero(offset, length, may_trim, fast, fua))
+
+    async def _zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
         if not may_trim:  # ZERO_RANGE allocates
             self._charge(offset, length)
-        await self._timed("zero", length, self.inner.write_zeroes(offset, length, may_trim, fast, fua))
+        await self.inner.write_zeroes(offset, length, may_trim, fast, fua)
 
     async def _timed(self, op: str, nbytes: int, coro: Any) -> Any:
         t0 = time.perf_counter()
@@ -145,6 +147,6 @@ class Lun:
     @property
     def allocated(self) -> int:
         try:
-            return os.fstat(self.file.fd).st_blocks * 512
+            return allocated_bytes(self.file.fd)
         except OSError:
             return 0

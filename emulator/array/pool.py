@@ -16,7 +16,7 @@ from pathlib import Path
 
 from emulator.nbd.errors import BackendError
 
-from .file_backend import FileBackend
+from .file_backend import FileBackend, allocated_bytes
 
 
 class Pool:
@@ -32,7 +32,7 @@ class Pool:
         total = 0
         for fb in self.files.values():
             try:
-                total += os.fstat(fb.fd).st_blocks * 512
+                total += allocated_bytes(fb.fd)
             except OSError:
                 pass
         self._estimate = total
@@ -49,7 +49,9 @@ class Pool:
             return
         used = self.used()
         new = _unallocated(fb, offset, length)
-        if used + new > self.capacity:
+        # An overwrite of allocated blocks needs no space, however full the pool looks
+        # (file system metadata blocks count in st_blocks).
+        if new and used + new > self.capacity:
             raise BackendError(
                 errno.ENOSPC,
                 f"pool {self.name!r} is full ({used} of {self.capacity} bytes used): "

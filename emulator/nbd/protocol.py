@@ -739,6 +739,9 @@ class ServerHandshake:
 
     def _meta_context(self, opt: int, data: bytes) -> None:
         """``namelen:u32 name nq:u32 (qlen:u32 query)*`` (section "Metadata querying")."""
+        if opt == OPT_SET_META_CONTEXT:
+            # "replaces all previously-set metadata contexts (including when this command fails)"
+            self.allocation_for = None
         if opt == OPT_SET_META_CONTEXT and not self.structured:
             self._error(opt, REP_ERR_INVALID, "SET_META_CONTEXT needs STRUCTURED_REPLY first")
             return

@@ -185,7 +185,8 @@ class _Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = str(transport.get_extra_info("peername"))
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         assert self._hs is not None
         t.write(self._hs.data_to_send())
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._hs_timeout)
@@ -288,6 +289,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._flush_out()
 
     def _dispatch(self, req: p.Request) -> None:
+        if req.type == p.CMD_DISC:  # never replied to, whatever its flags (section "NBD_CMD_DISC")
+            self._disconnect()
+            return
         err = self._validate(req)
         if err is not None:
             self._send_error(req, err[0], err[1])
@@ -297,9 +301,6 @@ class _Connection(asyncio.BufferedProtocol):
             coro = self._read(req)
         elif t == p.CMD_WRITE:
             coro = self._write(req)
-        elif t == p.CMD_DISC:
-            self._disconnect()
-            return
         else:
             coro = self._other(req)
         task = run_eager(coro)
@@ -329,6 +330,8 @@ class _Connection(asyncio.BufferedProtocol):
         if allowed is None:
             return p.EINVAL, f"unknown command {t}"
         name = p.CMD_NAMES[t]
+        if self._flags & p.FLAG_SEND_FUA:
+            allowed |= p.CMD_FLAG_FUA  # section "Command flags": valid on every command once offered
         if req.flags & ~allowed:
             return p.EINVAL, f"{name}: flags 0x{req.flags:x} not allowed"
         if req.flags & p.CMD_FLAG_DF and not self._structured:
@@ -337,8 +340,6 @@ class _Connection(asyncio.BufferedProtocol):
             return p.EINVAL, "WRITE_ZEROES: FAST_ZERO not offered"
         if t in _MODIFYING and self._flags & p.FLAG_READ_ONLY:
             return p.EPERM, f"{name}: export is read-only"
-        if t == p.CMD_DISC:
-            return None
         if t == p.CMD_FLUSH:
             if req.offset or req.length:
                 return p.EINVAL, "FLUSH: offset and length must be 0"
