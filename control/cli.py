@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     from emulator.array import serve_file
     from emulator.daemon import main as daemon
 
-    from . import array_commands, migration_commands
+    from . import array_commands, migration_commands, volume_commands
 
     parser = argparse.ArgumentParser(
         prog="blockmig",
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_parser(array_sub)
     array_commands.add_parsers(array_sub, sub)
     migration_commands.add_parsers(sub)
+    volume_commands.add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,177 @@
+"""The volume driver interface (after Cinder's volume driver).
+
+Drivers own the control path only: they talk to their array's management
+API and never touch another array's files. Optional features are mixins;
+capability flags are class attributes. The defaults say "not handled" so
+the manager falls back to the generic host copy.
+
+Return values are NamedTuples, so the order of ``migrate_volume``'s tuple
+can never be got wrong (Cinder's own docs did once).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from control.api_client import ApiError, ArrayApi
+from control.volumes import Volume
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class MigrateResult(NamedTuple):
+    """What the SOURCE driver's migrate_volume says."""
+
+    moved: bool
+    model_update: dict[str, Any] | None
+
+
+class TargetMigrateResult(NamedTuple):
+    """What the TARGET driver's migrate_volume_target says."""
+
+    moved: bool
+    migration_async: bool
+    model_update: dict[str, Any] | None
+
+
+class Host(NamedTuple):
+    """``ARRAY@BACKEND#POOL``: where a volume lives."""
+
+    array: str
+    backend: str
+    pool: str
+
+    @classmethod
+    def parse(cls, text: str) -> Host:
+        array, _, rest = text.partition("@")
+        backend, _, pool = rest.partition("#")
+        if not array:
+            raise ValueError(f"not a host: {text!r} (use ARRAY, ARRAY#POOL or ARRAY@BACKEND#POOL)")
+        return cls(array, backend or array, pool or "default")
+
+    def __str__(self) -> str:
+        return f"{self.array}@{self.backend}#{self.pool}"
+
+
+class VolumeDriver:
+    """Base driver: create, delete, attach; migration not handled."""
+
+    #: capability flags (the array model's features)
+    supports_pool_migration = False
+    supports_remote_takeover = False
+    supports_async_migration = False
+
+    def __init__(self, array_name: str, api: ArrayApi, poll_interval: float = 0.2) -> None:
+        self.array_name = array_name
+        self.api = api
+        self.poll_interval = poll_interval
+
+    # ---- volume lifecycle
+    def create_volume(self, volume: Volume, pool: str) -> dict[str, Any]:
+        """Make the volume's LUN in ``pool``; return its provider_location."""
+        lun = self.api.create_lun(volume.lun, volume.size, pool)
+        return self._location(lun)
+
+    def delete_volume(self, volume: Volume) -> None:
+        """Delete the volume's LUN. Contract: deleting a missing volume succeeds; a
+        deleted volume's data never leaks into a new one (LUNs are new sparse files)."""
+        try:
+            self.api.delete_lun(volume.lun, force=True)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+
+    def initialize_connection(self, volume: Volume, connector: dict[str, Any]) -> dict[str, Any]:
+        """Connection info for a host: NBD host, port, export, URI and an nbd-client line."""
+        c = self.api.connection(volume.lun)
+        return {"driver_volume_type": "nbd", "data": c}
+
+    def terminate_connection(self, volume: Volume, connector: dict[str, Any]) -> None:
+        """Nothing to undo on the array: NBD sessions end when the host disconnects."""
+
+    # ---- migration (defaults: not handled)
+    def migrate_volume(self, volume: Volume, host: Host, progress: Progress | None = None) -> MigrateResult:
+        """SOURCE side: move the volume to ``host`` by the array itself.
+
+        (True, update) when done (e.g. pool to pool in one array); (False, None) when
+        the manager must ask the target driver or copy generically."""
+        return MigrateResult(False, None)
+
+    def migrate_volume_target(self, volume: Volume, source_uri: str, pool: str) -> TargetMigrateResult:
+        """TARGET side: take the source LUN over. (moved, migration_async, model_update);
+        moved False: the manager does a generic host copy."""
+        return TargetMigrateResult(False, False, None)
+
+    def complete_migration_target(self, volume: Volume, progress: Progress | None = None) -> dict[str, Any]:
+        """TARGET side: follow the migration to its end. Returns the final provider_location."""
+        raise NotImplementedError(f"array {self.array_name} does not take migrations over")
+
+    # ---- helpers
+    def _location(self, lun: dict[str, Any]) -> dict[str, Any]:
+        return {"array": self.array_name, "lun": lun["name"], "pool": lun["pool"], "uri": lun["uri"]}
+
+    def connection_uri(self, volume: Volume) -> str:
+        uri: str = self.api.connection(volume.lun)["uri"]
+        return uri
+
+    def _follow(self, lun: str, progress: Progress | None, timeout: float | None = None) -> dict[str, Any]:
+        """Poll the array's migration of ``lun`` until it ends; raise unless completed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st: dict[str, Any] = self.api.call("GET", f"/api/v1/migrations/{lun}")
+            if progress is not None:
+                progress(st)
+            if st["state"] == "completed":
+                return st
+            if st["state"] in ("failed", "cancelled"):
+                raise ApiError(
+                    409,
+                    st["state"],
+                    f"migration of {lun} on {self.array_name} {st['state']}: "
+                    f"{st.get('last_error') or 'no error given'}",
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                raise ApiError(504, "timeout", f"migration of {lun} on {self.array_name} still {st['state']}")
+            time.sleep(self.poll_interval)
+
+
+class PoolMigrationMixin(VolumeDriver):
+    """The array moves LUNs between its own pools (migrate_volume handles it)."""
+
+    supports_pool_migration = True
+
+    def migrate_volume(self, volume: Volume, host: Host, progress: Progress | None = None) -> MigrateResult:
+        if host.array != self.array_name:
+            return MigrateResult(False, None)
+        self.api.call("POST", f"/api/v1/luns/{volume.lun}/move", {"pool": host.pool})
+        self._follow(volume.lun, progress)
+        return MigrateResult(True, self._location(self.api.get_lun(volume.lun)))
+
+
+class RemoteTakeoverMixin(VolumeDriver):
+    """The array takes a LUN of another array over (migrate_volume_target handles it)."""
+
+    supports_remote_takeover = True
+
+    def migrate_volume_target(self, volume: Volume, source_uri: str, pool: str) -> TargetMigrateResult:
+        self.api.call("POST", "/api/v1/migrations", {"lun": volume.lun, "source": source_uri, "pool": pool})
+        if not self.supports_async_migration:
+            # Not attachable while copying: finish the copy before saying it moved.
+            self._follow(volume.lun, None)
+        lun = self.api.get_lun(volume.lun)
+        return TargetMigrateResult(True, self.supports_async_migration, self._location(lun))
+
+    def complete_migration_target(self, volume: Volume, progress: Progress | None = None) -> dict[str, Any]:
+        self._follow(volume.lun, progress)
+        return self._location(self.api.get_lun(volume.lun))
+
+    def cancel_migration_target(self, volume: Volume) -> None:
+        """Give up a takeover: cancel the array's migration and drop the remote LUN."""
+        try:
+            self.api.call("POST", f"/api/v1/migrations/{volume.lun}/cancel")
+        except ApiError as e:
+            if e.status not in (404, 409):
+                raise
+        self.delete_volume(volume)

@@ -1,0 +1,375 @@
+"""The volume manager: volumes on arrays, and migrate_volume as the proposal orders it.
+
+migrate_volume, "Async volume migration between backends":
+
+1. the SOURCE driver's migrate_volume(); moved -> success (e.g. pool to pool);
+2. else the TARGET driver's migrate_volume_target() -> (moved, migration_async,
+   model_update): moved False -> generic host copy (not attachable until done);
+   moved and not async -> success once completed; moved and async ->
+   migrating_attachable;
+3. volume.host becomes the target, model_update is saved;
+4. complete_migration_target() follows the copy to its end; the source LUN is removed;
+5. migration_status = success. Any failure -> error, and the volume stays usable on
+   its authoritative side with its data intact.
+
+Steps 1-3 run in the command that asked; steps 4-5 (and a host copy) in a
+follower: the same command with --wait, else a background process. A
+follower that died is restarted by the next command (``recover``), so no
+volume stays stuck in a migrating state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .api_client import ApiError
+from .config import Registry, pid_alive
+from .drivers import VolumeDriver, driver_for
+from .drivers.base import Host, RemoteTakeoverMixin
+from .hostcopy import copy_volume
+from .volumes import MIGRATING, Volume, VolumeError, VolumesDB
+
+log = logging.getLogger("blockmig.control")
+Progress = Callable[[dict[str, Any]], None]
+
+
+class VolumeManager:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.registry = Registry(state_dir)
+        self.db = VolumesDB(state_dir / "volumes.db")
+        #: failure injection for tests: a step name ("source", "target", "host", "copy",
+        #: "complete", "cleanup") from BLOCKMIG_FAIL_AT makes that step raise
+        self.fail_at = os.environ.get("BLOCKMIG_FAIL_AT", "")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ helpers
+    def driver(self, array: str) -> VolumeDriver:
+        try:
+            rec = self.registry.get(array)
+        except KeyError as e:
+            raise VolumeError(str(e.args[0])) from None
+        return driver_for(rec.model, array, rec.client())
+
+    def resolve_host(self, text: str) -> Host:
+        h = Host.parse(text)
+        try:
+            rec = self.registry.get(h.array)
+        except KeyError as e:
+            raise VolumeError(str(e.args[0])) from None
+        return Host(h.array, rec.model, h.pool)
+
+    def _inject(self, step: str) -> None:
+        if self.fail_at == step:
+            raise VolumeError(f"failure injected at step {step!r} (BLOCKMIG_FAIL_AT)")
+
+    # ------------------------------------------------------------------ volumes
+    def create(self, name: str, size: int, host_text: str) -> Volume:
+        host = self.resolve_host(host_text)
+        v = self.db.create(name, size, str(host))
+        try:
+            loc = self.driver(host.array).create_volume(v, host.pool)
+        except (ApiError, VolumeError) as e:
+            self.db.update(v.id, status="error")
+            raise VolumeError(f"creating volume {name} on {host} failed: {e}") from None
+        return self.db.update(v.id, status="available", provider_location=loc)
+
+    def delete(self, ref: str) -> None:
+        v = self.db.get(ref)
+        if v.attachments:
+            raise VolumeError(
+                f"volume {v.name} ({v.id}) is attached to {len(v.attachments)} host(s); detach first"
+            )
+        if v.migration_status in MIGRATING:
+            raise VolumeError(f"volume {v.name} ({v.id}) is migrating; wait for the migration to end")
+        self.db.update(v.id, status="deleting")
+        try:
+            self.driver(Host.parse(v.host).array).delete_volume(v)
+        except (ApiError, VolumeError) as e:
+            self.db.update(v.id, status="error")
+            raise VolumeError(f"deleting volume {v.name} failed: {e}") from None
+        self.db.delete(v.id)
+
+    def attach(self, ref: str, connector: dict[str, Any] | None = None) -> dict[str, Any]:
+        v = self.db.get(ref)
+        if v.migration_status in ("starting", "migrating"):
+            raise VolumeError(
+                f"volume {v.name} ({v.id}) is {v.migration_status} and not attachable until the "
+                "migration ends (its target array does not serve it while copying)"
+            )
+        if v.status not in ("available", "in-use"):
+            raise VolumeError(f"volume {v.name} ({v.id}) is {v.status}; it can be attached when available")
+        connector = connector or {"host": socket.gethostname()}
+        info = self.driver(Host.parse(v.host).array).initialize_connection(v, connector)
+        att = {
+            "id": uuid.uuid4().hex[:8],
+            "connector": connector,
+            "attached_at": time.time(),
+            "host": v.host,
+            "connection": info["data"],
+        }
+        self.db.update(v.id, status="in-use", attachments=[*v.attachments, att])
+        return {"attachment": att["id"], **info}
+
+    def detach(self, ref: str, attachment: str | None = None) -> Volume:
+        v = self.db.get(ref)
+        keep = [a for a in v.attachments if attachment is not None and a["id"] != attachment]
+        if attachment is not None and len(keep) == len(v.attachments):
+            raise VolumeError(f"volume {v.name} has no attachment {attachment}")
+        for a in v.attachments:
+            if a not in keep:
+                try:
+                    self.driver(Host.parse(a["host"]).array).terminate_connection(v, a["connector"])
+                except (ApiError, VolumeError) as e:
+                    log.warning("terminate_connection of %s: %s", v.id, e)
+        return self.db.update(v.id, attachments=keep, status="in-use" if keep else "available")
+
+    # ------------------------------------------------------------------ migration, steps 1-3
+    def migrate(
+        self,
+        ref: str,
+        dest_text: str,
+        force_host_copy: bool = False,
+        new_type_id: str | None = None,
+        progress: Progress | None = None,
+    ) -> Volume:
+        """Steps 1-3. Afterwards call :meth:`follow` (or spawn a follower) for 4-5."""
+        v = self.db.get(ref)
+        dest = self.resolve_host(dest_text)
+        src = Host.parse(v.host)
+        if (dest.array, dest.pool) == (src.array, src.pool):
+            raise VolumeError(f"volume {v.name} is already on {v.host}")
+        mig = {
+            "phase": "source",
+            "source": v.host,
+            "target": str(dest),
+            "started": time.time(),
+            "source_location": v.provider_location,
+            "pid": os.getpid(),
+            "error": "",
+        }
+        v = self.db.update(
+            v.id,
+            expect={"migration_status": (None, "success", "error"), "status": ("available", "in-use")},
+            migration_status="starting",
+            migration=mig,
+        )
+        try:
+            # Step 1: the source driver first, unless told to copy or retype.
+            if not force_host_copy and not new_type_id:
+                self._inject("source")
+                r = self.driver(src.array).migrate_volume(v, dest, progress)
+                if r.moved:
+                    return self.db.update(
+                        v.id,
+                        host=str(dest),
+                        provider_location=r.model_update or {},
+                        migration_status="success",
+                        migration={**mig, "phase": "done"},
+                    )
+            # Step 2: the target driver.
+            mig["phase"] = "target"
+            v = self.db.update(v.id, migration=mig)
+            r2 = None
+            if not force_host_copy and dest.array != src.array:
+                self._inject("target")
+                src_uri = self.driver(src.array).connection_uri(v)
+                r2 = self.driver(dest.array).migrate_volume_target(v, src_uri, dest.pool)
+            if r2 is None or not r2.moved:
+                if dest.array == src.array:
+                    raise VolumeError(
+                        f"array {src.array} (model {src.backend}) cannot move volumes between its own "
+                        "pools, and a host copy needs another array"
+                    )
+                mig["phase"] = "host-copy"
+                return self.db.update(v.id, migration_status="migrating", migration=mig)
+            # Step 3: the volume now lives on the target.
+            self._inject("host")
+            mig["phase"] = "complete"
+            mig["async"] = r2.migration_async
+            return self.db.update(
+                v.id,
+                host=str(dest),
+                provider_location=r2.model_update or {},
+                migration=mig,
+                migration_status="migrating_attachable" if r2.migration_async else "migrating",
+            )
+        except (ApiError, VolumeError, OSError) as e:
+            self._fail(v.id, f"step {mig['phase']}: {e}")
+            raise VolumeError(f"migration of {v.name} failed at step {mig['phase']}: {e}") from None
+
+    # ------------------------------------------------------------------ steps 4-5
+    def follow(self, ref: str, progress: Progress | None = None) -> Volume:
+        """Steps 4-5 (or the host copy), in this process. Idempotent: may run again after a crash."""
+        v = self.db.get(ref)
+        mig = dict(v.migration)
+        if v.migration_status not in MIGRATING:
+            return v
+        mig["pid"] = os.getpid()
+        v = self.db.update(v.id, migration=mig)
+        try:
+            if mig["phase"] == "host-copy":
+                return self._host_copy(v, progress)
+            if mig["phase"] == "complete":
+                return self._complete(v, progress)
+            # The command that ran steps 1-3 died half-way: nothing was switched yet.
+            raise VolumeError(f"interrupted during step {mig['phase']}; the volume stays on {mig['source']}")
+        except (ApiError, VolumeError, OSError, ValueError) as e:
+            self._fail(v.id, str(e))
+            raise VolumeError(f"migration of {v.name} failed: {e}") from None
+
+    def _complete(self, v: Volume, progress: Progress | None) -> Volume:
+        mig = dict(v.migration)
+        dest = Host.parse(mig["target"])
+        self._inject("complete")
+        loc = self.driver(dest.array).complete_migration_target(v, progress)
+        self._remove_source(v, mig)
+        return self.db.update(
+            v.id,
+            provider_location=loc,
+            migration_status="success",
+            migration={**mig, "phase": "done", "finished": time.time()},
+        )
+
+    def _host_copy(self, v: Volume, progress: Progress | None) -> Volume:
+        mig = dict(v.migration)
+        src, dest = Host.parse(mig["source"]), Host.parse(mig["target"])
+        sdrv, ddrv = self.driver(src.array), self.driver(dest.array)
+        target = Volume(**v.__dict__)  # the same LUN name, on the target array
+        ddrv.delete_volume(target)  # a partial copy left by an earlier try
+        loc = ddrv.create_volume(target, dest.pool)
+        try:
+            self._inject("copy")
+
+            def report(done: int, total: int) -> None:
+                m = {**mig, "progress": {"copied": done, "total": total}}
+                self.db.update(v.id, migration=m)
+                if progress is not None:
+                    progress(
+                        {
+                            "state": "copying",
+                            "clean_bytes": done,
+                            "total_bytes": total,
+                            "dirty_bytes": total - done,
+                        }
+                    )
+
+            asyncio.run(copy_volume(sdrv.connection_uri(v), ddrv.connection_uri(target), report))
+        except BaseException:
+            ddrv.delete_volume(target)
+            raise
+        v = self.db.update(v.id, host=str(dest), provider_location=loc)
+        self._remove_source(v, mig)
+        return self.db.update(
+            v.id, migration_status="success", migration={**mig, "phase": "done", "finished": time.time()}
+        )
+
+    def _remove_source(self, v: Volume, mig: dict[str, Any]) -> None:
+        self._inject("cleanup")
+        src = Host.parse(mig["source"])
+        self.driver(src.array).delete_volume(v)
+
+    def _fail(self, vid: str, error: str) -> None:
+        """Step failed: put the volume back on its authoritative side, status error."""
+        v = self.db.get(vid)
+        mig = dict(v.migration)
+        mig["error"] = error
+        src, dest = Host.parse(mig["source"]), Host.parse(mig["target"])
+        if mig.get("phase") in ("complete", "target") and dest.array != src.array:
+            # The source stayed authoritative (I1): drop the takeover on the target.
+            try:
+                d = self.driver(dest.array)
+                if isinstance(d, RemoteTakeoverMixin):
+                    d.cancel_migration_target(v)
+            except (ApiError, VolumeError) as e:
+                mig["error"] += f"; cleanup on {dest.array}: {e}"
+        if mig.get("phase") == "done":
+            # Only the source cleanup failed: the data lives on the target already.
+            self.db.update(vid, migration_status="error", migration=mig)
+            return
+        self.db.update(
+            vid,
+            host=mig["source"],
+            provider_location=mig.get("source_location", {}),
+            migration_status="error",
+            migration=mig,
+        )
+
+    # ------------------------------------------------------------------ restart
+    def recover(self) -> list[str]:
+        """Find migrations whose follower is gone and start one again."""
+        started = []
+        for v in self.db.list():
+            if v.migration_status not in MIGRATING:
+                continue
+            pid = v.migration.get("pid", 0)
+            if pid and pid != os.getpid() and pid_alive(pid):
+                continue
+            self.spawn_follower(v.id)
+            started.append(v.id)
+        return started
+
+    def spawn_follower(self, vid: str) -> int:
+        logs = self.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        with open(logs / f"follow-{vid}.log", "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "control.cli", "_follow", "--state-dir", str(self.state_dir), vid],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
+        v = self.db.get(vid)
+        self.db.update(vid, migration={**v.migration, "pid": proc.pid})
+        return proc.pid
+
+    # ------------------------------------------------------------------ views
+    def show(self, ref: str) -> dict[str, Any]:
+        v = self.db.get(ref)
+        d = v.as_dict()
+        d["attachable"] = v.migration_status not in ("starting", "migrating") and v.status in (
+            "available",
+            "in-use",
+        )
+        if v.migration:
+            m = {k: v.migration.get(k) for k in ("phase", "source", "target", "started", "finished", "error")}
+            if v.migration_status in MIGRATING:
+                m["progress"] = self._progress(v)
+            d["migration"] = m
+        return d
+
+    def _progress(self, v: Volume) -> dict[str, Any] | None:
+        mig = v.migration
+        if mig.get("phase") == "host-copy":
+            p = mig.get("progress") or {}
+            return {
+                "state": "copying",
+                "clean_bytes": p.get("copied", 0),
+                "total_bytes": p.get("total", v.size),
+            }
+        if mig.get("phase") == "complete":
+            try:
+                st: dict[str, Any] = self.driver(Host.parse(mig["target"]).array).api.call(
+                    "GET", f"/api/v1/migrations/{v.lun}"
+                )
+                return st
+            except (ApiError, VolumeError):
+                return None
+        return None

@@ -1,0 +1,281 @@
+"""Cinder-client-like commands: up, down, create, list, show, migrate, attach, detach, delete."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from emulator.units import format_size, parse_size
+
+from . import config
+from .api_client import ApiError
+from .array_commands import table
+from .manager import VolumeManager
+from .volumes import MIGRATING, VolumeError
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir) if args.state_dir else config.default_state_dir()
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        help=f"where arrays and volumes are recorded (default: ${config.STATE_ENV} "
+        "or ~/.local/state/blockmig)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _out(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _manager(args: argparse.Namespace, recover: bool = True) -> VolumeManager:
+    m = VolumeManager(_state_dir(args))
+    if recover:
+        m.recover()  # a migration whose follower died goes on
+    return m
+
+
+# ---------------------------------------------------------------- arrays
+def cmd_up(args: argparse.Namespace) -> int:
+    recs = config.up(_state_dir(args), Path(args.config) if args.config else None)
+    rows = [(r.name, r.model, r.api, r.nbd, r.pid) for r in recs.values()]
+    _out(args, {n: r.__dict__ for n, r in recs.items()}, table(rows, ("ARRAY", "MODEL", "API", "NBD", "PID")))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stopped = config.down(_state_dir(args))
+    _out(args, {"stopped": stopped}, f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    return 0
+
+
+# ---------------------------------------------------------------- volumes
+def cmd_create(args: argparse.Namespace) -> int:
+    m = _manager(args)
+    v = m.create(args.name or f"vol-{int(time.time())}", parse_size(args.size), args.host)
+    _out(args, m.show(v.id), _show_text(m.show(v.id)))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    m = _manager(args)
+    vols = [v.as_dict() for v in m.db.list()]
+    rows = [
+        (v["id"], v["name"], format_size(v["size"]), v["status"], v["host"], v["migration_status"] or "-")
+        for v in vols
+    ]
+    _out(
+        args,
+        vols,
+        table(rows, ("ID", "NAME", "SIZE", "STATUS", "HOST", "MIGRATION")) if rows else "no volumes",
+    )
+    return 0
+
+
+def _show_text(d: dict[str, Any]) -> str:
+    lines = [
+        f"{k + ':':<19}{d[k]}"
+        for k in ("id", "name", "size", "status", "host", "migration_status", "attachable")
+    ]
+    loc = d.get("provider_location") or {}
+    if loc.get("uri"):
+        lines.append(f"{'uri:':<19}{loc['uri']}")
+    for a in d.get("attachments", []):
+        lines.append(
+            f"{'attachment:':<19}{a['id']} on {a['connector'].get('host')} via {a['connection']['uri']}"
+        )
+    mig = d.get("migration")
+    if mig:
+        lines.append(f"{'migration:':<19}{mig.get('source')} -> {mig.get('target')} ({mig.get('phase')})")
+        p = mig.get("progress")
+        if p:
+            total = p.get("total_bytes") or 1
+            clean = p.get("clean_bytes", total - p.get("dirty_bytes", total))
+            lines.append(f"{'progress:':<19}{100 * clean / total:.1f}% ({p.get('state')})")
+        if mig.get("error"):
+            lines.append(f"{'error:':<19}{mig['error']}")
+    return "\n".join(lines)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    m = _manager(args)
+    d = m.show(args.volume)
+    _out(args, d, _show_text(d))
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    m = _manager(args)
+    info = m.attach(args.volume, {"host": args.host_name} if args.host_name else None)
+    c = info["data"]
+    text = (
+        f"attached ({info['attachment']}): {c['uri']}\n"
+        f"  kernel: {c['nbd_client']}\n"
+        f"  qemu:   -drive driver=nbd,host={c['host']},port={c['port']},export={c['export']}\n"
+        f"  fuse:   nbdfuse DIR {c['uri']}"
+    )
+    _out(args, info, text)
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    m = _manager(args)
+    v = m.detach(args.volume, args.attachment)
+    _out(args, v.as_dict(), f"detached; volume {v.name} is {v.status}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    m = _manager(args)
+    v = m.db.get(args.volume)
+    m.delete(v.id)
+    _out(args, {"deleted": v.id}, f"deleted volume {v.name} ({v.id})")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    m = _manager(args)
+    bar = _ProgressBar(enabled=args.wait and not args.json and sys.stdout.isatty() or args.progress)
+    with bar:
+        v = m.migrate(args.volume, args.host, force_host_copy=args.force_host_copy, progress=bar.update)
+        bar.status(v.migration_status or "")
+        if v.migration_status in MIGRATING:
+            if args.wait:
+                v = m.follow(v.id, progress=bar.update)
+            else:
+                m.spawn_follower(v.id)
+        bar.status(v.migration_status or "")
+    d = m.show(v.id)
+    _out(args, d, _show_text(d))
+    return 0 if v.migration_status in ("success", "migrating", "migrating_attachable") else 1
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    m = _manager(args, recover=False)
+    v = m.follow(args.volume)
+    print(f"volume {v.id}: migration {v.migration_status}")
+    return 0 if v.migration_status == "success" else 1
+
+
+class _ProgressBar:
+    """A live rich progress bar with rate and ETA, fed with array migration status dicts."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _ProgressBar:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("starting", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def status(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
+    def update(self, st: dict[str, Any]) -> None:
+        if self._progress is None:
+            return
+        total = st.get("total_bytes") or None
+        clean = st.get("clean_bytes")
+        if clean is None and total is not None:
+            clean = total - st.get("dirty_bytes", total)
+        self._progress.update(
+            self._task,
+            total=total,
+            completed=clean or 0,
+            description=f"{st.get('state', '')} ({st.get('mode', 'copy')})",
+        )
+
+
+def _run(func: Any) -> Any:
+    def runner(args: argparse.Namespace) -> int:
+        try:
+            rc: int = func(args)
+            return rc
+        except (VolumeError, ApiError, ValueError, KeyError, RuntimeError, OSError) as e:
+            msg = getattr(e, "message", None) or (e.args[0] if e.args else str(e))
+            if args.json:
+                print(json.dumps({"error": str(msg)}))
+            print(f"blockmig: {msg}", file=sys.stderr)
+            return 1
+
+    return runner
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("up", help="start the arrays of a config in the background")
+    _common(p)
+    p.add_argument("--config", help="TOML file naming the arrays (default: arrays A and B, model unified)")
+    p.set_defaults(func=_run(cmd_up))
+    p = sub.add_parser("down", help="stop the arrays `up` started")
+    _common(p)
+    p.set_defaults(func=_run(cmd_down))
+    p = sub.add_parser("create", help="create a volume")
+    _common(p)
+    p.add_argument("--size", required=True, help="e.g. 1G")
+    p.add_argument("--host", required=True, help="ARRAY, ARRAY#POOL or ARRAY@BACKEND#POOL")
+    p.add_argument("--name", help="volume name")
+    p.set_defaults(func=_run(cmd_create))
+    p = sub.add_parser("list", help="list volumes")
+    _common(p)
+    p.set_defaults(func=_run(cmd_list))
+    p = sub.add_parser("show", help="show a volume, with the progress of a running migration")
+    _common(p)
+    p.add_argument("volume", help="id, id prefix or name")
+    p.set_defaults(func=_run(cmd_show))
+    p = sub.add_parser("migrate", help="migrate a volume to another array or pool")
+    _common(p)
+    p.add_argument("volume")
+    p.add_argument("host", help="ARRAY, ARRAY#POOL or ARRAY@BACKEND#POOL")
+    p.add_argument("--force-host-copy", action="store_true", help="skip the drivers: generic host copy")
+    p.add_argument("--wait", action="store_true", help="follow the migration to its end here")
+    p.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
+    p.set_defaults(func=_run(cmd_migrate))
+    p = sub.add_parser("attach", help="attach a volume: NBD connection info for a host")
+    _common(p)
+    p.add_argument("volume")
+    p.add_argument("--host-name", help="name of the host attaching (default: this machine)")
+    p.set_defaults(func=_run(cmd_attach))
+    p = sub.add_parser("detach", help="detach a volume (all attachments, or one)")
+    _common(p)
+    p.add_argument("volume")
+    p.add_argument("--attachment", help="attachment id (default: all)")
+    p.set_defaults(func=_run(cmd_detach))
+    p = sub.add_parser("delete", help="delete a volume")
+    _common(p)
+    p.add_argument("volume")
+    p.set_defaults(func=_run(cmd_delete))
+    p = sub.add_parser("_follow")  # the background follower of a migration (not listed)
+    _common(p)
+    p.add_argument("volume")
+    p.set_defaults(func=_run(cmd_follow))

@@ -1,0 +1,171 @@
+"""The volumes database (SQLite): one row per volume, every change one transaction."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("creating", "available", "in-use", "maintenance", "deleting", "error")
+#: migration_status values while a migration runs (a second one is refused)
+MIGRATING = ("starting", "migrating", "migrating_attachable")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS volumes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    host TEXT NOT NULL,
+    migration_status TEXT,
+    provider_location TEXT NOT NULL DEFAULT '{}',
+    attachments TEXT NOT NULL DEFAULT '[]',
+    migration TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class VolumeError(Exception):
+    """A volume operation was refused; the message says why and what to do."""
+
+
+@dataclass
+class Volume:
+    id: str
+    name: str
+    size: int
+    status: str
+    host: str  # ARRAY@MODEL#POOL
+    migration_status: str | None = None
+    provider_location: dict[str, Any] = field(default_factory=dict)
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    #: bookkeeping of a running migration: phase, source/target hosts, follower pid, progress
+    migration: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def lun(self) -> str:
+        """The LUN name on the arrays (the same on source and target)."""
+        return f"volume-{self.id}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "size": self.size,
+            "status": self.status,
+            "host": self.host,
+            "migration_status": self.migration_status,
+            "provider_location": self.provider_location,
+            "attachments": self.attachments,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+class VolumesDB:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    @staticmethod
+    def _row(r: tuple[Any, ...]) -> Volume:
+        return Volume(
+            id=r[0],
+            name=r[1],
+            size=r[2],
+            status=r[3],
+            host=r[4],
+            migration_status=r[5],
+            provider_location=json.loads(r[6]),
+            attachments=json.loads(r[7]),
+            migration=json.loads(r[8]),
+            created_at=r[9],
+            updated_at=r[10],
+        )
+
+    _COLS = (
+        "id, name, size, status, host, migration_status, provider_location, attachments, "
+        "migration, created_at, updated_at"
+    )
+
+    def create(self, name: str, size: int, host: str) -> Volume:
+        now = time.time()
+        v = Volume(uuid.uuid4().hex[:12], name, size, "creating", host, None, created_at=now, updated_at=now)
+        with self.transaction() as db:
+            db.execute(
+                f"INSERT INTO volumes({self._COLS}) VALUES (?, ?, ?, ?, ?, ?, '{{}}', '[]', '{{}}', ?, ?)",
+                (v.id, v.name, v.size, v.status, v.host, None, now, now),
+            )
+        return v
+
+    def get(self, ref: str) -> Volume:
+        """By id, id prefix or name; a clear error when none or several match."""
+        rows = self.db.execute(f"SELECT {self._COLS} FROM volumes WHERE id=?", (ref,)).fetchall()
+        if not rows:
+            rows = self.db.execute(
+                f"SELECT {self._COLS} FROM volumes WHERE name=? OR id LIKE ?", (ref, ref + "%")
+            ).fetchall()
+        if not rows:
+            raise VolumeError(f"no volume {ref!r} (see `blockmig list`)")
+        if len(rows) > 1:
+            raise VolumeError(f"{len(rows)} volumes match {ref!r}: use the id")
+        return self._row(rows[0])
+
+    def list(self) -> list[Volume]:
+        return [
+            self._row(r) for r in self.db.execute(f"SELECT {self._COLS} FROM volumes ORDER BY created_at")
+        ]
+
+    def update(self, vid: str, expect: dict[str, Any] | None = None, **fields: Any) -> Volume:
+        """Change fields in one transaction; with ``expect``, only if those columns still
+        hold those values (None matches NULL, a tuple any of its values)."""
+        for k in ("provider_location", "attachments", "migration"):
+            if k in fields:
+                fields[k] = json.dumps(fields[k])
+        fields["updated_at"] = time.time()
+        with self.transaction() as db:
+            if expect:
+                row = db.execute(f"SELECT {self._COLS} FROM volumes WHERE id=?", (vid,)).fetchone()
+                if row is None:
+                    raise VolumeError(f"volume {vid} is gone")
+                cur = self._row(row).__dict__
+                for k, want in expect.items():
+                    ok = cur[k] in want if isinstance(want, tuple) else cur[k] == want
+                    if not ok:
+                        raise VolumeError(f"volume {vid}: {k} is {cur[k]!r}, expected {want!r}")
+            cols = ", ".join(f"{k}=?" for k in fields)
+            cur_n = db.execute(f"UPDATE volumes SET {cols} WHERE id=?", (*fields.values(), vid)).rowcount
+            if not cur_n:
+                raise VolumeError(f"volume {vid} is gone")
+        return self.get(vid)
+
+    def delete(self, vid: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM volumes WHERE id=?", (vid,))
