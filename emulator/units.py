@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -13,8 +14,10 @@ def parse_size(text: str) -> int:
     m = _SIZE.match(text)
     if not m:
         raise ValueError(f"not a size: {text!r} (try 4096, 64K, 512M, 1G)")
-    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if value != int(value):
+    if len(m.group(1)) > 20:
+        raise ValueError(f"size {text!r} is too large")
+    value = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value.denominator != 1:
         raise ValueError(f"size {text!r} is not a whole number of bytes")
     return int(value)
 

@@ -94,6 +94,21 @@ class Array:
             raise Conflict(
                 f"data dir {self.data_dir} is in use by another running array; stop it first"
             ) from None
+        try:
+            self._open()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self.meta:
+            self.meta.close()
+            self.meta = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    def _open(self) -> None:
         self.meta = meta = Metadata(self.data_dir / "array.db")
         stored = meta.get_meta("name")
         if stored is not None and stored != self.name:
@@ -136,12 +151,7 @@ class Array:
                 log.error("array %s: flush of LUN %s failed: %s", self.name, lun.name, e)
             lun.backend.close()
         self.luns.clear()
-        if self.meta:
-            self.meta.close()
-            self.meta = None
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = -1
+        self._release()
 
     # ---- helpers
     def _path(self, pool: str, lun: str) -> Path:

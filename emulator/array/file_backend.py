@@ -36,31 +36,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def allocated_bytes(fd: int) -> int:
-    """Bytes of data the file holds (its SEEK_DATA extents).
-
-    Unlike st_blocks this leaves out the file system's own metadata blocks
-    (an ext4 extent tree block of a fragmented file), so a pool counts what
-    its LUNs store.
-    """
-    size = os.fstat(fd).st_size
-    pos = total = 0
-    try:
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            total += hole - data
-            pos = hole
-    except OSError:
-        return os.fstat(fd).st_blocks * 512
-    return total
-
-
 def _backend_error(what: str, e: OSError) -> BackendError:
     return BackendError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")
 
@@ -97,6 +72,8 @@ class FileBackend(Backend):
                 )
         except BaseException:
             os.close(self._fd)
+            if flags & os.O_CREAT:
+                os.unlink(path)  # a failed create leaves nothing behind
             raise
         self.can_trim = self.can_zero = not read_only
         self.can_fast_zero = self._is_file and not read_only

@@ -8,6 +8,7 @@ swapped atomically.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from emulator.nbd.backend import Backend
 from emulator.nbd.protocol import Extent
 
-from .file_backend import FileBackend, allocated_bytes
+from .file_backend import FileBackend
 from .pool import Pool
 from .stats import LunStats
 
@@ -147,6 +148,6 @@ class Lun:
     @property
     def allocated(self) -> int:
         try:
-            return allocated_bytes(self.file.fd)
+            return os.fstat(self.file.fd).st_blocks * 512
         except OSError:
             return 0

@@ -16,7 +16,12 @@ from pathlib import Path
 
 from emulator.nbd.errors import BackendError
 
-from .file_backend import FileBackend, allocated_bytes
+from .file_backend import FileBackend
+
+BLOCK = 4096  # allocation unit assumed for charging (ext4/xfs default)
+#: near the capacity every write is checked exactly: file system metadata
+#: (extent-tree blocks) grows outside what the writes themselves allocate
+SLACK = 64 * 1024
 
 
 class Pool:
@@ -32,7 +37,9 @@ class Pool:
         total = 0
         for fb in self.files.values():
             try:
-                total += allocated_bytes(fb.fd)
+                # st_blocks: what the file system really gave the file, unwritten
+                # extents of fallocate(ZERO_RANGE) and extent-tree blocks included
+                total += os.fstat(fb.fd).st_blocks * 512
             except OSError:
                 pass
         self._estimate = total
@@ -44,8 +51,10 @@ class Pool:
 
     def charge(self, fb: FileBackend, lun: str, offset: int, length: int) -> None:
         """Account for a write that may allocate ``length`` bytes; ENOSPC if it cannot fit."""
-        if self._estimate + length <= self.capacity:
-            self._estimate += length
+        # A write into a hole allocates whole blocks: charge what it may allocate.
+        need = ((offset + length + BLOCK - 1) // BLOCK - offset // BLOCK) * BLOCK
+        if self._estimate + need <= self.capacity - SLACK:
+            self._estimate += need
             return
         used = self.used()
         new = _unallocated(fb, offset, length)
@@ -61,7 +70,11 @@ class Pool:
 
 
 def _unallocated(fb: FileBackend, offset: int, length: int) -> int:
-    """Bytes of the range that are holes (a write there allocates them)."""
+    """Bytes of the range that are holes (a write there allocates them).
+
+    SEEK_DATA counts unwritten extents (fallocate ZERO_RANGE) as holes too: an
+    overwrite there is charged again, which errs on the safe side.
+    """
     fd, pos, end, holes = fb.fd, offset, offset + length, 0
     while pos < end:
         try:

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-from emulator.array.array import Array
+from emulator.array.array import Array, check_name
 from emulator.array.errors import ArrayError, Conflict, InvalidInput
 from emulator.array.stats import collector
 from emulator.mirror.manager import MigrationManager
@@ -73,7 +73,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(e.status, "http_error")
         msg = e.text if e.text and not e.text.startswith(str(e.status)) else e.reason
-        return error_response(e.status, code, f"{request.method} {request.path}: {msg}")
+        resp = error_response(e.status, code, f"{request.method} {request.path}: {msg}")
+        if "Allow" in e.headers:  # RFC 9110: a 405 names the methods allowed
+            resp.headers["Allow"] = e.headers["Allow"]
+        return resp
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; see the array's log")
@@ -104,7 +107,7 @@ async def _json_body(request: web.Request, allowed: set[str], required: set[str]
         raise InvalidInput(f"request body is larger than {MAX_BODY} bytes")
     try:
         body = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise InvalidInput(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
@@ -131,7 +134,7 @@ def _size(value: Any) -> int:
 
 
 def _lun_json(ctx: ApiContext, name: str) -> dict[str, Any]:
-    lun = ctx.array.get_lun(name)
+    lun = ctx.array.get_lun(check_name("LUN", name))
     info = ctx.array.lun_info(lun)
     info["uri"] = ctx.uri(lun.name)
     return info
@@ -177,7 +180,7 @@ async def grow_lun(request: web.Request) -> web.Response:
 
 async def lun_connection(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    lun = ctx.array.get_lun(request.match_info["name"])
+    lun = ctx.array.get_lun(check_name("LUN", request.match_info["name"]))
     return web.json_response(
         {
             "host": ctx.nbd_host,
@@ -190,7 +193,7 @@ async def lun_connection(request: web.Request) -> web.Response:
 
 
 async def lun_stats(request: web.Request) -> web.Response:
-    lun = request.app[CTX].array.get_lun(request.match_info["name"])
+    lun = request.app[CTX].array.get_lun(check_name("LUN", request.match_info["name"]))
     return web.json_response({"name": lun.name, "ops": lun.backend.stats.as_dict()})
 
 

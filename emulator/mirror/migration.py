@@ -31,6 +31,9 @@ from .remote import RemoteBackend
 
 log = logging.getLogger("blockmig.mirror")
 
+import os
+_EXP_ACTIVE = os.environ.get("BM_EXP_ACTIVE", "1") == "1"
+_EXP_PREFLUSH = os.environ.get("BM_EXP_PREFLUSH", "1") == "1"
 RUNNING = ("copying", "converging", "cutover")
 FINAL = ("completed", "failed", "cancelled")
 
@@ -228,24 +231,32 @@ class Migration:
             self.passes += 1
             dirty = regions.dirty_bytes()
             if dirty <= self.config.cutover_dirty and self._unpaused.is_set():
-                if await self._cutover():
+                if dirty and self.mode == "background" and self.config.auto_active and _EXP_ACTIVE:
+                    # What is dirty now would be copied with writes held: go active so
+                    # writes keep clean regions clean, and copy it while writes flow.
+                    self._go_active(f"{dirty} bytes still dirty at cutover after pass {self.passes}")
+                elif await self._cutover():
                     return
             elif self.mode == "background" and self.config.auto_active and self.passes >= 2:
                 copy_rate, dirty_rate = self.rates()
                 if dirty > prev_dirty // 2 or (copy_rate and dirty_rate >= copy_rate / 2):
-                    self.mode = "active"
-                    backend.active = True
-                    self.mode_reason = (
+                    self._go_active(
                         f"dirty rate {dirty_rate / 1e6:.1f} MB/s against copy rate "
                         f"{copy_rate / 1e6:.1f} MB/s: {dirty} bytes still dirty after pass {self.passes}"
                     )
-                    log.info("migration of %s goes active: %s", self.name, self.mode_reason)
-                    self.on_change(self)
             if self.state != "paused":
                 self.state = "converging"
             prev_dirty = dirty
             if not copied:
                 await self.sleep(0.02)  # everything left is being written right now
+
+    def _go_active(self, reason: str) -> None:
+        assert self.backend is not None
+        self.mode = "active"
+        self.backend.active = True
+        self.mode_reason = reason
+        log.info("migration of %s goes active: %s", self.name, reason)
+        self.on_change(self)
 
     async def _pass(self) -> int:
         """Copy every DIRTY region once, in LUN order; returns regions made clean."""
@@ -311,6 +322,13 @@ class Migration:
         regions, backend, copier = self.regions, self.backend, self.copier
         assert regions is not None and backend is not None and copier is not None
         self.state = "cutover"
+        # Flush while writes still flow, so the flush under held writes only has
+        # what landed since (bench/migration.py: it was most of the pause).
+        try:
+            if _EXP_PREFLUSH:
+                await self.local.flush()
+        except BackendError as e:
+            raise TargetError(e.errno, f"target flush: {e}") from None
         t0 = time.perf_counter()
         steps: dict[str, float] = {}
 
