@@ -29,6 +29,8 @@ class LunBackend(Backend):
         self.stats = LunStats()
         self._pool = pool
         self._file = file  # the local file charged to the pool, if any
+        #: the Backend that stores into ``file``; host writes are charged only while it serves
+        self.local = inner
         self.inner = inner
         self.swap(inner)
 
@@ -51,17 +53,24 @@ class LunBackend(Backend):
             setattr(self, cap, getattr(inner, cap))
         return old
 
-    def set_file(self, file: FileBackend, pool: Pool) -> None:
+    def set_file(self, file: FileBackend, pool: Pool, local: Backend) -> None:
         """The LUN's local file moved (to another pool)."""
-        self._file, self._pool = file, pool
+        self._file, self._pool, self.local = file, pool, local
 
     @property
     def size(self) -> int:
         return self.inner.size
 
-    def _charge(self, offset: int, length: int) -> None:
-        if self._pool is not None and self._file is not None:
-            self._pool.charge(self._file, self.name, offset, length)
+    def _charge(self, offset: int, length: int) -> int:
+        """Reserve pool room for a host write to the local file (0 if none is needed:
+        a migrating or remote LUN writes to its source, which has its own pool)."""
+        if self._pool is not None and self._file is not None and self.inner is self.local:
+            return self._pool.charge(self._file, self.name, offset, length)
+        return 0
+
+    def _release(self, reserved: int) -> None:
+        if reserved and self._pool is not None:
+            self._pool.release(reserved)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         t0 = time.perf_counter()
@@ -87,12 +96,15 @@ class LunBackend(Backend):
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         t0 = time.perf_counter()
         st = self.stats.ops["write"]
+        reserved = 0
         try:
-            self._charge(offset, len(data))
+            reserved = self._charge(offset, len(data))
             await self.inner.write(offset, data, fua)
         except BaseException:
+            self._release(reserved)
             st.record(0, time.perf_counter() - t0, ok=False)
             raise
+        self._release(reserved)
         st.record(len(data), time.perf_counter() - t0)
 
     async def write_zeroes(
@@ -101,9 +113,11 @@ class LunBackend(Backend):
         await self._timed("zero", length, self._zero(offset, length, may_trim, fast, fua))
 
     async def _zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
-        if not may_trim:  # ZERO_RANGE allocates
-            self._charge(offset, length)
-        await self.inner.write_zeroes(offset, length, may_trim, fast, fua)
+        reserved = 0 if may_trim else self._charge(offset, length)  # ZERO_RANGE allocates
+        try:
+            await self.inner.write_zeroes(offset, length, may_trim, fast, fua)
+        finally:
+            self._release(reserved)
 
     async def _timed(self, op: str, nbytes: int, coro: Any) -> Any:
         t0 = time.perf_counter()

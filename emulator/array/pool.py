@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from emulator.nbd.errors import BackendError
@@ -30,7 +32,8 @@ class Pool:
         self.capacity = capacity
         self.directory = directory
         self.files: dict[str, FileBackend] = {}  # LUN name -> its file
-        self._estimate = 0
+        self._estimate = 0  # upper bound of allocated bytes, writes in flight included
+        self._reserved = 0  # charged by writes still in flight
 
     def used(self) -> int:
         """Exact allocated bytes of every LUN file in the pool."""
@@ -42,31 +45,50 @@ class Pool:
                 total += os.fstat(fb.fd).st_blocks * 512
             except OSError:
                 pass
-        self._estimate = total
+        self._estimate = total + self._reserved  # an upper bound: completed plus in flight
         return total
 
     @property
     def free(self) -> int:
         return max(0, self.capacity - self.used())
 
-    def charge(self, fb: FileBackend, lun: str, offset: int, length: int) -> None:
-        """Account for a write that may allocate ``length`` bytes; ENOSPC if it cannot fit."""
+    def charge(self, fb: FileBackend, lun: str, offset: int, length: int) -> int:
+        """Reserve room for a write that may allocate ``length`` bytes; ENOSPC if it
+        cannot fit. Returns the bytes reserved: give them back with :meth:`release`
+        once the write is done (reserved writes count until then, so concurrent
+        writes cannot overrun the pool together)."""
         # A write into a hole allocates whole blocks: charge what it may allocate.
         need = ((offset + length + BLOCK - 1) // BLOCK - offset // BLOCK) * BLOCK
         if self._estimate + need <= self.capacity - SLACK:
             self._estimate += need
-            return
+            self._reserved += need
+            return need
         used = self.used()
         new = _unallocated(fb, offset, length)
         # An overwrite of allocated blocks needs no space, however full the pool looks
         # (file system metadata blocks count in st_blocks).
-        if new and used + new > self.capacity:
+        if new and used + self._reserved + new > self.capacity:
             raise BackendError(
                 errno.ENOSPC,
-                f"pool {self.name!r} is full ({used} of {self.capacity} bytes used): "
+                f"pool {self.name!r} is full ({used} of {self.capacity} bytes used"
+                f"{f', {self._reserved} reserved by writes in flight' if self._reserved else ''}): "
                 f"write of {length} bytes to LUN {lun!r} refused; grow the pool or free space",
             )
-        self._estimate = used + new
+        self._reserved += new
+        self._estimate = used + self._reserved
+        return new
+
+    def release(self, reserved: int) -> None:
+        self._reserved -= reserved
+
+    @contextmanager
+    def reserve(self, fb: FileBackend, lun: str, offset: int, length: int) -> Iterator[None]:
+        """``with pool.reserve(...): write`` — charge, write, release."""
+        n = self.charge(fb, lun, offset, length)
+        try:
+            yield
+        finally:
+            self._reserved -= n
 
 
 def _unallocated(fb: FileBackend, offset: int, length: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,13 +69,13 @@ class Copier:
         target: Backend,
         regions: RegionMap,
         throttle: Throttle,
-        charge: Callable[[int, int], None] = lambda off, n: None,
+        reserve: Callable[[int, int], AbstractContextManager[None]] = lambda off, n: nullcontext(),
     ) -> None:
         self.source = source
         self.target = target
         self.regions = regions
         self.throttle = throttle
-        self.charge = charge
+        self.reserve = reserve  # pool room for what lands on the target
         self.copied_bytes = 0  # data bytes read from the source and written to the target
         self.zeroed_bytes = 0
         self.regions_copied = 0
@@ -118,8 +119,8 @@ class Copier:
         return out
 
     async def _charged_write(self, off: int, data: bytes | bytearray) -> None:
-        self.charge(off, len(data))
-        await self.target.write(off, data)
+        with self.reserve(off, len(data)):
+            await self.target.write(off, data)
 
     async def _on_target(self, op: Awaitable[None]) -> None:
         try:

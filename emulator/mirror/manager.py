@@ -199,7 +199,7 @@ class MigrationManager:
         m = Migration(
             lun.name, f"move:{old_pool}:{new_pool}", lun.backend, self.array.media_backend(fb),
             path.with_suffix(".progress"), cfg, self._changed,
-            charge=lambda off, n: pool.charge(fb, lun.name, off, n),
+            reserve=lambda off, n: pool.reserve(fb, lun.name, off, n),
             source=lun.local, on_released=released,
         )
         m.move_to = (new_pool, fb)  # type: ignore[attr-defined]
@@ -251,7 +251,7 @@ class MigrationManager:
             Path(progress),
             cfg,
             self._changed,
-            charge=lambda off, n: pool.charge(lun.file, lun.name, off, n),
+            reserve=lambda off, n: pool.reserve(lun.file, lun.name, off, n),
         )
         self.migrations[lun.name] = m
         return m
@@ -288,7 +288,7 @@ class MigrationManager:
                 self.array.pools[lun.pool].files.pop(lun.name, None)
                 self.array.pools[new_pool].files[lun.name] = fb
                 lun.pool, lun.file, lun.local = new_pool, fb, m.local
-                lun.backend.set_file(fb, self.array.pools[new_pool])
+                lun.backend.set_file(fb, self.array.pools[new_pool], m.local)
             elif move is not None:  # failed or cancelled: drop the new copy
                 move[1].close()
                 self.array.lun_path(move[0], lun.name).unlink(missing_ok=True)

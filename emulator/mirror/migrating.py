@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 
 from emulator.nbd.backend import Backend
 from emulator.nbd.protocol import Extent
@@ -35,14 +36,14 @@ class MigratingBackend(Backend):
         target: Backend,
         regions: RegionMap,
         progress: ProgressFile,
-        charge: Callable[[int, int], None] = lambda off, n: None,
+        reserve: Callable[[int, int], AbstractContextManager[None]] = lambda off, n: nullcontext(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
         self.target = target
         self.regions = regions
         self.progress = progress
-        self.charge = charge  # pool accounting for writes that land on the target
+        self.reserve = reserve  # pool room for writes that land on the target
         self.active = False
         self._clock = clock
         self._gate = asyncio.Event()
@@ -117,8 +118,8 @@ class MigratingBackend(Backend):
         self, offset: int, length: int, r0: int, r1: int, op: Callable[[Backend], Awaitable[None]]
     ) -> None:
         async def on_target() -> None:
-            self.charge(offset, length)
-            await op(self.target)
+            with self.reserve(offset, length):
+                await op(self.target)
 
         src, tgt = await asyncio.gather(op(self.source), on_target(), return_exceptions=True)
         if isinstance(tgt, BaseException) or isinstance(src, BaseException):

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,6 @@ from .remote import RemoteBackend
 
 log = logging.getLogger("blockmig.mirror")
 
-import os
-_EXP_ACTIVE = os.environ.get("BM_EXP_ACTIVE", "1") == "1"
-_EXP_PREFLUSH = os.environ.get("BM_EXP_PREFLUSH", "1") == "1"
 RUNNING = ("copying", "converging", "cutover")
 FINAL = ("completed", "failed", "cancelled")
 
@@ -69,7 +67,7 @@ class Migration:
         progress_path: Path,
         config: MigrationConfig,
         on_change: Callable[[Migration], None],
-        charge: Callable[[int, int], None] = lambda off, n: None,
+        reserve: Callable[[int, int], AbstractContextManager[None]] = lambda off, n: nullcontext(),
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         source: Backend | None = None,
@@ -87,7 +85,7 @@ class Migration:
         self.mode = config.mode
         self.mode_reason = "requested" if config.mode == "active" else ""
         self.on_change = on_change
-        self.charge = charge
+        self.reserve = reserve
         self.clock = clock
         self.sleep = sleep
         self.state = "copying"
@@ -140,10 +138,10 @@ class Migration:
             progress.create()
             if not resume:
                 regions.target_data[:] = False  # a fresh LUN file is all holes
-        self.backend = MigratingBackend(src, self.local, regions, progress, self.charge, self.clock)
+        self.backend = MigratingBackend(src, self.local, regions, progress, self.reserve, self.clock)
         self.backend.active = self.mode == "active"
         self.copier = Copier(
-            src, self.local, regions, Throttle(self.config.throttle, self.clock, self.sleep), self.charge
+            src, self.local, regions, Throttle(self.config.throttle, self.clock, self.sleep), self.reserve
         )
         self.lun.swap(self.backend)
         if paused:
@@ -215,12 +213,15 @@ class Migration:
         regions, backend = self.regions, self.backend
         assert regions is not None and backend is not None
         prev_dirty = regions.dirty_bytes()
+        near = 0  # passes in a row that ended within cutover_dirty
         backoff = 0.05
         while True:
             await self._unpaused.wait()
             try:
                 copied = await self._pass()
                 await self._checkpoint()
+            except TargetError:
+                raise  # the local copy cannot go on: fail (I7)
             except BackendError as e:  # the source is unreachable: wait, retry by itself (I6)
                 self.last_error = str(e)
                 log.warning("migration of %s waits for its source: %s", self.name, e)
@@ -230,33 +231,29 @@ class Migration:
             backoff = 0.05
             self.passes += 1
             dirty = regions.dirty_bytes()
-            if dirty <= self.config.cutover_dirty and self._unpaused.is_set():
-                if dirty and self.mode == "background" and self.config.auto_active and _EXP_ACTIVE:
-                    # What is dirty now would be copied with writes held: go active so
-                    # writes keep clean regions clean, and copy it while writes flow.
-                    self._go_active(f"{dirty} bytes still dirty at cutover after pass {self.passes}")
-                elif await self._cutover():
+            near = near + 1 if dirty <= self.config.cutover_dirty else 0
+            if dirty <= self.config.cutover_dirty:
+                # What is still dirty gets copied with writes held: while passes shrink
+                # it, take another (3 at most) with writes flowing. Keeps the pause short.
+                shrinking = 0 < dirty < prev_dirty and near < 3
+                if self._unpaused.is_set() and not shrinking and await self._cutover():
                     return
             elif self.mode == "background" and self.config.auto_active and self.passes >= 2:
                 copy_rate, dirty_rate = self.rates()
                 if dirty > prev_dirty // 2 or (copy_rate and dirty_rate >= copy_rate / 2):
-                    self._go_active(
+                    self.mode = "active"
+                    backend.active = True
+                    self.mode_reason = (
                         f"dirty rate {dirty_rate / 1e6:.1f} MB/s against copy rate "
                         f"{copy_rate / 1e6:.1f} MB/s: {dirty} bytes still dirty after pass {self.passes}"
                     )
+                    log.info("migration of %s goes active: %s", self.name, self.mode_reason)
+                    self.on_change(self)
             if self.state != "paused":
                 self.state = "converging"
             prev_dirty = dirty
             if not copied:
                 await self.sleep(0.02)  # everything left is being written right now
-
-    def _go_active(self, reason: str) -> None:
-        assert self.backend is not None
-        self.mode = "active"
-        self.backend.active = True
-        self.mode_reason = reason
-        log.info("migration of %s goes active: %s", self.name, reason)
-        self.on_change(self)
 
     async def _pass(self) -> int:
         """Copy every DIRTY region once, in LUN order; returns regions made clean."""
@@ -325,8 +322,7 @@ class Migration:
         # Flush while writes still flow, so the flush under held writes only has
         # what landed since (bench/migration.py: it was most of the pause).
         try:
-            if _EXP_PREFLUSH:
-                await self.local.flush()
+            await self.local.flush()
         except BackendError as e:
             raise TargetError(e.errno, f"target flush: {e}") from None
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,9 @@ class RemoteBackend(Backend):
         self._size = size  # known in advance when resuming: checked on every (re)connect
         self._closed = False
         self.reconnects = 0
+        self._tokens = itertools.count()
+        self._started: dict[int, float] = {}  # requests in flight: when each began
+        self._watchdog: asyncio.Future[None] | None = None
         self.last_error = ""
         self.connected = False
 
@@ -114,27 +118,55 @@ class RemoteBackend(Backend):
         raise BackendError(errno.ESHUTDOWN, f"remote LUN {self.uri} is closed")
 
     async def _call(self, what: str, fn: Callable[[NbdClient], Awaitable[T]]) -> T:
-        deadline: float | None = None
-        while True:
+        start = self._clock()
+        deadline = start + self.retry_window
+        token = next(self._tokens)
+        self._started[token] = start
+        self._ensure_watchdog()
+        try:
+            while True:
+                c = self._client
+                if c is None or c.closed:
+                    self.connected = False
+                    if self._closed:
+                        raise BackendError(errno.ESHUTDOWN, f"remote LUN {self.uri} is closed")
+                    c = await self._reconnect(deadline)
+                try:
+                    return await fn(c)
+                except DisconnectedError as e:
+                    self.last_error = str(e)
+                    if self._client is c:
+                        self._client = None
+                        asyncio.ensure_future(c.close())
+                    if self._clock() >= deadline:
+                        raise BackendError(
+                            errno.EIO, f"source {self.uri}: {what}: no answer within "
+                            f"{self.retry_window:g} s: {self.last_error}") from None
+                except RequestError as e:
+                    raise BackendError(e.error, f"source {self.uri}: {what}: {e}") from None
+        finally:
+            del self._started[token]
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        """A source that stops answering (SIGSTOP, a dead link) never closes the
+        connection: drop it when a request has waited the whole retry window, so
+        the waiters fail with EIO and a reconnect begins (I6)."""
+        period = max(0.05, self.retry_window / 4)
+        while self._started and not self._closed:
+            await self._sleep(period)
+            if not self._started:
+                break
+            oldest = min(self._started.values())
             c = self._client
-            if c is None or c.closed:
+            if c is not None and self._clock() - oldest >= self.retry_window:
+                self.last_error = f"no answer for {self.retry_window:g} s"
+                self._client = None
                 self.connected = False
-                if self._closed:
-                    raise BackendError(errno.ESHUTDOWN, f"remote LUN {self.uri} is closed")
-                if deadline is None:
-                    deadline = self._clock() + self.retry_window
-                c = await self._reconnect(deadline)
-            try:
-                return await fn(c)
-            except DisconnectedError as e:
-                self.last_error = str(e)
-                if self._client is c:
-                    self._client = None
-                    asyncio.ensure_future(c.close())
-                if deadline is None:
-                    deadline = self._clock() + self.retry_window
-            except RequestError as e:
-                raise BackendError(e.error, f"source {self.uri}: {what}: {e}") from None
+                c.abort(self.last_error)
 
     # ---- Backend
     async def read(self, offset: int, length: int) -> bytearray:
@@ -171,6 +203,8 @@ class RemoteBackend(Backend):
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
         c, self._client = self._client, None

@@ -271,6 +271,14 @@ class NbdClient:
             await hs.r.readexactly(len(p.HANDSHAKE_ZEROES))
         self._max_request = p.MAX_BLOCK
 
+    def abort(self, reason: str) -> None:
+        """Drop the connection now: every pending request fails with DisconnectedError."""
+        err = DisconnectedError(f"{self.address.uri()}: {reason}")
+        self._broken = err
+        self._fail_all(err)
+        if self._writer is not None:
+            self._writer.transport.abort()
+
     async def close(self) -> None:
         """Send DISC after the requests in flight, then close."""
         w = self._writer
