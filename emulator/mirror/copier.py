@@ -96,6 +96,9 @@ class Copier:
             end = min(regions.size, max(off + n, (off & ~(EXTENT_WINDOW - 1)) + EXTENT_WINDOW))
             w0, w1 = off >> regions.shift, ((end - 1) >> regions.shift) + 1
             gens = regions.gen[w0:w1].copy()
+            # A write in flight may not have reached the source when the map is read:
+            # never trust the map for its region (its generation can only match later).
+            gens[regions.inflight[w0:w1] > 0] -= 1
             runs: list[tuple[int, int, bool]] = []
             pos = off
             while pos < end:
@@ -133,6 +136,12 @@ class Copier:
         regions = self.regions
         if regions.state[r] != DIRTY or regions.inflight[r]:
             return False
+        if self.throttle.rate > 0:
+            # Wait for the throttle BEFORE the race window opens: a write during the
+            # wait would otherwise void the copy and waste its budget (I5).
+            await self.throttle.take(sum(ln for _, ln, zero in await self._runs(r) if not zero))
+            if regions.state[r] != DIRTY or regions.inflight[r]:
+                return False
         gen = regions.gen[r]
         regions.state[r] = COPYING
         wrote_data = False
@@ -143,7 +152,6 @@ class Copier:
                         await self._on_target(self.target.write_zeroes(off, ln, may_trim=True))
                         self.zeroed_bytes += ln
                     continue
-                await self.throttle.take(ln)
                 data = await self.source.read(off, ln)
                 if regions.gen[r] != gen:
                     break  # a write raced us: the copy is stale anyway

@@ -118,6 +118,9 @@ class MigratingBackend(Backend):
         self, offset: int, length: int, r0: int, r1: int, op: Callable[[Backend], Awaitable[None]]
     ) -> None:
         async def on_target() -> None:
+            # The target may hold data here from now on: a later copy of a zero run
+            # must zero it rather than trust it is a hole.
+            self.regions.target_data[r0:r1] = True
             with self.reserve(offset, length):
                 await op(self.target)
 

@@ -213,7 +213,6 @@ class Migration:
         regions, backend = self.regions, self.backend
         assert regions is not None and backend is not None
         prev_dirty = regions.dirty_bytes()
-        near = 0  # passes in a row that ended within cutover_dirty
         backoff = 0.05
         while True:
             await self._unpaused.wait()
@@ -231,12 +230,8 @@ class Migration:
             backoff = 0.05
             self.passes += 1
             dirty = regions.dirty_bytes()
-            near = near + 1 if dirty <= self.config.cutover_dirty else 0
-            if dirty <= self.config.cutover_dirty:
-                # What is still dirty gets copied with writes held: while passes shrink
-                # it, take another (3 at most) with writes flowing. Keeps the pause short.
-                shrinking = 0 < dirty < prev_dirty and near < 3
-                if self._unpaused.is_set() and not shrinking and await self._cutover():
+            if dirty <= self.config.cutover_dirty and self._unpaused.is_set():
+                if await self._cutover():
                     return
             elif self.mode == "background" and self.config.auto_active and self.passes >= 2:
                 copy_rate, dirty_rate = self.rates()
@@ -314,17 +309,37 @@ class Migration:
         finally:
             self._checkpointing = False
 
+    async def _settle(self) -> None:
+        """Copy what is dirty (while that shrinks, twice at most) and flush, with
+        writes still flowing, so the copy and the flush under held writes only
+        have what landed since: they were most of the pause (bench/migration.py)."""
+        regions = self.regions
+        assert regions is not None
+        for _ in range(2):
+            before = regions.dirty_bytes()
+            if not before:
+                break
+            await self._pass()
+            if regions.dirty_bytes() >= before:
+                break
+        try:
+            await self.local.flush()
+        except BackendError as e:
+            raise TargetError(e.errno, f"target flush: {e}") from None
+
     async def _cutover(self) -> bool:
         """Hold writes, copy the rest, flush, switch the LUN to its local copy."""
         regions, backend, copier = self.regions, self.backend, self.copier
         assert regions is not None and backend is not None and copier is not None
         self.state = "cutover"
-        # Flush while writes still flow, so the flush under held writes only has
-        # what landed since (bench/migration.py: it was most of the pause).
         try:
-            await self.local.flush()
-        except BackendError as e:
-            raise TargetError(e.errno, f"target flush: {e}") from None
+            await self._settle()
+        except TargetError:
+            raise
+        except BackendError as e:  # the source went away: try again later
+            self.state = "converging"
+            self.last_error = str(e)
+            return False
         t0 = time.perf_counter()
         steps: dict[str, float] = {}
 

@@ -412,7 +412,7 @@ def test_create_body_too_large_chunked(api: ApiThread) -> None:
 
 
 def test_deeply_nested_json_is_400(api: ApiThread, caplog: pytest.LogCaptureFixture) -> None:
-    """BUG: nesting deeper than Python's recursion limit makes json.loads raise
+    """Regression (was a bug): nesting deeper than Python's recursion limit makes json.loads raise
     RecursionError, which _json_body does not catch: the API answers 500."""
     for body in (b"[" * 20000, b'{"name": ' + b"[" * 20000 + b"]" * 20000 + b', "size": 512}'):
         with caplog.at_level(logging.ERROR, "blockmig.api"):
@@ -542,7 +542,7 @@ def test_create_bad_size(api: ApiThread, size: Any) -> None:
 
 @pytest.mark.parametrize("size", ["9" * 400, "1" + "0" * 309 + "P", "1" * 5000])
 def test_create_absurd_size_string_is_400(api: ApiThread, size: str) -> None:
-    """BUG: a size string whose float value is infinite makes units.parse_size
+    """Regression (was a bug): a size string whose float value is infinite makes units.parse_size
     call int(inf) -> OverflowError, which _size does not catch: the API answers 500."""
     expect_error(api.request("POST", "/api/v1/luns", {"name": "a", "size": size}), 400, "invalid")
     assert api.array.luns == {}
@@ -610,7 +610,7 @@ def test_size_beyond_filesystem_is_507(api: ApiThread, tmp_path: Path) -> None:
 
 
 def test_failed_create_leaves_no_file(api: ApiThread, tmp_path: Path) -> None:
-    """BUG (minor): when ftruncate fails after FileBackend created the file
+    """Regression (was a bug): when ftruncate fails after FileBackend created the file
     (O_CREAT|O_EXCL), the empty file stays in the pool directory."""
     if _fs_holds_1pib(tmp_path):
         pytest.skip("the tmp filesystem holds a 1 PiB sparse file")
@@ -659,7 +659,7 @@ def test_wrong_method(api: ApiThread) -> None:
 
 
 def test_wrong_method_names_allowed_methods(api: ApiThread) -> None:
-    """BUG: RFC 9110 section 15.5.6: a 405 response MUST carry an Allow header.
+    """Regression (was a bug): RFC 9110 section 15.5.6: a 405 response MUST carry an Allow header.
     aiohttp's HTTPMethodNotAllowed has one, but errors_middleware replaces the
     exception with a fresh JSON response and drops its headers."""
     r = api.request("PUT", "/api/v1/luns")

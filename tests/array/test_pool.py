@@ -157,7 +157,7 @@ def test_zero_with_may_trim_is_free(pool_lun: PoolLun) -> None:
 
 
 def test_zero_range_is_charged(pool_lun: PoolLun) -> None:
-    """BUG: WRITE_ZEROES without may_trim (NBD_CMD_FLAG_NO_HOLE) runs
+    """Regression (was a bug): WRITE_ZEROES without may_trim (NBD_CMD_FLAG_NO_HOLE) runs
     fallocate(ZERO_RANGE), which allocates blocks (st_blocks grows) as
     *unwritten* extents; SEEK_DATA reports those as holes on ext4 and XFS, so
     allocated_bytes() and _unallocated() never see them. After the first
@@ -195,7 +195,7 @@ def test_several_luns_share_the_capacity(tmp_path: Path, block: int) -> None:
 
 
 def test_small_scattered_writes_stay_within_capacity(tmp_path: Path, block: int) -> None:
-    """BUG: the fast path charges ``length`` bytes, but a write into a hole
+    """Regression (was a bug): the fast path charges ``length`` bytes, but a write into a hole
     allocates whole filesystem blocks. 512-byte writes one block apart each
     allocate a block (8x more on 4 KiB blocks) and the pool ends far past
     its capacity before the exact recount starts refusing."""
@@ -427,7 +427,7 @@ def test_open_recreates_missing_file_of_ready_lun(arr: ArrayFixture) -> None:
 
 
 def test_open_refuses_another_arrays_data_dir(arr: ArrayFixture) -> None:
-    """BUG (minor): when Array.open() fails after taking the data dir's flock
+    """Regression (was a bug): when Array.open() fails after taking the data dir's flock
     (here: the dir belongs to another array; also a bad pool name in the
     config), it neither closes the lock fd nor the metadata DB, so the lock
     stays held and the right array cannot open the dir in the same process."""

@@ -24,7 +24,7 @@ accepted for its block (and nothing else).
 4. a full target pool: the migration fails clearly and the LUN keeps serving
    the source as a remote LUN (I7).
 
-Tests marked ``KNOWN BUG`` pin a defect found while writing this file (see the
+Tests marked ``Regression (fixed)`` pin a defect found while writing this file (see the
 docstring of each); they fail until the bug is fixed.
 """
 
@@ -506,7 +506,7 @@ def test_source_gone_longer_than_the_retry_window_fails_reads_with_eio(tmp_path:
     (SIGSTOP: the TCP connection stays up, nothing answers) must fail I/O that needs it with
     EIO after about 1 s, while clean regions are still read locally.
 
-    KNOWN BUG (how=stopped): a hung source is never timed out. RemoteBackend._call
+    Regression (fixed) (how=stopped): a hung source is never timed out. RemoteBackend._call
     (emulator/mirror/remote.py, ``return await fn(c)``) awaits the NBD reply with no deadline;
     the retry window only starts once the connection is seen closed. So a host read of a
     not-yet-copied region hangs as long as the source is stopped (here: the 8 s bound of the
@@ -676,7 +676,7 @@ def test_full_target_pool_fails_the_migration_and_the_lun_serves_the_source(tmp_
     'failed' with an error naming the full pool, and the LUN must keep serving the source
     ('remote'), which holds every acknowledged write (I7, I1).
 
-    KNOWN BUG: the migration never fails; it stays 'copying' forever, retrying every 2 s with
+    Regression (fixed): the migration never fails; it stays 'copying' forever, retrying every 2 s with
     last_error "target: pool 'default' is full ...". Migration._loop
     (emulator/mirror/migration.py, ``except BackendError as e:  # the source is unreachable``)
     catches the copier's TargetError -- a subclass of BackendError (copier.py,
@@ -722,7 +722,7 @@ def test_a_remote_lun_takes_writes_when_its_pool_is_full(tmp_path: Path) -> None
     """After a cancel, B's LUN is 'remote': its writes go to the source only, so a full pool on
     B must not refuse them (I1, I7: the other LUNs of a full pool keep working).
 
-    KNOWN BUG: LunBackend.write (emulator/array/lun.py, ``self._charge(offset, len(data))``)
+    Regression (fixed): LunBackend.write (emulator/array/lun.py, ``self._charge(offset, len(data))``)
     charges the LUN's pool for every write whatever its inner Backend is; for a remote (or
     migrating) LUN the write never lands in the local file, but Pool.charge counts the holes of
     that (trimmed) file and refuses the write with ENOSPC once another LUN filled the pool.
@@ -771,7 +771,7 @@ def test_concurrent_writes_never_overfill_a_pool(tmp_path: Path) -> None:
     Up to 8 rounds: free 2 MiB (trim), then 16 pipelined 1 MiB writes into holes; a few KiB of
     file system metadata over the capacity are tolerated, a whole extra write is not.
 
-    KNOWN BUG: Pool.charge (emulator/array/pool.py) decides on ``used()`` -- st_blocks of the
+    Regression (fixed): Pool.charge (emulator/array/pool.py) decides on ``used()`` -- st_blocks of the
     files, i.e. writes already completed -- and then resets the estimate to ``used + new``,
     forgetting the writes it has charged that are still in flight (FileBackend hands writes
     larger than its inline limit to a thread pool). With 2 MiB free, 3 concurrent 1 MiB writes
