@@ -834,7 +834,7 @@ class MigratingLunMachine(RuleBasedStateMachine):
 
 @pytest.mark.timeout(120)
 def test_state_machine_io_racing_the_copier(inproc: InProc) -> None:
-    """Fails while the Regression (fixed)s below are open (mostly the first: an I2 violation in active mode)."""
+    """Reads, writes, zeroes, trims and flushes racing the copier, checked against a model (I1-I4)."""
     MigratingLunMachine.env = inproc
     run_state_machine_as_test(
         MigratingLunMachine,
