@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from emulator.nbd.backend import Backend
+from emulator.nbd.backend import Backend, copy_capabilities
 from emulator.nbd.protocol import Extent
 
 from .file_backend import FileBackend
@@ -39,18 +39,7 @@ class LunBackend(Backend):
         old, self.inner = self.inner, inner
         if file is not None:
             self._file = file
-        for cap in (
-            "read_only",
-            "can_trim",
-            "can_zero",
-            "can_fast_zero",
-            "can_cache",
-            "can_flush",
-            "can_fua",
-            "can_multi_conn",
-            "can_extents",
-        ):
-            setattr(self, cap, getattr(inner, cap))
+        copy_capabilities(self, inner)
         return old
 
     def set_file(self, file: FileBackend, pool: Pool, local: Backend) -> None:

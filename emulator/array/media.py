@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-from emulator.nbd.backend import Backend
+from emulator.nbd.backend import Backend, copy_capabilities
 from emulator.nbd.protocol import Extent
 
 from .models import LatencyModel, Media
@@ -49,18 +49,7 @@ class MediaBackend(Backend):
         self._clock = clock
         self._sleep = sleep
         self._busy_until = 0.0
-        for cap in (
-            "read_only",
-            "can_trim",
-            "can_zero",
-            "can_fast_zero",
-            "can_cache",
-            "can_flush",
-            "can_fua",
-            "can_multi_conn",
-            "can_extents",
-        ):
-            setattr(self, cap, getattr(inner, cap))
+        copy_capabilities(self, inner)
 
     @property
     def size(self) -> int:

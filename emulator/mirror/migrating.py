@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 
-from emulator.nbd.backend import Backend
+from emulator.nbd.backend import Backend, copy_capabilities
 from emulator.nbd.protocol import Extent
 
 from .regions import ProgressFile, RegionMap
@@ -55,8 +55,9 @@ class MigratingBackend(Backend):
         self.dirtied_bytes = 0  # bytes of host writes that dirtied regions (for the dirty rate)
         self.local_reads = 0
         self.remote_reads = 0
-        for cap in ("read_only", "can_trim", "can_zero", "can_cache", "can_flush", "can_fua"):
-            setattr(self, cap, getattr(source, cap))
+        copy_capabilities(
+            self, source, ("read_only", "can_trim", "can_zero", "can_cache", "can_flush", "can_fua")
+        )
         self.can_multi_conn = True  # one MigratingBackend serves every connection of the LUN
         self.can_extents = True
 

@@ -86,6 +86,25 @@ class Backend(ABC):
         """Release resources; no calls follow."""
 
 
+CAPABILITIES = (
+    "read_only",
+    "can_trim",
+    "can_zero",
+    "can_fast_zero",
+    "can_cache",
+    "can_flush",
+    "can_fua",
+    "can_multi_conn",
+    "can_extents",
+)
+
+
+def copy_capabilities(dst: Backend, src: Backend, names: tuple[str, ...] = CAPABILITIES) -> None:
+    """A wrapping Backend offers what the Backend it wraps offers."""
+    for cap in names:
+        setattr(dst, cap, getattr(src, cap))
+
+
 class MemoryBackend(Backend):
     """Sparse in-memory Backend: the test double for unit tests.
 
