@@ -48,11 +48,11 @@ class FileBackend(Backend):
         path: str,
         read_only: bool = False,
         create_size: int | None = None,
-        inline_max: int = 64 * 1024 * 1024,
+        inline_max: int = 256 * 1024,
     ) -> None:
         self.path = path
         self.read_only = read_only
-        self.inline_max = int(os.environ.get("BM_INLINE_MAX", inline_max))  # XXX experiment
+        self.inline_max = inline_max
         flags = os.O_RDONLY if read_only else os.O_RDWR
         if create_size is not None and not os.path.exists(path):
             if read_only:

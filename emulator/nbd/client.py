@@ -279,14 +279,20 @@ class NbdClient:
         if self._writer is not None:
             self._writer.transport.abort()
 
-    async def close(self) -> None:
-        """Send DISC after the requests in flight, then close."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Send DISC after the requests in flight (waiting up to ``timeout`` seconds
+        for them: a server may have stopped answering), then close."""
         w = self._writer
         if w is None:
             return
         self._writer = None
         if self._pending and self._broken is None:
-            await asyncio.gather(*(x.future for x in list(self._pending.values())), return_exceptions=True)
+            futs = [x.future for x in list(self._pending.values())]
+            _, late = await asyncio.wait(futs, timeout=timeout)
+            if late:
+                self._writer = w
+                self.abort(f"closing with {len(late)} request(s) unanswered after {timeout:g} s")
+                self._writer = None
         if self._broken is None and not w.is_closing():
             w.write(p.Request(0, p.CMD_DISC, next(self._cookies), 0, 0).header())
         w.close()
