@@ -92,6 +92,14 @@ class VolumeManager:
             raise VolumeError(
                 f"volume {v.name} ({v.id}) is attached to {len(v.attachments)} host(s); detach first"
             )
+        if (
+            v.migration_status == "error"
+            and v.migration.get("phase") == "cleanup"
+            and Host.parse(v.migration["source"]).array != Host.parse(v.host).array
+        ):
+            # The last migration could not remove its source LUN: do it now, so a
+            # migration back to that array does not find the old LUN in its way.
+            self.driver(Host.parse(v.migration["source"]).array).delete_volume(v)
         if v.migration_status in MIGRATING:
             raise VolumeError(f"volume {v.name} ({v.id}) is migrating; wait for the migration to end")
         self.db.update(v.id, status="deleting")
@@ -160,6 +168,19 @@ class VolumeManager:
             "pid": os.getpid(),
             "error": "",
         }
+        if (
+            v.migration_status == "error"
+            and v.migration.get("phase") == "cleanup"
+            and Host.parse(v.migration["source"]).array != Host.parse(v.host).array
+        ):
+            # The last migration could not remove its source LUN: do it now, so a
+            # migration back to that array does not find the old LUN in its way.
+            self.driver(Host.parse(v.migration["source"]).array).delete_volume(v)
+        if v.migration_status in MIGRATING:
+            raise VolumeError(
+                f"volume {v.name} ({v.id}) is already {v.migration_status}; wait for that migration "
+                "to end (`blockmig show` follows it)"
+            )
         v = self.db.update(
             v.id,
             expect={"migration_status": (None, "success", "error"), "status": ("available", "in-use")},
@@ -224,6 +245,8 @@ class VolumeManager:
                 return self._host_copy(v, progress)
             if mig["phase"] == "complete":
                 return self._complete(v, progress)
+            if mig["phase"] == "cleanup":
+                return self._cleanup(v)
             # The command that ran steps 1-3 died half-way: nothing was switched yet.
             raise VolumeError(f"interrupted during step {mig['phase']}; the volume stays on {mig['source']}")
         except (ApiError, VolumeError, OSError, ValueError) as e:
@@ -235,12 +258,15 @@ class VolumeManager:
         dest = Host.parse(mig["target"])
         self._inject("complete")
         loc = self.driver(dest.array).complete_migration_target(v, progress)
+        v = self.db.update(v.id, provider_location=loc, migration={**mig, "phase": "cleanup"})
+        return self._cleanup(v)
+
+    def _cleanup(self, v: Volume) -> Volume:
+        """Step 4's end: the target holds the volume; remove the source LUN."""
+        mig = dict(v.migration)
         self._remove_source(v, mig)
         return self.db.update(
-            v.id,
-            provider_location=loc,
-            migration_status="success",
-            migration={**mig, "phase": "done", "finished": time.time()},
+            v.id, migration_status="success", migration={**mig, "phase": "done", "finished": time.time()}
         )
 
     def _host_copy(self, v: Volume, progress: Progress | None) -> Volume:
@@ -270,11 +296,8 @@ class VolumeManager:
         except BaseException:
             ddrv.delete_volume(target)
             raise
-        v = self.db.update(v.id, host=str(dest), provider_location=loc)
-        self._remove_source(v, mig)
-        return self.db.update(
-            v.id, migration_status="success", migration={**mig, "phase": "done", "finished": time.time()}
-        )
+        v = self.db.update(v.id, host=str(dest), provider_location=loc, migration={**mig, "phase": "cleanup"})
+        return self._cleanup(v)
 
     def _remove_source(self, v: Volume, mig: dict[str, Any]) -> None:
         self._inject("cleanup")
@@ -282,11 +305,18 @@ class VolumeManager:
         self.driver(src.array).delete_volume(v)
 
     def _fail(self, vid: str, error: str) -> None:
-        """Step failed: put the volume back on its authoritative side, status error."""
+        """Step failed: leave the volume on its authoritative side, status error."""
         v = self.db.get(vid)
         mig = dict(v.migration)
         mig["error"] = error
         src, dest = Host.parse(mig["source"]), Host.parse(mig["target"])
+        if mig.get("phase") == "complete" and self._target_completed(v, dest):
+            mig["phase"] = "cleanup"  # the array cut over: the target is authoritative now
+        if mig.get("phase") == "cleanup":
+            # Only removing the source failed: the data lives on the target, keep it there.
+            mig["error"] = f"{error}; the volume lives on {mig['target']}; its source LUN may remain"
+            self.db.update(vid, host=mig["target"], migration_status="error", migration=mig)
+            return
         if mig.get("phase") in ("complete", "target") and dest.array != src.array:
             # The source stayed authoritative (I1): drop the takeover on the target.
             try:
@@ -295,10 +325,6 @@ class VolumeManager:
                     d.cancel_migration_target(v)
             except (ApiError, VolumeError) as e:
                 mig["error"] += f"; cleanup on {dest.array}: {e}"
-        if mig.get("phase") == "done":
-            # Only the source cleanup failed: the data lives on the target already.
-            self.db.update(vid, migration_status="error", migration=mig)
-            return
         self.db.update(
             vid,
             host=mig["source"],
@@ -306,6 +332,14 @@ class VolumeManager:
             migration_status="error",
             migration=mig,
         )
+
+    def _target_completed(self, v: Volume, dest: Host) -> bool:
+        """Has the target array already cut over to its own copy?"""
+        try:
+            st = self.driver(dest.array).api.call("GET", f"/api/v1/migrations/{v.lun}")
+        except (ApiError, VolumeError):
+            return False
+        return bool(st.get("state") == "completed")
 
     # ------------------------------------------------------------------ restart
     def recover(self) -> list[str]:

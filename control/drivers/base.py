@@ -45,8 +45,8 @@ class Host(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Host:
-        array, _, rest = text.partition("@")
-        backend, _, pool = rest.partition("#")
+        left, _, pool = text.partition("#")
+        array, _, backend = left.partition("@")
         if not array:
             raise ValueError(f"not a host: {text!r} (use ARRAY, ARRAY#POOL or ARRAY@BACKEND#POOL)")
         return cls(array, backend or array, pool or "default")

@@ -51,6 +51,8 @@ class RegionMap:
         self.last_write: npt.NDArray[np.float64] = np.zeros(self.count, np.float64)
         #: the target may hold data here (False only where it is known to be a hole)
         self.target_data: npt.NDArray[np.bool_] = np.ones(self.count, np.bool_)
+        #: regions being copied -> set when the copy ends (active mode holds writes on it)
+        self.copying: dict[int, asyncio.Event] = {}
 
     def span(self, offset: int, length: int) -> tuple[int, int]:
         """Regions [first, end) touched by a byte range (length > 0)."""
