@@ -7,7 +7,7 @@ APT_PACKAGES := nbdkit libnbd-bin nbdfuse python3-libnbd fio qemu-utils fuse3 e2
                 iproute2 kmod procps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install apt venv test lint typecheck bench-nbd clean
+.PHONY: install apt venv test lint typecheck bench-nbd bench-migration bench-file-io clean
 
 install: apt venv
 
@@ -37,6 +37,12 @@ lint: venv
 
 bench-nbd: install
 	$(PY) -m bench.nbd_server
+
+bench-migration: install
+	$(PY) -m bench.migration
+
+bench-file-io: install
+	$(PY) -m bench.file_io
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .hypothesis
