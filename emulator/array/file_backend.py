@@ -48,7 +48,7 @@ class FileBackend(Backend):
         path: str,
         read_only: bool = False,
         create_size: int | None = None,
-        inline_max: int = 256 * 1024,
+        inline_max: int = 1024 * 1024,  # bench/nbd_server: threads cost more below this
     ) -> None:
         self.path = path
         self.read_only = read_only
@@ -100,6 +100,11 @@ class FileBackend(Backend):
         return data
 
     def _pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        if not fua:  # os.pwrite costs 0.6 us less than pwritev with a list
+            n = os.pwrite(self._fd, data, offset)
+            if n == len(data):
+                return
+            data, offset = memoryview(data)[n:], offset + n
         view = memoryview(data)
         flags = os.RWF_DSYNC if fua else 0
         while view:

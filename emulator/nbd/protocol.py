@@ -293,6 +293,10 @@ def build_block_status_chunk(
 
 
 # =========================================================================== request decoder
+_REQUEST_SIZE = REQUEST.size
+_unpack_request = REQUEST.unpack_from  # bound once: this runs for every request
+
+
 class RequestDecoder:
     """Server side of the transmission phase: bytes in, :class:`Request` out.
 
@@ -388,13 +392,14 @@ class RequestDecoder:
             self._pending = None
             self._payload = None
             return pending
-        avail = self._end - self._start
-        if avail < REQUEST.size:
+        start = self._start
+        avail = self._end - start
+        if avail < _REQUEST_SIZE:
             return None
-        magic, flags, type_, cookie, offset, length = REQUEST.unpack_from(self._buf, self._start)
+        magic, flags, type_, cookie, offset, length = _unpack_request(self._buf, start)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic 0x{magic:08x}")
-        self._start += REQUEST.size
+        self._start = start = start + _REQUEST_SIZE
         req = Request(flags, type_, cookie, offset, length)
         if type_ != CMD_WRITE:
             return req
@@ -402,7 +407,7 @@ class RequestDecoder:
             raise ProtocolError(
                 f"WRITE payload of {length} bytes exceeds the {self._max_payload} byte maximum"
             )
-        avail -= REQUEST.size
+        avail -= _REQUEST_SIZE
         if avail >= length:
             req.data = self._view[self._start : self._start + length]
             self._start += length

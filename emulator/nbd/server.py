@@ -41,6 +41,11 @@ _CMD_FLAGS = {
     p.CMD_BLOCK_STATUS: p.CMD_FLAG_REQ_ONE,
 }
 _MODIFYING = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
+# hot-path names bound once (module attribute lookups cost per request)
+_pack_offset_data = p.OFFSET_DATA_HEADER.pack
+_pack_simple = p.SIMPLE_REPLY.pack
+_SR_MAGIC, _SIMPLE_MAGIC = p.STRUCTURED_REPLY_MAGIC, p.SIMPLE_REPLY_MAGIC
+_DONE, _OFFSET_DATA = p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA
 
 
 @dataclass(slots=True)
@@ -301,14 +306,20 @@ class _Connection(asyncio.BufferedProtocol):
             self._flush_out()
 
     def _dispatch(self, req: p.Request) -> None:
-        if req.type == p.CMD_DISC:  # never replied to, whatever its flags (section "NBD_CMD_DISC")
-            self._disconnect()
-            return
-        err = self._validate(req)
-        if err is not None:
-            self._send_error(req, err[0], err[1])
-            return
         t = req.type
+        if not (  # a plain READ or WRITE inside the export passes every check of _validate
+            req.flags == 0
+            and (t == p.CMD_READ or (t == p.CMD_WRITE and not self._flags & p.FLAG_READ_ONLY))
+            and 0 < req.length <= p.MAX_BLOCK
+            and req.offset + req.length <= self._size
+        ):
+            if t == p.CMD_DISC:  # never replied to, whatever its flags (section "NBD_CMD_DISC")
+                self._disconnect()
+                return
+            err = self._validate(req)
+            if err is not None:
+                self._send_error(req, err[0], err[1])
+                return
         if t == p.CMD_READ:
             coro = self._read(req)
         elif t == p.CMD_WRITE:
@@ -415,17 +426,11 @@ class _Connection(asyncio.BufferedProtocol):
                 await self._sparse_read(req)
                 return
             data = await backend.read(off, length)
-            self._send(
-                p.OFFSET_DATA_HEADER.pack(
-                    p.STRUCTURED_REPLY_MAGIC,
-                    p.REPLY_FLAG_DONE,
-                    p.REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    length + 8,
-                    off,
-                ),
-                data,
-            )
+            out = self._out
+            out.append(_pack_offset_data(_SR_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, off))
+            out.append(data)
+            if not self._in_receive:
+                self._flush_out()
         except Exception as e:
             self._backend_failed(req, e)
 
@@ -482,7 +487,9 @@ class _Connection(asyncio.BufferedProtocol):
         except Exception as e:
             self._backend_failed(req, e)
             return
-        self._send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, req.cookie))
+        self._out.append(_pack_simple(_SIMPLE_MAGIC, 0, req.cookie))
+        if not self._in_receive:
+            self._flush_out()
 
     async def _other(self, req: p.Request) -> None:
         backend = self._backend
