@@ -105,17 +105,19 @@ def cmd_lun_delete(args: argparse.Namespace, api: ArrayApi) -> None:
     _emit(args, {"deleted": args.name}, f"deleted LUN {args.name}")
 
 
-def _run(func: Any) -> Any:
+def run_api_command(func: Any) -> Any:
+    """Wrap ``func(args, api)``: an ApiError becomes a clear message and exit 1."""
+
     def runner(args: argparse.Namespace) -> int:
         api = ArrayApi(args.api, args.token)
         try:
-            func(args, api)
+            rc: int | None = func(args, api)
         except ApiError as e:
             if args.json:
                 print(json.dumps({"error": {"status": e.status, "code": e.code, "message": e.message}}))
             print(f"blockmig: {e.message}", file=sys.stderr)
             return 1
-        return 0
+        return rc or 0
 
     return runner
 
@@ -126,7 +128,7 @@ def add_parsers(
 ) -> None:
     p = array_sub.add_parser("info", help="show an array: model, capabilities, pools")
     _api_args(p)
-    p.set_defaults(func=_run(cmd_array_info))
+    p.set_defaults(func=run_api_command(cmd_array_info))
 
     lun = sub.add_parser("lun", help="manage the LUNs of an array")
     lsub = lun.add_subparsers(dest="lun_command", metavar="ACTION", required=True)
@@ -135,21 +137,21 @@ def add_parsers(
     p.add_argument("name")
     p.add_argument("--size", required=True, help="size, e.g. 1G or 1073741824")
     p.add_argument("--pool", help="pool (default: 'default')")
-    p.set_defaults(func=_run(cmd_lun_create))
+    p.set_defaults(func=run_api_command(cmd_lun_create))
     p = lsub.add_parser("list", help="list LUNs")
     _api_args(p)
-    p.set_defaults(func=_run(cmd_lun_list))
+    p.set_defaults(func=run_api_command(cmd_lun_list))
     p = lsub.add_parser("show", help="show one LUN")
     _api_args(p)
     p.add_argument("name")
-    p.set_defaults(func=_run(cmd_lun_show))
+    p.set_defaults(func=run_api_command(cmd_lun_show))
     p = lsub.add_parser("grow", help="grow a LUN")
     _api_args(p)
     p.add_argument("name")
     p.add_argument("--size", required=True, help="new size, e.g. 2G")
-    p.set_defaults(func=_run(cmd_lun_grow))
+    p.set_defaults(func=run_api_command(cmd_lun_grow))
     p = lsub.add_parser("delete", help="delete a LUN")
     _api_args(p)
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="delete even while hosts are connected")
-    p.set_defaults(func=_run(cmd_lun_delete))
+    p.set_defaults(func=run_api_command(cmd_lun_delete))

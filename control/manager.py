@@ -92,14 +92,7 @@ class VolumeManager:
             raise VolumeError(
                 f"volume {v.name} ({v.id}) is attached to {len(v.attachments)} host(s); detach first"
             )
-        if (
-            v.migration_status == "error"
-            and v.migration.get("phase") == "cleanup"
-            and Host.parse(v.migration["source"]).array != Host.parse(v.host).array
-        ):
-            # The last migration could not remove its source LUN: do it now, so a
-            # migration back to that array does not find the old LUN in its way.
-            self.driver(Host.parse(v.migration["source"]).array).delete_volume(v)
+        self._remove_leftover(v)
         if v.migration_status in MIGRATING:
             raise VolumeError(f"volume {v.name} ({v.id}) is migrating; wait for the migration to end")
         self.db.update(v.id, status="deleting")
@@ -168,14 +161,7 @@ class VolumeManager:
             "pid": os.getpid(),
             "error": "",
         }
-        if (
-            v.migration_status == "error"
-            and v.migration.get("phase") == "cleanup"
-            and Host.parse(v.migration["source"]).array != Host.parse(v.host).array
-        ):
-            # The last migration could not remove its source LUN: do it now, so a
-            # migration back to that array does not find the old LUN in its way.
-            self.driver(Host.parse(v.migration["source"]).array).delete_volume(v)
+        self._remove_leftover(v)
         if v.migration_status in MIGRATING:
             raise VolumeError(
                 f"volume {v.name} ({v.id}) is already {v.migration_status}; wait for that migration "
@@ -298,6 +284,17 @@ class VolumeManager:
             raise
         v = self.db.update(v.id, host=str(dest), provider_location=loc, migration={**mig, "phase": "cleanup"})
         return self._cleanup(v)
+
+    def _remove_leftover(self, v: Volume) -> None:
+        """The last migration could not remove its source LUN: do it now, so that
+        neither a delete nor a migration back to that array leaves or meets it."""
+        mig = v.migration
+        if (
+            v.migration_status == "error"
+            and mig.get("phase") == "cleanup"
+            and Host.parse(mig["source"]).array != Host.parse(v.host).array
+        ):
+            self.driver(Host.parse(mig["source"]).array).delete_volume(v)
 
     def _remove_source(self, v: Volume, mig: dict[str, Any]) -> None:
         self._inject("cleanup")

@@ -11,8 +11,8 @@ from typing import Any
 
 from emulator.units import format_size, parse_size
 
-from .api_client import ApiError, ArrayApi
-from .array_commands import _api_args, table
+from .api_client import ArrayApi
+from .array_commands import _api_args, run_api_command, table
 
 FINAL = ("completed", "failed", "cancelled")
 
@@ -119,21 +119,6 @@ def cmd_wait(args: argparse.Namespace, api: ArrayApi) -> int:
     return 0
 
 
-def _run(func: Any) -> Any:
-    def runner(args: argparse.Namespace) -> int:
-        api = ArrayApi(args.api, args.token)
-        try:
-            rc: int = func(args, api)
-            return rc
-        except ApiError as e:
-            if args.json:
-                print(json.dumps({"error": {"status": e.status, "code": e.code, "message": e.message}}))
-            print(f"blockmig: {e.message}", file=sys.stderr)
-            return 1
-
-    return runner
-
-
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mig = sub.add_parser("migration", help="live-migrate a LUN onto an array (run against the TARGET array)")
     msub = mig.add_subparsers(dest="migration_command", metavar="ACTION", required=True)
@@ -151,7 +136,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     p.add_argument("--throttle", type=float, metavar="MBPS", help="copy rate limit in MB/s (0 = unlimited)")
     p.add_argument("--region-size", metavar="SIZE", help="region size, a power of two (default 1M)")
-    p.set_defaults(func=_run(cmd_start))
+    p.set_defaults(func=run_api_command(cmd_start))
     for name, helptext, func in (
         ("status", "show a migration", cmd_status),
         ("pause", "pause copying (host I/O keeps flowing)", _action("pause")),
@@ -165,13 +150,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p = msub.add_parser(name, help=helptext)
         _api_args(p)
         p.add_argument("lun", metavar="NAME")
-        p.set_defaults(func=_run(func))
+        p.set_defaults(func=run_api_command(func))
     p = msub.add_parser("list", help="list migrations")
     _api_args(p)
-    p.set_defaults(func=_run(cmd_list))
+    p.set_defaults(func=run_api_command(cmd_list))
     p = msub.add_parser("wait", help="wait until a migration ends; exit 0 only if it completed")
     _api_args(p)
     p.add_argument("lun", metavar="NAME")
     p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 2)")
     p.add_argument("--interval", type=float, default=0.2, help=argparse.SUPPRESS)
-    p.set_defaults(func=_run(cmd_wait))
+    p.set_defaults(func=run_api_command(cmd_wait))
