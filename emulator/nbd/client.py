@@ -182,6 +182,8 @@ class NbdClient:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, _Pending] = {}
+        self._out: list[bytes | bytearray | memoryview] = []  # requests not yet handed to the transport
+        self._send_pending = False
         self._cookies = itertools.count(1)
         self._decoder = p.ReplyDecoder(self._read_length)
         self._reader_task: asyncio.Task[None] | None = None
@@ -352,12 +354,21 @@ class NbdClient:
         cookie = next(self._cookies)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[cookie] = _Pending(type_, offset, length, fut, buf)
-        hdr = p.REQUEST.pack(p.REQUEST_MAGIC, flags, type_, cookie, offset, length)
-        if payload is None:
-            w.write(hdr)
-        else:
-            w.writelines((hdr, payload))
+        out = self._out
+        out.append(p.REQUEST.pack(p.REQUEST_MAGIC, flags, type_, cookie, offset, length))
+        if payload is not None:
+            out.append(payload)
+        if not self._send_pending:  # the first request of this loop iteration: send all at its end
+            self._send_pending = True
+            asyncio.get_running_loop().call_soon(self._send_out)
         return fut
+
+    def _send_out(self) -> None:
+        self._send_pending = False
+        out, self._out = self._out, []
+        w = self._writer
+        if out and w is not None and not w.is_closing():
+            w.writelines(out)
 
     async def _drain(self) -> None:
         w = self._writer

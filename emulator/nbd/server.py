@@ -187,6 +187,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._flags = 0
         self._out: list[Any] = []
         self._in_receive = False
+        self._flush_pending = False
         self._inflight: set[asyncio.Task[None]] = set()
         self._disconnecting = False
         self._paused_reasons = 0  # bit 1: write buffer full, bit 2: too many in flight
@@ -296,14 +297,22 @@ class _Connection(asyncio.BufferedProtocol):
             self._flush_out()
 
     def _flush_out(self) -> None:
+        self._flush_pending = False
         if self._out and self.transport is not None:
             out, self._out = self._out, []
             self.transport.writelines(out)
 
+    def _flush_soon(self) -> None:
+        """Replies finished outside a receive pass (their Backend waited) go out
+        together at the end of this loop iteration: one send for all of them."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
     def _send(self, *parts: Any) -> None:
         self._out.extend(parts)
         if not self._in_receive:
-            self._flush_out()
+            self._flush_soon()
 
     def _dispatch(self, req: p.Request) -> None:
         t = req.type
@@ -430,7 +439,7 @@ class _Connection(asyncio.BufferedProtocol):
             out.append(_pack_offset_data(_SR_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, off))
             out.append(data)
             if not self._in_receive:
-                self._flush_out()
+                self._flush_soon()
         except Exception as e:
             self._backend_failed(req, e)
 
@@ -489,7 +498,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self._out.append(_pack_simple(_SIMPLE_MAGIC, 0, req.cookie))
         if not self._in_receive:
-            self._flush_out()
+            self._flush_soon()
 
     async def _other(self, req: p.Request) -> None:
         backend = self._backend
