@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         make_backing_file(backing, size)
         print(f"backing file {backing}: {size} bytes of random data; "
               f"{rounds} rounds x {len(jobs)} jobs x {runtime:g} s (+{RAMP_S:g} s ramp); "
-              f"{os.cpu_count()} CPUs shared by fio and the server", flush=True)
+              f"{os.cpu_count()} CPUs shared by fio and the server; "
+              f"load average {os.getloadavg()[0]:.2f}", flush=True)
         for rnd in range(rounds):
             order = SERVERS if rnd % 2 == 0 else SERVERS[::-1]
             with ExitStack() as stack:
@@ -226,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         ratios[job.key] = round(_print_table(job, med, rounds), 3)
         raw[job.key] = {s: {"median": asdict(med[s]),
                             "runs": [asdict(r) for r in results[job.key][s]]} for s in SERVERS}
-    print(f"\ntotal {time.monotonic() - t0:.1f} s")
+    load = os.getloadavg()[0]
+    print(f"\ntotal {time.monotonic() - t0:.1f} s; load average {load:.2f} (fio + server "
+          f"alone make about 2: more means other work competed and the numbers are noisy)")
     doc = {**ratios, "raw": raw}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")

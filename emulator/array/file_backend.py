@@ -123,6 +123,11 @@ class FileBackend(Backend):
         except OSError as e:
             raise _backend_error(f"{self.path}: read at {offset}", e) from None
 
+    def zero_copy_fd(self, length: int) -> int | None:
+        """The file itself, for a regular file and reads up to ``inline_max``
+        (sendfile runs inline, like the reads it replaces)."""
+        return self._fd if self._is_file and length <= self.inline_max else None
+
     async def read_into(self, offset: int, buf: memoryview) -> None:
         try:
             n = os.preadv(self._fd, [buf], offset)

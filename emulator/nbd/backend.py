@@ -82,6 +82,13 @@ class Backend(ABC):
         most ``length`` bytes (fewer is allowed). Default: all data."""
         return [Extent(length, 0)]
 
+    def zero_copy_fd(self, length: int) -> int | None:
+        """A file descriptor whose bytes at every offset are what ``read``
+        returns for a ``length``-byte read, so the server may sendfile(2)
+        them; None (the default) when there is none. A wrapper that changes
+        what reads return, or counts them, inherits None."""
+        return None
+
     def close(self) -> None:
         """Release resources; no calls follow."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ HANDSHAKE_TIMEOUT = 30.0
 #: reads at least this large look for holes and send them as OFFSET_HOLE chunks;
 #: for smaller ones an lseek costs more than the zeroes on the wire
 SPARSE_READ_MIN = 64 * 1024
+#: reads at least this large go from the page cache to the socket with sendfile(2)
+#: when the Backend offers a file (see _Connection._send_file)
+ZERO_COPY_MIN = 64 * 1024
 #: pause reading from a client with this many requests waiting on its Backend
 MAX_INFLIGHT = 256
 
@@ -192,6 +196,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._disconnecting = False
         self._paused_reasons = 0  # bit 1: write buffer full, bit 2: too many in flight
         self._timer: asyncio.TimerHandle | None = None
+        self._zsock: socket.socket | None = None  # a dup of the transport's, for sendfile
         self.peer = ""
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -211,6 +216,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self._zsock is not None:
+            self._zsock.close()
         if self._timer:
             self._timer.cancel()
         for t in self._inflight:
@@ -275,6 +282,11 @@ class _Connection(asyncio.BufferedProtocol):
             self._flags = neg.export.flags
             self._structured = neg.structured_replies
             self._alloc_ctx = neg.allocation_context
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and export.backend.zero_copy_fd(ZERO_COPY_MIN) is not None:
+                # our own handle on the socket, for sendfile (the transport's is hidden)
+                self._zsock = socket.socket(fileno=os.dup(sock.fileno()))
+                self._zsock.setblocking(False)
             self._hs = None
             self._dec = p.RequestDecoder()
             if hs.leftover:
@@ -424,8 +436,11 @@ class _Connection(asyncio.BufferedProtocol):
         off, length, cookie = req.offset, req.length, req.cookie
         try:
             if not self._structured:
+                header = _pack_simple(_SIMPLE_MAGIC, 0, cookie)
+                if length >= ZERO_COPY_MIN and self._send_file(header, off, length):
+                    return
                 data = await backend.read(off, length)
-                self._send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie), data)
+                self._send(header, data)
                 return
             if (
                 length >= SPARSE_READ_MIN
@@ -442,6 +457,54 @@ class _Connection(asyncio.BufferedProtocol):
                 self._flush_soon()
         except Exception as e:
             self._backend_failed(req, e)
+
+    def _send_file(self, header: bytes, offset: int, length: int) -> bool:
+        """Send a READ reply: ``header``, then ``length`` bytes of the
+        Backend's file at ``offset`` with sendfile(2), page cache to socket
+        without a copy through Python (nbdkit's file plugin preads, then sends).
+
+        Only when the Backend offers its file and the transport has nothing
+        queued, so our bytes cannot interleave with its own; whatever the
+        socket does not take now is read and queued on the transport. False
+        when nothing was sent: the caller takes the normal path. Once the
+        header is out, a failure can only drop the connection.
+        """
+        t, sock, backend = self.transport, self._zsock, self._backend
+        if t is None or sock is None or backend is None or t.is_closing() or t.get_write_buffer_size():
+            return False
+        fd = backend.zero_copy_fd(length)
+        if fd is None:
+            return False
+        try:
+            n = sock.send(header, socket.MSG_MORE)  # the data follows at once
+        except OSError:  # EAGAIN; a dead socket is the transport's to report
+            return False
+        sent = 0
+        try:
+            if n < len(header):  # rare: the socket took part of the header
+                t.write(header[n:])
+            else:
+                while sent < length:
+                    k = os.sendfile(sock.fileno(), fd, offset + sent, length - sent)
+                    if k == 0:  # end of file: the file shrank, pread tells
+                        break
+                    sent += k
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self._abort(f"READ at {offset}: {e} (after the reply header was sent)")
+            return True
+        if sent < length:
+            try:
+                data = os.pread(fd, length - sent, offset + sent)
+            except OSError as e:
+                data = b""
+                log.warning("READ at %d on export %s: %s", offset, self._name(), e)
+            if len(data) != length - sent:
+                self._abort(f"READ at {offset}: short read after the reply header was sent")
+                return True
+            t.write(data)
+        return True
 
     async def _sparse_read(self, req: p.Request) -> None:
         """Structured read that sends holes as OFFSET_HOLE chunks."""
@@ -465,7 +528,11 @@ class _Connection(asyncio.BufferedProtocol):
                 if pos >= end:
                     break
         if pos < end or len(runs) > 16 or not any(h for _, _, h in runs):
-            runs = [(off, end - off, False)]  # too fragmented or no holes: one data chunk
+            # too fragmented or no holes: one data chunk
+            header = _pack_offset_data(_SR_MAGIC, _DONE, _OFFSET_DATA, cookie, end - off + 8, off)
+            if self._send_file(header, off, end - off):
+                return
+            runs = [(off, end - off, False)]
         parts: list[Any] = []
         last = len(runs) - 1
         for i, (o, n, hole) in enumerate(runs):
