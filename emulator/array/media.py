@@ -7,7 +7,6 @@ is injected (``clock``, ``sleep``) so tests are fast and deterministic.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -16,20 +15,7 @@ from emulator.nbd.backend import Backend, copy_capabilities
 from emulator.nbd.protocol import Extent
 
 from .models import LatencyModel, Media
-
-
-async def precise_sleep(delay: float) -> None:
-    """Sleep with sub-millisecond precision.
-
-    Event-loop timers have millisecond resolution (uvloop rounds to whole
-    ms), which would turn an SSD's 0.2 ms into 0 or 1 ms. The last
-    millisecond is spent yielding to the loop, which keeps serving others.
-    """
-    deadline = time.perf_counter() + delay
-    if delay > 0.0015:
-        await asyncio.sleep(delay - 0.001)
-    while time.perf_counter() < deadline:
-        await asyncio.sleep(0)
+from .timer import precise_sleep
 
 
 class MediaBackend(Backend):
