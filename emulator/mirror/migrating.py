@@ -7,7 +7,8 @@
   counts as in flight; in background mode it is marked DIRTY first, so a
   concurrent copy never lands over a newer write as clean (I3).
 - In active mode a write to a CLEAN region goes to both sides, so the region
-  stays clean and the copy converges under any write rate.
+  stays clean and the copy converges under any write rate; a FLUSH reaches
+  both sides too.
 - A write to a region that is clean on disk waits until that bit is cleared
   durably (I4).
 - During cutover writes are held at a gate; once the LUN has switched to its
@@ -55,6 +56,8 @@ class MigratingBackend(Backend):
         self.dirtied_bytes = 0  # bytes of host writes that dirtied regions (for the dirty rate)
         self.local_reads = 0
         self.remote_reads = 0
+        #: a target flush that failed under a host FLUSH (the migration must not complete)
+        self.target_error: BaseException | None = None
         copy_capabilities(
             self, source, ("read_only", "can_trim", "can_zero", "can_cache", "can_flush", "can_fua")
         )
@@ -154,7 +157,21 @@ class MigratingBackend(Backend):
         await self._modify(offset, length, lambda b: b.trim(offset, length, fua), False)
 
     async def flush(self) -> None:
-        await (self._forward or self.source).flush()
+        if self._forward is not None:
+            await self._forward.flush()
+        elif not self.active:
+            await self.source.flush()
+        else:
+            # The target mirrors every write to a clean region: flush it too, so that
+            # what a host flushed is durable there when the LUN cuts over without a
+            # flush under held writes. Its failure is the migration's, not the host's.
+            src, tgt = await asyncio.gather(
+                self.source.flush(), self.target.flush(), return_exceptions=True
+            )
+            if isinstance(tgt, BaseException):
+                self.target_error = tgt
+            if isinstance(src, BaseException):
+                raise src
 
     async def cache(self, offset: int, length: int) -> None:
         await (self._forward or self.source).cache(offset, length)

@@ -310,12 +310,14 @@ class Migration:
             self._checkpointing = False
 
     async def _settle(self) -> None:
-        """Copy what is dirty (while that shrinks, twice at most) and flush, with
-        writes still flowing, so the copy and the flush under held writes only
-        have what landed since: they were most of the pause (bench/migration.py)."""
+        """Copy what is dirty until nothing is, and flush, with writes still
+        flowing in active mode (a write to a clean region goes to both sides,
+        so no region gets dirty again but by a trim or a failed write). The
+        pause under held writes then only drains writes in flight and records
+        the completion: copying and flushing were most of it (bench/migration.py)."""
         regions = self.regions
         assert regions is not None
-        for _ in range(2):
+        for _ in range(4):
             before = regions.dirty_bytes()
             if not before:
                 break
@@ -328,15 +330,18 @@ class Migration:
             raise TargetError(e.errno, f"target flush: {e}") from None
 
     async def _cutover(self) -> bool:
-        """Hold writes, copy the rest, flush, switch the LUN to its local copy."""
+        """Converge in active mode, then hold writes, copy what a trim or a failed
+        write left dirty, switch the LUN to its local copy."""
         regions, backend, copier = self.regions, self.backend, self.copier
         assert regions is not None and backend is not None and copier is not None
         self.state = "cutover"
+        backend.active = True
         try:
             await self._settle()
         except TargetError:
             raise
         except BackendError as e:  # the source went away: try again later
+            backend.active = self.mode == "active"
             self.state = "converging"
             self.last_error = str(e)
             return False
@@ -363,10 +368,16 @@ class Migration:
             if regions.dirty_count():
                 raise _Retry(f"{regions.dirty_count()} regions would not copy")
             step("copy_ms")
-            try:
-                await self.local.flush()
-            except BackendError as e:
-                raise TargetError(e.errno, f"target flush: {e}") from None
+            if backend.target_error is not None:
+                err = backend.target_error
+                raise TargetError(getattr(err, "errno", None) or errno.EIO, f"target flush: {err}")
+            if left:  # copied since the flush in _settle: make it durable first
+                try:
+                    await self.local.flush()
+                except BackendError as e:
+                    raise TargetError(e.errno, f"target flush: {e}") from None
+            # Writes that reached both sides since that flush are as durable on the
+            # target as the host asked: FLUSH went to both sides, FUA writes too.
             step("flush_ms")
             self.state = "completed"
             self.finished = time.time()
@@ -377,11 +388,13 @@ class Migration:
             step("swap_ms")
             self.cutover_steps = steps
         except _Retry as e:
+            backend.active = self.mode == "active"
             backend.release_writes()
             self.state = "converging"
             log.info("cutover of %s postponed: %s", self.name, e)
             return False
         except BackendError as e:
+            backend.active = self.mode == "active"
             backend.release_writes()
             if isinstance(e, TargetError):
                 raise
