@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 APT_PACKAGES := nbdkit libnbd-bin nbdfuse python3-libnbd fio qemu-utils fuse3 e2fsprogs util-linux \
-                iproute2 kmod procps
+                iproute2 kmod procps qemu-system-x86 linux-image-amd64 busybox-static nbd-client cpio
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install apt venv test lint typecheck bench-nbd bench-migration bench-file-io clean
@@ -32,7 +32,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check emulator control bench tests
+	$(VENV)/bin/ruff check emulator control bench blockmig tests
 	$(VENV)/bin/mypy
 
 bench-nbd: install
