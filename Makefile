@@ -7,7 +7,7 @@ APT_PACKAGES := nbdkit libnbd-bin nbdfuse python3-libnbd fio qemu-utils fuse3 e2
                 iproute2 kmod procps qemu-system-x86 linux-image-amd64 busybox-static nbd-client cpio
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install apt venv test lint typecheck bench-nbd bench-migration bench-file-io clean
+.PHONY: install apt venv test lint typecheck bench-nbd bench-migration bench-file-io demo clean
 
 install: apt venv
 
@@ -43,6 +43,11 @@ bench-migration: install
 
 bench-file-io: install
 	$(PY) -m bench.file_io
+
+# The story end to end: two arrays, a volume with known data, fio with verify on a real
+# block device (nbdfuse + loop), a live migration to the other array, checks, overhead.
+demo: install
+	$(PY) -m control.cli demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .hypothesis

@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     from emulator.array import serve_file
     from emulator.daemon import main as daemon
 
-    from . import array_commands, migration_commands, volume_commands
+    from . import array_commands, demo, migration_commands, volume_commands
 
     parser = argparse.ArgumentParser(
         prog="blockmig",
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     array_commands.add_parsers(array_sub, sub)
     migration_commands.add_parsers(sub)
     volume_commands.add_parsers(sub)
+    demo.add_parser(sub)
     return parser
 
 
