@@ -3,11 +3,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-APT_PACKAGES := nbdkit libnbd-bin nbdfuse python3-libnbd fio qemu-utils fuse3 e2fsprogs util-linux \
+APT_PACKAGES := nbdkit libnbd-bin python3-libnbd fio qemu-utils fuse3 e2fsprogs util-linux \
                 iproute2 kmod procps qemu-system-x86 linux-image-amd64 busybox-static nbd-client cpio
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install apt venv test lint typecheck bench-nbd bench-migration bench-file-io demo clean
+.PHONY: install apt venv test lint typecheck bench-nbd bench-migration bench-file-io bench bench-quick demo clean
 
 install: apt venv
 
@@ -25,7 +25,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
 test: install
@@ -43,6 +43,14 @@ bench-migration: install
 
 bench-file-io: install
 	$(PY) -m bench.file_io
+
+# Read-through overhead over an emulated fabric, three phases per fio profile, peers;
+# JSON and timeline PNGs under bench/results/.
+bench: install
+	$(PY) -m bench.suite --out bench/results
+
+bench-quick: install
+	$(PY) -m bench.suite --quick --out bench/results
 
 # The story end to end: two arrays, a volume with known data, fio with verify on a real
 # block device (nbdfuse + loop), a live migration to the other array, checks, overhead.

@@ -50,63 +50,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from control.api_client import ArrayApi
+from bench.common import Array, cpu_s, serve_array, start, status, stop, wait
 from emulator.units import parse_size
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "bench-token"
 MiB = 1 << 20
-START_TIMEOUT = 20.0
-POLL_S = 0.02
 RAMP_S = 0.5
-FINAL = ("completed", "failed", "cancelled")
 SWEEP = ("256K", "1M", "4M")
-
-
-@dataclass
-class Array:
-    name: str
-    proc: subprocess.Popen[bytes]
-    nbd: str  # nbd://HOST:PORT
-    api: ArrayApi
-
-    def uri(self, lun: str) -> str:
-        return f"{self.nbd}/{lun}"
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-@contextmanager
-def serve_array(work: Path, name: str, media: str) -> Iterator[Array]:
-    data = work / name
-    cmd = [sys.executable, "-m", "control.cli", "array", "serve", "--name", name, "--data-dir", str(data)]
-    cmd += f"--nbd-listen 127.0.0.1:0 --api-listen 127.0.0.1:0 --token {TOKEN} --media {media}".split()
-    with open(work / f"{name}.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        runtime = data / "runtime.json"  # written once both listeners are up
-        while not runtime.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"array {name} did not start: {(work / f'{name}.log').read_text()}")
-            time.sleep(0.02)
-        rt = json.loads(runtime.read_text())
-        yield Array(name, proc, rt["nbd"], ArrayApi(rt["api"], TOKEN))
-    finally:
-        _stop(proc)
 
 
 # ---------------------------------------------------------------- fio, nbdcopy
@@ -165,7 +118,7 @@ def write_load(uri: str, log: Path) -> Iterator[None]:
             raise RuntimeError(f"fio load on {uri} failed: {log.read_text()}")
         yield
     finally:
-        _stop(proc, signal.SIGINT)
+        stop(proc, signal.SIGINT)
 
 
 def nbdcopy(src: str, dst: str) -> float:
@@ -177,28 +130,6 @@ def nbdcopy(src: str, dst: str) -> float:
 
 
 # ---------------------------------------------------------------- migrations
-def start(b: Array, src: str, lun: str, **opts: Any) -> None:
-    b.api.call("POST", "/api/v1/migrations", {"lun": lun, "source": src, **opts})
-
-
-def status(b: Array, lun: str) -> dict[str, Any]:
-    st: dict[str, Any] = b.api.call("GET", f"/api/v1/migrations/{lun}")
-    return st
-
-
-def wait(b: Array, lun: str, timeout: float = 600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = status(b, lun)
-        if st["state"] in FINAL:
-            if st["state"] != "completed":
-                raise RuntimeError(f"migration of {lun} on {b.name} {st['state']}: {st['last_error']}")
-            return st
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"migration of {lun} on {b.name} still {st['state']} after {timeout} s")
-        time.sleep(POLL_S)
-
-
 def migrate(b: Array, src: str, lun: str, **opts: Any) -> tuple[float, dict[str, Any]]:
     """Seconds from the start request to completion, and the final status."""
     t0 = time.perf_counter()
@@ -216,13 +147,6 @@ def cutover_once(b: Array, src: str, lun: str, log: Path, **opts: Any) -> dict[s
         st = wait(b, lun)
     b.api.delete_lun(lun, force=True)
     return st
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (fields 14 and 15 of /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_s() -> float:

@@ -1,0 +1,144 @@
+"""Pieces the benchmarks share: arrays as real processes, NBD peers, the migration API.
+
+Every array is a real ``blockmig array serve`` process (NBD and API on port
+0) driven through its management API, the client the CLI uses. A ``wrap``
+function turns an argv into the argv that runs it where it belongs (e.g.
+``ip netns exec A ...`` on an emulated fabric); the default runs it here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from control.api_client import ArrayApi
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "bench-token"
+MiB = 1 << 20
+START_TIMEOUT = 20.0
+POLL_S = 0.02
+FINAL = ("completed", "failed", "cancelled")
+RUNNING = ("copying", "converging")
+
+Wrap = Callable[[list[str]], list[str]]
+
+
+def no_wrap(argv: list[str]) -> list[str]:
+    return argv
+
+
+@dataclass
+class Array:
+    name: str
+    proc: subprocess.Popen[bytes]
+    nbd: str  # nbd://HOST:PORT
+    api: ArrayApi
+
+    def uri(self, lun: str) -> str:
+        return f"{self.nbd}/{lun}"
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextmanager
+def serve_array(
+    work: Path, name: str, media: str, host: str = "127.0.0.1", wrap: Wrap = no_wrap
+) -> Iterator[Array]:
+    """``blockmig array serve`` listening on ``host`` (port 0), stopped on exit."""
+    data = work / name
+    cmd = [sys.executable, "-m", "control.cli", "array", "serve", "--name", name, "--data-dir", str(data)]
+    cmd += f"--nbd-listen {host}:0 --api-listen {host}:0 --token {TOKEN} --media {media}".split()
+    with open(work / f"{name}.log", "wb") as log:
+        proc = subprocess.Popen(
+            wrap(cmd), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        runtime = data / "runtime.json"  # written once both listeners are up
+        while not runtime.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"array {name} did not start: {(work / f'{name}.log').read_text()}")
+            time.sleep(0.02)
+        rt = json.loads(runtime.read_text())
+        yield Array(name, proc, rt["nbd"], ArrayApi(rt["api"], TOKEN))
+    finally:
+        stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def serve_peer(argv: list[str], pidfile: Path, log: Path, wrap: Wrap = no_wrap) -> Iterator[None]:
+    """An NBD peer (nbdkit, qemu-nbd) in the foreground; ready once it wrote ``pidfile``."""
+    pidfile.unlink(missing_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(wrap(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not pidfile.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]} did not start (exit {proc.poll()}): {log.read_text()}")
+            time.sleep(0.01)
+        yield
+    finally:
+        stop(proc)
+
+
+def run(argv: list[str], what: str, timeout: float = 600, wrap: Wrap = no_wrap) -> None:
+    p = subprocess.run(wrap(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{what} failed: {p.stderr.decode().strip()}")
+
+
+# ---------------------------------------------------------------- migrations
+def start(b: Array, src: str, lun: str, **opts: Any) -> None:
+    b.api.call("POST", "/api/v1/migrations", {"lun": lun, "source": src, **opts})
+
+
+def status(b: Array, lun: str) -> dict[str, Any]:
+    st: dict[str, Any] = b.api.call("GET", f"/api/v1/migrations/{lun}")
+    return st
+
+
+def wait(b: Array, lun: str, timeout: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(b, lun)
+        if st["state"] in FINAL:
+            if st["state"] != "completed":
+                raise RuntimeError(f"migration of {lun} on {b.name} {st['state']}: {st['last_error']}")
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"migration of {lun} on {b.name} still {st['state']} after {timeout} s")
+        time.sleep(POLL_S)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
