@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
+from bench.common import free_port, stop
 from emulator.units import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,16 +71,6 @@ class Result:
 
 
 # ---------------------------------------------------------------- servers
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @contextmanager
 def serve_ours(path: Path) -> Iterator[str]:
     cmd = [sys.executable, "-m", "control.cli", "serve-file", str(path),
@@ -94,19 +84,12 @@ def serve_ours(path: Path) -> Iterator[str]:
             raise RuntimeError(f"serve-file did not start (exit {proc.poll()}): {line!r}")
         yield f"nbd://127.0.0.1:{m.group(1)}/"
     finally:
-        _stop(proc)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        stop(proc)
 
 
 @contextmanager
 def serve_nbdkit(path: Path, workdir: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     pidfile = workdir / f"nbdkit-{port}.pid"
     cmd = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-P", str(pidfile),
            "file", str(path)]
@@ -119,7 +102,7 @@ def serve_nbdkit(path: Path, workdir: Path) -> Iterator[str]:
             time.sleep(0.01)
         yield f"nbd://127.0.0.1:{port}/"
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 # ---------------------------------------------------------------- fio

@@ -53,7 +53,7 @@ class MigratingBackend(Backend):
         self._drained = asyncio.Event()
         self._drained.set()
         self._forward: Backend | None = None
-        self.dirtied_bytes = 0  # bytes of host writes that dirtied regions (for the dirty rate)
+        self.dirtied_bytes = 0  # bytes of regions host writes made dirty again (the dirty rate)
         self.local_reads = 0
         self.remote_reads = 0
         #: a target flush that failed under a host FLUSH (the migration must not complete)
@@ -114,8 +114,7 @@ class MigratingBackend(Backend):
             if both_sides and self.active and regions.all_clean(r0, r1):
                 await self._write_both(offset, length, r0, r1, on_source)
             else:
-                regions.mark_dirty(r0, r1)
-                self.dirtied_bytes += length
+                self.dirtied_bytes += regions.mark_dirty(r0, r1)
                 await on_source(self.source)
         finally:
             regions.end_write(r0, r1)
@@ -136,8 +135,7 @@ class MigratingBackend(Backend):
         src, tgt = await asyncio.gather(op(self.source), on_target(), return_exceptions=True)
         if isinstance(tgt, BaseException) or isinstance(src, BaseException):
             # The sides may differ now: copy the region again later.
-            self.regions.mark_dirty(r0, r1)
-            self.dirtied_bytes += length
+            self.dirtied_bytes += self.regions.mark_dirty(r0, r1)
         if isinstance(src, BaseException):
             raise src
 

@@ -36,6 +36,10 @@ RUNNING = ("copying", "converging", "cutover")
 FINAL = ("completed", "failed", "cancelled")
 
 
+#: seconds of rate samples before the dirty rate may switch a migration to active mode
+ACTIVE_AFTER_S = 2.0
+
+
 @dataclass(slots=True)
 class MigrationConfig:
     #: 1 MiB: see bench/migration.py (region size sweep) for the measurement behind it
@@ -233,17 +237,8 @@ class Migration:
             if dirty <= self.config.cutover_dirty and self._unpaused.is_set():
                 if await self._cutover():
                     return
-            elif self.mode == "background" and self.config.auto_active and self.passes >= 2:
-                copy_rate, dirty_rate = self.rates()
-                if dirty > prev_dirty // 2 or (copy_rate and dirty_rate >= copy_rate / 2):
-                    self.mode = "active"
-                    backend.active = True
-                    self.mode_reason = (
-                        f"dirty rate {dirty_rate / 1e6:.1f} MB/s against copy rate "
-                        f"{copy_rate / 1e6:.1f} MB/s: {dirty} bytes still dirty after pass {self.passes}"
-                    )
-                    log.info("migration of %s goes active: %s", self.name, self.mode_reason)
-                    self.on_change(self)
+            elif self.passes >= 2 and dirty > prev_dirty // 2:
+                self._go_active(f"{dirty} bytes still dirty after pass {self.passes}")
             if self.state != "paused":
                 self.state = "converging"
             prev_dirty = dirty
@@ -433,17 +428,33 @@ class Migration:
         if self.on_released is not None:
             self.on_released(self)
 
+    def _go_active(self, why: str) -> None:
+        """Background mode cannot converge: writes to clean regions go to both sides from now on."""
+        if self.mode != "background" or not self.config.auto_active or self.backend is None:
+            return
+        copy_rate, dirty_rate = self.rates()
+        self.mode = "active"
+        self.backend.active = True
+        self.mode_reason = (
+            f"dirty rate {dirty_rate / 1e6:.1f} MB/s against copy rate {copy_rate / 1e6:.1f} MB/s: {why}"
+        )
+        log.info("migration of %s goes active: %s", self.name, self.mode_reason)
+        self.on_change(self)
+
     # ------------------------------------------------------------------ status
     async def _sample(self) -> None:
         while True:
             if self.copier is not None and self.backend is not None:
+                now = self.clock()
                 self._samples.append(
-                    (
-                        self.clock(),
-                        self.copier.copied_bytes + self.copier.zeroed_bytes,
-                        self.backend.dirtied_bytes,
-                    )
+                    (now, self.copier.copied_bytes + self.copier.zeroed_bytes, self.backend.dirtied_bytes)
                 )
+                # Between passes too: a throttled pass over a big LUN takes long, and
+                # while writes undo the copy faster than it goes, reads stay remote.
+                if self.state in RUNNING and now - self._samples[0][0] >= ACTIVE_AFTER_S:
+                    copy_rate, dirty_rate = self.rates()
+                    if copy_rate and dirty_rate >= copy_rate / 2:
+                        self._go_active("writes make regions dirty again at half the copy rate or more")
             await self.sleep(0.25)
 
     def rates(self) -> tuple[float, float]:

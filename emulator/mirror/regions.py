@@ -75,8 +75,13 @@ class RegionMap:
     def end_write(self, r0: int, r1: int) -> None:
         self.inflight[r0:r1] -= 1
 
-    def mark_dirty(self, r0: int, r1: int) -> None:
-        self.state[r0:r1] = DIRTY
+    def mark_dirty(self, r0: int, r1: int) -> int:
+        """Mark regions dirty; returns the bytes of those that were not (what the
+        copier has to copy again: the dirty rate that decides convergence)."""
+        st = self.state[r0:r1]
+        again = int(np.count_nonzero(st != DIRTY))
+        st[:] = DIRTY
+        return again * self.region_size
 
     def dirty_count(self) -> int:
         return int(np.count_nonzero(self.state != CLEAN))

@@ -51,12 +51,9 @@ INTERFACE = (
 
 @pytest.fixture(scope="module")
 def bm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockmigEnv]:
-    env = BlockmigEnv(tmp_path_factory.mktemp("drivers") / "state")
-    try:
+    with BlockmigEnv(tmp_path_factory.mktemp("drivers") / "state") as env:  # stops the arrays whatever happens
         env.up(ARRAYS)
         yield env
-    finally:
-        env.down()
 
 
 @dataclass

@@ -116,12 +116,9 @@ def image() -> guest.GuestImage:
 
 @pytest.fixture
 def bm(tmp_path: Path) -> Iterator[BlockmigEnv]:
-    env = BlockmigEnv(tmp_path / "state")
-    try:
+    with BlockmigEnv(tmp_path / "state") as env:  # stops the arrays whatever happens
         env.up(ARRAYS)
         yield env
-    finally:
-        env.down()
 
 
 @dataclass

@@ -1036,3 +1036,44 @@ def test_regression_active_mode_starves_under_light_writes_when_throttled(inproc
         f"{state} under {writes} 4k writes: {st['dirty_bytes']} of {size} bytes dirty after "
         f"{st['passes']} passes, copy rate {st['copy_rate']} B/s for a throttle of 8e6"
     )
+
+
+def test_background_goes_active_within_its_first_pass_when_writes_undo_the_copy(inproc: InProc) -> None:
+    """A throttled pass over a LUN takes long; writes to regions it already copied
+    make them dirty again (1 MiB of copying for a 4k write). The migration must not
+    wait for two whole passes to notice: once writes undo the copy at half its rate
+    it goes active, says why, and still ends with every byte right."""
+    size, region = 32 * MiB, 1 * MiB
+    cfg = MigrationConfig(region_size=region, mode="background", throttle=4e6, workers=1)
+    h = LocalMigration(inproc, size, cfg)
+    rng = random.Random(11)
+    initial = [(off, rng.randbytes(region)) for off in range(0, size, region)]
+    model = Model(size, region)
+    for off, data in initial:
+        model.write(off, data)
+
+    async def scenario() -> tuple[str, int, str]:
+        m = h.m
+        await h.start(initial)
+        deadline = time.monotonic() + 20
+        while m.mode == "background" and time.monotonic() < deadline:
+            copied = np.flatnonzero(m.regions.state == CLEAN) if m.regions is not None else []
+            if len(copied):
+                off = int(rng.choice(copied)) * region + rng.randrange(region // PAGE) * PAGE
+                data = rng.randbytes(PAGE)
+                await h.lun.write(off, data)
+                model.write(off, data)
+            await asyncio.sleep(0.02)
+        passes_at_switch = m.passes
+        return m.mode_reason, passes_at_switch, await h.finish(30)
+
+    try:
+        reason, passes, state = inproc.lt.run(scenario(), timeout=60)
+        got = inproc.lt.run(h.lun.read(0, size))
+    finally:
+        inproc.lt.run(h.close())
+    assert "half the copy rate" in reason, f"never went active (or for another reason): {reason!r}"
+    assert passes < 1, f"went active only after {passes} passes"
+    assert state == "completed", state
+    d = model.diff(0, got, "LUN after the migration")
+    assert d is None, d
