@@ -51,7 +51,7 @@ INTERFACE = (
 
 @pytest.fixture(scope="module")
 def bm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockmigEnv]:
-    with BlockmigEnv(tmp_path_factory.mktemp("drivers") / "state") as env:  # stops the arrays whatever happens
+    with BlockmigEnv(tmp_path_factory.mktemp("drivers") / "state") as env:  # always stops them
         env.up(ARRAYS)
         yield env
 
