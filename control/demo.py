@@ -215,7 +215,7 @@ def loop_device(uri: str, work: Path) -> Iterator[str]:
             _stop_nbdfuse(proc, fusedir)
 
 
-def _mounted(path: Path) -> bool:
+def is_mounted(path: Path) -> bool:
     """From the mount table: os.path.ismount says False for a FUSE mount whose server died."""
     target = str(path).replace(" ", "\\040")
     with open("/proc/self/mounts") as f:
@@ -224,7 +224,7 @@ def _mounted(path: Path) -> bool:
 
 def _stop_nbdfuse(proc: subprocess.Popen[bytes], fusedir: Path) -> None:
     """Unmount: nbdfuse exits by itself (not mounted yet: SIGTERM it)."""
-    if _mounted(fusedir) and proc.poll() is None:
+    if is_mounted(fusedir) and proc.poll() is None:
         _retry(["fusermount3", "-u", str(fusedir)])
     elif proc.poll() is None:
         proc.terminate()
@@ -233,7 +233,7 @@ def _stop_nbdfuse(proc: subprocess.Popen[bytes], fusedir: Path) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
-    if _mounted(fusedir):  # nbdfuse died or was killed: a mount without its server
+    if is_mounted(fusedir):  # nbdfuse died or was killed: a mount without its server
         _run(["fusermount3", "-u", "-z", str(fusedir)])
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from control.demo import is_mounted
 from tests.servers import serve_file
 
 pytestmark = pytest.mark.interop
@@ -98,7 +99,7 @@ def nbdfuse_loop(uri: str, work: Path) -> Iterator[str]:
         steps = []
         if loop:
             steps.append(["losetup", "-d", loop])
-        if os.path.ismount(fusedir):
+        if is_mounted(fusedir):
             steps.append(["fusermount3", "-u", str(fusedir)])
         for cmd in steps:
             try:
@@ -125,7 +126,7 @@ def mounted(dev: str, mnt: Path) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        if os.path.ismount(mnt):
+        if is_mounted(mnt):
             _retry(["umount", str(mnt)])
 
 
@@ -209,7 +210,7 @@ def test_ext4_on_a_loop_device_over_our_nbd_export(tmp_path: Path) -> None:
     # 4. Server side, everything detached and the server stopped: the backing
     #    file is a clean ext4 holding exactly those files.
     assert srv.proc.returncode == 0, "serve-file did not exit cleanly on SIGTERM"
-    assert not os.path.ismount(tmp_path / "fuse")
+    assert not is_mounted(tmp_path / "fuse")
     assert str(tmp_path / "fuse") not in run(["losetup", "-l"]).stdout
     with open(img, "rb") as f:
         f.seek(EXT4_MAGIC_OFFSET)
