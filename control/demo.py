@@ -82,6 +82,14 @@ class DemoError(Exception):
 
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: signals received: a KeyboardInterrupt raised by a handler can land in a weakref or
+#: __del__ callback, where Python prints it and drops it, so the waits check this too
+_received: list[int] = []
+
+
+def check_interrupted() -> None:
+    if _received:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -91,6 +99,7 @@ def deferred_interrupts() -> Iterator[None]:
     the default handlers back at exec, unlike with a blocked signal mask.)"""
     got: list[int] = []
     old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in SIGNALS}
+    # _received is left alone: the KeyboardInterrupt below is raised in plain code
     try:
         yield
     finally:
@@ -373,6 +382,7 @@ class Story:
         console.print(f"\n[bold cyan][{self.n}/{STEPS}][/] [bold]{title}[/]")
         try:
             yield
+            check_interrupted()
         except BaseException:
             console.print("      [bold red]✗[/]")
             raise
@@ -469,6 +479,7 @@ def story(opts: Options, work: Path, stack: contextlib.ExitStack) -> Result:
         last: dict[str, Any] = {}
 
         def progress(st: dict[str, Any]) -> None:
+            check_interrupted()
             during.check_alive()
             if time.time() - t_mig > MIGRATION_LIMIT_S:
                 raise DemoError(f"migration still {st.get('state')} after {MIGRATION_LIMIT_S:.0f} s")
@@ -496,6 +507,7 @@ def story(opts: Options, work: Path, stack: contextlib.ExitStack) -> Result:
             f"{last.get('cutover_pause_ms')} ms, the source LUN on A removed"
         )
         time.sleep(opts.tail_seconds)  # fio goes on, on B's own copy now
+        check_interrupted()
         during.check_alive()
         during.stop()
 
@@ -595,7 +607,8 @@ def summary(r: Result) -> None:
 
 
 # ---------------------------------------------------------------- entry point
-def _sigterm(signum: int, frame: FrameType | None) -> None:
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
     raise KeyboardInterrupt
 
 
@@ -606,8 +619,8 @@ def run(opts: Options) -> int:
     work.mkdir(parents=True, exist_ok=True)
     console.rule("[bold]blockmig demo[/]: a live volume migration under fio")
     console.print(f"work dir {work} ({'kept' if opts.keep else 'removed at the end'})", highlight=False)
-    old = {sig: signal.signal(sig, _sigterm) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    old[signal.SIGINT] = signal.getsignal(signal.SIGINT)  # KeyboardInterrupt
+    _received.clear()
+    old = {sig: signal.signal(sig, _on_signal) for sig in SIGNALS}
     rc, result = 1, None
     try:
         with contextlib.ExitStack() as outer:
@@ -616,6 +629,7 @@ def run(opts: Options) -> int:
             with contextlib.ExitStack() as stack:
                 try:
                     result = story(opts, work, stack)
+                    check_interrupted()
                 finally:  # the clean-up runs to its end, whatever is pressed or sent meanwhile
                     for sig in old:
                         signal.signal(sig, signal.SIG_IGN)
