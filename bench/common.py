@@ -142,3 +142,10 @@ def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def emit_json(doc: dict[str, Any], json_out: str | None) -> None:
+    """The result: indented into ``json_out`` if given, and as the last line printed."""
+    if json_out:
+        Path(json_out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc, separators=(",", ":")))

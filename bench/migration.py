@@ -54,7 +54,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.common import Array, cpu_s, serve_array, start, status, stop, wait
+from bench.common import Array, cpu_s, emit_json, serve_array, start, status, stop, wait
 from emulator.units import parse_size
 
 MiB = 1 << 20
@@ -481,9 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["loadavg_after"] = os.getloadavg()
     doc["goals"] = goals(doc)
     print_table(doc)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps(doc, separators=(",", ":")))
+    emit_json(doc, args.json_out)
     return 0
 
 

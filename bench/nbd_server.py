@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
-from bench.common import free_port, stop
+from bench.common import emit_json, free_port, stop
 from emulator.units import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {time.monotonic() - t0:.1f} s; load average {load:.2f} (fio + server "
           f"alone make about 2: more means other work competed and the numbers are noisy)")
     doc = {**ratios, "raw": raw}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps(doc, separators=(",", ":")))
+    emit_json(doc, args.json_out)
     return 0
 
 

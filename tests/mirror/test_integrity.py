@@ -694,6 +694,15 @@ class LocalMigration:
         self.local.close()
 
 
+def full_source(rng: random.Random, size: int, region: int) -> tuple[list[tuple[int, bytes]], Model]:
+    """Random data in every region, and the model that holds it."""
+    initial = [(off, rng.randbytes(region)) for off in range(0, size, region)]
+    model = Model(size, region)
+    for off, data in initial:
+        model.write(off, data)
+    return initial, model
+
+
 def initial_pages(rng: random.Random, size: int, fill: float) -> list[tuple[int, bytes]]:
     """Random data on about ``fill`` of the 4k pages, in runs; the rest are holes."""
     out = []
@@ -990,10 +999,7 @@ def test_regression_active_mode_starves_under_light_writes_when_throttled(inproc
     )  # fmt: skip
     h = LocalMigration(inproc, size, cfg)
     rng = random.Random(9)
-    initial = [(off, rng.randbytes(region)) for off in range(0, size, region)]
-    model = Model(size, region)
-    for off, data in initial:
-        model.write(off, data)
+    initial, model = full_source(rng, size, region)
 
     async def scenario() -> tuple[str, dict[str, Any], int]:
         m = h.m
@@ -1047,10 +1053,7 @@ def test_background_goes_active_within_its_first_pass_when_writes_undo_the_copy(
     cfg = MigrationConfig(region_size=region, mode="background", throttle=4e6, workers=1)
     h = LocalMigration(inproc, size, cfg)
     rng = random.Random(11)
-    initial = [(off, rng.randbytes(region)) for off in range(0, size, region)]
-    model = Model(size, region)
-    for off, data in initial:
-        model.write(off, data)
+    initial, model = full_source(rng, size, region)
 
     async def scenario() -> tuple[str, int, str]:
         m = h.m
