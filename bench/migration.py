@@ -6,7 +6,7 @@ CLI uses); data is written and loaded with fio's ``nbd`` engine (libnbd) and
 the baseline copy is ``nbdcopy``. One run measures:
 
 1. copy: a fully written LUN of A migrated into B (time from the start
-   request to the poll that sees ``completed``, 20 ms polling) against
+   request to the answer of a long poll that sees ``completed``) against
    ``nbdcopy A/LUN B/FRESH`` between the same exports; after one untimed
    warm-up copy, rounds alternate which goes first. Ratio ours/nbdcopy in
    MB/s (goal >= 1.0). nbdcopy does not flush; the migration does.

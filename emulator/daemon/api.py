@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from emulator.array.stats import collector
 from emulator.mirror.manager import MigrationManager
 from emulator.units import parse_size
 
-from .openapi import SPEC
+from .openapi import MAX_WAIT_S, SPEC
 
 log = logging.getLogger("blockmig.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -226,7 +227,17 @@ async def list_migrations(request: web.Request) -> web.Response:
 
 
 async def get_migration(request: web.Request) -> web.Response:
-    return web.json_response(request.app[CTX].migrations.status(request.match_info["name"]))
+    mgr, name = request.app[CTX].migrations, request.match_info["name"]
+    wait_arg = request.query.get("wait")
+    if wait_arg is None:
+        return web.json_response(mgr.status(name))
+    try:
+        wait = float(wait_arg)
+    except ValueError:
+        wait = math.nan
+    if not 0 <= wait <= MAX_WAIT_S:  # NaN fails too
+        raise InvalidInput(f"wait must be seconds from 0 to {MAX_WAIT_S}, not {wait_arg!r}")
+    return web.json_response(await mgr.wait_status(name, wait))
 
 
 async def migration_action(request: web.Request) -> web.Response:

@@ -161,6 +161,7 @@ async def serve(args: argparse.Namespace) -> int:
         await stop.wait()
         log.info("array %s: stopping", array.name)
     finally:
+        manager.end_long_polls()
         if runner is not None:
             await runner.cleanup()
         await server.close()

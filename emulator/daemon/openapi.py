@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+#: longest long poll of GET /api/v1/migrations/{name}?wait=SECONDS
+MAX_WAIT_S = 60
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
 SIZE = {
     "oneOf": [
@@ -288,6 +290,17 @@ SPEC: dict[str, Any] = {
             "parameters": LUN_PATH,
             "get": {
                 "operationId": "getMigration",
+                "summary": "a migration's status; with wait, a long poll that answers once it has ended",
+                "parameters": [
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "required": False,
+                        "description": "answer once the migration is completed, failed or cancelled, "
+                        "or after this many seconds, whichever comes first",
+                        "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S},
+                    }
+                ],
                 "responses": {"200": _resp({"$ref": "#/components/schemas/Migration"}), **_errors(400, 404)},
             },
         },

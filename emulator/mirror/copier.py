@@ -1,9 +1,11 @@
 """The background copier: moves DIRTY regions from the source to the target.
 
-It walks the LUN with the source's allocation map (BLOCK_STATUS), so holes
-cost one extent lookup and no data; it keeps several regions in flight and
-honours a throttle. A copy is taken as clean only if no host write touched
-the region while it ran (generation unchanged, nothing in flight): I3.
+It walks the LUN with the source's allocation map (BLOCK_STATUS), read a
+window at a time, one read per window shared by every worker and the next
+windows read ahead, so holes cost no data and no round trip of their own;
+it keeps several regions in flight and honours a throttle. A copy is taken
+as clean only if no host write touched the region while it ran (generation
+unchanged, nothing in flight): I3.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from emulator.nbd.protocol import STATE_ZERO
 
 from .regions import CLEAN, COPYING, DIRTY, RegionMap
 
-#: one BLOCK_STATUS call covers this much of the LUN (then is reused per region)
+#: one BLOCK_STATUS walk covers an aligned window this large (then is reused per region)
 EXTENT_WINDOW = 64 << 20
+#: windows whose map is read ahead of the copy (a map costs a round trip to the source)
+READ_AHEAD = 2
 
 
 class TargetError(BackendError):
@@ -55,11 +59,11 @@ class Throttle:
 
 
 @dataclass(slots=True)
-class _ExtentCache:
-    start: int
+class _ExtentMap:
+    start: int  # region-aligned; the map runs to the end of its window
     end: int
     runs: list[tuple[int, int, bool]]  # (offset, length, is_zero)
-    gens: np.ndarray  # region generations when the map was read
+    gens: np.ndarray  # generations of the regions from start on when the map was read
 
 
 class Copier:
@@ -80,31 +84,79 @@ class Copier:
         self.zeroed_bytes = 0
         self.regions_copied = 0
         self.races = 0  # copies thrown away because a write raced them
-        self._cache: _ExtentCache | None = None
+        #: window index -> its map (a few around the copy); maps being read
+        self._maps: dict[int, _ExtentMap] = {}
+        self._reading: dict[int, asyncio.Task[_ExtentMap]] = {}
+        self._window = max(EXTENT_WINDOW, regions.region_size)  # a region never straddles two
         # One copy write at a time: ext4 serializes buffered writes to a file anyway,
         # and writers that run in executor threads at once spin on the inode lock
         # (bench/migration.py: 17% of the target array's CPU).
         self._write_lock = asyncio.Lock()
 
     async def _runs(self, r: int) -> list[tuple[int, int, bool]]:
-        """(offset, length, is_zero) runs covering region ``r``."""
+        """(offset, length, is_zero) runs covering region ``r``.
+
+        A map read before the caller took the region's generation (copy_region)
+        is used only if no write to the region began since it was read (gens);
+        a map this call read itself is right as of that generation: a write
+        since makes the copy stale, and copy_region throws it away (I3)."""
         regions = self.regions
         off, n = regions.region_bytes(r)
-        c = self._cache
-        if (
-            c is None
-            or not (c.start <= off and off + n <= c.end)
-            or (c.gens[r - (c.start >> regions.shift)] != regions.gen[r])
-        ):
-            # Read the map for a window from here; a write since makes it stale (gens).
-            end = min(regions.size, max(off + n, (off & ~(EXTENT_WINDOW - 1)) + EXTENT_WINDOW))
-            w0, w1 = off >> regions.shift, ((end - 1) >> regions.shift) + 1
+        w = off // self._window
+        c = self._maps.get(w)
+        if not self._valid(c, r, off):
+            t = self._reading.get(w)
+            if t is not None:
+                await t  # another worker or the read-ahead is reading it: share it
+                c = self._maps.get(w)
+            if not self._valid(c, r, off):
+                c = await self._read(w, off)
+        assert c is not None
+        self._read_ahead(w)
+        out = []
+        for o, ln, z in c.runs:
+            lo, hi = max(o, off), min(o + ln, off + n)
+            if lo < hi:
+                out.append((lo, hi - lo, z))
+        return out
+
+    def _valid(self, c: _ExtentMap | None, r: int, off: int) -> bool:
+        return (
+            c is not None
+            and c.start <= off
+            and bool(c.gens[(off - c.start) >> self.regions.shift] == self.regions.gen[r])
+        )
+
+    def _read(self, w: int, start: int) -> asyncio.Task[_ExtentMap]:
+        """Read window ``w``'s map from ``start`` in a task others may wait on."""
+        t = asyncio.ensure_future(self._read_map(w, start))
+        t.add_done_callback(_retrieve)  # a failed read-ahead nobody waited on: no warning
+        self._reading[w] = t
+        return t
+
+    def _read_ahead(self, w: int) -> None:
+        regions = self.regions
+        for nxt in range(w + 1, w + 1 + READ_AHEAD):
+            start = nxt * self._window
+            if start >= regions.size:
+                return
+            if nxt in self._maps or nxt in self._reading:
+                continue
+            r0, r1 = regions.span(start, min(self._window, regions.size - start))
+            if (regions.state[r0:r1] == DIRTY).any():
+                self._read(nxt, start)
+
+    async def _read_map(self, w: int, start: int) -> _ExtentMap:
+        regions = self.regions
+        try:
+            end = min(regions.size, (w + 1) * self._window)
+            w0, w1 = start >> regions.shift, ((end - 1) >> regions.shift) + 1
             gens = regions.gen[w0:w1].copy()
             # A write in flight may not have reached the source when the map is read:
             # never trust the map for its region (its generation can only match later).
             gens[regions.inflight[w0:w1] > 0] -= 1
             runs: list[tuple[int, int, bool]] = []
-            pos = off
+            pos = start
             while pos < end:
                 extents = await self.source.extents(pos, end - pos)
                 if not extents:
@@ -117,13 +169,13 @@ class Copier:
                     pos += ln
             if pos < end:  # a short map: treat the rest as data
                 runs.append((pos, end - pos, False))
-            c = self._cache = _ExtentCache(off, end, runs, gens)
-        out = []
-        for o, ln, z in c.runs:
-            lo, hi = max(o, off), min(o + ln, off + n)
-            if lo < hi:
-                out.append((lo, hi - lo, z))
-        return out
+            c = self._maps[w] = _ExtentMap(start, end, runs, gens)
+            for k in [k for k in self._maps if not w - 1 <= k <= w + READ_AHEAD]:
+                del self._maps[k]  # keep the maps around the copy only
+            return c
+        finally:
+            if self._reading.get(w) is asyncio.current_task():
+                del self._reading[w]
 
     async def _charged_write(self, off: int, data: bytes | bytearray) -> None:
         async with self._write_lock:
@@ -186,3 +238,8 @@ class Copier:
             regions.state[r] = DIRTY
         self.races += 1
         return False
+
+
+def _retrieve(t: asyncio.Task[_ExtentMap]) -> None:
+    if not t.cancelled():
+        t.exception()

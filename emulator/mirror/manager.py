@@ -9,6 +9,7 @@ source directly (after a cancel or a failure), ``ready`` once cut over.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -48,6 +49,7 @@ class MigrationManager:
         self.migrations: dict[str, Migration] = {}
         self.remotes: dict[str, RemoteBackend] = {}  # remote LUNs served without a migration
         self._final: dict[str, dict[str, Any]] = {}  # status of migrations that ended before a restart
+        self._stopping = asyncio.Event()  # the array is stopping: long polls answer now
 
     @property
     def _db(self) -> Any:
@@ -133,19 +135,23 @@ class MigrationManager:
             cfg.region_size = region_size
         if name in self.array.luns:
             raise Conflict(f"LUN {name!r} already exists on array {self.array.name!r}")
+        # This connection learns the size, then serves the migration as its source.
         remote = RemoteBackend(source, retry_window=cfg.retry_window)
         try:
             await remote.connect()
         except BackendError as e:
             raise InvalidInput(f"cannot reach the source: {e}") from None
-        size = remote.size
-        await remote.aclose()
-        lun = self.array.create_lun(name, size, pool, state="migrating")
+        try:
+            lun = self.array.create_lun(name, remote.size, pool, state="migrating")
+        except BaseException:
+            await remote.aclose()
+            raise
         try:
             self._record(name, source, cfg)
             m = self._new(lun, source, cfg)
-            await m.start()
+            await m.start(connected=remote)
         except BaseException as e:
+            await remote.aclose()  # idempotent: the start may have closed it
             self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
             self.migrations.pop(name, None)
             await self.array.delete_lun(name, force=True)
@@ -218,6 +224,25 @@ class MigrationManager:
         if name in self._final:
             return self._final[name]
         raise NotFound(f"no migration of LUN {name!r} on array {self.array.name!r}")
+
+    async def wait_status(self, name: str, timeout: float) -> dict[str, Any]:
+        """The status once the migration has ended (completed, failed or cancelled)
+        or after ``timeout`` seconds, whichever comes first: a long poll, so a
+        client learns of the end when it happens, not at its next poll."""
+        m = self.migrations.get(name)
+        if m is not None and m.state not in FINAL and not self._stopping.is_set():
+            waits = {asyncio.ensure_future(m.ended.wait()), asyncio.ensure_future(self._stopping.wait())}
+            try:
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        return self.status(name)
+
+    def end_long_polls(self) -> None:
+        """The array is stopping: every long poll answers at once, and later ones do not wait
+        (the API server's graceful shutdown would otherwise wait them out)."""
+        self._stopping.set()
 
     def list(self) -> list[dict[str, Any]]:
         out = {n: m.status() for n, m in self.migrations.items()}

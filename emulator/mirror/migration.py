@@ -109,21 +109,29 @@ class Migration:
         self._unpaused = asyncio.Event()
         self._unpaused.set()
         self._done = asyncio.Event()
+        #: set once the state is final and persisted (cleanup may still run): long polls wait on it
+        self.ended = asyncio.Event()
         self._samples: deque[tuple[float, int, int]] = deque(maxlen=64)
         self._last_checkpoint = 0.0
         self._checkpointing = False
 
     # ------------------------------------------------------------------ start
-    async def start(self, resume: bool = False, paused: bool = False) -> None:
+    async def start(
+        self, resume: bool = False, paused: bool = False, connected: RemoteBackend | None = None
+    ) -> None:
         """Take the source over and begin (or resume) copying.
 
         A fresh start fails at once if the source cannot be reached; a resume
-        after restart waits for it in the background.
+        after restart waits for it in the background. ``connected`` is the
+        source already connected (the connection that learnt its size): it
+        is used, not opened again, and closed if the start fails.
         """
         size = self.local.size
         src: Backend
         if self.local_source is not None:
             src = self.local_source
+        elif connected is not None:
+            src = connected
         else:
             src = RemoteBackend(self.source_uri, retry_window=self.config.retry_window, size=size)
             if not resume:
@@ -148,6 +156,9 @@ class Migration:
             src, self.local, regions, Throttle(self.config.throttle, self.clock, self.sleep), self.reserve
         )
         self.lun.swap(self.backend)
+        # The first in-pass checkpoint comes one interval after the start, not at
+        # the first region (a flush and a commit that would hold up a short copy).
+        self._last_checkpoint = self.clock()
         if paused:
             self.state = "paused"
             self._unpaused.clear()
@@ -398,6 +409,7 @@ class Migration:
             return False
         self.cutover_pause_s = time.perf_counter() - t0
         self.on_change(self)
+        self.ended.set()
         log.info("migration of %s completed; writes held %.2f ms", self.name, self.cutover_pause_s * 1e3)
         await self._release_source(remove_progress=True)
         self._done.set()
@@ -409,6 +421,7 @@ class Migration:
         self.last_error = error or self.last_error
         self.finished = time.time()
         self.on_change(self)
+        self.ended.set()
         if self.source is not None and self.backend is not None:
             self.lun.swap(self.source)
             self.backend.release_writes(forward_to=self.source)

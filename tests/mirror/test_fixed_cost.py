@@ -1,0 +1,226 @@
+"""What a migration costs besides its bytes: how soon a client learns of its
+end, the allocation-map reads of its copier, its first checkpoint.
+
+1. GET /api/v1/migrations/{name}?wait=S is a long poll: it answers when the
+   migration ends, not at the client's next poll; after S seconds with the
+   status as it is; at once when the array stops (SIGTERM does not wait the
+   poll out). Real daemons, real NBD.
+2. The copier reads each window's allocation map once, shared by its workers,
+   and reads the next windows ahead; a map read ahead is not trusted for a
+   region written after it was read (I3). In process, injected backends.
+3. A copy shorter than the checkpoint interval flushes the target at the end
+   of its pass and at cutover only, not also at its first region.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control.api_client import ApiError, ArrayApi
+from emulator.mirror.copier import EXTENT_WINDOW, Copier, Throttle
+from emulator.mirror.migration import Migration, MigrationConfig
+from emulator.mirror.regions import CLEAN, RegionMap
+from emulator.nbd.backend import Backend, MemoryBackend
+from emulator.nbd.client import NbdClient
+from emulator.nbd.protocol import Extent
+from tests.servers import ArrayDaemon, array_daemon
+
+MiB = 1 << 20
+TOKEN = "test-token"
+
+
+def api(d: ArrayDaemon) -> ArrayApi:
+    return ArrayApi(d.api, TOKEN, timeout=20)
+
+
+def long_poll(d: ArrayDaemon, lun: str, wait: float | str) -> tuple[float, dict[str, Any]]:
+    t0 = time.monotonic()
+    st: dict[str, Any] = api(d).call("GET", f"/api/v1/migrations/{lun}", query={"wait": str(wait)})
+    return time.monotonic() - t0, st
+
+
+def paused_migration(a: ArrayDaemon, b: ArrayDaemon, lun: str) -> None:
+    """A migration on B of 8 MiB of data on A, throttled to 1 MB/s and paused at once."""
+
+    async def fill() -> None:
+        async with await NbdClient.connect(a.uri(lun)) as c:
+            await c.write(0, b"\x5a" * (8 * MiB))
+            await c.flush()
+
+    api(a).create_lun(lun, 8 * MiB)
+    asyncio.run(fill())
+    api(b).call("POST", "/api/v1/migrations", {"lun": lun, "source": a.uri(lun), "throttle": 1})
+    api(b).call("POST", f"/api/v1/migrations/{lun}/pause")
+
+
+@pytest.mark.timeout(90)
+def test_long_poll_answers_at_the_end_not_at_the_next_poll(tmp_path: Path) -> None:
+    with array_daemon(tmp_path / "a", "A") as a, array_daemon(tmp_path / "b", "B") as b:
+        paused_migration(a, b, "vol")
+        took, st = long_poll(b, "vol", 0.3)  # nothing ends: the answer comes after the wait
+        assert st["state"] == "paused" and took >= 0.25, (took, st)
+        for bad in ("-1", "61", "nan", "inf", "soon", ""):
+            with pytest.raises(ApiError) as e:
+                long_poll(b, "vol", bad)
+            assert e.value.status == 400 and "wait" in e.value.message, e.value.message
+        with pytest.raises(ApiError) as e:
+            long_poll(b, "nosuch", 1)
+        assert e.value.status == 404
+
+        result: list[tuple[float, dict[str, Any]]] = []
+        poller = threading.Thread(target=lambda: result.append(long_poll(b, "vol", 50)))
+        poller.start()
+        time.sleep(0.2)  # the poll waits on the server
+        api(b).call("POST", "/api/v1/migrations/vol/cancel")
+        poller.join(20)
+        assert result, "the long poll did not answer when the migration was cancelled"
+        took, st = result[0]
+        assert st["state"] == "cancelled" and took < 20, (took, st)
+
+        # An unthrottled migration: the answer is "completed", long before the wait is over.
+        api(b).call("POST", "/api/v1/migrations", {"lun": "vol2", "source": a.uri("vol")})
+        took, st = long_poll(b, "vol2", 50)
+        assert st["state"] == "completed" and took < 20, (took, st)
+        took, st = long_poll(b, "vol2", 50)  # already over: at once
+        assert st["state"] == "completed" and took < 5, (took, st)
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_answers_long_polls_and_does_not_wait_them_out(tmp_path: Path) -> None:
+    with array_daemon(tmp_path / "a", "A") as a, array_daemon(tmp_path / "b", "B") as b:
+        paused_migration(a, b, "vol")
+        result: list[Any] = []
+
+        def poll() -> None:
+            try:
+                result.append(long_poll(b, "vol", 50))
+            except ApiError as e:  # the array went away before answering
+                result.append(e)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert b.sigterm(timeout=20) == 0
+        assert time.monotonic() - t0 < 10, "the array waited for the long poll before stopping"
+        poller.join(10)
+        assert result and not isinstance(result[0], ApiError), result
+        took, st = result[0]
+        assert st["state"] == "paused" and took < 20, (took, st)
+
+
+# ------------------------------------------------------------------ in process
+class MapSource(MemoryBackend):
+    """Counts allocation-map reads; each takes a round trip (one loop turn or more)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.map_reads: list[tuple[int, int]] = []
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        self.map_reads.append((offset, length))
+        await asyncio.sleep(0.001)
+        return await super().extents(offset, length)
+
+
+def test_one_map_read_per_window_shared_by_the_workers_and_read_ahead() -> None:
+    async def main() -> None:
+        size = 4 * EXTENT_WINDOW
+        src = MapSource(size)
+        data = [3 * EXTENT_WINDOW // MiB + 5, 7]  # regions holding data; the rest are holes
+        for r in data:
+            await src.write(r * MiB, bytes([r]) * MiB)
+        regions = RegionMap(size, MiB)
+        regions.target_data[:] = False  # a fresh target: all holes
+        target = MemoryBackend(size)
+        copier = Copier(src, target, regions, Throttle())
+        todo = list(range(regions.count))
+
+        async def worker() -> None:
+            while todo:
+                await copier.copy_region(todo.pop(0))
+
+        await asyncio.gather(*(worker() for _ in range(4)))
+        assert (regions.state == CLEAN).all()
+        starts = sorted(off for off, _ in src.map_reads)
+        assert starts == [w * EXTENT_WINDOW for w in range(4)], src.map_reads
+        for r in data:
+            assert await target.read(r * MiB, MiB) == bytes([r]) * MiB
+        assert copier.copied_bytes == len(data) * MiB
+
+    asyncio.run(main())
+
+
+def test_a_map_read_ahead_is_not_trusted_for_a_region_written_after_it() -> None:
+    async def main() -> None:
+        size = 2 * EXTENT_WINDOW
+        src = MapSource(size)
+        regions = RegionMap(size, MiB)
+        regions.target_data[:] = False
+        target = MemoryBackend(size)
+        copier = Copier(src, target, regions, Throttle())
+        assert await copier.copy_region(0)  # reads window 0, reads window 1 ahead
+        await asyncio.sleep(0.01)
+        assert len(src.map_reads) == 2, src.map_reads
+        # A host write to region r of window 1, after its map was read (as MigratingBackend does it):
+        r = EXTENT_WINDOW // MiB + 3
+        regions.begin_write(r, r + 1, 0.0)
+        regions.mark_dirty(r, r + 1)
+        await src.write(r * MiB, b"\x77" * MiB)
+        regions.end_write(r, r + 1)
+        assert await copier.copy_region(r)
+        assert await target.read(r * MiB, MiB) == b"\x77" * MiB, "copied as a hole from a stale map"
+        assert len(src.map_reads) == 3, src.map_reads
+
+    asyncio.run(main())
+
+
+class Flushes(MemoryBackend):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.flushes = 0
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+
+class Lun:
+    def __init__(self) -> None:
+        self.backend: Backend | None = None
+
+    def swap(self, backend: Backend) -> None:
+        self.backend = backend
+
+
+def test_a_short_copy_flushes_at_the_end_of_its_pass_and_at_cutover_only(tmp_path: Path) -> None:
+    async def main() -> None:
+        size = 8 * MiB
+        src = MemoryBackend(size)
+        for off in range(0, size, MiB):
+            await src.write(off, bytes([off // MiB + 1]) * MiB)
+        target = Flushes(size)
+        now = [1000.0]  # injected time: never a whole checkpoint interval after the start
+        m = Migration(
+            "vol",
+            "move:x:y",
+            Lun(),
+            target,
+            tmp_path / "vol.progress",
+            MigrationConfig(region_size=MiB),
+            on_change=lambda m: None,
+            clock=lambda: now[0],
+            source=src,
+        )
+        await m.start()
+        assert await m.wait(10) == "completed"
+        # the checkpoint after the pass, the settle before cutover; none at the first region
+        assert target.flushes == 2, target.flushes
+        assert await target.read(0, size) == await src.read(0, size)
+
+    asyncio.run(main())
