@@ -109,7 +109,7 @@ class MigratingBackend(Backend):
         self._writers += 1
         self._drained.clear()
         try:
-            if self.progress.disk_clean[r0:r1].any():
+            if self.progress.any_clean(r0, r1):
                 await self.progress.ensure_dirty(r0, r1)
             if both_sides and self.active and regions.all_clean(r0, r1):
                 await self._write_both(offset, length, r0, r1, on_source)

@@ -67,17 +67,31 @@ class RegionMap:
             return bool(self.state[r0] == CLEAN)
         return bool((self.state[r0:r1] == CLEAN).all())
 
+    # Every host write runs these: one region (the usual case) skips numpy's
+    # slicing, which costs ~1 us per call against ~0.05 us for an item.
     def begin_write(self, r0: int, r1: int, now: float) -> None:
+        if r1 - r0 == 1:
+            self.gen[r0] += 1
+            self.inflight[r0] += 1
+            self.last_write[r0] = now
+            return
         self.gen[r0:r1] += 1
         self.inflight[r0:r1] += 1
         self.last_write[r0:r1] = now
 
     def end_write(self, r0: int, r1: int) -> None:
-        self.inflight[r0:r1] -= 1
+        if r1 - r0 == 1:
+            self.inflight[r0] -= 1
+        else:
+            self.inflight[r0:r1] -= 1
 
     def mark_dirty(self, r0: int, r1: int) -> int:
         """Mark regions dirty; returns the bytes of those that were not (what the
         copier has to copy again: the dirty rate that decides convergence)."""
+        if r1 - r0 == 1:
+            was = self.state[r0]
+            self.state[r0] = DIRTY
+            return 0 if was == DIRTY else self.region_size
         st = self.state[r0:r1]
         again = int(np.count_nonzero(st != DIRTY))
         st[:] = DIRTY
@@ -175,6 +189,12 @@ class ProgressFile:
         if len(raw) > HEADER_SIZE:
             raise ValueError("progress header too large")
         return raw.ljust(HEADER_SIZE, b" ")
+
+    def any_clean(self, r0: int, r1: int) -> bool:
+        """Is any of [r0, r1) clean on disk?"""
+        if r1 - r0 == 1:
+            return bool(self.disk_clean[r0])
+        return bool(self.disk_clean[r0:r1].any())
 
     # ---- group commit
     async def ensure_dirty(self, r0: int, r1: int) -> None:

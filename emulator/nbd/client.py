@@ -16,15 +16,17 @@ import asyncio
 import itertools
 import socket
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from . import protocol as p
 from .errors import DisconnectedError, OptionError, ProtocolError, RequestError
 
 DEFAULT_PORT = 10809
-READ_CHUNK = 256 * 1024
+#: requests queued on the transport beyond this wait for it to drain
+WRITE_BUFFER_MAX = 4 << 20
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,26 +77,127 @@ class _Pending:
     error: RequestError | None = None
 
 
-async def _open(addr: Address, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+class _Wire(asyncio.BufferedProtocol):
+    """The client's socket. During the handshake it buffers bytes for
+    :meth:`readexactly`; in transmission it receives into the reply
+    decoder's buffer (a READ's data straight into the caller's) and hands
+    each batch to ``on_replies``."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._hs = bytearray()
+        self._hs_recv = bytearray(64 * 1024)
+        self._waiter: asyncio.Future[None] | None = None
+        self.decoder: p.ReplyDecoder | None = None
+        self.on_replies: Callable[[], None] | None = None
+        self.on_lost: Callable[[Exception], None] | None = None
+        self.lost: Exception | None = None
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self._resumed: asyncio.Future[None] | None = None  # set while writing is paused
+
+    # ---- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.decoder is not None:
+            return self.decoder.get_buffer()
+        return memoryview(self._hs_recv)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.decoder is not None:
+            self.decoder.buffer_updated(nbytes)
+            assert self.on_replies is not None
+            self.on_replies()
+            return
+        self._hs += self._hs_recv[:nbytes]
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close: a server that half-closes has nothing more to say
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = DisconnectedError(f"server closed the connection{f': {exc}' if exc else ''}")
+        self._wake()
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost(self.lost)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._resumed = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+        self._resumed = None
+
+    # ---- for the handshake
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._hs) < n:
+            if self.lost is not None:
+                raise asyncio.IncompleteReadError(bytes(self._hs), n)
+            self._waiter = self.loop.create_future()
+            await self._waiter
+        out = bytes(self._hs[:n])
+        del self._hs[:n]
+        return out
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def start_transmission(
+        self, decoder: p.ReplyDecoder, on_replies: Callable[[], None], on_lost: Callable[[Exception], None]
+    ) -> None:
+        """From now on bytes go to ``decoder`` (after any left over from the handshake)."""
+        self.decoder, self.on_replies, self.on_lost = decoder, on_replies, on_lost
+        if self._hs:
+            decoder.receive_data(self._hs)
+            self._hs.clear()
+            on_replies()
+        if self.lost is not None:
+            on_lost(self.lost)
+
+    async def drain(self) -> None:
+        """Wait while the transport has paused our writing."""
+        if self._resumed is not None:
+            await self._resumed
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def _open(addr: Address, timeout: float) -> _Wire:
+    loop = asyncio.get_running_loop()
     if addr.socket:
-        coro = asyncio.open_unix_connection(addr.socket, limit=1 << 20)
+        coro = loop.create_unix_connection(_Wire, addr.socket)
     else:
-        coro = asyncio.open_connection(addr.host, addr.port, limit=1 << 20)
+        coro = loop.create_connection(_Wire, addr.host, addr.port)
     try:
-        reader, writer = await asyncio.wait_for(coro, timeout)
+        _, wire = await asyncio.wait_for(coro, timeout)
     except (TimeoutError, OSError) as e:
         raise DisconnectedError(f"cannot connect to {addr.uri()}: {e or 'timed out'}") from None
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return reader, writer
+    return wire
 
 
 class _Handshake:
     """The client's side of option haggling over a stream."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, uri: str):
-        self.r, self.w, self.uri = reader, writer, uri
+    def __init__(self, wire: _Wire, uri: str):
+        self.r = self.w = wire
+        self.uri = uri
         self.no_zeroes = False
 
     async def greet(self) -> None:
@@ -151,9 +254,9 @@ def _option_error(uri: str, what: str, rep: p.OptionReply) -> OptionError:
 async def list_exports(uri: str, timeout: float = 10.0) -> list[tuple[str, str]]:
     """(name, description) of every export the server lists."""
     addr = Address.parse(uri)
-    reader, writer = await _open(addr, timeout)
+    wire = await _open(addr, timeout)
     try:
-        hs = _Handshake(reader, writer, addr.uri())
+        hs = _Handshake(wire, addr.uri())
         await asyncio.wait_for(hs.greet(), timeout)
         replies = await asyncio.wait_for(hs.option(p.OPT_LIST), timeout)
         if replies[-1].is_error:
@@ -162,10 +265,10 @@ async def list_exports(uri: str, timeout: float = 10.0) -> list[tuple[str, str]]
         for rep in replies[:-1]:
             (n,) = p.U32.unpack_from(rep.data)
             out.append((rep.data[4 : 4 + n].decode(), rep.data[4 + n :].decode()))
-        writer.write(p.build_option(p.OPT_ABORT))
+        wire.write(p.build_option(p.OPT_ABORT))
         return out
     finally:
-        writer.close()
+        wire.close()
 
 
 class NbdClient:
@@ -179,14 +282,14 @@ class NbdClient:
         self.block_size = p.BlockSize()
         self.structured = False
         self.allocation_context: int | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._wire: _Wire | None = None
+        self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, _Pending] = {}
         self._out: list[bytes | bytearray | memoryview] = []  # requests not yet handed to the transport
         self._send_pending = False
         self._cookies = itertools.count(1)
-        self._decoder = p.ReplyDecoder(self._read_length)
-        self._reader_task: asyncio.Task[None] | None = None
+        self._decoder = p.ReplyDecoder(read_dest=self._read_dest)
         self._broken: Exception | None = None
         self._max_request = p.MAX_BLOCK
 
@@ -203,29 +306,27 @@ class NbdClient:
         """Connect and negotiate; raises DisconnectedError/OptionError/ProtocolError."""
         self = cls()
         self.address = addr = Address.parse(uri)
-        reader, writer = await _open(addr, timeout)
+        wire = await _open(addr, timeout)
         try:
-            await asyncio.wait_for(self._negotiate(reader, writer, structured, allocation), timeout)
+            await asyncio.wait_for(self._negotiate(wire, structured, allocation), timeout)
         except asyncio.IncompleteReadError:
-            writer.close()
+            wire.close()
             raise DisconnectedError(
                 f"{addr.uri()}: server closed the connection during the handshake"
             ) from None
         except TimeoutError:
-            writer.close()
+            wire.close()
             raise DisconnectedError(f"{addr.uri()}: handshake timed out") from None
         except BaseException:
-            writer.close()
+            wire.close()
             raise
-        self._reader, self._writer = reader, writer
-        self._reader_task = asyncio.create_task(self._receive_loop())
+        self._wire, self._transport, self._loop = wire, wire.transport, wire.loop
+        wire.start_transmission(self._decoder, self._on_replies, self._on_lost)
         return self
 
-    async def _negotiate(
-        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, structured: bool, allocation: bool
-    ) -> None:
+    async def _negotiate(self, wire: _Wire, structured: bool, allocation: bool) -> None:
         uri, name = self.address.uri(), self.address.export
-        hs = _Handshake(r, w, uri)
+        hs = _Handshake(wire, uri)
         await hs.greet()
         if structured:
             rep = (await hs.option(p.OPT_STRUCTURED_REPLY))[-1]
@@ -278,36 +379,30 @@ class NbdClient:
         err = DisconnectedError(f"{self.address.uri()}: {reason}")
         self._broken = err
         self._fail_all(err)
-        if self._writer is not None:
-            self._writer.transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Send DISC after the requests in flight (waiting up to ``timeout`` seconds
         for them: a server may have stopped answering), then close."""
-        w = self._writer
-        if w is None:
+        wire, t = self._wire, self._transport
+        if wire is None or t is None:
             return
-        self._writer = None
+        self._wire = None
         if self._pending and self._broken is None:
             futs = [x.future for x in list(self._pending.values())]
             _, late = await asyncio.wait(futs, timeout=timeout)
             if late:
-                self._writer = w
                 self.abort(f"closing with {len(late)} request(s) unanswered after {timeout:g} s")
-                self._writer = None
-        if self._broken is None and not w.is_closing():
-            w.write(p.Request(0, p.CMD_DISC, next(self._cookies), 0, 0).header())
-        w.close()
+        self._send_out()
+        if self._broken is None and not t.is_closing():
+            t.write(p.Request(0, p.CMD_DISC, next(self._cookies), 0, 0).header())
+        t.close()
         try:
-            await w.wait_closed()
-        except OSError:
-            pass
-        if self._reader_task:
-            self._reader_task.cancel()
-            try:
-                await self._reader_task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await asyncio.wait_for(asyncio.shield(wire.closed), timeout)
+        except TimeoutError:
+            t.abort()
+        self._transport = None
         self._fail_all(DisconnectedError(f"{self.address.uri()}: connection closed"))
 
     async def __aenter__(self) -> NbdClient:
@@ -328,14 +423,14 @@ class NbdClient:
 
     @property
     def closed(self) -> bool:
-        return self._writer is None or self._broken is not None
+        return self._wire is None or self._broken is not None
 
     # ---- requests
-    def _read_length(self, cookie: int) -> int:
+    def _read_dest(self, cookie: int) -> tuple[int, memoryview] | None:
         pend = self._pending.get(cookie)
         if pend is None:
             raise ProtocolError(f"reply for unknown cookie {cookie}")
-        return pend.length if pend.type == p.CMD_READ else 0
+        return (pend.offset, pend.buf) if pend.buf is not None else None
 
     def _submit(
         self,
@@ -348,11 +443,11 @@ class NbdClient:
     ) -> asyncio.Future[Any]:
         if self._broken is not None:
             raise DisconnectedError(f"{self.address.uri()}: connection is broken: {self._broken}")
-        w = self._writer
-        if w is None:
+        loop = self._loop
+        if self._wire is None or loop is None:
             raise DisconnectedError(f"{self.address.uri()}: client is closed")
         cookie = next(self._cookies)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._pending[cookie] = _Pending(type_, offset, length, fut, buf)
         out = self._out
         out.append(p.REQUEST.pack(p.REQUEST_MAGIC, flags, type_, cookie, offset, length))
@@ -360,20 +455,20 @@ class NbdClient:
             out.append(payload)
         if not self._send_pending:  # the first request of this loop iteration: send all at its end
             self._send_pending = True
-            asyncio.get_running_loop().call_soon(self._send_out)
+            loop.call_soon(self._send_out)
         return fut
 
     def _send_out(self) -> None:
         self._send_pending = False
         out, self._out = self._out, []
-        w = self._writer
-        if out and w is not None and not w.is_closing():
-            w.writelines(out)
+        t = self._transport
+        if out and t is not None and not t.is_closing():
+            t.writelines(out)
 
     async def _drain(self) -> None:
-        w = self._writer
-        if w is not None and w.transport.get_write_buffer_size() > (4 << 20):
-            await w.drain()
+        t, wire = self._transport, self._wire
+        if t is not None and wire is not None and t.get_write_buffer_size() > WRITE_BUFFER_MAX:
+            await wire.drain()
 
     def _check_range(self, what: str, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -387,6 +482,11 @@ class NbdClient:
         self._check_range("read", offset, len(buf))
         flags = p.CMD_FLAG_DF if df and self.structured else 0
         step = self._max_request
+        if len(buf) <= step:  # the common case: one request, no gather
+            fut = self._submit(p.CMD_READ, offset, len(buf), flags, buf=buf)
+            await self._drain()
+            await fut
+            return
         futs = [
             self._submit(p.CMD_READ, offset + i, min(step, len(buf) - i), flags, buf=buf[i : i + step])
             for i in range(0, len(buf), step)
@@ -405,6 +505,11 @@ class NbdClient:
         self._check_range("write", offset, len(view))
         flags = p.CMD_FLAG_FUA if fua else 0
         step = self._max_request
+        if len(view) <= step:
+            fut = self._submit(p.CMD_WRITE, offset, len(view), flags, payload=view)
+            await self._drain()
+            await fut
+            return
         futs = [
             self._submit(p.CMD_WRITE, offset + i, len(view[i : i + step]), flags, payload=view[i : i + step])
             for i in range(0, len(view), step)
@@ -448,25 +553,23 @@ class NbdClient:
         return result
 
     # ---- replies
-    async def _receive_loop(self) -> None:
-        reader = self._reader
-        assert reader is not None
+    def _on_replies(self) -> None:
+        """Bytes arrived: complete every reply they finish (called by the wire)."""
+        dec, on_reply = self._decoder, self._on_reply
         try:
-            while True:
-                data = await reader.read(READ_CHUNK)
-                if not data:
-                    raise DisconnectedError(f"{self.address.uri()}: server closed the connection")
-                self._decoder.receive_data(data)
-                while (item := self._decoder.next_event()) is not None:
-                    self._on_reply(*item)
-        except asyncio.CancelledError:
-            raise
+            while (item := dec.next_event()) is not None:
+                on_reply(*item)
         except Exception as e:
-            err = e if isinstance(e, DisconnectedError) else DisconnectedError(f"{self.address.uri()}: {e}")
-            self._broken = err
-            self._fail_all(err)
-            if self._writer is not None:
-                self._writer.close()
+            self._on_lost(e)
+            if self._transport is not None:
+                self._transport.abort()
+
+    def _on_lost(self, e: Exception) -> None:
+        if self._broken is not None:
+            return
+        err = DisconnectedError(f"{self.address.uri()}: {e}")
+        self._broken = err
+        self._fail_all(err)
 
     def _fail_all(self, err: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -475,7 +578,7 @@ class NbdClient:
                 x.future.set_exception(err)
                 x.future.exception()  # mark retrieved: a caller may have gone
 
-    def _on_reply(self, ev: p.ReplyEvent, data: bytes | None) -> None:
+    def _on_reply(self, ev: p.ReplyEvent, data: bytes | bytearray | None) -> None:
         pend = self._pending.get(ev.cookie)
         if pend is None:
             raise ProtocolError(f"reply for unknown cookie {ev.cookie}")
@@ -483,9 +586,7 @@ class NbdClient:
             del self._pending[ev.cookie]
             if ev.error:
                 pend.future.set_exception(self._error(pend, ev.error, ""))
-            else:
-                if pend.buf is not None and data is not None:
-                    pend.buf[:] = data
+            else:  # a READ's data is in its buffer already
                 pend.future.set_result(None)
             return
         self._on_chunk(pend, ev)
@@ -510,16 +611,7 @@ class NbdClient:
                 pend.error = self._error(pend, err, msg)
             return
         if t == p.REPLY_TYPE_OFFSET_DATA and pend.type == p.CMD_READ:
-            if len(ch.payload) < 8:
-                raise ProtocolError("OFFSET_DATA chunk too short")
-            (off,) = p.U64.unpack_from(ch.payload)
-            n = len(ch.payload) - 8
-            start = off - pend.offset
-            if start < 0 or start + n > pend.length:
-                raise ProtocolError(f"OFFSET_DATA chunk at {off}+{n} outside the request")
-            assert pend.buf is not None
-            pend.buf[start : start + n] = memoryview(ch.payload)[8:]
-            return
+            return  # the decoder checked it and put the data in place
         if t == p.REPLY_TYPE_OFFSET_HOLE and pend.type == p.CMD_READ:
             if len(ch.payload) != 12:
                 raise ProtocolError("OFFSET_HOLE chunk has the wrong length")

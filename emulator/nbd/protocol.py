@@ -186,9 +186,7 @@ class Request:
     data: memoryview | bytes | None = None
 
     def header(self) -> bytes:
-        return REQUEST.pack(
-            REQUEST_MAGIC, self.flags, self.type, self.cookie, self.offset, self.length
-        )
+        return REQUEST.pack(REQUEST_MAGIC, self.flags, self.type, self.cookie, self.offset, self.length)
 
 
 @dataclass(slots=True, frozen=True)
@@ -256,12 +254,7 @@ def build_meta_context_request(name: str, queries: Iterable[str]) -> bytes:
     """LIST/SET_META_CONTEXT payload: ``namelen:u32 name nq:u32 (qlen:u32 q)*``."""
     n = name.encode()
     qs = [q.encode() for q in queries]
-    return (
-        U32.pack(len(n))
-        + n
-        + U32.pack(len(qs))
-        + b"".join(U32.pack(len(q)) + q for q in qs)
-    )
+    return U32.pack(len(n)) + n + U32.pack(len(qs)) + b"".join(U32.pack(len(q)) + q for q in qs)
 
 
 def build_simple_reply(cookie: int, error: int = 0) -> bytes:
@@ -287,14 +280,24 @@ def build_block_status_chunk(
     cookie: int, context_id: int, extents: Iterable[Extent], done: bool = True
 ) -> bytes:
     body = U32.pack(context_id) + b"".join(EXTENT.pack(e.length, e.flags) for e in extents)
-    return build_structured_header(
-        cookie, REPLY_TYPE_BLOCK_STATUS, len(body), REPLY_FLAG_DONE if done else 0
-    ) + body
+    return (
+        build_structured_header(cookie, REPLY_TYPE_BLOCK_STATUS, len(body), REPLY_FLAG_DONE if done else 0)
+        + body
+    )
 
 
 # =========================================================================== request decoder
 _REQUEST_SIZE = REQUEST.size
+_SIMPLE_SIZE = SIMPLE_REPLY.size
+_STRUCTURED_SIZE = STRUCTURED_REPLY.size
+_unpack_u32 = U32.unpack_from
+_unpack_simple = SIMPLE_REPLY.unpack_from
+_unpack_structured = STRUCTURED_REPLY.unpack_from
 _unpack_request = REQUEST.unpack_from  # bound once: this runs for every request
+
+
+#: WRITE payloads up to this size that arrive whole are handed out as a copy
+WRITE_COPY_MAX = 16 * 1024
 
 
 class RequestDecoder:
@@ -303,9 +306,9 @@ class RequestDecoder:
     Zero-copy friendly: the adapter asks :meth:`get_buffer` where to receive
     and reports with :meth:`buffer_updated`. A WRITE payload that arrived
     whole in the receive buffer is handed out as a memoryview of that buffer,
-    valid until the next :meth:`get_buffer`; the adapter copies it if it must
-    keep it longer. Larger payloads are received straight into a buffer of
-    their own.
+    valid until the next :meth:`get_buffer` (up to ``WRITE_COPY_MAX`` bytes,
+    a copy); the adapter detaches the buffer if it must keep a view longer.
+    Larger payloads are received straight into a buffer of their own.
 
     Any malformed frame raises :class:`ProtocolError` and the decoder refuses
     further input: the adapter drops the connection, nothing is half-applied.
@@ -359,6 +362,10 @@ class RequestDecoder:
             self.buffer_updated(n)
             view = view[n:]
 
+    def shares_buffer(self, data: object) -> bool:
+        """True if ``data`` (a WRITE payload) is a view of the receive buffer."""
+        return isinstance(data, memoryview) and data.obj is self._buf
+
     def detach_buffer(self) -> None:
         """Receive into a fresh buffer from now on.
 
@@ -409,7 +416,11 @@ class RequestDecoder:
             )
         avail -= _REQUEST_SIZE
         if avail >= length:
-            req.data = self._view[self._start : self._start + length]
+            if length <= WRITE_COPY_MAX:
+                # Small: a copy costs less than a fresh receive buffer if the write waits.
+                req.data = bytes(self._view[self._start : self._start + length])
+            else:
+                req.data = self._view[self._start : self._start + length]
             self._start += length
             return req
         # Payload spills past what we have: give it a buffer of its own.
@@ -482,26 +493,89 @@ class ReplyDecoder:
     """Client side of the transmission phase: bytes in, reply events out.
 
     A simple reply's data length is not on the wire; the client knows it from
-    the request, so it tells the decoder through ``read_length(cookie)`` (the
-    number of data bytes that follow a successful simple reply, 0 if none).
+    the request. Tell the decoder through ``read_dest(cookie)``: the READ's
+    ``(offset, buffer)`` (None for a request that is not a READ). The data of
+    a simple reply or an OFFSET_DATA chunk then lands in that buffer, straight
+    from the socket once it outgrows what arrived with its header, and the
+    event carries no payload. Without ``read_dest``, ``read_length(cookie)``
+    gives the length (0 if none) and the data comes out with the event.
+
+    Zero-copy friendly like :class:`RequestDecoder`: the adapter asks
+    :meth:`get_buffer` where to receive and reports with
+    :meth:`buffer_updated`. Any malformed frame raises :class:`ProtocolError`
+    and the decoder refuses further input.
     """
 
     def __init__(
-        self, read_length: Callable[[int], int], max_payload: int = MAX_BLOCK + 4096
+        self,
+        read_length: Callable[[int], int] | None = None,
+        max_payload: int = MAX_BLOCK + 4096,
+        read_dest: Callable[[int], tuple[int, memoryview] | None] | None = None,
+        buffer_size: int = 256 * 1024,
     ) -> None:
+        if (read_length is None) == (read_dest is None):
+            raise ValueError("give exactly one of read_length and read_dest")
         self._read_length = read_length
+        self._read_dest = read_dest
         self._max_payload = max_payload
-        self._buf = bytearray()
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._need = 0  # bytes a whole frame at _start needs in the buffer
+        self._direct: memoryview | None = None  # payload being received in place
+        self._direct_got = 0
+        self._direct_event: tuple[ReplyEvent, bytes | bytearray | None] | None = None
+        self._backlog = bytearray()  # fed by receive_data while a payload awaits next_event
         self._broken: ProtocolError | None = None
-        self._data_for: SimpleReply | None = None
-        self._data_len = 0
 
-    def receive_data(self, data: bytes) -> None:
+    # ---- receiving
+    def get_buffer(self) -> memoryview:
         if self._broken:
             raise self._broken
-        self._buf += data
+        if self._direct is not None:
+            return self._direct[self._direct_got :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._start < max(self._need, 4096) or len(self._buf) == self._end:
+            # Compact (the unparsed tail to the front), growing for a frame larger than the buffer.
+            n = self._end - self._start
+            if self._need > len(self._buf):
+                fresh = bytearray(self._need)
+                fresh[:n] = self._view[self._start : self._end]
+                self._buf, self._view = fresh, memoryview(fresh)
+            else:
+                self._buf[:n] = self._view[self._start : self._end]
+            self._start, self._end = 0, n
+        return self._view[self._end :]
 
-    def next_event(self) -> tuple[ReplyEvent, bytes | None] | None:
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._direct is not None:
+            self._direct_got += nbytes
+        else:
+            self._end += nbytes
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Copying convenience for tests and byte-by-byte feeding."""
+        if self._backlog:
+            self._backlog += data
+            return
+        view = memoryview(data)
+        while view:
+            buf = self.get_buffer()
+            if not buf:
+                if self._direct is not None:  # a payload is complete: keep the rest for after it
+                    self._backlog += view
+                    return
+                self._need = len(self._buf) * 2  # full of unparsed frames: make room
+                continue
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
+
+    # ---- parsing
+    def next_event(self) -> tuple[ReplyEvent, bytes | bytearray | None] | None:
         """(event, read data of a simple reply or None), or None if more bytes are needed."""
         if self._broken:
             raise self._broken
@@ -511,43 +585,90 @@ class ReplyDecoder:
             self._broken = e
             raise
 
-    def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    def _next(self) -> tuple[ReplyEvent, bytes | None] | None:
-        buf = self._buf
-        if self._data_for is not None:
-            if len(buf) < self._data_len:
+    def _next(self) -> tuple[ReplyEvent, bytes | bytearray | None] | None:
+        if self._direct is not None:
+            if self._direct_got < len(self._direct):
                 return None
-            ev, self._data_for = self._data_for, None
-            return ev, self._take(self._data_len)
-        if len(buf) < 4:
+            done, self._direct_event = self._direct_event, None
+            self._direct = None
+            if self._backlog:
+                rest, self._backlog = self._backlog, bytearray()
+                self.receive_data(rest)
+            return done
+        start = self._start
+        avail = self._end - start
+        if avail < 4:
             return None
-        (magic,) = U32.unpack_from(buf)
+        buf = self._buf
+        (magic,) = _unpack_u32(buf, start)
         if magic == SIMPLE_REPLY_MAGIC:
-            if len(buf) < SIMPLE_REPLY.size:
+            if avail < _SIMPLE_SIZE:
                 return None
-            _, error, cookie = SIMPLE_REPLY.unpack_from(buf)
-            del buf[: SIMPLE_REPLY.size]
+            _, error, cookie = _unpack_simple(buf, start)
             ev = SimpleReply(cookie, error)
-            n = 0 if error else self._read_length(cookie)
-            if n == 0:
+            start += _SIMPLE_SIZE
+            if error:
+                self._start = start
                 return ev, None
-            self._data_for, self._data_len = ev, n
-            return self._next()
+            if self._read_dest is None:
+                assert self._read_length is not None
+                return self._payload(ev, start, None, self._read_length(cookie))
+            dest = self._read_dest(cookie)
+            return self._payload(ev, start, None if dest is None else dest[1], 0)
         if magic == STRUCTURED_REPLY_MAGIC:
-            if len(buf) < STRUCTURED_REPLY.size:
+            if avail < _STRUCTURED_SIZE:
                 return None
-            _, flags, type_, cookie, length = STRUCTURED_REPLY.unpack_from(buf)
+            _, flags, type_, cookie, length = _unpack_structured(buf, start)
             if length > self._max_payload:
                 raise ProtocolError(f"structured reply chunk of {length} bytes is too large")
-            if len(buf) < STRUCTURED_REPLY.size + length:
+            if type_ == REPLY_TYPE_OFFSET_DATA and self._read_dest is not None:
+                if length >= 8 and avail < _STRUCTURED_SIZE + 8:
+                    self._need = _STRUCTURED_SIZE + 8
+                    return None
+                dest = self._read_dest(cookie)
+                if dest is not None:
+                    if length < 8:
+                        raise ProtocolError("OFFSET_DATA chunk too short")
+                    (off,) = U64.unpack_from(buf, start + _STRUCTURED_SIZE)
+                    n = length - 8
+                    rel = off - dest[0]
+                    if rel < 0 or rel + n > len(dest[1]):
+                        raise ProtocolError(f"OFFSET_DATA chunk at {off}+{n} outside the request")
+                    placed = StructuredChunk(cookie, flags, type_, b"")  # the data is in place
+                    return self._payload(placed, start + _STRUCTURED_SIZE + 8, dest[1][rel : rel + n], 0)
+            if avail < _STRUCTURED_SIZE + length:
+                self._need = _STRUCTURED_SIZE + length
                 return None
-            del buf[: STRUCTURED_REPLY.size]
-            return StructuredChunk(cookie, flags, type_, self._take(length)), None
+            self._need = 0
+            self._start = start + _STRUCTURED_SIZE + length
+            payload = bytes(self._view[start + _STRUCTURED_SIZE : self._start])
+            return StructuredChunk(cookie, flags, type_, payload), None
         raise ProtocolError(f"bad reply magic 0x{magic:08x}")
+
+    def _payload(
+        self, ev: ReplyEvent, pos: int, dest: memoryview | None, length: int
+    ) -> tuple[ReplyEvent, bytes | bytearray | None] | None:
+        """The data after a header at ``pos``: into ``dest`` (all of it), or
+        ``length`` bytes returned with the event."""
+        n = len(dest) if dest is not None else length
+        have = self._end - pos
+        self._need = 0
+        if have >= n:
+            self._start = pos + n
+            if dest is not None:
+                dest[:] = self._view[pos : pos + n]
+                return ev, None
+            return ev, (bytes(self._view[pos : pos + n]) if n else None)
+        # The rest arrives straight into its place (a buffer of its own without one).
+        out: bytearray | None = None
+        if dest is None:
+            out = bytearray(n)
+            dest = memoryview(out)
+        dest[:have] = self._view[pos : self._end]
+        self._start = self._end = 0
+        self._direct, self._direct_got = dest, have
+        self._direct_event = (ev, out)
+        return None
 
 
 # =========================================================================== server handshake

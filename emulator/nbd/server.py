@@ -138,9 +138,7 @@ class NbdServer:
     # ---- listening
     async def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        srv = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_address=True, backlog=128
-        )
+        srv = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True, backlog=128)
         self._servers.append(srv)
         addr = srv.sockets[0].getsockname()
         return addr[0], addr[1]
@@ -350,10 +348,9 @@ class _Connection(asyncio.BufferedProtocol):
         task = run_eager(coro)
         if task is None:
             return
-        if t == p.CMD_WRITE:
-            # The suspended write may hold a view of the receive buffer:
+        if t == p.CMD_WRITE and self._dec is not None and self._dec.shares_buffer(req.data):
+            # The suspended write holds a view of the receive buffer:
             # receive what follows into a fresh one.
-            assert self._dec is not None
             self._dec.detach_buffer()
         self._inflight.add(task)
         task.add_done_callback(self._task_done)
@@ -442,11 +439,7 @@ class _Connection(asyncio.BufferedProtocol):
                 data = await backend.read(off, length)
                 self._send(header, data)
                 return
-            if (
-                length >= SPARSE_READ_MIN
-                and not req.flags & p.CMD_FLAG_DF
-                and backend.can_extents
-            ):
+            if length >= SPARSE_READ_MIN and not req.flags & p.CMD_FLAG_DF and backend.can_extents:
                 await self._sparse_read(req)
                 return
             data = await backend.read(off, length)
@@ -706,5 +699,3 @@ def format_listen(host: str, port: int) -> str:
 def uris(host: str, port: int, names: Iterable[str]) -> list[str]:
     base = format_listen(host, port)
     return [f"{base}/{n}" for n in names]
-
-

@@ -312,14 +312,25 @@ def test_request_decoder_big_write_payload_is_received_in_place() -> None:
 
 
 def test_request_decoder_detached_buffer_keeps_earlier_payload() -> None:
-    dec = p.RequestDecoder(buffer_size=128)
-    dec.receive_data(PIPELINE[1][1])
+    n = p.WRITE_COPY_MAX + 1  # larger payloads are views of the receive buffer
+    dec = p.RequestDecoder(buffer_size=2 * n)
+    dec.receive_data(p.Request(0, p.CMD_WRITE, 1, 0, n).header() + b"h" * n)
     req = dec.next_event()
     assert req is not None and req.data is not None
     held = req.data
+    assert dec.shares_buffer(held)
     dec.detach_buffer()  # the adapter's call when a WRITE must outlive the next receive
-    dec.receive_data(b"\xee" * 28)  # a bad header lands where the payload was
-    assert bytes(held) == b"hello"
+    assert not dec.shares_buffer(held)
+    dec.receive_data(p.Request(0, p.CMD_WRITE, 2, 0, n).header() + b"\xee" * n)  # lands at the front
+    assert bytes(held) == b"h" * n
+
+
+def test_request_decoder_copies_small_write_payloads() -> None:
+    dec = p.RequestDecoder(buffer_size=128)
+    dec.receive_data(PIPELINE[1][1])
+    req = dec.next_event()
+    assert req is not None and req.data == b"hello"
+    assert isinstance(req.data, bytes) and not dec.shares_buffer(req.data)
 
 
 def test_request_decoder_receive_buffer_full_without_draining() -> None:
@@ -494,6 +505,87 @@ def test_reply_decoder_rejects_huge_chunk_before_buffering_it() -> None:
     dec.receive_data(p.build_structured_header(1, p.REPLY_TYPE_OFFSET_DATA, 1025))
     with pytest.raises(ProtocolError, match="too large"):
         dec.next_event()
+
+
+# ---- in place: a READ's data lands in the caller's buffer
+def _socket_feed(dec: p.ReplyDecoder, data: bytes, chunk: int) -> list[Event]:
+    """Feed like a transport does: receive at most ``chunk`` bytes into get_buffer()."""
+    out: list[Event] = []
+    view = memoryview(data)
+    while view:
+        buf = dec.get_buffer()
+        n = min(len(buf), len(view), chunk)
+        assert n > 0, "decoder offered no room"
+        buf[:n] = view[:n]
+        dec.buffer_updated(n)
+        view = view[n:]
+        while (ev := dec.next_event()) is not None:
+            out.append(ev)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 300_000, 1 << 30])
+def test_reply_decoder_places_read_data_in_the_callers_buffer(chunk: int) -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB: more than the receive buffer
+    dests = {
+        1: (0, memoryview(bytearray(8))),  # simple reply
+        2: (4096, memoryview(bytearray(len(big) + 16))),  # two OFFSET_DATA chunks
+        3: (0, memoryview(bytearray(len(big)))),  # simple reply larger than the buffer
+    }
+    asked: list[int] = []
+
+    def dest(cookie: int) -> tuple[int, memoryview] | None:
+        asked.append(cookie)
+        return dests.get(cookie)
+
+    stream = (
+        p.build_simple_reply(1) + b"readdata"
+        + p.build_structured_header(2, p.REPLY_TYPE_OFFSET_DATA, 8 + 16)
+        + p.U64.pack(4096 + len(big)) + b"T" * 16
+        + p.build_simple_reply(9)  # a write's ack between them
+        + p.build_structured_header(2, p.REPLY_TYPE_OFFSET_DATA, 8 + len(big), p.REPLY_FLAG_DONE)
+        + p.U64.pack(4096) + big
+        + p.build_simple_reply(3) + big
+        + p.build_block_status_chunk(5, 1, [p.Extent(0x1000, 0)])
+    )  # fmt: skip
+    dec = p.ReplyDecoder(read_dest=dest, buffer_size=64 * 1024)
+    events = _socket_feed(dec, stream, chunk)
+    assert events == [
+        (p.SimpleReply(1, 0), None),
+        (p.StructuredChunk(2, 0, p.REPLY_TYPE_OFFSET_DATA, b""), None),
+        (p.SimpleReply(9, 0), None),
+        (p.StructuredChunk(2, 1, p.REPLY_TYPE_OFFSET_DATA, b""), None),
+        (p.SimpleReply(3, 0), None),
+        (p.StructuredChunk(5, 1, p.REPLY_TYPE_BLOCK_STATUS, h("00000001 00001000 00000000")), None),
+    ]
+    assert bytes(dests[1][1]) == b"readdata"
+    assert bytes(dests[2][1]) == big + b"T" * 16
+    assert bytes(dests[3][1]) == big
+    assert asked == [1, 2, 9, 2, 3]
+
+
+def test_reply_decoder_grows_for_a_chunk_larger_than_its_buffer() -> None:
+    extents = [p.Extent(4096, i % 4) for i in range(2000)]  # 16 KiB of BLOCK_STATUS
+    frame = p.build_block_status_chunk(5, 1, extents)
+    dec = p.ReplyDecoder(read_dest=lambda c: None, buffer_size=4096)
+    [(ev, _)] = _socket_feed(dec, frame, 1500)
+    assert isinstance(ev, p.StructuredChunk)
+    assert p.parse_block_status_chunk(ev.payload) == (1, extents)
+
+
+@pytest.mark.parametrize("off", [4096 - 1, 4096 + 5])
+def test_reply_decoder_in_place_rejects_data_outside_the_request(off: int) -> None:
+    dec = p.ReplyDecoder(read_dest=lambda c: (4096, memoryview(bytearray(8))))
+    dec.receive_data(p.build_structured_header(1, p.REPLY_TYPE_OFFSET_DATA, 12) + p.U64.pack(off) + b"abcd")
+    with pytest.raises(ProtocolError, match="outside the request"):
+        dec.next_event()
+
+
+def test_reply_decoder_needs_one_way_to_size_reads() -> None:
+    with pytest.raises(ValueError):
+        p.ReplyDecoder()
+    with pytest.raises(ValueError):
+        p.ReplyDecoder(lambda c: 0, read_dest=lambda c: None)
 
 
 def test_parse_error_chunks() -> None:
