@@ -170,12 +170,38 @@ class Copier:
             if pos < end:  # a short map: treat the rest as data
                 runs.append((pos, end - pos, False))
             c = self._maps[w] = _ExtentMap(start, end, runs, gens)
+            self._clean_holes(c, w0, w1)
             for k in [k for k in self._maps if not w - 1 <= k <= w + READ_AHEAD]:
                 del self._maps[k]  # keep the maps around the copy only
             return c
         finally:
             if self._reading.get(w) is asyncio.current_task():
                 del self._reading[w]
+
+    def _clean_holes(self, c: _ExtentMap, w0: int, w1: int) -> None:
+        """Mark clean at once the regions of [w0, w1) that the map shows all zero
+        where the target holds nothing: there is nothing to copy, and one vector
+        operation costs less than a copy_region each (a 10%-allocated LUN is 90%
+        such regions). Only if no write touched them since the map was read (I3)."""
+        regions = self.regions
+        has_data = np.zeros(w1 - w0, np.bool_)
+        shift = regions.shift
+        for off, ln, zero in c.runs:
+            if not zero:
+                has_data[(off >> shift) - w0 : ((off + ln - 1) >> shift) + 1 - w0] = True
+        span = slice(w0, w1)
+        state = regions.state[span]
+        ok = (
+            ~has_data
+            & (state == DIRTY)
+            & (regions.inflight[span] == 0)
+            & ~regions.target_data[span]
+            & (regions.gen[span] == c.gens)
+        )
+        n = int(np.count_nonzero(ok))
+        if n:
+            state[ok] = CLEAN
+            self.regions_copied += n
 
     async def _charged_write(self, off: int, data: bytes | bytearray) -> None:
         async with self._write_lock:

@@ -7,7 +7,8 @@ end, the allocation-map reads of its copier, its first checkpoint.
    poll out). Real daemons, real NBD.
 2. The copier reads each window's allocation map once, shared by its workers,
    and reads the next windows ahead; a map read ahead is not trusted for a
-   region written after it was read (I3). In process, injected backends.
+   region written after it was read (I3); holes the target does not hold are
+   cleaned in bulk with the map. In process, injected backends.
 3. A copy shorter than the checkpoint interval flushes the target at the end
    of its pass and at cutover only, not also at its first region.
 """
@@ -177,6 +178,35 @@ def test_a_map_read_ahead_is_not_trusted_for_a_region_written_after_it() -> None
         assert await copier.copy_region(r)
         assert await target.read(r * MiB, MiB) == b"\x77" * MiB, "copied as a hole from a stale map"
         assert len(src.map_reads) == 3, src.map_reads
+
+    asyncio.run(main())
+
+
+def test_holes_are_cleaned_in_bulk_when_their_map_is_read() -> None:
+    """Regions all zero on the source, on a target that holds nothing there, turn
+    clean with the map read: no copy_region each. Not a region with data, one the
+    target may hold data in, one written since the map was read, one in flight."""
+
+    async def main() -> None:
+        size = EXTENT_WINDOW
+        src = MapSource(size)
+        await src.write(5 * MiB, b"\x05" * MiB)
+        regions = RegionMap(size, MiB)
+        regions.target_data[:] = False
+        regions.target_data[9] = True  # e.g. an earlier write reached the target there
+        regions.begin_write(11, 12, 0.0)  # in flight while the map is read
+        copier = Copier(src, MemoryBackend(size), regions, Throttle())
+        read = asyncio.ensure_future(copier._runs(0))
+        while not src.map_reads:  # the map read has begun
+            await asyncio.sleep(0)
+        regions.begin_write(13, 14, 0.0)  # written after it began
+        regions.end_write(13, 14)
+        await read
+        regions.end_write(11, 12)
+        dirty = sorted(int(r) for r in (regions.state != CLEAN).nonzero()[0])
+        assert dirty == [5, 9, 11, 13]
+        assert copier.regions_copied == regions.count - 4
+        assert len(src.map_reads) == 1
 
     asyncio.run(main())
 
