@@ -99,19 +99,24 @@ def _action(action: str) -> Any:
     return cmd
 
 
+#: one long poll of the status waits at most this long for the migration's end
+LONG_POLL_S = 10.0
+
+
 def cmd_wait(args: argparse.Namespace, api: ArrayApi) -> int:
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     while True:
-        st = api.call("GET", _path(args.lun))
+        # A long poll: the array answers as soon as the migration ends.
+        left = LONG_POLL_S if deadline is None else min(LONG_POLL_S, deadline - time.monotonic())
+        st = api.call("GET", _path(args.lun), query={"wait": f"{max(0.0, left):.3f}"})
         if st["state"] in FINAL:
             break
-        if deadline is not None and time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() >= deadline:
             print(
                 f"blockmig: migration of {args.lun} still {st['state']} after {args.timeout} s",
                 file=sys.stderr,
             )
             return 2
-        time.sleep(args.interval)
     _emit(args, st, format_status(st))
     if st["state"] != "completed":
         print(f"blockmig: migration of {args.lun} {st['state']}: {st.get('last_error', '')}", file=sys.stderr)
@@ -158,5 +163,4 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _api_args(p)
     p.add_argument("lun", metavar="NAME")
     p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 2)")
-    p.add_argument("--interval", type=float, default=0.2, help=argparse.SUPPRESS)
     p.set_defaults(func=run_api_command(cmd_wait))

@@ -162,6 +162,7 @@ class _Wire(asyncio.BufferedProtocol):
     ) -> None:
         """From now on bytes go to ``decoder`` (after any left over from the handshake)."""
         self.decoder, self.on_replies, self.on_lost = decoder, on_replies, on_lost
+        self._hs_recv = bytearray()  # the handshake's receive buffer is not needed any more
         if self._hs:
             decoder.receive_data(self._hs)
             self._hs.clear()

@@ -4,7 +4,7 @@ end, the allocation-map reads of its copier, its first checkpoint.
 1. GET /api/v1/migrations/{name}?wait=S is a long poll: it answers when the
    migration ends, not at the client's next poll; after S seconds with the
    status as it is; at once when the array stops (SIGTERM does not wait the
-   poll out). Real daemons, real NBD.
+   poll out). `blockmig migration wait` uses it. Real daemons, real NBD.
 2. The copier reads each window's allocation map once, shared by its workers,
    and reads the next windows ahead; a map read ahead is not trusted for a
    region written after it was read (I3); holes the target does not hold are
@@ -16,6 +16,9 @@ end, the allocation-map reads of its copier, its first checkpoint.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -90,6 +93,30 @@ def test_long_poll_answers_at_the_end_not_at_the_next_poll(tmp_path: Path) -> No
         assert st["state"] == "completed" and took < 20, (took, st)
         took, st = long_poll(b, "vol2", 50)  # already over: at once
         assert st["state"] == "completed" and took < 5, (took, st)
+
+
+@pytest.mark.timeout(90)
+def test_migration_wait_long_polls_and_exits_by_the_outcome(tmp_path: Path) -> None:
+    """`blockmig migration wait`: exit 2 at --timeout while the migration runs,
+    1 once it was cancelled, 0 once it completed (each as soon as it ends)."""
+
+    def wait(b: ArrayDaemon, lun: str, *more: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "control.cli", "migration", "wait", "--api", b.api, "--token", TOKEN]
+        return subprocess.run([*cmd, lun, *more], capture_output=True, text=True, timeout=60)
+
+    with array_daemon(tmp_path / "a", "A") as a, array_daemon(tmp_path / "b", "B") as b:
+        paused_migration(a, b, "vol")
+        p = wait(b, "vol", "--timeout", "0.5")
+        assert p.returncode == 2 and "still paused after 0.5 s" in p.stderr, (p.returncode, p.stderr)
+        later = threading.Timer(0.5, lambda: api(b).call("POST", "/api/v1/migrations/vol/cancel"))
+        later.start()
+        p = wait(b, "vol", "--json")
+        later.join()
+        assert p.returncode == 1 and "cancelled" in p.stderr, (p.returncode, p.stderr)
+        assert json.loads(p.stdout)["state"] == "cancelled"
+        api(b).call("POST", "/api/v1/migrations", {"lun": "vol2", "source": a.uri("vol")})
+        p = wait(b, "vol2", "--timeout", "30")
+        assert p.returncode == 0, (p.returncode, p.stderr)
 
 
 @pytest.mark.timeout(90)
