@@ -180,6 +180,18 @@ class _Wire(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+def _resolve(fut: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+    """End one request, unless its caller cancelled it: a reply to a request
+    nobody waits for any more must not break the connection for the others."""
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(error)
+        fut.exception()  # mark retrieved: a caller may have gone
+
+
 async def _open(addr: Address, timeout: float) -> _Wire:
     loop = asyncio.get_running_loop()
     if addr.socket:
@@ -575,9 +587,7 @@ class NbdClient:
     def _fail_all(self, err: Exception) -> None:
         pending, self._pending = self._pending, {}
         for x in pending.values():
-            if not x.future.done():
-                x.future.set_exception(err)
-                x.future.exception()  # mark retrieved: a caller may have gone
+            _resolve(x.future, None, err)
 
     def _on_reply(self, ev: p.ReplyEvent, data: bytes | bytearray | None) -> None:
         pend = self._pending.get(ev.cookie)
@@ -585,22 +595,15 @@ class NbdClient:
             raise ProtocolError(f"reply for unknown cookie {ev.cookie}")
         if isinstance(ev, p.SimpleReply):
             del self._pending[ev.cookie]
-            if ev.error:
-                pend.future.set_exception(self._error(pend, ev.error, ""))
-            else:  # a READ's data is in its buffer already
-                pend.future.set_result(None)
+            # a READ's data is in its buffer already
+            _resolve(pend.future, None, self._error(pend, ev.error, "") if ev.error else None)
             return
         self._on_chunk(pend, ev)
         if ev.done:
             del self._pending[ev.cookie]
-            if pend.error is not None:
-                pend.future.set_exception(pend.error)
-            elif pend.type == p.CMD_BLOCK_STATUS:
-                if not pend.extents:
-                    raise ProtocolError("BLOCK_STATUS reply without extents")
-                pend.future.set_result(pend.extents)
-            else:
-                pend.future.set_result(None)
+            if pend.error is None and pend.type == p.CMD_BLOCK_STATUS and not pend.extents:
+                raise ProtocolError("BLOCK_STATUS reply without extents")
+            _resolve(pend.future, pend.extents, pend.error)
 
     def _on_chunk(self, pend: _Pending, ch: p.StructuredChunk) -> None:
         t = ch.type

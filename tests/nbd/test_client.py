@@ -198,3 +198,28 @@ def test_server_killed_fails_pending_requests(tmp_path: Path) -> None:
 
     with serve_file(img) as s:
         run(main(s))
+
+
+def test_replies_to_cancelled_requests_leave_the_connection_working(tmp_path: Path) -> None:
+    """A caller that gives up (a timeout cancels its read or write) must not cost
+    the others their connection when the late reply comes."""
+    img = tmp_path / "c.img"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+
+    async def main(s: Server) -> None:
+        async with await NbdClient.connect(s.uri) as c:
+            await c.write(0, b"q" * 8192)
+            os.kill(s.proc.pid, signal.SIGSTOP)  # the replies come late
+            try:
+                for op in (c.read(0, 4096), c.write(8192, b"w" * 4096), c.read(0, 1 << 20)):
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(op, 0.1)
+            finally:
+                os.kill(s.proc.pid, signal.SIGCONT)
+            assert await c.read(0, 8192) == b"q" * 8192
+            assert await c.read(8192, 4096) == b"w" * 4096
+            assert not c.closed
+
+    with serve_file(img) as s:
+        run(main(s))
