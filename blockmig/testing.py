@@ -94,6 +94,8 @@ class ArraySpec:
     pools: tuple[str, ...] = ("default",)
     media: str = "none"
     capacity: str = "1G"
+    #: MB/s of the migrations onto this array (`blockmig migrate` names no rate); 0 = unlimited
+    migration_throttle: float = 0.0
 
     def toml(self) -> str:
         """The ``[[array]]`` table of a `blockmig up` config; it listens on 127.0.0.1 only."""
@@ -101,7 +103,7 @@ class ArraySpec:
         return (
             f"[[array]]\nname = {json.dumps(self.name)}\nmodel = {json.dumps(self.model)}\n"
             f'media = {json.dumps(self.media)}\nnbd = "127.0.0.1:0"\napi = "127.0.0.1:0"\n'
-            f"pools = {{ {pools} }}\n"
+            f"pools = {{ {pools} }}\nmigration_throttle = {float(self.migration_throttle)!r}\n"
         )
 
 

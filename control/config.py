@@ -9,6 +9,8 @@ A TOML config names the arrays::
     nbd = "127.0.0.1:0"        # port 0: any free port
     api = "127.0.0.1:0"
     pools = { default = "20G" }
+    # migration_throttle = 100           (MB/s of migrations onto it that name no rate,
+    #                                     e.g. `blockmig migrate`; default 0 = unlimited)
     # data_dir = "/var/lib/blockmig/A"   (default: STATE_DIR/arrays/NAME)
     # token = "..."                      (default: generated in the data dir)
 
@@ -52,6 +54,7 @@ class ArrayConfig:
     nbd: str = "127.0.0.1:0"
     api: str = "127.0.0.1:0"
     pools: dict[str, str] = field(default_factory=dict)
+    migration_throttle: float = 0.0  # MB/s, 0 = unlimited
     data_dir: str = ""
     token: str = ""
 
@@ -100,6 +103,12 @@ def load_config(path: Path | None) -> list[ArrayConfig]:
             raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} in [[array]]")
         if "name" not in a:
             raise ValueError(f"{path}: an [[array]] has no name")
+        rate = a.get("migration_throttle", 0)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < float("inf"):
+            raise ValueError(
+                f"{path}: migration_throttle of array {a['name']!r} must be MB/s >= 0 (0 = unlimited), "
+                f"not {rate!r}"
+            )
         out.append(ArrayConfig(**a))
     names = [a.name for a in out]
     if len(set(names)) != len(names):
@@ -164,6 +173,8 @@ def start_array(cfg: ArrayConfig, state_dir: Path) -> ArrayRecord:
     ]
     for pool, cap in cfg.pools.items():
         cmd += ["--pool", f"{pool}={cap}"]
+    if cfg.migration_throttle:
+        cmd += ["--migration-throttle", f"{float(cfg.migration_throttle):g}"]
     if cfg.token:
         cmd += ["--token", cfg.token]
     env = dict(os.environ)

@@ -597,7 +597,7 @@ def summary(r: Result) -> None:
     console.print(t)
     console.print(
         "[dim]Read-through: B serves the volume while its data is still on A (copier held). While copying: "
-        "the copier runs unthrottled (`blockmig migrate` sets no rate) and competes for the CPUs. "
+        "the copier runs unthrottled (B has no migration_throttle) and competes for the CPUs. "
         f"All on loopback: fio, {'nbdfuse (FUSE), a loop device ' if '/dev/' in r.path else ''}"
         f"and both arrays share {os.cpu_count()} "
         "CPUs, so the losses are CPU contention more than a fabric's; the proposal's 15% is for real "

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -85,8 +86,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="how long I/O that needs an unreachable migration source waits before "
         "failing with EIO (default %(default)s)",
     )
+    sp.add_argument(
+        "--migration-throttle",
+        type=_mbps,
+        default=0.0,
+        metavar="MBPS",
+        help="copy rate of migrations onto this array that name none, e.g. those of `blockmig "
+        "migrate` (MB/s; default %(default)s = unlimited)",
+    )
     sp.add_argument("-v", "--verbose", action="store_true", help="log requests and connections")
     sp.set_defaults(func=main)
+
+
+def _mbps(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a rate in MB/s >= 0 (0 = unlimited), not {text!r}")
+    return v
 
 
 def load_token(data_dir: Path, given: str | None) -> str:
@@ -126,7 +145,8 @@ async def serve(args: argparse.Namespace) -> int:
     server = NbdServer()
     array = Array(data_dir, args.name, model, server, _parse_pools(args.pool))
     array.open()
-    manager = MigrationManager(array, MigrationConfig(retry_window=args.source_retry_window))
+    defaults = MigrationConfig(retry_window=args.source_retry_window, throttle=args.migration_throttle * 1e6)
+    manager = MigrationManager(array, defaults)
     array.delete_hooks.append(manager.forget_lun)
     runner: web.AppRunner | None = None
     try:

@@ -61,6 +61,7 @@ ARRAYS = [
     ArraySpec("S", "unified", media=SLOW),
     ArraySpec("T", "unified", media=SLOW),
     ArraySpec("P", "plain", media=SLOW),
+    ArraySpec("R", "unified", migration_throttle=8),  # copies at 8 MB/s unless told otherwise
 ]
 SMALL = 16 * MiB  # on the fast arrays: a migration takes well under a second
 BIG = 64 * MiB  # on the slow arrays: a migration takes a few seconds
@@ -173,6 +174,21 @@ def test_async_target_is_attachable_and_serves_a_host_through_the_cutover(bm: Bl
     assert lun not in bm.luns("S"), "step 4 must remove the source LUN"
     assert_content(t_uri, img)
     assert bm.ok("detach", v["id"])["status"] == "available"
+
+
+def test_the_target_arrays_default_rate_throttles_blockmig_migrate(bm: BlockmigEnv) -> None:
+    """`blockmig migrate` names no rate (the proposal's driver call has none): the target
+    array's `migration_throttle` sets it."""
+    v, img = make(bm, "paced", SMALL, "A", stride=BLOCK)  # every block written: 16 MiB to copy
+    d = bm.ok("migrate", v["id"], "R")
+    assert d["migration_status"] == "migrating_attachable", d
+    end = bm.wait_migration(v["id"], timeout=60)
+    assert end["migration_status"] == "success", end
+    st = bm.array_migration("R", lun_of(v))
+    assert st is not None and st["state"] == "completed" and st["throttle"] == 8e6, st
+    took = st["finished"] - st["started"]
+    assert took >= 0.8 * SMALL / 8e6, f"16 MiB copied in {took:.2f} s: faster than 8 MB/s"
+    assert_content(end["provider_location"]["uri"], img)
 
 
 # ---------------------------------------------------------------------- step 2, sync target
