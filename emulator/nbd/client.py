@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import socket
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
@@ -180,6 +180,11 @@ class _Wire(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+def _all(futs: list[asyncio.Future[Any]]) -> Awaitable[Any]:
+    """What to await for the requests of one call: one (the usual case) needs no gather."""
+    return futs[0] if len(futs) == 1 else asyncio.gather(*futs)
+
+
 def _resolve(fut: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
     """End one request, unless its caller cancelled it: a reply to a request
     nobody waits for any more must not break the connection for the others."""
@@ -209,12 +214,11 @@ class _Handshake:
     """The client's side of option haggling over a stream."""
 
     def __init__(self, wire: _Wire, uri: str):
-        self.r = self.w = wire
-        self.uri = uri
+        self.wire, self.uri = wire, uri
         self.no_zeroes = False
 
     async def greet(self) -> None:
-        data = await self.r.readexactly(p.SERVER_GREETING.size)
+        data = await self.wire.readexactly(p.SERVER_GREETING.size)
         magic, opt, hflags = p.SERVER_GREETING.unpack(data)
         if magic != p.NBDMAGIC:
             raise ProtocolError(f"{self.uri}: not an NBD server (magic 0x{magic:x})")
@@ -226,18 +230,18 @@ class _Handshake:
         if hflags & p.FLAG_NO_ZEROES:
             cflags |= p.FLAG_C_NO_ZEROES
             self.no_zeroes = True
-        self.w.write(p.CLIENT_FLAGS.pack(cflags))
+        self.wire.write(p.CLIENT_FLAGS.pack(cflags))
 
     async def option(self, opt: int, data: bytes = b"") -> list[p.OptionReply]:
         """Send one option; collect its replies up to ACK or an error."""
-        self.w.write(p.build_option(opt, data))
+        self.wire.write(p.build_option(opt, data))
         replies: list[p.OptionReply] = []
         while True:
-            hdr = await self.r.readexactly(p.OPTION_REPLY_HEADER.size)
+            hdr = await self.wire.readexactly(p.OPTION_REPLY_HEADER.size)
             _, _, _, length = p.OPTION_REPLY_HEADER.unpack(hdr)
             if length > p.MAX_OPTION_LENGTH:
                 raise ProtocolError(f"{self.uri}: option reply of {length} bytes")
-            parsed = p.parse_option_reply(hdr + await self.r.readexactly(length))
+            parsed = p.parse_option_reply(hdr + await self.wire.readexactly(length))
             assert parsed is not None
             rep = parsed[0]
             if rep.option != opt:
@@ -380,11 +384,11 @@ class NbdClient:
 
     async def _export_name(self, hs: _Handshake, name: str) -> None:
         """Fallback for servers without GO (section "NBD_OPT_EXPORT_NAME")."""
-        hs.w.write(p.build_option(p.OPT_EXPORT_NAME, name.encode()))
-        data = await hs.r.readexactly(p.EXPORT_NAME_REPLY.size)
+        hs.wire.write(p.build_option(p.OPT_EXPORT_NAME, name.encode()))
+        data = await hs.wire.readexactly(p.EXPORT_NAME_REPLY.size)
         self.size, self.flags = p.EXPORT_NAME_REPLY.unpack(data)
         if not hs.no_zeroes:
-            await hs.r.readexactly(len(p.HANDSHAKE_ZEROES))
+            await hs.wire.readexactly(len(p.HANDSHAKE_ZEROES))
         self._max_request = p.MAX_BLOCK
 
     def abort(self, reason: str) -> None:
@@ -495,17 +499,12 @@ class NbdClient:
         self._check_range("read", offset, len(buf))
         flags = p.CMD_FLAG_DF if df and self.structured else 0
         step = self._max_request
-        if len(buf) <= step:  # the common case: one request, no gather
-            fut = self._submit(p.CMD_READ, offset, len(buf), flags, buf=buf)
-            await self._drain()
-            await fut
-            return
         futs = [
             self._submit(p.CMD_READ, offset + i, min(step, len(buf) - i), flags, buf=buf[i : i + step])
             for i in range(0, len(buf), step)
         ]
         await self._drain()
-        await asyncio.gather(*futs)
+        await _all(futs)
 
     async def read(self, offset: int, length: int, df: bool = False) -> bytearray:
         buf = bytearray(length)
@@ -518,24 +517,19 @@ class NbdClient:
         self._check_range("write", offset, len(view))
         flags = p.CMD_FLAG_FUA if fua else 0
         step = self._max_request
-        if len(view) <= step:
-            fut = self._submit(p.CMD_WRITE, offset, len(view), flags, payload=view)
-            await self._drain()
-            await fut
-            return
         futs = [
             self._submit(p.CMD_WRITE, offset + i, len(view[i : i + step]), flags, payload=view[i : i + step])
             for i in range(0, len(view), step)
         ]
         await self._drain()
-        await asyncio.gather(*futs)
+        await _all(futs)
 
     async def _ranged(self, type_: int, offset: int, length: int, flags: int) -> None:
         name = p.CMD_NAMES[type_]
         self._check_range(name, offset, length)
         step = 0xFFFF_F000  # lengths are u32 on the wire
         futs = [self._submit(type_, offset + i, min(step, length - i), flags) for i in range(0, length, step)]
-        await asyncio.gather(*futs)
+        await _all(futs)
 
     async def write_zeroes(
         self, offset: int, length: int, may_trim: bool = True, fast: bool = False, fua: bool = False
@@ -571,7 +565,7 @@ class NbdClient:
         dec, on_reply = self._decoder, self._on_reply
         try:
             while (item := dec.next_event()) is not None:
-                on_reply(*item)
+                on_reply(item[0])  # (a READ's data is in its buffer already)
         except Exception as e:
             self._on_lost(e)
             if self._transport is not None:
@@ -589,7 +583,7 @@ class NbdClient:
         for x in pending.values():
             _resolve(x.future, None, err)
 
-    def _on_reply(self, ev: p.ReplyEvent, data: bytes | bytearray | None) -> None:
+    def _on_reply(self, ev: p.ReplyEvent) -> None:
         pend = self._pending.get(ev.cookie)
         if pend is None:
             raise ProtocolError(f"reply for unknown cookie {ev.cookie}")

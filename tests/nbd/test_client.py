@@ -223,3 +223,20 @@ def test_replies_to_cancelled_requests_leave_the_connection_working(tmp_path: Pa
 
     with serve_file(img) as s:
         run(main(s))
+
+
+def test_empty_reads_and_writes_send_no_request(tmp_path: Path) -> None:
+    img = tmp_path / "e.img"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+
+    async def main(s: Server) -> None:
+        async with await NbdClient.connect(s.uri) as c:
+            sent = c._cookies
+            await c.write(4096, b"")
+            await c.read_into(4096, memoryview(bytearray()))
+            assert await c.read(4096, 0) == b""
+            assert next(sent) == 1, "an empty call sent a request"
+
+    with serve_file(img) as s:
+        run(main(s))
