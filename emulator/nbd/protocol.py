@@ -14,6 +14,7 @@ import enum
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
 
 from .errors import ProtocolError
 
@@ -298,9 +299,74 @@ _unpack_request = REQUEST.unpack_from  # bound once: this runs for every request
 
 #: WRITE payloads up to this size that arrive whole are handed out as a copy
 WRITE_COPY_MAX = 16 * 1024
+#: a decoder moves its unparsed bytes to the front when less room than this is left
+_MIN_ROOM = 4096
+E = TypeVar("E")
 
 
-class RequestDecoder:
+class _Receiver(Generic[E]):
+    """What both transmission-phase decoders share: a buffer the adapter
+    receives into (:meth:`get_buffer`, then :meth:`buffer_updated`), parsed
+    from ``_start`` to ``_end``; a payload received in place (``_into``)
+    while one is set; and no input at all after the first malformed frame."""
+
+    def __init__(self, buffer_size: int) -> None:
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._need = 0  # bytes the frame at _start needs in the buffer (0: it fits any)
+        self._into: memoryview | None = None  # a payload being received in place
+        self._into_got = 0
+        self._broken: ProtocolError | None = None
+
+    # ---- receiving
+    def get_buffer(self) -> memoryview:
+        if self._broken:
+            raise self._broken
+        if self._into is not None:
+            return self._into[self._into_got :]
+        buf = self._buf
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(buf) - self._end < _MIN_ROOM or len(buf) - self._start < self._need:
+            self._move_tail(self._need)
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into is not None:
+            self._into_got += nbytes
+        else:
+            self._end += nbytes
+
+    def _move_tail(self, size: int, fresh: bool = False) -> None:
+        """Move the unparsed bytes to the front: of a fresh buffer (``fresh``,
+        or ``size`` larger than this one, which then is its size), else of this one."""
+        n = self._end - self._start
+        if fresh or size > len(self._buf):
+            new = bytearray(max(size, len(self._buf)))
+            new[:n] = self._view[self._start : self._end]
+            self._buf, self._view = new, memoryview(new)
+        elif self._start:
+            self._buf[:n] = self._view[self._start : self._end]
+        self._start, self._end = 0, n
+
+    # ---- parsing
+    def next_event(self) -> E | None:
+        """The next event, or None when more bytes are needed."""
+        if self._broken:
+            raise self._broken
+        try:
+            return self._next()
+        except ProtocolError as e:
+            self._broken = e
+            raise
+
+    def _next(self) -> E | None:
+        raise NotImplementedError
+
+
+class RequestDecoder(_Receiver[Request]):
     """Server side of the transmission phase: bytes in, :class:`Request` out.
 
     Zero-copy friendly: the adapter asks :meth:`get_buffer` where to receive
@@ -315,36 +381,9 @@ class RequestDecoder:
     """
 
     def __init__(self, max_payload: int = MAX_BLOCK, buffer_size: int = 256 * 1024) -> None:
+        super().__init__(buffer_size)
         self._max_payload = max_payload
-        self._buf = bytearray(buffer_size)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-        self._pending: Request | None = None  # header parsed, payload being received
-        self._payload: memoryview | None = None
-        self._payload_got = 0
-        self._broken: ProtocolError | None = None
-
-    # ---- receiving
-    def get_buffer(self) -> memoryview:
-        if self._broken:
-            raise self._broken
-        if self._payload is not None:
-            return self._payload[self._payload_got :]
-        if self._start == self._end:
-            self._start = self._end = 0
-        elif len(self._buf) - self._end < REQUEST.size:
-            # Compact: move the unparsed tail to the front.
-            n = self._end - self._start
-            self._buf[:n] = self._view[self._start : self._end]
-            self._start, self._end = 0, n
-        return self._view[self._end :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._payload is not None:
-            self._payload_got += nbytes
-        else:
-            self._end += nbytes
+        self._pending: Request | None = None  # header parsed, payload being received (_into)
 
     def receive_data(self, data: bytes) -> None:
         """Copying convenience for tests and byte-by-byte feeding.
@@ -372,32 +411,18 @@ class RequestDecoder:
         Call it when a WRITE payload handed out as a view of the receive
         buffer must outlive the next receive (its Backend call suspended).
         """
-        fresh = bytearray(len(self._buf))
-        n = self._end - self._start
-        fresh[:n] = self._view[self._start : self._end]
-        self._buf, self._view = fresh, memoryview(fresh)
-        self._start, self._end = 0, n
+        self._move_tail(len(self._buf), fresh=True)
 
     # ---- parsing
-    def next_event(self) -> Request | None:
-        """The next whole request, or None when more bytes are needed."""
-        if self._broken:
-            raise self._broken
-        try:
-            return self._next()
-        except ProtocolError as e:
-            self._broken = e
-            raise
-
     def _next(self) -> Request | None:
         pending = self._pending
         if pending is not None:
-            assert self._payload is not None
-            if self._payload_got < pending.length:
+            assert self._into is not None
+            if self._into_got < pending.length:
                 return None
-            pending.data = self._payload
+            pending.data = self._into
             self._pending = None
-            self._payload = None
+            self._into = None
             return pending
         start = self._start
         avail = self._end - start
@@ -428,8 +453,8 @@ class RequestDecoder:
         payload[:avail] = self._view[self._start : self._end]
         self._start = self._end = 0
         self._pending = req
-        self._payload = payload
-        self._payload_got = avail
+        self._into = payload
+        self._into_got = avail
         return None
 
     @property
@@ -489,7 +514,7 @@ def parse_block_status_chunk(payload: bytes) -> tuple[int, list[Extent]]:
     return ctx, [Extent(*t) for t in EXTENT.iter_unpack(memoryview(payload)[4:])]
 
 
-class ReplyDecoder:
+class ReplyDecoder(_Receiver[tuple[ReplyEvent, bytes | bytearray | None]]):
     """Client side of the transmission phase: bytes in, reply events out.
 
     A simple reply's data length is not on the wire; the client knows it from
@@ -515,45 +540,12 @@ class ReplyDecoder:
     ) -> None:
         if (read_length is None) == (read_dest is None):
             raise ValueError("give exactly one of read_length and read_dest")
+        super().__init__(buffer_size)
         self._read_length = read_length
         self._read_dest = read_dest
         self._max_payload = max_payload
-        self._buf = bytearray(buffer_size)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-        self._need = 0  # bytes a whole frame at _start needs in the buffer
-        self._direct: memoryview | None = None  # payload being received in place
-        self._direct_got = 0
-        self._direct_event: tuple[ReplyEvent, bytes | bytearray | None] | None = None
+        self._into_event: tuple[ReplyEvent, bytes | bytearray | None] | None = None  # once _into is full
         self._backlog = bytearray()  # fed by receive_data while a payload awaits next_event
-        self._broken: ProtocolError | None = None
-
-    # ---- receiving
-    def get_buffer(self) -> memoryview:
-        if self._broken:
-            raise self._broken
-        if self._direct is not None:
-            return self._direct[self._direct_got :]
-        if self._start == self._end:
-            self._start = self._end = 0
-        elif len(self._buf) - self._start < max(self._need, 4096) or len(self._buf) == self._end:
-            # Compact (the unparsed tail to the front), growing for a frame larger than the buffer.
-            n = self._end - self._start
-            if self._need > len(self._buf):
-                fresh = bytearray(self._need)
-                fresh[:n] = self._view[self._start : self._end]
-                self._buf, self._view = fresh, memoryview(fresh)
-            else:
-                self._buf[:n] = self._view[self._start : self._end]
-            self._start, self._end = 0, n
-        return self._view[self._end :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._direct is not None:
-            self._direct_got += nbytes
-        else:
-            self._end += nbytes
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Copying convenience for tests and byte-by-byte feeding."""
@@ -564,7 +556,7 @@ class ReplyDecoder:
         while view:
             buf = self.get_buffer()
             if not buf:
-                if self._direct is not None:  # a payload is complete: keep the rest for after it
+                if self._into is not None:  # a payload is complete: keep the rest for after it
                     self._backlog += view
                     return
                 self._need = len(self._buf) * 2  # full of unparsed frames: make room
@@ -574,23 +566,13 @@ class ReplyDecoder:
             self.buffer_updated(n)
             view = view[n:]
 
-    # ---- parsing
-    def next_event(self) -> tuple[ReplyEvent, bytes | bytearray | None] | None:
-        """(event, read data of a simple reply or None), or None if more bytes are needed."""
-        if self._broken:
-            raise self._broken
-        try:
-            return self._next()
-        except ProtocolError as e:
-            self._broken = e
-            raise
-
+    # ---- parsing: next_event() -> (event, read data of a simple reply or None) or None
     def _next(self) -> tuple[ReplyEvent, bytes | bytearray | None] | None:
-        if self._direct is not None:
-            if self._direct_got < len(self._direct):
+        if self._into is not None:
+            if self._into_got < len(self._into):
                 return None
-            done, self._direct_event = self._direct_event, None
-            self._direct = None
+            done, self._into_event = self._into_event, None
+            self._into = None
             if self._backlog:
                 rest, self._backlog = self._backlog, bytearray()
                 self.receive_data(rest)
@@ -666,8 +648,8 @@ class ReplyDecoder:
             dest = memoryview(out)
         dest[:have] = self._view[pos : self._end]
         self._start = self._end = 0
-        self._direct, self._direct_got = dest, have
-        self._direct_event = (ev, out)
+        self._into, self._into_got = dest, have
+        self._into_event = (ev, out)
         return None
 
 
