@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emulator.units import parse_rate
+
 from .api_client import ArrayApi
 
 STATE_ENV = "BLOCKMIG_STATE_DIR"
@@ -104,11 +106,13 @@ def load_config(path: Path | None) -> list[ArrayConfig]:
         if "name" not in a:
             raise ValueError(f"{path}: an [[array]] has no name")
         rate = a.get("migration_throttle", 0)
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < float("inf"):
+        try:
+            parse_rate(rate)
+        except ValueError:
             raise ValueError(
                 f"{path}: migration_throttle of array {a['name']!r} must be MB/s >= 0 (0 = unlimited), "
                 f"not {rate!r}"
-            )
+            ) from None
         out.append(ArrayConfig(**a))
     names = [a.name for a in out]
     if len(set(names)) != len(names):

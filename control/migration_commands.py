@@ -9,7 +9,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from emulator.units import format_size, parse_size
+from emulator.units import format_size, parse_size, rate_arg
 
 from .api_client import ArrayApi
 from .array_commands import _api_args, run_api_command, table
@@ -139,7 +139,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="background: re-copy what writes dirty; active: writes go to both sides "
         "(the migration goes active by itself when it would not converge)",
     )
-    p.add_argument("--throttle", type=float, metavar="MBPS", help="copy rate limit in MB/s (0 = unlimited)")
+    p.add_argument(
+        "--throttle", type=rate_arg, metavar="MBPS", help="copy rate limit in MB/s (0 = unlimited)"
+    )
     p.add_argument("--region-size", metavar="SIZE", help="region size, a power of two (default 1M)")
     p.set_defaults(func=run_api_command(cmd_start))
     for name, helptext, func in (

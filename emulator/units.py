@@ -1,7 +1,10 @@
-"""Sizes as people write them: 4096, 64K, 512M, 1G, 2T (binary units), 1.5G."""
+"""Sizes as people write them: 4096, 64K, 512M, 1G, 2T (binary units), 1.5G;
+copy rates in MB/s."""
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
 from fractions import Fraction
 
@@ -40,3 +43,27 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"not a host:port: {text!r} (try 127.0.0.1:10809, or port 0 for any)")
     return host, int(port)
+
+
+def parse_rate(value: object) -> float:
+    """A copy rate in MB/s, a finite number >= 0 (0 = unlimited), given as a
+    number (JSON, TOML) or as text (a command line); ValueError otherwise."""
+    v = math.nan
+    if isinstance(value, str):
+        try:
+            v = float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        v = float(value)
+    if not 0 <= v < math.inf:  # NaN fails too
+        raise ValueError(f"a rate in MB/s >= 0 (0 = unlimited), not {value!r}")
+    return v
+
+
+def rate_arg(text: str) -> float:
+    """:func:`parse_rate` for argparse, which shows this message only from ArgumentTypeError."""
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import secrets
 import signal
@@ -26,7 +25,7 @@ from emulator.array.models import DEFAULT_MODEL, MODELS, get_model, parse_media
 from emulator.mirror.manager import MigrationManager
 from emulator.mirror.migration import MigrationConfig
 from emulator.nbd.server import NbdServer, serve_forever_loop
-from emulator.units import parse_hostport, parse_size
+from emulator.units import parse_hostport, parse_size, rate_arg
 
 from .api import ApiContext, make_app
 
@@ -88,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     sp.add_argument(
         "--migration-throttle",
-        type=_mbps,
+        type=rate_arg,
         default=0.0,
         metavar="MBPS",
         help="copy rate of migrations onto this array that name none, e.g. those of `blockmig "
@@ -96,16 +95,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     sp.add_argument("-v", "--verbose", action="store_true", help="log requests and connections")
     sp.set_defaults(func=main)
-
-
-def _mbps(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not 0 <= v < math.inf:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"a rate in MB/s >= 0 (0 = unlimited), not {text!r}")
-    return v
 
 
 def load_token(data_dir: Path, given: str | None) -> str:

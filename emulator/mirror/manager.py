@@ -21,6 +21,7 @@ from emulator.array.errors import Conflict, InvalidInput, NotFound, Unsupported
 from emulator.array.file_backend import FileBackend
 from emulator.array.lun import Lun
 from emulator.nbd.errors import BackendError
+from emulator.units import parse_rate
 
 from .migration import FINAL, Migration, MigrationConfig
 from .remote import RemoteBackend
@@ -118,9 +119,10 @@ class MigrationManager:
                 raise InvalidInput(f"mode must be 'background' or 'active', not {mode!r}")
             cfg.mode = str(mode)
         if throttle is not None:
-            if isinstance(throttle, bool) or not isinstance(throttle, int | float) or throttle < 0:
-                raise InvalidInput(f"throttle must be MB/s >= 0 (0 = unlimited), not {throttle!r}")
-            cfg.throttle = float(throttle) * 1e6
+            try:
+                cfg.throttle = parse_rate(throttle) * 1e6
+            except ValueError:
+                raise InvalidInput(f"throttle must be MB/s >= 0 (0 = unlimited), not {throttle!r}") from None
         if region_size is not None:
             if (
                 isinstance(region_size, bool)
