@@ -21,15 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from control.api_client import ArrayApi
+from control.api_client import FINAL, ArrayApi
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
 MiB = 1 << 20
 START_TIMEOUT = 20.0
-#: longest single long poll of a migration's status (below the API client's 30 s timeout)
-LONG_POLL_S = 10.0
-FINAL = ("completed", "failed", "cancelled")
 RUNNING = ("copying", "converging")
 
 Wrap = Callable[[list[str]], list[str]]
@@ -120,26 +117,19 @@ def start(b: Array, src: str, lun: str, **opts: Any) -> None:
     b.api.call("POST", "/api/v1/migrations", {"lun": lun, "source": src, **opts})
 
 
-def status(b: Array, lun: str, wait: float | None = None) -> dict[str, Any]:
-    """The migration's status; with ``wait``, once it has ended or after ``wait`` seconds."""
-    query = None if wait is None else {"wait": f"{wait:.3f}"}
-    st: dict[str, Any] = b.api.call("GET", f"/api/v1/migrations/{lun}", query=query)
-    return st
+def status(b: Array, lun: str) -> dict[str, Any]:
+    return b.api.migration(lun)
 
 
 def wait(b: Array, lun: str, timeout: float = 600) -> dict[str, Any]:
     """Long polls until the migration has completed (the answer comes when it ends, not at
     the next poll, so a copy's time has no polling interval in it); any other end raises."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        st = status(b, lun, wait=min(LONG_POLL_S, max(0.0, left)))
-        if st["state"] in FINAL:
-            if st["state"] != "completed":
-                raise RuntimeError(f"migration of {lun} on {b.name} {st['state']}: {st['last_error']}")
-            return st
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"migration of {lun} on {b.name} still {st['state']} after {timeout} s")
+    st = b.api.wait_migration(lun, timeout)
+    if st["state"] not in FINAL:
+        raise RuntimeError(f"migration of {lun} on {b.name} still {st['state']} after {timeout} s")
+    if st["state"] != "completed":
+        raise RuntimeError(f"migration of {lun} on {b.name} {st['state']}: {st['last_error']}")
+    return st
 
 
 def cpu_s(pid: int) -> float:

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
 TOKEN_ENV = "BLOCKMIG_TOKEN"
+#: the states in which a migration has ended
+FINAL = ("completed", "failed", "cancelled")
+#: one long poll of a migration's status waits at most this long
+LONG_POLL_S = 10.0
 
 
 class ApiError(Exception):
@@ -103,3 +108,23 @@ class ArrayApi:
     def metrics(self) -> str:
         result: str = self.call("GET", "/metrics")
         return result
+
+    def migration(self, name: str, wait: float | None = None) -> dict[str, Any]:
+        """A migration's status; with ``wait``, a long poll: the answer comes once the
+        migration has ended, or after ``wait`` seconds."""
+        query = None if wait is None else {"wait": f"{max(0.0, wait):.3f}"}
+        q = urllib.parse.quote(name, safe="")
+        result: dict[str, Any] = self.call("GET", f"/api/v1/migrations/{q}", query=query)
+        return result
+
+    def wait_migration(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+        """Long-poll a migration until it has ended (``state`` in FINAL) or ``timeout``
+        seconds have passed (never: None); its last status either way."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # each poll well inside this client's own timeout
+        longest = min(LONG_POLL_S, self.timeout / 2)
+        while True:
+            left = longest if deadline is None else min(longest, deadline - time.monotonic())
+            st = self.migration(name, wait=left)
+            if st["state"] in FINAL or (deadline is not None and time.monotonic() >= deadline):
+                return st

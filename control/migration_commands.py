@@ -5,16 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import urllib.parse
 from typing import Any
 
 from emulator.units import format_size, parse_size, rate_arg
 
-from .api_client import ArrayApi
+from .api_client import FINAL, ArrayApi
 from .array_commands import _api_args, run_api_command, table
-
-FINAL = ("completed", "failed", "cancelled")
 
 
 def _path(name: str, action: str = "") -> str:
@@ -99,24 +96,12 @@ def _action(action: str) -> Any:
     return cmd
 
 
-#: one long poll of the status waits at most this long for the migration's end
-LONG_POLL_S = 10.0
-
-
 def cmd_wait(args: argparse.Namespace, api: ArrayApi) -> int:
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    while True:
-        # A long poll: the array answers as soon as the migration ends.
-        left = LONG_POLL_S if deadline is None else min(LONG_POLL_S, deadline - time.monotonic())
-        st = api.call("GET", _path(args.lun), query={"wait": f"{max(0.0, left):.3f}"})
-        if st["state"] in FINAL:
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            print(
-                f"blockmig: migration of {args.lun} still {st['state']} after {args.timeout} s",
-                file=sys.stderr,
-            )
-            return 2
+    st = api.wait_migration(args.lun, args.timeout)
+    if st["state"] not in FINAL:
+        msg = f"blockmig: migration of {args.lun} still {st['state']} after {args.timeout} s"
+        print(msg, file=sys.stderr)
+        return 2
     _emit(args, st, format_status(st))
     if st["state"] != "completed":
         print(f"blockmig: migration of {args.lun} {st['state']}: {st.get('last_error', '')}", file=sys.stderr)
