@@ -263,8 +263,7 @@ class BlockmigEnv:
         from control.api_client import ApiError
 
         try:
-            st: dict[str, Any] = self.api(array).call("GET", f"/api/v1/migrations/{lun}")
-            return st
+            return self.api(array).migration(lun)
         except ApiError as e:
             if e.status == 404:
                 return None

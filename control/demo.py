@@ -492,7 +492,7 @@ def story(opts: Options, work: Path, stack: contextlib.ExitStack) -> Result:
         with _ProgressBar(enabled=True) as bar:
             until = time.monotonic() + (opts.fio_seconds if paused else 0.0)
             while time.monotonic() < until:
-                progress(api_b.call("GET", mig_path))
+                progress(api_b.migration(vol.lun))
                 time.sleep(0.2)
             t_resume = time.time()
             if paused:

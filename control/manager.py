@@ -333,7 +333,7 @@ class VolumeManager:
     def _target_completed(self, v: Volume, dest: Host) -> bool:
         """Has the target array already cut over to its own copy?"""
         try:
-            st = self.driver(dest.array).api.call("GET", f"/api/v1/migrations/{v.lun}")
+            st = self.driver(dest.array).api.migration(v.lun)
         except (ApiError, VolumeError):
             return False
         return bool(st.get("state") == "completed")
@@ -397,9 +397,7 @@ class VolumeManager:
             }
         if mig.get("phase") == "complete":
             try:
-                st: dict[str, Any] = self.driver(Host.parse(mig["target"]).array).api.call(
-                    "GET", f"/api/v1/migrations/{v.lun}"
-                )
+                st = self.driver(Host.parse(mig["target"]).array).api.migration(v.lun)
                 return st
             except (ApiError, VolumeError):
                 return None

@@ -120,7 +120,7 @@ class VolumeDriver:
         """Poll the array's migration of ``lun`` until it ends; raise unless completed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            st: dict[str, Any] = self.api.call("GET", f"/api/v1/migrations/{lun}")
+            st = self.api.migration(lun)
             if progress is not None:
                 progress(st)
             if st["state"] == "completed":
