@@ -609,8 +609,8 @@ def test_backend_interface_is_complete() -> None:
 
 def test_precise_sleep_many_sleepers_in_order_and_cancelled() -> None:
     """Concurrent sleepers share one timerfd: each wakes at or after its own
-    deadline; a cancelled one leaves the timer, which the loop stops watching
-    once nobody sleeps."""
+    deadline; a cancelled one leaves the heap, and once everyone woke the
+    timer is disarmed."""
     from emulator.array import timer
 
     async def main() -> None:
