@@ -171,8 +171,12 @@ class Copier:
                 runs.append((pos, end - pos, False))
             c = self._maps[w] = _ExtentMap(start, end, runs, gens)
             self._clean_holes(c, w0, w1)
-            for k in [k for k in self._maps if not w - 1 <= k <= w + READ_AHEAD]:
-                del self._maps[k]  # keep the maps around the copy only
+            # Keep the maps from the lowest window a copy is in on: a map read
+            # ahead must not evict the one the workers still copy from (each
+            # window's map was read twice, the second behind the data in flight).
+            low = min((k << regions.shift) // self._window for k in (*regions.copying, w0))
+            for k in [k for k in self._maps if k < low - 1]:
+                del self._maps[k]
             return c
         finally:
             if self._reading.get(w) is asyncio.current_task():

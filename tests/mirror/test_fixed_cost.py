@@ -6,8 +6,9 @@ end, the allocation-map reads of its copier, its first checkpoint.
    status as it is; at once when the array stops (SIGTERM does not wait the
    poll out). `blockmig migration wait` uses it. Real daemons, real NBD.
 2. The copier reads each window's allocation map once, shared by its workers,
-   and reads the next windows ahead; a map read ahead is not trusted for a
-   region written after it was read (I3); holes the target does not hold are
+   and reads the next windows ahead (without evicting the map the workers
+   still copy from); a map read ahead is not trusted for a region written
+   after it was read (I3); holes the target does not hold are
    cleaned in bulk with the map. In process, injected backends.
 3. A copy shorter than the checkpoint interval flushes the target at the end
    of its pass and at cutover only, not also at its first region.
@@ -185,6 +186,40 @@ def test_one_map_read_per_window_shared_by_the_workers_and_read_ahead() -> None:
     asyncio.run(main())
 
 
+class SlowReads(MapSource):
+    """Data takes longer to read than a map: the maps read ahead arrive while
+    the workers still copy from the first window."""
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await asyncio.sleep(0.005)
+        await super().read_into(offset, buf)
+
+
+def test_a_map_read_ahead_does_not_evict_the_map_still_copied_from() -> None:
+    async def main() -> None:
+        size = 3 * EXTENT_WINDOW
+        src = SlowReads(size)
+        data = [*range(0, 16, 2), 2 * EXTENT_WINDOW // MiB + 1]
+        for r in data:
+            await src.write(r * MiB, bytes([r + 1]) * MiB)
+        regions = RegionMap(size, MiB)
+        regions.target_data[:] = False
+        target = MemoryBackend(size)
+        copier = Copier(src, target, regions, Throttle())
+        todo = list(range(regions.count))
+
+        async def worker() -> None:
+            while todo:
+                await copier.copy_region(todo.pop(0))
+
+        await asyncio.gather(*(worker() for _ in range(4)))
+        assert (regions.state == CLEAN).all()
+        assert sorted(off for off, _ in src.map_reads) == [w * EXTENT_WINDOW for w in range(3)], src.map_reads
+        assert await target.read(0, size) == await src.read(0, size)
+
+    asyncio.run(main())
+
+
 def test_a_map_read_ahead_is_not_trusted_for_a_region_written_after_it() -> None:
     async def main() -> None:
         size = 2 * EXTENT_WINDOW
@@ -281,3 +316,4 @@ def test_a_short_copy_flushes_at_the_end_of_its_pass_and_at_cutover_only(tmp_pat
         assert await target.read(0, size) == await src.read(0, size)
 
     asyncio.run(main())
+
