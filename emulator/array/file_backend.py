@@ -36,6 +36,12 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_sync_file_range.restype = ctypes.c_int
+SYNC_FILE_RANGE_WRITE = 2
+
+
 def _backend_error(what: str, e: OSError) -> BackendError:
     return BackendError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")
 
@@ -182,6 +188,22 @@ class FileBackend(Backend):
             await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self._fd)
         except OSError as e:
             raise _backend_error(f"{self.path}: flush", e) from None
+
+    async def start_writeback(self, offset: int, length: int) -> None:
+        """sync_file_range(WRITE): queue the range's dirty pages for writing.
+        A copy that lets the page cache fill and flushes at the end waits for
+        all of its writeback at once (fdatasync of 512 MiB: ~125 ms here).
+        Inline up to ``inline_max`` like writes (1 MiB: p50 47 us, p99 125 us;
+        it waits when the device's queue is full), else in a thread. An error
+        (-1) shows again at the flush, which reports it."""
+        if not self._is_file:
+            return
+        if length <= self.inline_max:
+            _sync_file_range(self._fd, offset, length, SYNC_FILE_RANGE_WRITE)
+        else:
+            await asyncio.get_running_loop().run_in_executor(
+                None, _sync_file_range, self._fd, offset, length, SYNC_FILE_RANGE_WRITE
+            )
 
     async def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)

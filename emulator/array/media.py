@@ -85,6 +85,9 @@ class MediaBackend(Backend):
     async def cache(self, offset: int, length: int) -> None:
         await self.inner.cache(offset, length)
 
+    async def start_writeback(self, offset: int, length: int) -> None:
+        await self.inner.start_writeback(offset, length)  # the media's own business: no latency
+
     async def extents(self, offset: int, length: int) -> list[Extent]:
         return await self.inner.extents(offset, length)
 

@@ -77,6 +77,11 @@ class Backend(ABC):
     async def cache(self, offset: int, length: int) -> None:
         """Advise that the range will be read soon."""
 
+    async def start_writeback(self, offset: int, length: int) -> None:
+        """Advise that the range was written in bulk and a flush will follow:
+        start moving it to stable storage now. A hint: only ``flush`` makes
+        writes durable, and it reports what went wrong."""
+
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Allocation map from ``offset``: at least one extent, covering at
         most ``length`` bytes (fewer is allowed). Default: all data."""
