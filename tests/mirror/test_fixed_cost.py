@@ -168,6 +168,23 @@ class MapSource(MemoryBackend):
         return await super().extents(offset, length)
 
 
+async def copy_all(src: Backend, target: Backend, workers: int = 4) -> Copier:
+    """Copy every region of ``src`` onto a fresh target (all holes) with
+    ``workers`` taking regions in LUN order, as a pass does; all end clean."""
+    regions = RegionMap(src.size, MiB)
+    regions.target_data[:] = False  # a fresh target: holes cost nothing
+    copier = Copier(src, target, regions, Throttle())
+    todo = list(range(regions.count))
+
+    async def worker() -> None:
+        while todo:
+            await copier.copy_region(todo.pop(0))
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    assert (regions.state == CLEAN).all()
+    return copier
+
+
 def test_one_map_read_per_window_shared_by_the_workers_and_read_ahead() -> None:
     async def main() -> None:
         size = 4 * EXTENT_WINDOW
@@ -175,18 +192,8 @@ def test_one_map_read_per_window_shared_by_the_workers_and_read_ahead() -> None:
         data = [3 * EXTENT_WINDOW // MiB + 5, 7]  # regions holding data; the rest are holes
         for r in data:
             await src.write(r * MiB, bytes([r]) * MiB)
-        regions = RegionMap(size, MiB)
-        regions.target_data[:] = False  # a fresh target: all holes
         target = MemoryBackend(size)
-        copier = Copier(src, target, regions, Throttle())
-        todo = list(range(regions.count))
-
-        async def worker() -> None:
-            while todo:
-                await copier.copy_region(todo.pop(0))
-
-        await asyncio.gather(*(worker() for _ in range(4)))
-        assert (regions.state == CLEAN).all()
+        copier = await copy_all(src, target)
         starts = sorted(off for off, _ in src.map_reads)
         assert starts == [w * EXTENT_WINDOW for w in range(4)], src.map_reads
         for r in data:
@@ -212,18 +219,8 @@ def test_a_map_read_ahead_does_not_evict_the_map_still_copied_from() -> None:
         data = [*range(0, 16, 2), 2 * EXTENT_WINDOW // MiB + 1]
         for r in data:
             await src.write(r * MiB, bytes([r + 1]) * MiB)
-        regions = RegionMap(size, MiB)
-        regions.target_data[:] = False
         target = MemoryBackend(size)
-        copier = Copier(src, target, regions, Throttle())
-        todo = list(range(regions.count))
-
-        async def worker() -> None:
-            while todo:
-                await copier.copy_region(todo.pop(0))
-
-        await asyncio.gather(*(worker() for _ in range(4)))
-        assert (regions.state == CLEAN).all()
+        await copy_all(src, target)
         assert sorted(off for off, _ in src.map_reads) == [w * EXTENT_WINDOW for w in range(3)], src.map_reads
         assert await target.read(0, size) == await src.read(0, size)
 
@@ -348,13 +345,8 @@ def test_the_copier_starts_writeback_of_each_region_it_wrote() -> None:
         src = MemoryBackend(size)
         for r in (1, 2, 4):
             await src.write(r * MiB, bytes([r]) * MiB)
-        regions = RegionMap(size, MiB)
-        regions.target_data[:] = False  # a fresh target: holes cost nothing
         target = Writebacks(size, src)
-        copier = Copier(src, target, regions, Throttle())
-        for r in range(regions.count):
-            await copier.copy_region(r)
-        assert (regions.state == CLEAN).all()
+        await copy_all(src, target)
         assert sorted(target.hints) == [(r * MiB, MiB, True) for r in (1, 2, 4)], target.hints
         assert await target.read(0, size) == await src.read(0, size)
 
