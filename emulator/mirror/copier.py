@@ -26,6 +26,9 @@ from .regions import CLEAN, COPYING, DIRTY, RegionMap
 
 #: one BLOCK_STATUS walk covers an aligned window this large (then is reused per region)
 EXTENT_WINDOW = 64 << 20
+#: a map read asks this many windows ahead: as far as the source answers in one reply,
+#: later windows' maps come with it (an empty or 10%-allocated 512 MiB LUN: 1 round trip, not 8)
+MAP_SPAN = 8
 #: windows whose map is read ahead of the copy (a map costs a round trip to the source)
 READ_AHEAD = 2
 
@@ -148,9 +151,12 @@ class Copier:
 
     async def _read_map(self, w: int, start: int) -> _ExtentMap:
         regions = self.regions
+        win = self._window
         try:
-            end = min(regions.size, (w + 1) * self._window)
-            w0, w1 = start >> regions.shift, ((end - 1) >> regions.shift) + 1
+            end = min(regions.size, (w + 1) * win)
+            # Ask up to MAP_SPAN windows ahead; window w needs only its own part.
+            span = min(regions.size, (w + MAP_SPAN) * win)
+            w0, w1 = start >> regions.shift, ((span - 1) >> regions.shift) + 1
             gens = regions.gen[w0:w1].copy()
             # A write in flight may not have reached the source when the map is read:
             # never trust the map for its region (its generation can only match later).
@@ -158,19 +164,26 @@ class Copier:
             runs: list[tuple[int, int, bool]] = []
             pos = start
             while pos < end:
-                extents = await self.source.extents(pos, end - pos)
+                extents = await self.source.extents(pos, span - pos)
                 if not extents:
                     break
                 for e in extents:
-                    ln = min(e.length, end - pos)
+                    ln = min(e.length, span - pos)
                     if ln <= 0:
                         break
                     runs.append((pos, ln, bool(e.flags & STATE_ZERO)))
                     pos += ln
             if pos < end:  # a short map: treat the rest as data
                 runs.append((pos, end - pos, False))
-            c = self._maps[w] = _ExtentMap(start, end, runs, gens)
-            self._clean_holes(c, w0, w1)
+                pos = end
+            c = self._install(w, start, end, runs, gens)
+            # Later windows the answer covered whole came free.
+            covered = pos // win if pos < regions.size else -(-regions.size // win)
+            for nxt in range(w + 1, covered):
+                if nxt not in self._maps and nxt not in self._reading:
+                    ws = nxt * win
+                    rest = gens[(ws >> regions.shift) - w0 :]
+                    self._install(nxt, ws, min(regions.size, ws + win), runs, rest)
             # Keep the maps from the lowest window a copy is in on: a map read
             # ahead must not evict the one the workers still copy from (each
             # window's map was read twice, the second behind the data in flight).
@@ -181,6 +194,22 @@ class Copier:
         finally:
             if self._reading.get(w) is asyncio.current_task():
                 del self._reading[w]
+
+    def _install(
+        self, w: int, start: int, end: int, runs: list[tuple[int, int, bool]], gens: np.ndarray
+    ) -> _ExtentMap:
+        """Keep the part of ``runs`` in [start, end) as window ``w``'s map; clean its holes.
+        ``gens`` starts at ``start``'s region."""
+        shift = self.regions.shift
+        w0, w1 = start >> shift, ((end - 1) >> shift) + 1
+        mine = []
+        for o, n, z in runs:
+            lo, hi = max(o, start), min(o + n, end)
+            if lo < hi:
+                mine.append((lo, hi - lo, z))
+        c = self._maps[w] = _ExtentMap(start, end, mine, gens[: w1 - w0].copy())
+        self._clean_holes(c, w0, w1)
+        return c
 
     def _clean_holes(self, c: _ExtentMap, w0: int, w1: int) -> None:
         """Mark clean at once the regions of [w0, w1) that the map shows all zero

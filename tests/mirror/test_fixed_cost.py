@@ -38,7 +38,7 @@ from control.api_client import ApiError, ArrayApi
 from emulator.array.file_backend import FileBackend
 from emulator.array.media import MediaBackend
 from emulator.array.models import MEDIA
-from emulator.mirror.copier import EXTENT_WINDOW, Copier, Throttle
+from emulator.mirror.copier import EXTENT_WINDOW, MAP_SPAN, Copier, Throttle
 from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.mirror.regions import CLEAN, RegionMap
 from emulator.nbd.backend import Backend, MemoryBackend
@@ -156,16 +156,18 @@ def test_sigterm_answers_long_polls_and_does_not_wait_them_out(tmp_path: Path) -
 
 # ------------------------------------------------------------------ in process
 class MapSource(MemoryBackend):
-    """Counts allocation-map reads; each takes a round trip (one loop turn or more)."""
+    """Counts allocation-map reads; each takes a round trip (one loop turn or more).
+    ``answer`` caps how far one reply goes (a server may answer less than asked)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, answer: int = 1 << 62) -> None:
         super().__init__(size)
+        self.answer = answer
         self.map_reads: list[tuple[int, int]] = []
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         self.map_reads.append((offset, length))
         await asyncio.sleep(0.001)
-        return await super().extents(offset, length)
+        return await super().extents(offset, min(length, self.answer))
 
 
 async def copy_all(src: Backend, target: Backend, workers: int = 4) -> Copier:
@@ -188,7 +190,7 @@ async def copy_all(src: Backend, target: Backend, workers: int = 4) -> Copier:
 def test_one_map_read_per_window_shared_by_the_workers_and_read_ahead() -> None:
     async def main() -> None:
         size = 4 * EXTENT_WINDOW
-        src = MapSource(size)
+        src = MapSource(size, answer=EXTENT_WINDOW)  # each reply covers one window
         data = [3 * EXTENT_WINDOW // MiB + 5, 7]  # regions holding data; the rest are holes
         for r in data:
             await src.write(r * MiB, bytes([r]) * MiB)
@@ -199,6 +201,51 @@ def test_one_map_read_per_window_shared_by_the_workers_and_read_ahead() -> None:
         for r in data:
             assert await target.read(r * MiB, MiB) == bytes([r]) * MiB
         assert copier.copied_bytes == len(data) * MiB
+
+    asyncio.run(main())
+
+
+def test_one_map_read_serves_every_window_its_answer_covers() -> None:
+    """A map read asks MAP_SPAN windows ahead: the windows a source's answer
+    covers whole cost no round trip of their own; past the span, the next read."""
+
+    async def main() -> None:
+        size = (MAP_SPAN + 2) * EXTENT_WINDOW
+        src = MapSource(size)
+        data = [7, MAP_SPAN * EXTENT_WINDOW // MiB + 3]
+        for r in data:
+            await src.write(r * MiB, bytes([r % 251]) * MiB)
+        target = MemoryBackend(size)
+        copier = await copy_all(src, target)
+        assert [off for off, _ in src.map_reads] == [0, MAP_SPAN * EXTENT_WINDOW], src.map_reads
+        assert src.map_reads[0][1] == MAP_SPAN * EXTENT_WINDOW
+        for r in data:
+            assert await target.read(r * MiB, MiB) == bytes([r % 251]) * MiB
+        assert copier.copied_bytes == len(data) * MiB
+
+    asyncio.run(main())
+
+
+def test_a_window_map_that_came_with_an_earlier_answer_is_not_trusted_after_a_write() -> None:
+    async def main() -> None:
+        size = 2 * EXTENT_WINDOW
+        src = MapSource(size)
+        regions = RegionMap(size, MiB)
+        regions.target_data[:] = False
+        target = MemoryBackend(size)
+        copier = Copier(src, target, regions, Throttle())
+        assert await copier.copy_region(0)  # one read: window 1's map comes with it
+        assert len(src.map_reads) == 1, src.map_reads
+        r = EXTENT_WINDOW // MiB + 3
+        assert regions.state[r] == CLEAN  # a hole the target does not hold: cleaned with the map
+        # A host write to it, as MigratingBackend does one:
+        regions.begin_write(r, r + 1, 0.0)
+        regions.mark_dirty(r, r + 1)
+        await src.write(r * MiB, b"\x77" * MiB)
+        regions.end_write(r, r + 1)
+        assert await copier.copy_region(r)
+        assert await target.read(r * MiB, MiB) == b"\x77" * MiB, "copied as a hole from a stale map"
+        assert len(src.map_reads) == 2, src.map_reads
 
     asyncio.run(main())
 
@@ -215,7 +262,7 @@ class SlowReads(MapSource):
 def test_a_map_read_ahead_does_not_evict_the_map_still_copied_from() -> None:
     async def main() -> None:
         size = 3 * EXTENT_WINDOW
-        src = SlowReads(size)
+        src = SlowReads(size, answer=EXTENT_WINDOW)
         data = [*range(0, 16, 2), 2 * EXTENT_WINDOW // MiB + 1]
         for r in data:
             await src.write(r * MiB, bytes([r + 1]) * MiB)
@@ -230,7 +277,7 @@ def test_a_map_read_ahead_does_not_evict_the_map_still_copied_from() -> None:
 def test_a_map_read_ahead_is_not_trusted_for_a_region_written_after_it() -> None:
     async def main() -> None:
         size = 2 * EXTENT_WINDOW
-        src = MapSource(size)
+        src = MapSource(size, answer=EXTENT_WINDOW)
         regions = RegionMap(size, MiB)
         regions.target_data[:] = False
         target = MemoryBackend(size)
