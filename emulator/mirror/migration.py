@@ -408,10 +408,10 @@ class Migration:
             self.last_error = str(e)
             return False
         self.cutover_pause_s = time.perf_counter() - t0
-        self.on_change(self)
-        self.ended.set()
+        self.ended.set()  # long polls answer from memory, not after the record below
         log.info("migration of %s completed; writes held %.2f ms", self.name, self.cutover_pause_s * 1e3)
         await self._release_source(remove_progress=True)
+        self.on_change(self)  # the pause into the record (its state was durable before the swap)
         self._done.set()
         return True
 
