@@ -23,8 +23,11 @@ the baseline copy is ``nbdcopy``. One run measures:
    migration, alternating, with ``--media ssd`` arrays and raw ones;
    loss = 1 - target/source IOPS (goal <= 15% under ssd). Each run also
    reports CPU microseconds per I/O of both arrays and of fio (from
-   /proc/PID/stat and the waited-for children), and an iodepth-1 run
-   under ssd shows the hop's cost when the job is not CPU-bound.
+   /proc/PID/stat and the waited-for children), the share of reads that
+   went to the source, and whether the migration had gone active (the
+   job's writes dirty regions about as fast as the copy cleans them), and
+   an iodepth-1 run under ssd shows the hop's cost when the job is not
+   CPU-bound.
 5. region-size sweep (256K, 1M, 4M): copy throughput (median of
    interleaved rounds), cutover pause under load, and read-through IOPS
    (ssd), then a recommendation.
@@ -311,6 +314,9 @@ class Bench:
             r["remote_read_share"] = round(
                 st["remote_reads"] / max(1, st["remote_reads"] + st["local_reads"]), 3
             )
+            # The job's writes dirty regions about as fast as the throttled copy cleans
+            # them, so the migration goes active (writes to clean regions hit both sides).
+            r["active_at_end"] = 1.0 if st["mode"] == "active" else 0.0
         return r
 
     def readthrough(
@@ -390,7 +396,8 @@ def print_table(doc: dict[str, Any]) -> None:
     for key, r in doc.get("readthrough", {}).items():
         print(
             f"  read-thru   {key:<7} qd{r['qd']:<2} source {r['source_iops']} IOPS, "
-            f"target {r['target_iops']} IOPS: loss {r['loss']:.1%}"
+            f"target {r['target_iops']} IOPS: loss {r['loss']:.1%} "
+            f"({r['median']['target']['remote_read_share']:.0%} of reads remote)"
         )
     for rs, r in doc.get("sweep", {}).items():
         if isinstance(r, dict):
