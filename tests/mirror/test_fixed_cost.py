@@ -25,6 +25,7 @@ import ctypes
 import errno
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -33,20 +34,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from control.api_client import ApiError, ArrayApi
 from emulator.array.file_backend import FileBackend
 from emulator.array.media import MediaBackend
 from emulator.array.models import MEDIA
-from emulator.mirror.copier import EXTENT_WINDOW, MAP_SPAN, Copier, Throttle
+from emulator.mirror.copier import EXTENT_WINDOW, MAP_SPAN, Copier, Throttle, _clip
 from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.mirror.regions import CLEAN, RegionMap
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
-from emulator.nbd.protocol import Extent
+from emulator.nbd.protocol import STATE_ZERO, Extent
 from tests.servers import ArrayDaemon, array_daemon
 
 MiB = 1 << 20
+PAGE = 4096
 TOKEN = "test-token"
 
 
@@ -298,6 +302,48 @@ def test_a_map_read_ahead_is_not_trusted_for_a_region_written_after_it() -> None
     asyncio.run(main())
 
 
+class Zeroes(MemoryBackend):
+    """Counts the zeroing requests it gets."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.zero_calls = 0
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        self.zero_calls += 1
+        await super().write_zeroes(offset, length, may_trim, fast, fua)
+
+
+@pytest.mark.parametrize("held_data", [False, True])
+def test_a_region_of_data_and_holes_zeroes_only_where_the_target_held_data(held_data: bool) -> None:
+    """A region of 4 KiB data and hole runs (as nbdkit's sparse-random answers):
+    on a fresh target its holes are holes already, so nothing is zeroed; where
+    the target held data (an earlier copy, an active-mode write) every hole
+    run is zeroed, and the region reads as the source either way."""
+
+    async def main() -> None:
+        size = MiB
+        src = MemoryBackend(size)
+        rng = random.Random(5)
+        for off in range(0, size, 3 * PAGE):  # data, hole, hole, data, ...
+            await src.write(off, rng.randbytes(PAGE))
+        target = Zeroes(size)
+        regions = RegionMap(size, MiB)
+        regions.target_data[:] = held_data
+        if held_data:
+            await target.write(0, b"\xee" * size)
+        copier = Copier(src, target, regions, Throttle())
+        assert await copier.copy_region(0)
+        assert await target.read(0, size) == await src.read(0, size)
+        hole_runs = [e.length for e in await src.extents(0, size) if e.flags & STATE_ZERO]
+        assert copier.zeroed_bytes == (sum(hole_runs) if held_data else 0)
+        assert target.zero_calls == (len(hole_runs) if held_data else 0)
+
+    asyncio.run(main())
+
+
 def test_holes_are_cleaned_in_bulk_when_their_map_is_read() -> None:
     """Regions all zero on the source, on a target that holds nothing there, turn
     clean with the map read: no copy_region each. Not a region with data, one the
@@ -392,12 +438,64 @@ def test_the_copier_starts_writeback_of_each_region_it_wrote() -> None:
         src = MemoryBackend(size)
         for r in (1, 2, 4):
             await src.write(r * MiB, bytes([r]) * MiB)
+        for off in (5 * MiB + 8 * PAGE, 5 * MiB + 20 * PAGE, 5 * MiB + 30 * PAGE):  # three runs
+            await src.write(off, b"\x05" * PAGE)
         target = Writebacks(size, src)
         await copy_all(src, target)
-        assert sorted(target.hints) == [(r * MiB, MiB, True) for r in (1, 2, 4)], target.hints
+        # one hint a region, over the data it wrote (from its first run to the end of its last)
+        want = [(r * MiB, MiB, True) for r in (1, 2, 4)] + [(5 * MiB + 8 * PAGE, 23 * PAGE, True)]
+        assert sorted(target.hints) == want, target.hints
         assert await target.read(0, size) == await src.read(0, size)
 
     asyncio.run(main())
+
+
+class CountsReads(MemoryBackend):
+    """Records the most reads it had in flight at once."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.now = self.most = 0
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        await asyncio.sleep(0.001)
+        self.now -= 1
+        return await super().read(offset, length)
+
+
+def test_the_data_runs_of_a_fragmented_region_are_read_at_once() -> None:
+    async def main() -> None:
+        size = MiB
+        src = CountsReads(size)
+        for off in range(0, size, 4 * PAGE):  # 64 runs of data between holes
+            await src.write(off, os.urandom(PAGE))
+        target = MemoryBackend(size)
+        await copy_all(src, target, workers=1)
+        assert src.most == 64, src.most
+        assert await target.read(0, size) == await MemoryBackend.read(src, 0, size)
+
+    asyncio.run(main())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hst.lists(hst.tuples(hst.integers(1, 50), hst.booleans()), min_size=1, max_size=40),
+    hst.integers(0, 2000),
+    hst.integers(1, 600),
+)
+def test_clip_finds_the_runs_of_a_range_as_a_scan_would(
+    spans: list[tuple[int, bool]], lo: int, n: int
+) -> None:
+    runs, pos = [], 7
+    for ln, z in spans:
+        runs.append((pos, ln, z))
+        pos += ln
+    hi = lo + n
+    scan = [(max(o, lo), min(o + ln, hi) - max(o, lo), z) for o, ln, z in runs]
+    scan = [x for x in scan if x[1] > 0]
+    assert _clip(runs, [o for o, _, _ in runs], lo, hi) == scan
 
 
 class _CacheStat(ctypes.Structure):
