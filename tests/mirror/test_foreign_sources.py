@@ -10,6 +10,7 @@ source; holes stay holes on the target and cost no data on the wire.
 
 from __future__ import annotations
 
+import asyncio
 import filecmp
 import os
 import random
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from control.api_client import ArrayApi
+from emulator.nbd.client import NbdClient
 from tests.servers import ArrayDaemon, array_daemon, nbdkit, qemu_nbd
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -104,3 +106,28 @@ def test_from_qemu_nbd_with_data_at_odd_offsets(tmp_path: Path) -> None:
         assert st["copied_bytes"] == data_bytes(img) and st["zeroed_bytes"] == 0, st
         # (allocated counts st_blocks: the file system's extent tree blocks too)
         assert data_bytes(img) <= api(b).get_lun("odd")["allocated"] <= data_bytes(img) + 64 * KiB
+
+
+@pytest.mark.timeout(120)
+def test_from_an_array_whose_map_takes_several_replies_a_window(tmp_path: Path) -> None:
+    """Our own array as the source answers at most 1024 extents a reply: a window of
+    4 KiB runs takes several map reads, and the last one reaches into the next window."""
+    if not shutil.which("nbdcopy"):
+        pytest.skip("nbdcopy is needed (make install)")
+    size = 96 * MiB
+    with array_daemon(tmp_path / "A", "A") as a, array_daemon(tmp_path / "B", "B") as b:
+        api(a).create_lun("thin", size)
+
+        async def fill() -> None:
+            c = await NbdClient.connect(a.uri("thin"))
+            try:
+                for off in range(60 * MiB, 70 * MiB, 2 * 4096):  # 1280 data runs, as many holes
+                    await c.write(off, os.urandom(4096))
+                await c.write(size - 4096, b"\x01" * 4096)
+                await c.flush()
+            finally:
+                await c.close()
+
+        asyncio.run(fill())
+        st = migrate_and_compare(b, a.uri("thin"), "thin", tmp_path)
+        assert st["copied_bytes"] == 1281 * 4096 and st["zeroed_bytes"] == 0, st
