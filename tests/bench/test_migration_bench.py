@@ -1,0 +1,53 @@
+"""bench.migration: a tiny end-to-end run, and how it picks a region size."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.migration import recommend
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def size(under_load_ms: float, p99: float = 1.0, loss: float = 0.3, copy: float = 2000.0) -> dict[str, float]:
+    return {
+        "under_load_ms": under_load_ms,
+        "copied_x": 1.1,
+        "cutover_p99_ms": p99,
+        "loss": loss,
+        "copy_mbps": copy,
+    }
+
+
+def test_recommend_takes_the_size_soonest_done_under_writes_among_those_meeting_the_goals() -> None:
+    # the fastest flat-out copy does not win: what hosts write to matters
+    assert "size 1M " in recommend({"256K": size(100), "1M": size(85, copy=900), "4M": size(95, copy=2200)})
+    # not one that misses the pause goal
+    assert "size 4M " in recommend({"1M": size(85, p99=12.0), "4M": size(95)})
+    # where one meets the loss goal, only those that do
+    assert "size 256K " in recommend({"256K": size(100, loss=0.1), "1M": size(85)})
+    # none meets the pause goal: still the soonest done
+    assert "size 1M " in recommend({"1M": size(85, p99=12.0), "4M": size(95, p99=11.0)})
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio (its nbd engine)")
+def test_a_tiny_cutover_run(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "bench.migration", "--quick", "--only", "cutover", "--cutover-runs", "2"]
+    cmd += ["--workdir", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    doc = json.loads(p.stdout.strip().splitlines()[-1])  # the last line is one JSON object
+    co = doc["cutover"]
+    assert co["runs"] == 2 and 0 < co["p50_ms"] <= co["max_ms"]
+    assert co["under_load_ms"] > 0 and co["copied_x"] >= 1.0, co
+    assert doc["goals"]["cutover_p99_le_10ms"] in (True, False)
+    assert isinstance(doc["free_page_reporting"], bool)
