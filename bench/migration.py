@@ -27,7 +27,10 @@ the baseline copy is ``nbdcopy``. One run measures:
    went to the source, and whether the migration had gone active (the
    job's writes dirty regions about as fast as the copy cleans them), and
    an iodepth-1 run under ssd shows the hop's cost when the job is not
-   CPU-bound.
+   CPU-bound. A third side in the same rounds (order rotating) runs the job
+   through a raw TCP byte relay to the source (bench/relay.py, uvloop, no
+   NBD parsing): ``relay_loss`` is what a userspace hop costs on this
+   machine before a target array does anything of its own.
 5. region-size sweep (256K, 1M, 4M): copy throughput (median of
    interleaved rounds); under the cutover phase's write load the time from
    the resume to completion and the bytes copied per LUN byte (a bigger
@@ -60,12 +63,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.common import Array, cpu_s, emit_json, serve_array, start, status, stop, wait
+from bench.common import ROOT, Array, cpu_s, emit_json, serve_array, start, status, stop, wait
 from emulator.units import parse_size
 
 MiB = 1 << 20
@@ -297,17 +301,36 @@ class Bench:
         }
 
     def _oltp(
-        self, side: str, a: Array, b: Array, src: str, runtime: float, qd: int, opts: dict[str, Any]
+        self,
+        side: str,
+        a: Array,
+        b: Array,
+        src: str,
+        runtime: float,
+        qd: int,
+        opts: dict[str, Any],
+        relay: Relay | None = None,
     ) -> dict[str, float]:
-        """One fio run on the source directly or on a migrating target, with CPU per I/O."""
+        """One fio run on the source directly, through the raw relay to it, or on a
+        migrating target, with CPU per I/O."""
         out = self.work / "fio.json"
         lun = self.name("rt")
+        uri = a.uri(src)
         if side == "target":
             start(b, a.uri(src), lun, throttle=20, **opts)
-        c0 = (cpu_s(a.proc.pid), cpu_s(b.proc.pid), children_cpu_s())
+            uri = b.uri(lun)
+        elif side == "relay":
+            assert relay is not None
+            uri = f"nbd://127.0.0.1:{relay.port}/{src}"
+        pids = (a.proc.pid, b.proc.pid, relay.proc.pid if relay is not None else None)
+
+        def cpu() -> tuple[float, ...]:
+            return (*(cpu_s(pid) if pid else 0.0 for pid in pids), children_cpu_s())
+
+        c0 = cpu()
         try:
-            iops = oltp(b.uri(lun) if side == "target" else a.uri(src), runtime, out, qd)
-            c1 = (cpu_s(a.proc.pid), cpu_s(b.proc.pid), children_cpu_s())
+            iops = oltp(uri, runtime, out, qd)
+            c1 = cpu()
             if side == "target":
                 st = status(b, lun)
                 if st["state"] not in ("copying", "converging"):
@@ -318,7 +341,9 @@ class Bench:
                 b.api.delete_lun(lun, force=True)
         ios = iops * (runtime + RAMP_S)  # CPU was counted over the ramp too
         us = [round((y - x) / ios * 1e6, 1) for x, y in zip(c0, c1, strict=True)]
-        r = {"iops": iops, "cpu_us_per_io_source_array": us[0], "cpu_us_per_io_fio": us[2]}
+        r = {"iops": iops, "cpu_us_per_io_source_array": us[0], "cpu_us_per_io_fio": us[3]}
+        if side == "relay":
+            r["cpu_us_per_io_relay"] = us[2]
         if side == "target":
             r["cpu_us_per_io_target_array"] = us[1]
             r["remote_read_share"] = round(
@@ -330,21 +355,31 @@ class Bench:
         return r
 
     def readthrough(
-        self, a: Array, b: Array, src: str, rounds: int, runtime: float, qd: int = 16, **opts: Any
+        self,
+        a: Array,
+        b: Array,
+        src: str,
+        rounds: int,
+        runtime: float,
+        qd: int = 16,
+        floor: bool = True,
+        **opts: Any,
     ) -> dict[str, Any]:
-        runs: dict[str, list[dict[str, float]]] = {"source": [], "target": []}
-        for rnd in range(rounds):
-            for side in ("source", "target") if rnd % 2 == 0 else ("target", "source"):
-                r = self._oltp(side, a, b, src, runtime, qd, opts)
-                runs[side].append(r)
-                print(
-                    f"read-through {a.name} qd{qd} {opts or ''} {rnd + 1} {side:<6} {r['iops']:7.0f} IOPS "
-                    f"cpu us/IO: {', '.join(f'{k[14:]} {v}' for k, v in r.items() if k.startswith('cpu'))}",
-                    flush=True,
-                )
+        """Target against source; with ``floor``, also the same job through a raw
+        TCP relay to the source (bench/relay.py): what any hop costs here."""
+        sides = ("source", "target", "relay") if floor else ("source", "target")
+        runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+        with raw_relay(a) if floor else nullcontext() as relay:
+            for rnd in range(rounds):
+                for side in sides[rnd % len(sides) :] + sides[: rnd % len(sides)]:  # rotating
+                    r = self._oltp(side, a, b, src, runtime, qd, opts, relay)
+                    runs[side].append(r)
+                    cpus = ", ".join(f"{k[14:]} {v}" for k, v in r.items() if k.startswith("cpu"))
+                    head = f"read-through {a.name} qd{qd} {opts or ''} {rnd + 1} {side:<6}"
+                    print(f"{head} {r['iops']:7.0f} IOPS cpu us/IO: {cpus}", flush=True)
         med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
         s, t = med["source"]["iops"], med["target"]["iops"]
-        return {
+        doc = {
             "qd": qd,
             "source_iops": round(s),
             "target_iops": round(t),
@@ -352,6 +387,32 @@ class Bench:
             "median": med,
             "runs_iops": {k: [round(r["iops"]) for r in v] for k, v in runs.items()},
         }
+        if floor:
+            doc["relay_iops"] = round(med["relay"]["iops"])
+            doc["relay_loss"] = round(1 - med["relay"]["iops"] / s, 3)
+        return doc
+
+
+@dataclass
+class Relay:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+
+@contextmanager
+def raw_relay(a: Array) -> Iterator[Relay]:
+    """``python -m bench.relay`` in front of array ``a``'s NBD port."""
+    host, port = a.nbd.removeprefix("nbd://").rsplit(":", 1)
+    argv = [sys.executable, "-m", "bench.relay", host, port]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        listen = proc.stdout.readline().strip()
+        if not listen.isdigit():
+            raise RuntimeError(f"bench.relay did not start: {listen!r}")
+        yield Relay(proc, int(listen))
+    finally:
+        stop(proc)
 
 
 def recommend(sweep: dict[str, dict[str, Any]]) -> str:
@@ -412,6 +473,7 @@ def print_table(doc: dict[str, Any]) -> None:
             f"  read-thru   {key:<7} qd{r['qd']:<2} source {r['source_iops']} IOPS, "
             f"target {r['target_iops']} IOPS: loss {r['loss']:.1%} "
             f"({r['median']['target']['remote_read_share']:.0%} of reads remote)"
+            + (f"; a raw TCP relay to the source: {r['relay_loss']:.1%}" if "relay_loss" in r else "")
         )
     for rs, r in doc.get("sweep", {}).items():
         if isinstance(r, dict):
@@ -511,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                 rsb = parse_size(rs)
                 t = statistics.median(copies[rs])
                 co = bench.cutover(co_src, 2 if q else 4, region_size=rsb)
-                rt = bench.readthrough(sa, sb, rt_ssd, 1 if q else 2, runtime, region_size=rsb)
+                rt = bench.readthrough(sa, sb, rt_ssd, 1 if q else 2, runtime, floor=False, region_size=rsb)
                 sweep[rs] = {
                     "copy_mbps": round(size / 1e6 / t, 1),
                     "cutover_p99_ms": co["p99_ms"],
