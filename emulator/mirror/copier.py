@@ -177,15 +177,15 @@ class Copier:
             runs: list[tuple[int, int, bool]] = []
             pos = start
             while pos < end:
-                extents = await self.source.extents(pos, span - pos)
-                if not extents:
-                    break
-                for e in extents:
+                asked = pos
+                for e in await self.source.extents(pos, span - pos):
                     ln = min(e.length, span - pos)
                     if ln <= 0:
                         break
                     runs.append((pos, ln, bool(e.flags & STATE_ZERO)))
                     pos += ln
+                if pos == asked:  # an answer that moves nowhere: never ask it again
+                    break
             if pos < end:  # a short map: treat the rest as data
                 runs.append((pos, end - pos, False))
                 pos = end

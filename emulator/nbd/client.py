@@ -185,6 +185,21 @@ def _all(futs: list[asyncio.Future[Any]]) -> Awaitable[Any]:
     return futs[0] if len(futs) == 1 else asyncio.gather(*futs)
 
 
+def _within(extents: list[p.Extent], length: int) -> list[p.Extent]:
+    """A BLOCK_STATUS answer as the caller may use it. A descriptor of length 0 is a
+    protocol error (a caller walking the map would never move on); descriptors past
+    the requested length are cut to it, as qemu's client does."""
+    out, pos = [], 0
+    for e in extents:
+        if e.length == 0:
+            raise ProtocolError("BLOCK_STATUS descriptor of length 0")
+        if pos >= length:
+            break
+        out.append(e if pos + e.length <= length else p.Extent(length - pos, e.flags))
+        pos += e.length
+    return out
+
+
 def _resolve(fut: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
     """End one request, unless its caller cancelled it: a reply to a request
     nobody waits for any more must not break the connection for the others."""
@@ -623,7 +638,7 @@ class NbdClient:
         if t == p.REPLY_TYPE_BLOCK_STATUS and pend.type == p.CMD_BLOCK_STATUS:
             ctx, extents = p.parse_block_status_chunk(ch.payload)
             if ctx == self.allocation_context:
-                pend.extents = extents
+                pend.extents = _within(extents, pend.length)
             return
         raise ProtocolError(f"unexpected chunk type {t} for {p.CMD_NAMES.get(pend.type)}")
 

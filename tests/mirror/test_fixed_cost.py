@@ -524,3 +524,23 @@ def test_start_writeback_leaves_nothing_dirty_in_the_range(tmp_path: Path, media
             be.close()
 
     asyncio.run(main())
+
+
+class StuckMap(MemoryBackend):
+    """Answers every map read with a descriptor of length 0, at once."""
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(0, 0)]
+
+
+@pytest.mark.timeout(30)  # the old copier asked again forever, never yielding to the loop
+def test_a_map_answer_that_moves_nowhere_is_copied_as_data_not_asked_forever() -> None:
+    async def main() -> None:
+        size = 4 * MiB
+        src = StuckMap(size)
+        await src.write(MiB + 5, b"\x42" * 9000)
+        target = MemoryBackend(size)
+        await asyncio.wait_for(copy_all(src, target), 10)
+        assert await target.read(0, size) == await MemoryBackend.read(src, 0, size)
+
+    asyncio.run(main())

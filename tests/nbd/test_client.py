@@ -14,8 +14,11 @@ import pytest
 from servers import Server, nbdkit, qemu_nbd, serve_file
 
 from emulator.nbd import protocol as p
-from emulator.nbd.client import Address, NbdClient, list_exports
-from emulator.nbd.errors import DisconnectedError, OptionError, RequestError
+from emulator.nbd.backend import MemoryBackend
+from emulator.nbd.client import Address, NbdClient, _within, list_exports
+from emulator.nbd.errors import DisconnectedError, OptionError, ProtocolError, RequestError
+from emulator.nbd.protocol import STATE_HOLE, STATE_ZERO, Extent
+from emulator.nbd.server import NbdServer
 
 pytestmark = pytest.mark.interop
 SIZE = 16 << 20
@@ -240,3 +243,49 @@ def test_empty_reads_and_writes_send_no_request(tmp_path: Path) -> None:
 
     with serve_file(img) as s:
         run(main(s))
+
+
+class OddMap(MemoryBackend):
+    """A Backend whose allocation map breaks the rules the way a buggy server would."""
+
+    def __init__(self, size: int, answer: list[Extent]) -> None:
+        super().__init__(size)
+        self.answer = answer
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return self.answer
+
+
+def test_block_status_descriptors_past_the_request_are_cut_to_it(tmp_path: Path) -> None:
+    page = 4096
+
+    async def main() -> None:
+        hz = STATE_HOLE | STATE_ZERO
+        for answer, want in (  # asked: 4 pages
+            ([Extent(3 * page, 0), Extent(page, hz)], [Extent(3 * page, 0), Extent(page, hz)]),
+            ([Extent(1 << 20, hz)], [Extent(4 * page, hz)]),
+            (
+                [Extent(3 * page, 0), Extent(9 * page, hz), Extent(page, 0)],
+                [Extent(3 * page, 0), Extent(page, hz)],
+            ),
+        ):
+            server = NbdServer()
+            server.add_export("vol", OddMap(1 << 20, answer))
+            host, port = await server.listen_tcp()
+            try:
+                c = await NbdClient.connect(f"nbd://{host}:{port}/vol")
+                try:
+                    assert await c.extents(0, 4 * page) == want
+                finally:
+                    await c.close()
+            finally:
+                await server.close(timeout=5)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_block_status_descriptor_of_length_0_is_a_protocol_error() -> None:
+    """(Our server never sends one; a map walk given one would never move on.)"""
+    with pytest.raises(ProtocolError, match="length 0"):
+        _within([Extent(4096, 0), Extent(0, 0)], 8192)
+    assert _within([Extent(4096, 0), Extent(4096, 3)], 4096) == [Extent(4096, 0)]
