@@ -11,7 +11,6 @@ where that is the truth (its holes, through SEEK_DATA/SEEK_HOLE).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -34,6 +33,7 @@ from typing import Any
 import pytest
 
 from control.api_client import ApiError, ArrayApi
+from tests.files import sparse_runs
 from tests.servers import ArrayDaemon, array_daemon, start_array, stop
 
 pytestmark = pytest.mark.interop
@@ -131,34 +131,7 @@ def nbd_map(uri: str) -> list[tuple[int, int, int]]:
 
 def file_map(path: Path) -> list[tuple[int, int, int]]:
     """The file's real holes (SEEK_DATA/SEEK_HOLE) in nbdinfo --map's terms (0 data, 3 hole)."""
-    size = path.stat().st_size
-    out: list[tuple[int, int, int]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                data = size
-            if data > pos:
-                out.append((pos, data - pos, 3))
-                pos = data
-            else:
-                hole = min(os.lseek(fd, pos, os.SEEK_HOLE), size)
-                out.append((pos, hole - pos, 0))
-                pos = hole
-    finally:
-        os.close(fd)
-    merged: list[tuple[int, int, int]] = []
-    for off, n, t in out:
-        if merged and merged[-1][2] == t:
-            merged[-1] = (merged[-1][0], merged[-1][1] + n, t)
-        else:
-            merged.append((off, n, t))
-    return merged
+    return [(off, n, 0 if is_data else 3) for off, n, is_data in sparse_runs(path)]
 
 
 def type_at(runs: list[tuple[int, int, int]], offset: int, length: int) -> set[int]:

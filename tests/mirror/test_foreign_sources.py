@@ -22,6 +22,7 @@ import pytest
 
 from control.api_client import ArrayApi
 from emulator.nbd.client import NbdClient
+from tests.files import data_bytes
 from tests.servers import ArrayDaemon, array_daemon, nbdkit, qemu_nbd
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -45,23 +46,6 @@ def migrate_and_compare(b: ArrayDaemon, source: str, lun: str, tmp: Path, **opts
     nbdcopy(b.uri(lun), got)
     assert filecmp.cmp(want, got, shallow=False), f"LUN {lun} differs from its source"
     return st
-
-
-def data_bytes(path: Path) -> int:
-    """Bytes of ``path`` that are data (SEEK_DATA / SEEK_HOLE)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        end, pos, n = os.fstat(fd).st_size, 0, 0
-        while pos < end:
-            try:
-                pos = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            n, pos = n + hole - pos, hole
-        return n
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.timeout(120)

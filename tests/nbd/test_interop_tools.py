@@ -9,7 +9,6 @@ bytes, and its holes through SEEK_DATA/SEEK_HOLE.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from urllib.parse import unquote
 
 import pytest
 
+from tests.files import sparse_runs as file_map
 from tests.servers import MemoryExport, serve_exports, serve_file
 
 pytestmark = pytest.mark.interop
@@ -78,32 +78,6 @@ def sparse_file(path: Path, size: int, writes: Iterable[tuple[int, bytes]] = ())
         for off, data in writes:
             os.pwrite(f.fileno(), data, off)
     return path
-
-
-def file_map(path: Path) -> list[tuple[int, int, bool]]:
-    """(offset, length, is_data) runs of ``path``, from SEEK_DATA/SEEK_HOLE."""
-    size = path.stat().st_size
-    out: list[tuple[int, int, bool]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                data = size
-            if data > pos:
-                out.append((pos, data - pos, False))
-                pos = data
-            else:
-                hole = min(os.lseek(fd, pos, os.SEEK_HOLE), size)
-                out.append((pos, hole - pos, True))
-                pos = hole
-    finally:
-        os.close(fd)
-    return merge(out)
 
 
 def merge(runs: Iterable[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
