@@ -70,7 +70,7 @@ from types import FrameType
 from typing import Any
 
 from bench.common import ROOT, Array, cpu_s, emit_json, serve_array, start, status, stop, wait
-from emulator.units import parse_size
+from emulator.units import parse_hostport, parse_size
 
 MiB = 1 << 20
 RAMP_S = 0.5
@@ -145,6 +145,13 @@ def nbdcopy(src: str, dst: str) -> float:
 
 
 # ---------------------------------------------------------------- migrations
+def rotated(items: tuple[str, ...], k: int) -> tuple[str, ...]:
+    """``items`` starting at its k-th (modulo): round k of interleaved runs, so that
+    each takes each place in turn."""
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
 def migrate(b: Array, src: str, lun: str, **opts: Any) -> tuple[float, dict[str, Any]]:
     """Seconds from the start request to completion, and the final status."""
     t0 = time.perf_counter()
@@ -212,7 +219,7 @@ class Bench:
         nbdcopy(self.a.uri(src), self.b.uri(warm))
         self.b.api.delete_lun(warm, force=True)
         for rnd in range(rounds):
-            for who in ("ours", "nbdcopy") if rnd % 2 == 0 else ("nbdcopy", "ours"):
+            for who in rotated(("ours", "nbdcopy"), rnd):
                 if who == "ours":
                     t = self.migrate_once(src)
                 else:
@@ -371,7 +378,7 @@ class Bench:
         runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
         with raw_relay(a) if floor else nullcontext() as relay:
             for rnd in range(rounds):
-                for side in sides[rnd % len(sides) :] + sides[: rnd % len(sides)]:  # rotating
+                for side in rotated(sides, rnd):
                     r = self._oltp(side, a, b, src, runtime, qd, opts, relay)
                     runs[side].append(r)
                     cpus = ", ".join(f"{k[14:]} {v}" for k, v in r.items() if k.startswith("cpu"))
@@ -402,8 +409,8 @@ class Relay:
 @contextmanager
 def raw_relay(a: Array) -> Iterator[Relay]:
     """``python -m bench.relay`` in front of array ``a``'s NBD port."""
-    host, port = a.nbd.removeprefix("nbd://").rsplit(":", 1)
-    argv = [sys.executable, "-m", "bench.relay", host, port]
+    host, port = parse_hostport(a.nbd.removeprefix("nbd://"))
+    argv = [sys.executable, "-m", "bench.relay", host, str(port)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=ROOT)
     try:
         assert proc.stdout is not None
@@ -564,10 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         if "sweep" in phases:
             sweep: dict[str, Any] = {}
             copies: dict[str, list[float]] = {rs: [] for rs in SWEEP}
-            # Copies interleaved, the order rotating so that each size takes each place in
-            # turn (reversing it kept 1M in the middle every round).
+            # Copies interleaved, the order rotating (reversing it kept 1M in the middle every round).
             for rnd in range(max(rounds, len(SWEEP))):
-                for rs in SWEEP[rnd % len(SWEEP) :] + SWEEP[: rnd % len(SWEEP)]:
+                for rs in rotated(SWEEP, rnd):
                     copies[rs].append(bench.migrate_once(full, region_size=parse_size(rs)))
             for rs in SWEEP:
                 rsb = parse_size(rs)
