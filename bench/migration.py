@@ -249,8 +249,8 @@ class Bench:
         kinds = {"sparse": src, "full": full_src, "empty": empty}
         runs: dict[str, list[float]] = {k: [] for k in kinds}
         server: dict[str, list[float]] = {k: [] for k in kinds}  # the array's started -> finished
-        for rnd in range(rounds):  # interleaved: all see the same machine
-            for kind in kinds if rnd % 2 == 0 else list(kinds)[::-1]:
+        for rnd in range(rounds):  # interleaved, rotating: all see the same machine, each in each place
+            for kind in rotated(tuple(kinds), rnd):
                 dst = self.name("m")
                 t, st = migrate(self.b, self.a.uri(kinds[kind]), dst)
                 self.b.api.delete_lun(dst, force=True)
