@@ -301,7 +301,7 @@ class Copier:
         # Nothing else writes the region meanwhile: an active-mode write waits for
         # the copy, and a copy never starts under a write in flight.
         had_data = bool(regions.target_data[r])
-        written = -1, -1  # the span of the data this copy wrote
+        first = last = 0  # the span of the data this copy wrote, once wrote_data
         try:
             runs = await self._runs(r)
             datas = iter(await self._read_data(runs))
@@ -316,14 +316,16 @@ class Copier:
                     break  # a write raced us: the copy is stale anyway
                 regions.target_data[r] = True
                 await self._on_target(self._charged_write(off, data))
-                written = written[0] if wrote_data else off, off + ln
+                if not wrote_data:
+                    first = off
+                last = off + ln
                 self.copied_bytes += ln
                 wrote_data = True
             if wrote_data:
                 # Write back while copying on: the checkpoint's flush then finds little
                 # left (a 512 MiB copy: 2.0 -> 2.4-2.7 GB/s on the reference box). One
                 # hint a region, not one a run: a thin image has dozens of runs a region.
-                await self._on_target(self.target.start_writeback(written[0], written[1] - written[0]))
+                await self._on_target(self.target.start_writeback(first, last - first))
         except BaseException:
             if regions.state[r] == COPYING:
                 regions.state[r] = DIRTY
