@@ -65,6 +65,9 @@ async def serve(host: str, port: int) -> None:
                     down.transport.close()
                 return
             assert up.transport is not None
+            if down.transport is None or down.transport.is_closing():
+                up.transport.close()  # the client left while we connected
+                return
             for data in down.early:
                 up.transport.write(data)
             down.early.clear()
