@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -183,9 +184,11 @@ class Array:
         lun = self.get_lun(name)
         self.server.add_export(name, lun.backend, description=f"array {self.name} pool {lun.pool}")
 
-    def set_lun_state(self, name: str, state: str) -> None:
+    def set_lun_state(
+        self, name: str, state: str, also: Callable[[sqlite3.Connection], None] | None = None
+    ) -> None:
         lun = self.get_lun(name)
-        self._db().update_lun(name, state=state)
+        self._db().update_lun(name, also, state=state)
         lun.state = state
 
     def get_lun(self, name: str) -> Lun:
@@ -206,8 +209,17 @@ class Array:
         return pool
 
     # ---- LUN lifecycle
-    def create_lun(self, name: object, size: object, pool: object = None, state: str = "ready") -> Lun:
-        """Create a thin LUN. Only a ``ready`` LUN is exported at once."""
+    def create_lun(
+        self,
+        name: object,
+        size: object,
+        pool: object = None,
+        state: str = "ready",
+        also: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> Lun:
+        """Create a thin LUN. Only a ``ready`` LUN is exported at once. ``also``
+        runs in the transaction that gives the LUN its ``state`` (a migration
+        records itself there: never a migrating LUN without its migration)."""
         name = check_name("LUN", name)
         size = check_size(size)
         if pool is not None:
@@ -224,7 +236,13 @@ class Array:
         except OSError as e:
             meta.delete_lun(name)
             raise NoSpace(f"cannot create the file of LUN {name!r}: {e.strerror}") from None
-        meta.update_lun(name, state=state)
+        try:
+            meta.update_lun(name, also, state=state)
+        except BaseException:
+            fb.close()
+            path.unlink(missing_ok=True)
+            meta.delete_lun(name)
+            raise
         return self._attach(name, p.name, state, row.created, fb)
 
     def grow_lun(self, name: object, size: object) -> Lun:

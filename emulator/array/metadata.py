@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,10 +107,15 @@ class Metadata:
             )
         return row
 
-    def update_lun(self, name: str, **fields: object) -> None:
+    def update_lun(
+        self, name: str, also: Callable[[sqlite3.Connection], None] | None = None, **fields: object
+    ) -> None:
+        """``also`` runs in the same transaction: a record that must appear with the change."""
         cols = ", ".join(f"{k}=?" for k in fields)
         with self.transaction() as db:
             db.execute(f"UPDATE luns SET {cols} WHERE name=?", (*fields.values(), name))
+            if also is not None:
+                also(db)
 
     def delete_lun(self, name: str) -> None:
         with self.transaction() as db:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +146,13 @@ class MigrationManager:
         except BackendError as e:
             raise InvalidInput(f"cannot reach the source: {e}") from None
         try:
-            lun = self.array.create_lun(name, remote.size, pool, state="migrating")
+            lun = self.array.create_lun(
+                name, remote.size, pool, state="migrating", also=self._record(name, source, cfg)
+            )
         except BaseException:
             await remote.aclose()
             raise
         try:
-            self._record(name, source, cfg)
             m = self._new(lun, source, cfg)
             await m.start(connected=remote)
         except BaseException as e:
@@ -178,8 +181,7 @@ class MigrationManager:
             raise InvalidInput(f"LUN {name!r} is already in pool {new!r}")
         cfg = MigrationConfig(**self.defaults.as_dict())
         source = f"move:{lun.pool}:{new}"
-        self._record(name, source, cfg)
-        self.array.set_lun_state(name, "migrating")
+        self.array.set_lun_state(name, "migrating", also=self._record(name, source, cfg))
         try:
             m = self._new_move(lun, new, cfg, resume=False)
             await m.start()
@@ -283,13 +285,19 @@ class MigrationManager:
         self.migrations[lun.name] = m
         return m
 
-    def _record(self, name: str, source: str, cfg: MigrationConfig) -> None:
-        with self._db.transaction() as db:
+    @staticmethod
+    def _record(name: str, source: str, cfg: MigrationConfig) -> Callable[[sqlite3.Connection], None]:
+        """The migration's row, to insert in the transaction that makes its LUN
+        ``migrating`` (one commit fewer, and no migrating LUN without it after a crash)."""
+
+        def insert(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT OR REPLACE INTO migrations(lun, source, config, state, mode, started) "
                 "VALUES (?, ?, ?, 'copying', ?, ?)",
                 (name, source, json.dumps(cfg.as_dict()), cfg.mode, time.time()),
             )
+
+        return insert
 
     def _changed(self, m: Migration) -> None:
         """Persist a state change; the LUN's state follows in the same transaction."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import sqlite3
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -312,6 +313,26 @@ def test_create_lun_duplicate(arr: ArrayFixture) -> None:
         assert "'vol1'" in e.value.message and "'arr1'" in e.value.message
     lun = arr.array.get_lun("vol1")
     assert (lun.size, lun.pool) == (MIB, "default")
+
+
+def test_create_lun_records_with_its_state_in_one_transaction(arr: ArrayFixture) -> None:
+    """What ``also`` records appears with the LUN's state or not at all: a
+    record that fails leaves no LUN, row or file, and the name free again."""
+    a = arr.array
+    assert a.meta is not None
+    a.meta.db.execute("CREATE TABLE notes (lun TEXT PRIMARY KEY)")
+
+    def note(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO notes VALUES ('vol1')")
+
+    a.create_lun("vol1", MIB, state="migrating", also=note)
+    assert [r.state for r in a.meta.luns()] == ["migrating"]
+    assert a.meta.db.execute("SELECT lun FROM notes").fetchall() == [("vol1",)]
+    with pytest.raises(sqlite3.IntegrityError):  # the same note again
+        a.create_lun("vol2", MIB, state="migrating", also=note)
+    assert "vol2" not in a.luns and [r.name for r in a.meta.luns()] == ["vol1"]
+    assert not (arr.data_dir / "pools" / "default" / "vol2.img").exists()
+    assert a.create_lun("vol2", MIB).state == "ready"
 
 
 def test_grow_lun(arr: ArrayFixture) -> None:
