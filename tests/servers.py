@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from control.api_client import ArrayApi
+
 START_TIMEOUT = 20.0
 
 
@@ -232,6 +234,13 @@ class ArrayDaemon:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+
+def array_api(d: ArrayDaemon, timeout: float | None = None) -> ArrayApi:
+    """A client of ``d``'s management API with its token (``timeout=None``: ArrayApi's default)."""
+    if timeout is None:
+        return ArrayApi(d.api, d.token)
+    return ArrayApi(d.api, d.token, timeout=timeout)
 
 
 def start_array(

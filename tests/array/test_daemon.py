@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import pytest
 
 from control.api_client import ApiError, ArrayApi
 from tests.files import sparse_runs
-from tests.servers import ArrayDaemon, array_daemon, start_array, stop
+from tests.servers import ArrayDaemon, array_api, array_daemon, start_array, stop
 
 pytestmark = pytest.mark.interop
 
@@ -111,8 +112,7 @@ def cli_error(*args: str, **kw: Any) -> str:
     return p.stderr
 
 
-def api(d: ArrayDaemon) -> ArrayApi:
-    return ArrayApi(d.api, d.token, timeout=15)
+api = partial(array_api, timeout=15)
 
 
 def qemu_io(uri: str, *cmds: str, check: bool = True) -> subprocess.CompletedProcess[str]:

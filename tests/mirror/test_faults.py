@@ -45,16 +45,16 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from control.api_client import ArrayApi
 from emulator.nbd.client import NbdClient
 from emulator.nbd.errors import DisconnectedError, NbdError, RequestError
-from tests.servers import ArrayDaemon, array_daemon, stop
+from tests.servers import ArrayDaemon, array_api, array_daemon, stop
 
 pytestmark = pytest.mark.slow
 
@@ -95,8 +95,7 @@ def cli_status(b: ArrayDaemon) -> dict[str, Any]:
     return st
 
 
-def api(d: ArrayDaemon) -> ArrayApi:
-    return ArrayApi(d.api, TOKEN, timeout=20)
+api = partial(array_api, timeout=20)
 
 
 async def status(d: ArrayDaemon) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
-from control.api_client import ApiError, ArrayApi
+from control.api_client import ApiError
 from emulator.array.file_backend import FileBackend
 from emulator.array.media import MediaBackend
 from emulator.array.models import MEDIA
@@ -47,15 +48,14 @@ from emulator.mirror.regions import CLEAN, RegionMap
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
 from emulator.nbd.protocol import STATE_ZERO, Extent
-from tests.servers import ArrayDaemon, array_daemon
+from tests.servers import ArrayDaemon, array_api, array_daemon
 
 MiB = 1 << 20
 PAGE = 4096
 TOKEN = "test-token"
 
 
-def api(d: ArrayDaemon) -> ArrayApi:
-    return ArrayApi(d.api, TOKEN, timeout=20)
+api = partial(array_api, timeout=20)
 
 
 def long_poll(d: ArrayDaemon, lun: str, wait: float | str) -> tuple[float, dict[str, Any]]:

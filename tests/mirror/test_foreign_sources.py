@@ -20,16 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from control.api_client import ArrayApi
 from emulator.nbd.client import NbdClient
 from tests.files import data_bytes
-from tests.servers import ArrayDaemon, array_daemon, nbdkit, qemu_nbd
+from tests.servers import ArrayDaemon, array_api, array_daemon, nbdkit, qemu_nbd
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def api(d: ArrayDaemon) -> ArrayApi:
-    return ArrayApi(d.api, d.token)
 
 
 def nbdcopy(src: str, dst: Path) -> None:
@@ -38,8 +33,8 @@ def nbdcopy(src: str, dst: Path) -> None:
 
 def migrate_and_compare(b: ArrayDaemon, source: str, lun: str, tmp: Path, **opts: object) -> dict:
     """Migrate ``source`` into LUN ``lun`` of ``b``; every byte must equal the source's."""
-    api(b).call("POST", "/api/v1/migrations", {"lun": lun, "source": source, **opts})
-    st = api(b).wait_migration(lun, 60)
+    array_api(b).call("POST", "/api/v1/migrations", {"lun": lun, "source": source, **opts})
+    st = array_api(b).wait_migration(lun, 60)
     assert st["state"] == "completed", st
     want, got = tmp / f"{lun}.want", tmp / f"{lun}.got"
     nbdcopy(source, want)
@@ -65,7 +60,7 @@ def test_from_nbdkit_sparse_random(tmp_path: Path, region_size: int) -> None:
         # fresh LUN, and it is as sparse as the source (up to the file system's blocks).
         assert st["copied_bytes"] == allocated, (st["copied_bytes"], allocated)
         assert st["zeroed_bytes"] == 0, st["zeroed_bytes"]
-        assert api(b).get_lun("vol")["allocated"] <= allocated * 1.01
+        assert array_api(b).get_lun("vol")["allocated"] <= allocated * 1.01
 
 
 @pytest.mark.timeout(120)
@@ -89,7 +84,7 @@ def test_from_qemu_nbd_with_data_at_odd_offsets(tmp_path: Path) -> None:
         assert filecmp.cmp(img, tmp_path / "odd.got", shallow=False)
         assert st["copied_bytes"] == data_bytes(img) and st["zeroed_bytes"] == 0, st
         # (allocated counts st_blocks: the file system's extent tree blocks too)
-        assert data_bytes(img) <= api(b).get_lun("odd")["allocated"] <= data_bytes(img) + 64 * KiB
+        assert data_bytes(img) <= array_api(b).get_lun("odd")["allocated"] <= data_bytes(img) + 64 * KiB
 
 
 @pytest.mark.timeout(120)
@@ -100,7 +95,7 @@ def test_from_an_array_whose_map_takes_several_replies_a_window(tmp_path: Path) 
         pytest.skip("nbdcopy is needed (make install)")
     size = 96 * MiB
     with array_daemon(tmp_path / "A", "A") as a, array_daemon(tmp_path / "B", "B") as b:
-        api(a).create_lun("thin", size)
+        array_api(a).create_lun("thin", size)
 
         async def fill() -> None:
             c = await NbdClient.connect(a.uri("thin"))

@@ -54,7 +54,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from control.api_client import ApiError, ArrayApi
+from control.api_client import ApiError
 from emulator.array.file_backend import FileBackend
 from emulator.array.lun import LunBackend
 from emulator.array.media import MediaBackend
@@ -65,7 +65,7 @@ from emulator.mirror.remote import RemoteBackend
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
 from emulator.nbd.server import NbdServer, serve_forever_loop
-from tests.servers import ArrayDaemon, array_daemon
+from tests.servers import ArrayDaemon, array_api, array_daemon
 
 T = TypeVar("T")
 
@@ -204,7 +204,7 @@ def arrays(array_pair: tuple[ArrayDaemon, ArrayDaemon]) -> Iterator[tuple[ArrayD
         if d.proc.poll() is not None:
             pytest.fail(f"array {d.name} exited {d.proc.returncode} earlier:\n{d.output()[-3000:]}")
     yield a, b
-    api_a, api_b = ArrayApi(a.api, a.token), ArrayApi(b.api, b.token)
+    api_a, api_b = array_api(a), array_api(b)
     for api in (api_b, api_a):
         try:
             luns = [x["name"] for x in api.list_luns()]
@@ -238,7 +238,7 @@ async def read_all(uri: str, size: int, chunk: int = 4 * MiB) -> bytearray:
 
 def create_source(a: ArrayDaemon, lun: str, rng: random.Random, size: int = SIZE) -> Model:
     """A LUN on A: random data in most regions (some whole, some partly), holes elsewhere."""
-    ArrayApi(a.api, a.token).create_lun(lun, size)
+    array_api(a).create_lun(lun, size)
     model = Model(size, REGION)
     writes: list[tuple[int, bytes]] = []
     for r in range(size // REGION):
@@ -366,7 +366,7 @@ async def drive(
     migration cancel` runs that many seconds in, while the load keeps going.
     Returns what was observed.
     """
-    api = ArrayApi(b.api, b.token)
+    api = array_api(b)
     clients = [await NbdClient.connect(b.uri(lun)) for _ in range(connections)]
     stop = asyncio.Event()
     out: dict[str, Any] = {"states": [], "cancel": None}
@@ -465,7 +465,7 @@ def test_integrity_under_concurrent_writes(
         f"only {wl.writes_while_migrating} writes raced the copier: the test proves nothing"
     )
     st = wait_completed(b, lun)
-    assert ArrayApi(b.api, b.token).get_lun(lun)["state"] == "ready"
+    assert array_api(b).get_lun(lun)["state"] == "ready"
     got = asyncio.run(read_all(b.uri(lun), SIZE))
     d = model.diff(0, got, "B's LUN after the migration")
     assert d is None, f"{d}\nstatus: {st}"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from control.api_client import ApiError, ArrayApi
+from control.api_client import ApiError
 from emulator.units import parse_rate
-from tests.servers import array_daemon
+from tests.servers import array_api, array_daemon
 
 BAD = [-1, -0.5, math.nan, math.inf, True, None, [1], "fast", "-1", "nan", "inf", ""]
 
@@ -32,7 +32,7 @@ def test_rates_refused(bad: object) -> None:
 @pytest.mark.timeout(60)
 def test_the_api_and_the_cli_refuse_a_rate_that_is_not_finite(tmp_path: Path) -> None:
     with array_daemon(tmp_path / "b", "B") as b:
-        api = ArrayApi(b.api, "test-token", timeout=20)
+        api = array_api(b, timeout=20)
         for bad in (math.nan, math.inf, -1, "fast", True):  # json.dumps writes NaN and Infinity
             with pytest.raises(ApiError) as e:
                 api.call(
