@@ -48,6 +48,7 @@ from emulator.mirror.regions import CLEAN, RegionMap
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
 from emulator.nbd.protocol import STATE_ZERO, Extent
+from tests.backends import FixedMap
 from tests.servers import ArrayDaemon, array_api, array_daemon
 
 MiB = 1 << 20
@@ -526,18 +527,11 @@ def test_start_writeback_leaves_nothing_dirty_in_the_range(tmp_path: Path, media
     asyncio.run(main())
 
 
-class StuckMap(MemoryBackend):
-    """Answers every map read with a descriptor of length 0, at once."""
-
-    async def extents(self, offset: int, length: int) -> list[Extent]:
-        return [Extent(0, 0)]
-
-
 @pytest.mark.timeout(30)  # the old copier asked again forever, never yielding to the loop
 def test_a_map_answer_that_moves_nowhere_is_copied_as_data_not_asked_forever() -> None:
     async def main() -> None:
         size = 4 * MiB
-        src = StuckMap(size)
+        src = FixedMap(size, [Extent(0, 0)])  # every map read: one descriptor of length 0, at once
         await src.write(MiB + 5, b"\x42" * 9000)
         target = MemoryBackend(size)
         await asyncio.wait_for(copy_all(src, target), 10)

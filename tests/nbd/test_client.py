@@ -14,11 +14,11 @@ import pytest
 from servers import Server, nbdkit, qemu_nbd, serve_file
 
 from emulator.nbd import protocol as p
-from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.client import Address, NbdClient, _within, list_exports
 from emulator.nbd.errors import DisconnectedError, OptionError, ProtocolError, RequestError
 from emulator.nbd.protocol import STATE_HOLE, STATE_ZERO, Extent
 from emulator.nbd.server import NbdServer
+from tests.backends import FixedMap
 
 pytestmark = pytest.mark.interop
 SIZE = 16 << 20
@@ -245,17 +245,6 @@ def test_empty_reads_and_writes_send_no_request(tmp_path: Path) -> None:
         run(main(s))
 
 
-class OddMap(MemoryBackend):
-    """A Backend whose allocation map breaks the rules the way a buggy server would."""
-
-    def __init__(self, size: int, answer: list[Extent]) -> None:
-        super().__init__(size)
-        self.answer = answer
-
-    async def extents(self, offset: int, length: int) -> list[Extent]:
-        return self.answer
-
-
 def test_block_status_descriptors_past_the_request_are_cut_to_it(tmp_path: Path) -> None:
     page = 4096
 
@@ -270,7 +259,7 @@ def test_block_status_descriptors_past_the_request_are_cut_to_it(tmp_path: Path)
             ),
         ):
             server = NbdServer()
-            server.add_export("vol", OddMap(1 << 20, answer))
+            server.add_export("vol", FixedMap(1 << 20, answer))
             host, port = await server.listen_tcp()
             try:
                 c = await NbdClient.connect(f"nbd://{host}:{port}/vol")
