@@ -16,8 +16,6 @@ import os
 import random
 import re
 import selectors
-import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -36,50 +34,17 @@ import pytest
 from control.api_client import ApiError, ArrayApi
 from tests.files import sparse_runs
 from tests.servers import ArrayDaemon, array_api, array_daemon, start_array, stop
+from tests.tools import LIBNBD_PYTHON, need, need_libnbd, run
 
 pytestmark = pytest.mark.interop
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOL_TIMEOUT = 60  # seconds; every tool and CLI call runs under it
-LIBNBD_PYTHON = "/usr/bin/python3"  # python3-libnbd lives only there
 TOKEN = "test-token"
 MiB = 1 << 20
 ZERO_BIT = 2  # nbdinfo --map type bits: 1 = hole, 2 = zero
 
 
 # --------------------------------------------------------------------------- helpers
-def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (run `make install`)")
-
-
-def need_libnbd() -> None:
-    r = subprocess.run([LIBNBD_PYTHON, "-c", "import nbd"], capture_output=True, timeout=30)
-    if r.returncode != 0:
-        pytest.skip(f"python3-libnbd is not importable under {LIBNBD_PYTHON}")
-
-
-def run(
-    cmd: Sequence[str],
-    *,
-    check: bool = True,
-    timeout: float = TOOL_TIMEOUT,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run a tool to completion under a timeout; on check, fail the test with its output."""
-    p = subprocess.run(
-        list(cmd), capture_output=True, text=True, errors="replace", timeout=timeout, cwd=cwd, env=env
-    )
-    if check and p.returncode != 0:
-        pytest.fail(
-            f"{shlex.join(cmd)} exited {p.returncode}\n"
-            f"stdout: {p.stdout[-3000:]}\nstderr: {p.stderr[-3000:]}"
-        )
-    return p
-
-
 def cli_env(env_token: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "BLOCKMIG_TOKEN"}
     env["PYTHONPATH"] = str(ROOT)

@@ -14,10 +14,9 @@ import json
 import os
 import random
 import re
-import shlex
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -26,11 +25,10 @@ import pytest
 
 from tests.files import sparse_runs as file_map
 from tests.servers import MemoryExport, serve_exports, serve_file
+from tests.tools import LIBNBD_PYTHON, need, need_libnbd, run
 
 pytestmark = pytest.mark.interop
 
-TOOL_TIMEOUT = 60  # seconds; every peer runs under it
-LIBNBD_PYTHON = "/usr/bin/python3"  # python3-libnbd lives only there
 MiB = 1 << 20
 
 # nbdinfo --map types (base:allocation bits: STATE_HOLE=1, STATE_ZERO=2)
@@ -38,39 +36,6 @@ DATA, HOLE_ZERO = 0, 3
 
 
 # --------------------------------------------------------------------------- helpers
-def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (run `make install`)")
-
-
-def need_libnbd() -> None:
-    r = subprocess.run([LIBNBD_PYTHON, "-c", "import nbd"], capture_output=True, timeout=30)
-    if r.returncode != 0:
-        pytest.skip(f"python3-libnbd is not importable under {LIBNBD_PYTHON} (make install)")
-
-
-def run(
-    cmd: Sequence[str],
-    *,
-    check: bool = True,
-    timeout: float = TOOL_TIMEOUT,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run a peer to completion under a timeout; fail the test with its output."""
-    p = subprocess.run(
-        list(cmd), capture_output=True, text=True, errors="replace", timeout=timeout,
-        cwd=cwd, env=env,
-    )
-    if check and p.returncode != 0:
-        pytest.fail(
-            f"{shlex.join(cmd)} exited {p.returncode}\n"
-            f"stdout: {p.stdout[-3000:]}\nstderr: {p.stderr[-3000:]}"
-        )
-    return p
-
-
 def sparse_file(path: Path, size: int, writes: Iterable[tuple[int, bytes]] = ()) -> Path:
     """A sparse file of ``size`` bytes with ``writes`` (offset, data) put in place."""
     with open(path, "wb") as f:

@@ -1,0 +1,48 @@
+"""Real command-line tools for tests: skip when one is missing, run one under a timeout."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+TOOL_TIMEOUT = 60  # seconds; every tool run (an NBD peer, a CLI call) runs under it
+LIBNBD_PYTHON = "/usr/bin/python3"  # python3-libnbd lives only there
+
+
+def need(*tools: str) -> None:
+    """Skip the test unless every one of ``tools`` is on PATH."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (run `make install`)")
+
+
+def need_libnbd() -> None:
+    """Skip the test unless ``import nbd`` works under :data:`LIBNBD_PYTHON`."""
+    r = subprocess.run([LIBNBD_PYTHON, "-c", "import nbd"], capture_output=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"python3-libnbd is not importable under {LIBNBD_PYTHON} (make install)")
+
+
+def run(
+    cmd: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = TOOL_TIMEOUT,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool to completion under a timeout; on check, fail the test with its output."""
+    p = subprocess.run(
+        list(cmd), capture_output=True, text=True, errors="replace", timeout=timeout, cwd=cwd, env=env
+    )
+    if check and p.returncode != 0:
+        pytest.fail(
+            f"{shlex.join(cmd)} exited {p.returncode}\n"
+            f"stdout: {p.stdout[-3000:]}\nstderr: {p.stderr[-3000:]}"
+        )
+    return p
