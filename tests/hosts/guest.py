@@ -41,6 +41,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.tools import TOOL_TIMEOUT
+
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = ROOT / ".cache" / "guest"
 QEMU = "qemu-system-x86_64"
@@ -50,7 +52,6 @@ MODULES = ("virtio_pci", "virtio_net", "nbd")  # load order: NIC first, then nbd
 HOST_ADDR = "10.0.2.2"  # the host's 127.0.0.1 as qemu's user network shows it to the guest
 #: bump when the layout of the image changes in a way the digest cannot see
 BUILD_VERSION = "1"
-TOOL_TIMEOUT = 60.0
 
 INIT_TEMPLATE = r"""#!/bin/busybox sh
 # init of the blockmig test guest (rendered by tests/hosts/guest.py; do not edit a copy).
