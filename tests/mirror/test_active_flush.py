@@ -18,19 +18,16 @@ SIZE = 4 << 20
 REGION = 1 << 20
 
 
-class Flushes(MemoryBackend):
-    def __init__(self, size: int, fail: bool = False) -> None:
-        super().__init__(size)
-        self.flushes, self.fail = 0, fail
+class FailingFlush(MemoryBackend):
+    """A MemoryBackend whose flush is counted (``flushes``), then fails with EIO."""
 
     async def flush(self) -> None:
-        self.flushes += 1
-        if self.fail:
-            raise BackendError(errno.EIO, "flush failed")
+        await super().flush()
+        raise BackendError(errno.EIO, "flush failed")
 
 
-def _backend(tmp_path: Path, target: Flushes) -> tuple[MigratingBackend, Flushes]:
-    source = Flushes(SIZE)
+def _backend(tmp_path: Path, target: MemoryBackend) -> tuple[MigratingBackend, MemoryBackend]:
+    source = MemoryBackend(SIZE)
     regions = RegionMap(SIZE, REGION)
     progress = ProgressFile(tmp_path / "progress", regions, {})
     progress.create()
@@ -40,7 +37,7 @@ def _backend(tmp_path: Path, target: Flushes) -> tuple[MigratingBackend, Flushes
 @pytest.mark.parametrize("active", [False, True])
 def test_flush_reaches_the_target_only_in_active_mode(tmp_path: Path, active: bool) -> None:
     async def main() -> None:
-        target = Flushes(SIZE)
+        target = MemoryBackend(SIZE)
         mb, source = _backend(tmp_path, target)
         mb.active = active
         await mb.flush()
@@ -53,7 +50,7 @@ def test_flush_reaches_the_target_only_in_active_mode(tmp_path: Path, active: bo
 
 def test_a_target_flush_failure_is_the_migrations_not_the_hosts(tmp_path: Path) -> None:
     async def main() -> None:
-        mb, source = _backend(tmp_path, Flushes(SIZE, fail=True))
+        mb, source = _backend(tmp_path, FailingFlush(SIZE))
         mb.active = True
         await mb.flush()  # the source has the data: the host's FLUSH succeeds
         assert source.flushes == 1
