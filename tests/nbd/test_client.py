@@ -11,7 +11,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from servers import Server, nbdkit, qemu_nbd, serve_file
 
 from emulator.nbd import protocol as p
 from emulator.nbd.client import Address, NbdClient, _within, list_exports
@@ -19,6 +18,7 @@ from emulator.nbd.errors import DisconnectedError, OptionError, ProtocolError, R
 from emulator.nbd.protocol import STATE_HOLE, STATE_ZERO, Extent
 from emulator.nbd.server import NbdServer
 from tests.backends import FixedMap
+from tests.servers import Server, nbdkit, qemu_nbd, serve_file
 
 pytestmark = pytest.mark.interop
 SIZE = 16 << 20
