@@ -10,7 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # `from servers import ...`
 os.environ.setdefault("PYTHONPATH", str(ROOT))
 
 
