@@ -8,10 +8,13 @@ to array B through the control layer (`blockmig migrate`, as tests/control does)
 
 The story, and what pins each part of it down:
 
-1. A 64 MiB volume on A (2 ms media, so copying it takes a few seconds) holds a tagged
-   block every 16 KiB. `blockmig migrate VOL B` answers ``migrating_attachable``; B's copy
-   is paused at once through B's API (the array's own control: `blockmig migrate` takes
-   no throttle), so however slow the boot is, the guest finds the volume still migrating.
+1. A 64 MiB volume on A (2 ms media) holds a tagged block every 16 KiB: 16 MiB of data,
+   which B's migration_throttle of 4 MB/s makes a copy of ~4 s (unthrottled it takes
+   ~0.2 s: the copier reads a region's runs all at once, so A's media alone no longer
+   makes it slow, and the pause below lost that race once). `blockmig migrate VOL B`
+   answers ``migrating_attachable``; B's copy is paused at once through B's API (the
+   array's own control: `blockmig migrate` takes no throttle), so however slow the boot
+   is, the guest finds the volume still migrating.
    `blockmig attach VOL --json` names the export the guest attaches.
 2. The guest loops over passes on a 4 MiB region: write zeroes and read them back, write
    one of three random patterns the host made for this run, read it back, all O_DIRECT,
@@ -64,7 +67,7 @@ REGION = (24 * MiB, 4 * MiB)  # (offset, length) the guest writes; 64 KiB aligne
 FLAG = 23 * MiB  # the 4 KiB block the host writes "STOP-<nonce>" into
 STRIDE = 16 * 1024  # a tagged block every 16 KiB: 4096 extents to copy at 2 ms each on A
 PATTERNS = 3  # random patterns per run, pass i writes pattern i % 3
-ARRAYS = [ArraySpec("A", "unified", media="fixed:2"), ArraySpec("B", "unified")]
+ARRAYS = [ArraySpec("A", "unified", media="fixed:2"), ArraySpec("B", "unified", migration_throttle=4)]
 BOOT_TIMEOUT = 240.0  # to the first pass's end: software emulation on 2 shared cores
 STEP_TIMEOUT = 180.0  # for each later step the host waits for
 GUEST_MAX = 600  # the guest gives up (FAIL) at this uptime without a stop flag
