@@ -85,8 +85,9 @@ class ArraySpec:
 
     Models: ``unified`` (takeover, async migration, pool moves), ``takeover-sync``,
     ``pooled`` (pool moves only), ``plain`` (generic host copy only). Media: ``none``,
-    ``ssd``, ``hdd``, ``fixed:MS`` (every I/O takes MS milliseconds: a migration one can
-    watch). Each pool holds ``capacity`` (thin: only written bytes use disk).
+    ``ssd``, ``hdd``, ``fixed:MS`` (every I/O takes MS milliseconds; the copier has many
+    I/Os in flight, so for a migration one can watch give the target a
+    ``migration_throttle``). Each pool holds ``capacity`` (thin: only written bytes use disk).
     """
 
     name: str
