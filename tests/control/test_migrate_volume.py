@@ -62,6 +62,9 @@ ARRAYS = [
     ArraySpec("T", "unified", media=SLOW),
     ArraySpec("P", "plain", media=SLOW),
     ArraySpec("R", "unified", migration_throttle=8),  # copies at 8 MB/s unless told otherwise
+    # slow without slow media: its copy of a DENSE volume's 8 MiB lasts ~4 s, as T's does
+    # (S's media alone does not slow a copy: the copier reads a region's runs at once)
+    ArraySpec("U", "unified", migration_throttle=2),
 ]
 SMALL = 16 * MiB  # on the fast arrays: a migration takes well under a second
 BIG = 64 * MiB  # on the slow arrays: a migration takes a few seconds
@@ -510,7 +513,9 @@ def test_migration_converges_under_a_steady_random_write_load(bm: BlockmigEnv) -
 # ---------------------------------------------------------------------- concurrency, restart
 def test_two_migrations_of_one_volume_at_once_are_refused(bm: BlockmigEnv) -> None:
     v, img = make(bm, "twice", BIG, "S", stride=DENSE)
-    procs = {t: bm.popen("migrate", v["id"], t, "--json") for t in ("T", "B")}
+    # both targets copy for seconds, whichever wins: against B (0.1-0.2 s) the check below,
+    # "while the first one still runs", was a race that B's quick copy could win
+    procs = {t: bm.popen("migrate", v["id"], t, "--json") for t in ("T", "U")}
     outs = {t: p.communicate(timeout=60) for t, p in procs.items()}
     rcs = {t: p.returncode for t, p in procs.items()}
     assert sorted(rcs.values()) == [0, 1], (rcs, outs)
