@@ -157,9 +157,11 @@ class MigrationManager:
             await m.start(connected=remote)
         except BaseException as e:
             await remote.aclose()  # idempotent: the start may have closed it
-            self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
             self.migrations.pop(name, None)
+            # The LUN goes before its row: a crash between leaves a row without a LUN
+            # (skipped at start-up), never a migrating LUN without its migration.
             await self.array.delete_lun(name, force=True)
+            self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
             if isinstance(e, BackendError):
                 raise InvalidInput(f"cannot take {source} over: {e}") from None
             raise
@@ -187,9 +189,9 @@ class MigrationManager:
             await m.start()
         except BaseException:
             self.migrations.pop(name, None)
-            self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
             self.array.lun_path(new, name).unlink(missing_ok=True)
-            self.array.set_lun_state(name, "ready")
+            # ready again and the record gone in one transaction, as they came
+            self.array.set_lun_state(name, "ready", also=self._unrecord(name))
             raise
         return m
 
@@ -298,6 +300,15 @@ class MigrationManager:
             )
 
         return insert
+
+    @staticmethod
+    def _unrecord(name: str) -> Callable[[sqlite3.Connection], None]:
+        """Undo of ``_record``, for the transaction that makes its LUN ready again."""
+
+        def delete(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM migrations WHERE lun=?", (name,))
+
+        return delete
 
     def _changed(self, m: Migration) -> None:
         """Persist a state change; the LUN's state follows in the same transaction."""

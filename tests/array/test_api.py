@@ -620,6 +620,43 @@ def test_failed_create_leaves_no_file(api: ApiThread, tmp_path: Path) -> None:
     assert leftovers == []
 
 
+def test_a_migration_that_fails_to_start_leaves_no_record(
+    api: ApiThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A takeover whose start fails leaves neither its LUN nor its migration; a pool move
+    whose start fails leaves the LUN ready where it was, without a migration either way."""
+    from emulator.mirror.migration import Migration
+    from emulator.nbd.errors import BackendError
+
+    async def broken_start(self: Migration, *args: Any, **kwargs: Any) -> None:
+        raise BackendError(errno.EIO, "injected start failure")
+
+    def rows() -> list[Any]:
+        return api.call(_rows(api.array))
+
+    api.create("src", MIB)
+    api.create("mover", MIB)
+    monkeypatch.setattr(Migration, "start", broken_start)
+
+    r = api.request("POST", "/api/v1/migrations", {"lun": "taken", "source": api.nbd_uri("src")})
+    expect_error(r, 400, None, "injected start failure")
+    assert "taken" not in api.array.luns and "taken" not in [x.name for x in api.array.meta.luns()]
+    assert rows() == []
+
+    r = api.request("POST", "/api/v1/luns/mover/move", {"pool": "small"})
+    expect_error(r, 500, "internal")  # (a takeover's start failure is the client's 400)
+    lun = api.array.get_lun("mover")
+    assert (lun.state, lun.pool) == ("ready", "default")
+    assert [x.state for x in api.array.meta.luns() if x.name == "mover"] == ["ready"]
+    assert rows() == []
+    assert not (api.data_dir / "pools" / "small" / "mover.img").exists()
+
+
+async def _rows(array: Array) -> list[Any]:
+    assert array.meta is not None
+    return array.meta.db.execute("SELECT lun FROM migrations").fetchall()
+
+
 def test_not_found(api: ApiThread) -> None:
     api.create("a")
     for method, path in [
