@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from emulator.nbd.backend import Backend, copy_capabilities
+from emulator.nbd.backend import Backend, Done, copy_capabilities
 from emulator.nbd.protocol import Extent
 
 from .file_backend import FileBackend
@@ -40,6 +40,7 @@ class LunBackend(Backend):
         if file is not None:
             self._file = file
         copy_capabilities(self, inner)
+        self.can_start_io = inner.can_start_io
         return old
 
     def set_file(self, file: FileBackend, pool: Pool, local: Backend) -> None:
@@ -81,6 +82,27 @@ class LunBackend(Backend):
             st.record(0, time.perf_counter() - t0, ok=False)
             raise
         st.record(len(buf), time.perf_counter() - t0)
+
+    def _timed_done(self, op: str, nbytes: int, done: Done) -> Done:
+        t0 = time.perf_counter()
+        st = self.stats.ops[op]
+
+        def end(result: Any, error: Exception | None) -> None:
+            if error is None:
+                st.record(nbytes, time.perf_counter() - t0)
+            else:
+                st.record(0, time.perf_counter() - t0, ok=False)
+            done(result, error)
+
+        return end
+
+    def start_read(self, offset: int, length: int, done: Done) -> bool:
+        return self.inner.start_read(offset, length, self._timed_done("read", length, done))
+
+    def start_write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool, done: Done) -> bool:
+        if self._pool is not None and self._file is not None and self.inner is self.local:
+            return False  # a write to the local file is charged to the pool: write() does that
+        return self.inner.start_write(offset, data, fua, self._timed_done("write", len(data), done))
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         t0 = time.perf_counter()

@@ -21,8 +21,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
-from emulator.nbd.backend import Backend, copy_capabilities
+from emulator.nbd.backend import Backend, Done, copy_capabilities
 from emulator.nbd.protocol import Extent
 
 from .regions import ProgressFile, RegionMap
@@ -63,6 +64,7 @@ class MigratingBackend(Backend):
         )
         self.can_multi_conn = True  # one MigratingBackend serves every connection of the LUN
         self.can_extents = True
+        self.can_start_io = source.can_start_io
 
     @property
     def size(self) -> int:
@@ -84,6 +86,9 @@ class MigratingBackend(Backend):
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         await self._reader(offset, len(buf)).read_into(offset, buf)
+
+    def start_read(self, offset: int, length: int, done: Done) -> bool:
+        return self._reader(offset, length).start_read(offset, length, done)
 
     # ---- writes
     async def _modify(
@@ -117,10 +122,7 @@ class MigratingBackend(Backend):
                 self.dirtied_bytes += regions.mark_dirty(r0, r1)
                 await on_source(self.source)
         finally:
-            regions.end_write(r0, r1)
-            self._writers -= 1
-            if self._writers == 0:
-                self._drained.set()
+            self._end_write(r0, r1)
 
     async def _write_both(
         self, offset: int, length: int, r0: int, r1: int, op: Callable[[Backend], Awaitable[None]]
@@ -138,6 +140,41 @@ class MigratingBackend(Backend):
             self.dirtied_bytes += self.regions.mark_dirty(r0, r1)
         if isinstance(src, BaseException):
             raise src
+
+    def start_write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool, done: Done) -> bool:
+        """The common write without a coroutine: one that goes to the source alone
+        and need not wait (the gate open, no bit to clear on disk first, no copy
+        of these regions to wait out, not a write to both sides). The rest, False:
+        :meth:`write` takes it, with the same bookkeeping as :meth:`_modify`."""
+        if self._forward is not None:
+            return self._forward.start_write(offset, data, fua, done)
+        regions = self.regions
+        r0, r1 = regions.span(offset, len(data))
+        if (
+            not self._gate.is_set()
+            or self.progress.any_clean(r0, r1)
+            or (self.active and (regions.all_clean(r0, r1) or regions.being_copied(r0, r1)))
+        ):
+            return False
+        regions.begin_write(r0, r1, self._clock())
+        self._writers += 1
+        self._drained.clear()
+        self.dirtied_bytes += regions.mark_dirty(r0, r1)
+
+        def end(result: Any, error: Exception | None) -> None:
+            self._end_write(r0, r1)
+            done(None, error)
+
+        if self.source.start_write(offset, data, fua, end):
+            return True
+        self._end_write(r0, r1)  # marked dirty for nothing: harmless, it is copied again
+        return False
+
+    def _end_write(self, r0: int, r1: int) -> None:
+        self.regions.end_write(r0, r1)
+        self._writers -= 1
+        if self._writers == 0:
+            self._drained.set()
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         data = bytes(data)  # the caller's buffer may be reused while we wait
@@ -163,9 +200,7 @@ class MigratingBackend(Backend):
             # The target mirrors every write to a clean region: flush it too, so that
             # what a host flushed is durable there when the LUN cuts over without a
             # flush under held writes. Its failure is the migration's, not the host's.
-            src, tgt = await asyncio.gather(
-                self.source.flush(), self.target.flush(), return_exceptions=True
-            )
+            src, tgt = await asyncio.gather(self.source.flush(), self.target.flush(), return_exceptions=True)
             if isinstance(tgt, BaseException):
                 self.target_error = tgt
             if isinstance(src, BaseException):

@@ -79,6 +79,12 @@ class RegionMap:
         self.inflight[r0:r1] += 1
         self.last_write[r0:r1] = now
 
+    def being_copied(self, r0: int, r1: int) -> bool:
+        c = self.copying
+        if not c:
+            return False
+        return r0 in c if r1 - r0 == 1 else any(r in c for r in range(r0, r1))
+
     def end_write(self, r0: int, r1: int) -> None:
         if r1 - r0 == 1:
             self.inflight[r0] -= 1

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from emulator.nbd import protocol as p
-from emulator.nbd.backend import Backend
+from emulator.nbd.backend import Backend, Done
 from emulator.nbd.client import NbdClient
 from emulator.nbd.errors import BackendError, DisconnectedError, NbdError, RequestError
 
@@ -27,6 +27,8 @@ T = TypeVar("T")
 
 
 class RemoteBackend(Backend):
+    can_start_io = True
+
     def __init__(
         self,
         uri: str,
@@ -53,6 +55,7 @@ class RemoteBackend(Backend):
         self._tokens = itertools.count()
         self._started: dict[int, float] = {}  # requests in flight: when each began
         self._watchdog: asyncio.Future[None] | None = None
+        self._retries: set[asyncio.Future[None]] = set()  # fast-path requests a broken link handed on
         self.last_error = ""
         self.connected = False
 
@@ -117,8 +120,13 @@ class RemoteBackend(Backend):
             return c
         raise BackendError(errno.ESHUTDOWN, f"remote LUN {self.uri} is closed")
 
-    async def _call(self, what: str, fn: Callable[[NbdClient], Awaitable[T]]) -> T:
-        start = self._clock()
+    async def _call(
+        self, what: str, fn: Callable[[NbdClient], Awaitable[T]], start: float | None = None
+    ) -> T:
+        """``fn`` on a working connection, reconnecting within the retry window
+        counted from ``start`` (now, unless the request began earlier)."""
+        if start is None:
+            start = self._clock()
         deadline = start + self.retry_window
         token = next(self._tokens)
         self._started[token] = start
@@ -134,18 +142,71 @@ class RemoteBackend(Backend):
                 try:
                     return await fn(c)
                 except DisconnectedError as e:
-                    self.last_error = str(e)
-                    if self._client is c:
-                        self._client = None
-                        asyncio.ensure_future(c.close())
+                    self._lost(c, e)
                     if self._clock() >= deadline:
                         raise BackendError(
-                            errno.EIO, f"source {self.uri}: {what}: no answer within "
-                            f"{self.retry_window:g} s: {self.last_error}") from None
+                            errno.EIO,
+                            f"source {self.uri}: {what}: no answer within "
+                            f"{self.retry_window:g} s: {self.last_error}",
+                        ) from None
                 except RequestError as e:
                     raise BackendError(e.error, f"source {self.uri}: {what}: {e}") from None
         finally:
             del self._started[token]
+
+    def _lost(self, c: NbdClient, e: DisconnectedError) -> None:
+        self.last_error = str(e)
+        if self._client is c:
+            self._client = None
+            asyncio.ensure_future(c.close())
+
+    def _start(
+        self,
+        what: str,
+        begin: Callable[[NbdClient, Done], bool],
+        fn: Callable[[NbdClient], Awaitable[Any]],
+        done: Done,
+    ) -> bool:
+        """The coroutine-free path (see Backend.start_read) on a working connection.
+        A connection that breaks under the request hands it to :meth:`_call`, which
+        retries it within what is left of the window; ``fn`` is that retry."""
+        c = self._client
+        if c is None or c.closed:
+            return False
+        start = self._clock()
+        token = next(self._tokens)
+        started = self._started
+        started[token] = start
+
+        def end(result: Any, error: Exception | None) -> None:
+            del started[token]
+            if error is None:
+                done(result, None)
+            elif isinstance(error, RequestError):
+                done(None, BackendError(error.error, f"source {self.uri}: {what}: {error}"))
+            elif isinstance(error, DisconnectedError):
+                self._lost(c, error)
+                task = asyncio.ensure_future(self._retry(what, fn, start, done))
+                self._retries.add(task)
+                task.add_done_callback(self._retries.discard)
+            else:
+                done(None, error)
+
+        if not begin(c, end):
+            del started[token]
+            return False
+        self._ensure_watchdog()
+        return True
+
+    async def _retry(
+        self, what: str, fn: Callable[[NbdClient], Awaitable[Any]], start: float, done: Done
+    ) -> None:
+        try:
+            result = await self._call(what, fn, start)
+        except Exception as e:
+            done(None, e)
+        else:
+            done(result, None)
 
     def _ensure_watchdog(self) -> None:
         if self._watchdog is None or self._watchdog.done():
@@ -169,6 +230,22 @@ class RemoteBackend(Backend):
                 c.abort(self.last_error)
 
     # ---- Backend
+    def start_read(self, offset: int, length: int, done: Done) -> bool:
+        return self._start(
+            "read",
+            lambda c, end: c.start_read(offset, length, end),
+            lambda c: c.read(offset, length),
+            done,
+        )
+
+    def start_write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool, done: Done) -> bool:
+        return self._start(
+            "write",
+            lambda c, end: c.start_write(offset, data, fua, end),
+            lambda c: c.write(offset, data, fua),
+            done,
+        )
+
     async def read(self, offset: int, length: int) -> bytearray:
         return await self._call("read", lambda c: c.read(offset, length))
 

@@ -6,15 +6,25 @@ a Backend have already been checked against ``size`` by the caller.
 
 Methods are coroutines. A Backend that can finish at once (a page-cache hit)
 simply never awaits, and the server runs such calls eagerly without a task.
+A Backend whose reads and writes always wait (a remote LUN) may also offer
+``start_read`` / ``start_write``: the same I/O begun without a coroutine,
+ended by a callback. That path skips the coroutine chain and the Task the
+server would need per request; a proxied I/O costs ~4 us less of Python.
 """
 
 from __future__ import annotations
 
 import errno
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
 
 from .errors import BackendError
 from .protocol import STATE_HOLE, STATE_ZERO, Extent
+
+#: ``done(result, error)`` ends an I/O begun by ``start_read`` / ``start_write``:
+#: ``(data, None)`` or ``(None, None)`` on success, ``(None, exception)`` on failure
+Done = Callable[[Any, Exception | None], None]
 
 
 class Backend(ABC):
@@ -31,6 +41,8 @@ class Backend(ABC):
     #: flushing on one connection covers writes completed on every connection
     can_multi_conn: bool = True
     can_extents: bool = True
+    #: start_read / start_write may take I/O (else they always return False)
+    can_start_io: bool = False
 
     @property
     @abstractmethod
@@ -44,6 +56,18 @@ class Backend(ABC):
         buf = bytearray(length)
         await self.read_into(offset, memoryview(buf))
         return buf
+
+    def start_read(self, offset: int, length: int, done: Done) -> bool:
+        """Begin :meth:`read` without a coroutine, or return False (not offered, or
+        not now): the caller then uses :meth:`read`. After True, ``done(data, None)``
+        or ``done(None, error)`` runs exactly once, from the event loop, never
+        before this returned."""
+        return False
+
+    def start_write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool, done: Done) -> bool:
+        """:meth:`start_read` for :meth:`write`; ``done(None, None)`` when it is written.
+        The caller keeps ``data`` unchanged until ``done`` ran."""
+        return False
 
     @abstractmethod
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,10 @@ from types import TracebackType
 from typing import Any, cast
 
 from . import protocol as p
+from .backend import Done
 from .errors import DisconnectedError, OptionError, ProtocolError, RequestError
+
+log = logging.getLogger("blockmig.nbd.client")
 
 DEFAULT_PORT = 10809
 #: requests queued on the transport beyond this wait for it to drain
@@ -71,10 +75,13 @@ class _Pending:
     type: int
     offset: int
     length: int
-    future: asyncio.Future[Any]
+    #: who waits: a Future (the coroutine API), or ``done`` (start_read / start_write)
+    future: asyncio.Future[Any] | None
     buf: memoryview | None = None  # READ destination
     extents: list[p.Extent] | None = None
     error: RequestError | None = None
+    done: Done | None = None
+    value: Any = None  # what ``done`` gets on success: a READ's bytearray
 
 
 class _Wire(asyncio.BufferedProtocol):
@@ -200,10 +207,18 @@ def _within(extents: list[p.Extent], length: int) -> list[p.Extent]:
     return out
 
 
-def _resolve(fut: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+def _resolve(pend: _Pending, result: Any, error: Exception | None) -> None:
     """End one request, unless its caller cancelled it: a reply to a request
     nobody waits for any more must not break the connection for the others."""
-    if fut.done():
+    if pend.done is not None:
+        try:
+            pend.done(pend.value if error is None else None, error)
+        except Exception:  # the caller's bug must not break the connection
+            log.exception(
+                "completion of %s %d+%d failed", p.CMD_NAMES.get(pend.type), pend.offset, pend.length
+            )
+    fut = pend.future
+    if fut is None or fut.done():
         return
     if error is None:
         fut.set_result(result)
@@ -406,6 +421,12 @@ class NbdClient:
             await hs.wire.readexactly(len(p.HANDSHAKE_ZEROES))
         self._max_request = p.MAX_BLOCK
 
+    def _waitable(self, pend: _Pending) -> asyncio.Future[Any]:
+        if pend.future is None:  # started with a ``done`` callback: a Future to wait on as well
+            assert self._loop is not None
+            pend.future = self._loop.create_future()
+        return pend.future
+
     def abort(self, reason: str) -> None:
         """Drop the connection now: every pending request fails with DisconnectedError."""
         err = DisconnectedError(f"{self.address.uri()}: {reason}")
@@ -422,7 +443,7 @@ class NbdClient:
             return
         self._wire = None
         if self._pending and self._broken is None:
-            futs = [x.future for x in list(self._pending.values())]
+            futs = [self._waitable(x) for x in list(self._pending.values())]
             _, late = await asyncio.wait(futs, timeout=timeout)
             if late:
                 self.abort(f"closing with {len(late)} request(s) unanswered after {timeout:g} s")
@@ -489,6 +510,53 @@ class NbdClient:
             self._send_pending = True
             loop.call_soon(self._send_out)
         return fut
+
+    def _start(
+        self,
+        type_: int,
+        offset: int,
+        length: int,
+        flags: int,
+        pend: _Pending,
+        payload: bytes | bytearray | memoryview | None = None,
+    ) -> bool:
+        """The coroutine-free path of one request: False when it cannot take it."""
+        loop = self._loop
+        if (
+            self._broken is not None
+            or self._wire is None
+            or loop is None
+            or not 0 < length <= self._max_request
+            or offset < 0
+            or offset + length > self.size
+            or (self._transport is not None and self._transport.get_write_buffer_size() > WRITE_BUFFER_MAX)
+        ):
+            return False
+        cookie = next(self._cookies)
+        self._pending[cookie] = pend
+        out = self._out
+        out.append(p.REQUEST.pack(p.REQUEST_MAGIC, flags, type_, cookie, offset, length))
+        if payload is not None:
+            out.append(payload)
+        if not self._send_pending:
+            self._send_pending = True
+            loop.call_soon(self._send_out)
+        return True
+
+    def start_read(self, offset: int, length: int, done: Done) -> bool:
+        """Begin a READ of one request's size without a coroutine, or return False
+        (closed, broken, too long, out of range, or the transport is backed up: use
+        :meth:`read`). Once it returned True, ``done(bytearray, None)`` or
+        ``done(None, error)`` is called exactly once, from the event loop, later."""
+        buf = bytearray(length)
+        pend = _Pending(p.CMD_READ, offset, length, None, memoryview(buf), done=done, value=buf)
+        return self._start(p.CMD_READ, offset, length, 0, pend)
+
+    def start_write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool, done: Done) -> bool:
+        """:meth:`start_read` for a WRITE: ``done(None, None)`` once the server has it.
+        ``data`` must stay unchanged until ``done`` runs."""
+        pend = _Pending(p.CMD_WRITE, offset, len(data), None, done=done)
+        return self._start(p.CMD_WRITE, offset, len(data), p.CMD_FLAG_FUA if fua else 0, pend, data)
 
     def _send_out(self) -> None:
         self._send_pending = False
@@ -596,7 +664,7 @@ class NbdClient:
     def _fail_all(self, err: Exception) -> None:
         pending, self._pending = self._pending, {}
         for x in pending.values():
-            _resolve(x.future, None, err)
+            _resolve(x, None, err)
 
     def _on_reply(self, ev: p.ReplyEvent) -> None:
         pend = self._pending.get(ev.cookie)
@@ -605,14 +673,14 @@ class NbdClient:
         if isinstance(ev, p.SimpleReply):
             del self._pending[ev.cookie]
             # a READ's data is in its buffer already
-            _resolve(pend.future, None, self._error(pend, ev.error, "") if ev.error else None)
+            _resolve(pend, None, self._error(pend, ev.error, "") if ev.error else None)
             return
         self._on_chunk(pend, ev)
         if ev.done:
             del self._pending[ev.cookie]
             if pend.error is None and pend.type == p.CMD_BLOCK_STATUS and not pend.extents:
                 raise ProtocolError("BLOCK_STATUS reply without extents")
-            _resolve(pend.future, pend.extents, pend.error)
+            _resolve(pend, pend.extents, pend.error)
 
     def _on_chunk(self, pend: _Pending, ch: p.StructuredChunk) -> None:
         t = ch.type

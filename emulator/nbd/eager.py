@@ -38,12 +38,15 @@ def _resume(coro: Coroutine[Any, Any, T], pending: Any) -> Generator[Any, Any, T
     return (yield from coro)  # type: ignore[no-any-return]
 
 
-def run_eager(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T] | None:
+def run_eager(
+    coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop | None = None
+) -> asyncio.Task[T] | None:
     """Start ``coro`` now. If it completes without suspending, return None
-    (exceptions propagate to the caller); else return a Task that finishes it.
+    (exceptions propagate to the caller); else return a Task on ``loop`` (the
+    running one by default) that finishes it.
     """
     try:
         first = coro.send(None)
     except StopIteration:
         return None
-    return asyncio.get_running_loop().create_task(_resume(coro, first))
+    return (loop or asyncio.get_running_loop()).create_task(_resume(coro, first))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import socket
@@ -191,12 +192,15 @@ class _Connection(asyncio.BufferedProtocol):
         self._in_receive = False
         self._flush_pending = False
         self._inflight: set[asyncio.Task[None]] = set()
+        self._started = 0  # requests begun with Backend.start_read / start_write, not yet done
         self._disconnecting = False
         self._paused_reasons = 0  # bit 1: write buffer full, bit 2: too many in flight
         self._timer: asyncio.TimerHandle | None = None
         self._zsock: socket.socket | None = None  # a dup of the transport's, for sendfile
         self.peer = ""
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # bound once: asyncio.get_running_loop() costs a getpid(2) per call on 3.11
+        self._loop = loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = loop.create_future()
 
     # ---- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -210,7 +214,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         assert self._hs is not None
         t.write(self._hs.data_to_send())
-        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._hs_timeout)
+        self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._hs_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -317,7 +321,7 @@ class _Connection(asyncio.BufferedProtocol):
         together at the end of this loop iteration: one send for all of them."""
         if not self._flush_pending:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush_out)
+            self._loop.call_soon(self._flush_out)
 
     def _send(self, *parts: Any) -> None:
         self._out.extend(parts)
@@ -339,13 +343,18 @@ class _Connection(asyncio.BufferedProtocol):
             if err is not None:
                 self._send_error(req, err[0], err[1])
                 return
+        starts = self._backend is not None and self._backend.can_start_io
         if t == p.CMD_READ:
+            if starts and req.length < SPARSE_READ_MIN and self._start_read(req):
+                return
             coro = self._read(req)
         elif t == p.CMD_WRITE:
+            if starts and self._start_write(req):
+                return
             coro = self._write(req)
         else:
             coro = self._other(req)
-        task = run_eager(coro)
+        task = run_eager(coro, self._loop)
         if task is None:
             return
         if t == p.CMD_WRITE and self._dec is not None and self._dec.shares_buffer(req.data):
@@ -354,14 +363,71 @@ class _Connection(asyncio.BufferedProtocol):
             self._dec.detach_buffer()
         self._inflight.add(task)
         task.add_done_callback(self._task_done)
-        if len(self._inflight) >= MAX_INFLIGHT:
+        if len(self._inflight) + self._started >= MAX_INFLIGHT:
             self._pause(2)
+
+    # A Backend that offers start_read / start_write (a remote LUN) takes a plain
+    # READ or WRITE without a coroutine or a Task; its ``done`` callback replies.
+    def _start_read(self, req: p.Request) -> bool:
+        assert self._backend is not None
+        if not self._backend.start_read(req.offset, req.length, functools.partial(self._read_done, req)):
+            return False
+        self._begun()
+        return True
+
+    def _start_write(self, req: p.Request) -> bool:
+        assert self._backend is not None and req.data is not None
+        fua = bool(req.flags & p.CMD_FLAG_FUA)
+        if not self._backend.start_write(req.offset, req.data, fua, functools.partial(self._write_done, req)):
+            return False
+        if self._dec is not None and self._dec.shares_buffer(req.data):
+            self._dec.detach_buffer()  # the Backend holds a view of it until done
+        self._begun()
+        return True
+
+    def _begun(self) -> None:
+        self._started += 1
+        if self._started + len(self._inflight) >= MAX_INFLIGHT:
+            self._pause(2)
+
+    def _read_done(self, req: p.Request, data: Any, error: Exception | None) -> None:
+        self._started -= 1
+        if self.transport is None or self.transport.is_closing():
+            pass  # the client went away (abort): nobody to answer
+        elif error is not None:
+            self._backend_failed(req, error)
+        else:
+            if self._structured:
+                self._out.append(
+                    _pack_offset_data(_SR_MAGIC, _DONE, _OFFSET_DATA, req.cookie, req.length + 8, req.offset)
+                )
+            else:
+                self._out.append(_pack_simple(_SIMPLE_MAGIC, 0, req.cookie))
+            self._out.append(data)
+            if not self._in_receive:
+                self._flush_soon()
+        self._io_done()
+
+    def _write_done(self, req: p.Request, result: Any, error: Exception | None) -> None:
+        self._started -= 1
+        if self.transport is None or self.transport.is_closing():
+            pass
+        elif error is not None:
+            self._backend_failed(req, error)
+        else:
+            self._out.append(_pack_simple(_SIMPLE_MAGIC, 0, req.cookie))
+            if not self._in_receive:
+                self._flush_soon()
+        self._io_done()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        if len(self._inflight) < MAX_INFLIGHT // 2:
+        self._io_done()
+
+    def _io_done(self) -> None:
+        if self._started + len(self._inflight) < MAX_INFLIGHT // 2:
             self._resume(2)
-        if self._disconnecting and not self._inflight:
+        if self._disconnecting and not self._inflight and not self._started:
             self._close_now()
 
     def _validate(self, req: p.Request) -> tuple[int, str] | None:
@@ -624,9 +690,9 @@ class _Connection(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
             except (RuntimeError, OSError):
                 pass
-        if not self._inflight:
+        if not self._inflight and not self._started:
             if self._in_receive:
-                asyncio.get_running_loop().call_soon(self._close_now)
+                self._loop.call_soon(self._close_now)
             else:
                 self._close_now()
 

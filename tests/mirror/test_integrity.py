@@ -65,6 +65,7 @@ from emulator.mirror.remote import RemoteBackend
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
 from emulator.nbd.server import NbdServer, serve_forever_loop
+from tests.backends import started as as_started
 from tests.servers import ArrayDaemon, array_api, array_daemon
 
 T = TypeVar("T")
@@ -779,12 +780,20 @@ class MigratingLunMachine(RuleBasedStateMachine):
         assert self.h is not None
         return self.h.lun
 
-    @rule(r=byte_range(160 * KiB), fua=st.booleans(), seed=st.integers(0, 2**16))
-    def write(self, r: tuple[int, int], fua: bool, seed: int) -> None:
+    @rule(r=byte_range(160 * KiB), fua=st.booleans(), seed=st.integers(0, 2**16), started=st.booleans())
+    def write(self, r: tuple[int, int], fua: bool, seed: int, started: bool) -> None:
+        """``started``: as the NBD server writes to a remote or migrating LUN, with
+        start_write when the LUN takes it (the coroutine when it declines)."""
         off, n = r
         data = random.Random(seed).randbytes(n)
-        self.note(f"write({off}, {n}, fua={fua})")
-        self.run(self.lun.write(off, data, fua))
+        self.note(f"write({off}, {n}, fua={fua}, started={started})")
+        lun = self.lun
+        if started:
+            self.run(
+                as_started(lambda d: lun.start_write(off, data, fua, d), lambda: lun.write(off, data, fua))
+            )
+        else:
+            self.run(lun.write(off, data, fua))
         self.model.write(off, data)
 
     @rule(r=byte_range(256 * KiB), may_trim=st.booleans(), fua=st.booleans())
@@ -801,11 +810,15 @@ class MigratingLunMachine(RuleBasedStateMachine):
         self.run(self.lun.trim(off, n))
         self.model.forget(off, n)
 
-    @rule(r=byte_range(512 * KiB))
-    def read(self, r: tuple[int, int]) -> None:
+    @rule(r=byte_range(512 * KiB), started=st.booleans())
+    def read(self, r: tuple[int, int], started: bool) -> None:
         off, n = r
-        self.note(f"read({off}, {n})")
-        got = self.run(self.lun.read(off, n))
+        self.note(f"read({off}, {n}, started={started})")
+        lun = self.lun
+        if started:
+            got = self.run(as_started(lambda d: lun.start_read(off, n, d), lambda: lun.read(off, n)))
+        else:
+            got = self.run(lun.read(off, n))
         d = self.model.diff(off, got)
         assert d is None, self.fail_msg(d)
 

@@ -1,0 +1,93 @@
+"""RemoteBackend's coroutine-free path (start_read / start_write) when the link breaks.
+
+The source is our NbdServer on this test's loop (127.0.0.1, port 0) serving
+a Backend that can hold I/O (tests/backends.py StartedLater); the link is cut
+from the server's side with requests in flight. A started request must then
+be retried on a new connection within the retry window, or fail with EIO
+once the window is over: never lost, never answered twice (I6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from typing import Any
+
+import pytest
+
+from emulator.mirror.remote import RemoteBackend
+from emulator.nbd.errors import BackendError
+from emulator.nbd.server import NbdServer
+from tests.backends import StartedLater, started
+from tests.nbd.test_start_io import run
+
+pytestmark = pytest.mark.timeout(60)
+SIZE = 1 << 20
+
+
+async def source(backend: StartedLater) -> tuple[NbdServer, str]:
+    server = NbdServer()
+    server.add_export("src", backend)
+    _, port = await server.listen_tcp("127.0.0.1", 0)
+    return server, f"nbd://127.0.0.1:{port}/src"
+
+
+def cut(server: NbdServer) -> None:
+    for conn in list(server.connections):
+        conn.abort_now("the link was cut")
+
+
+async def until(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def test_started_io_cut_off_is_retried_on_a_new_connection() -> None:
+    backend = StartedLater(SIZE)
+
+    async def main() -> None:
+        server, uri = await source(backend)
+        r = await RemoteBackend(uri, retry_window=5.0, backoff_min=0.01).connect()
+        try:
+            await started(lambda d: r.start_write(4096, b"a" * 4096, False, d))
+            backend.hold = True
+            read = asyncio.ensure_future(started(lambda d: r.start_read(4096, 4096, d)))
+            write = asyncio.ensure_future(started(lambda d: r.start_write(0, b"b" * 4096, True, d)))
+            await until(lambda: len(backend.held) == 2)
+            cut(server)  # both were taken by the source, neither answered
+            await until(lambda: len(backend.held) == 4)  # ... and asked again on a new connection
+            backend.release()  # the first two end on the dead connection: nobody hears them
+            assert bytes(await read) == b"a" * 4096
+            assert await write is None
+            assert r.reconnects == 1 and r.connected
+            assert bytes(await started(lambda d: r.start_read(0, 4096, d))) == b"b" * 4096
+        finally:
+            await r.aclose()
+            await server.close()
+
+    run(main())
+
+
+def test_started_io_fails_with_eio_when_the_source_stays_gone() -> None:
+    backend = StartedLater(SIZE, hold=True)
+
+    async def main() -> None:
+        server, uri = await source(backend)
+        r = await RemoteBackend(uri, retry_window=0.5, backoff_min=0.01).connect()
+        try:
+            t0 = time.monotonic()
+            read = asyncio.ensure_future(started(lambda d: r.start_read(0, 4096, d)))
+            await until(lambda: len(backend.held) == 1)
+            await server.close(timeout=0.05)  # gone: no new connection either
+            with pytest.raises(BackendError) as ei:
+                await read
+            assert ei.value.errno == errno.EIO
+            assert time.monotonic() - t0 < 2.0  # the window counts from the request's start
+            assert not r.start_read(0, 4096, lambda res, e: None)  # no connection: the caller waits
+        finally:
+            await r.aclose()
+
+    run(main())
