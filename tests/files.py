@@ -7,6 +7,13 @@ import os
 from pathlib import Path
 
 
+def sparse_image(path: Path, size: int) -> Path:
+    """A new file of ``size`` bytes, all hole."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
 def sparse_runs(path: Path) -> list[tuple[int, int, bool]]:
     """(offset, length, is_data) runs of ``path``, from SEEK_DATA/SEEK_HOLE."""
     size = path.stat().st_size

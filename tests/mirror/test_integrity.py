@@ -65,6 +65,7 @@ from emulator.mirror.remote import RemoteBackend
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
 from emulator.nbd.server import NbdServer, serve_forever_loop
+from tests.backends import finished as run_now
 from tests.backends import started as as_started
 from tests.servers import ArrayDaemon, array_api, array_daemon
 
@@ -107,16 +108,6 @@ def cli_json(*args: str) -> Any:
 
 def api_args(d: ArrayDaemon) -> tuple[str, ...]:
     return ("--api", d.api, "--token", d.token)
-
-
-def run_now(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that must complete without ever waiting (an atomic snapshot)."""
-    try:
-        coro.send(None)
-    except StopIteration as e:
-        return e.value  # type: ignore[no-any-return]
-    coro.close()
-    raise AssertionError("the coroutine waited: the snapshot would not be atomic")
 
 
 class Model:

@@ -18,6 +18,7 @@ from emulator.nbd.errors import DisconnectedError, OptionError, ProtocolError, R
 from emulator.nbd.protocol import STATE_HOLE, STATE_ZERO, Extent
 from emulator.nbd.server import NbdServer
 from tests.backends import FixedMap
+from tests.files import sparse_image
 from tests.servers import Server, nbdkit, qemu_nbd, serve_file
 
 pytestmark = pytest.mark.interop
@@ -27,9 +28,7 @@ PEERS = ["ours", "nbdkit-memory", "nbdkit-file", "qemu-nbd"]
 
 @pytest.fixture(params=PEERS)
 def peer(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
-    img = tmp_path / "peer.img"
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
+    img = sparse_image(tmp_path / "peer.img", SIZE)
     with ExitStack() as stack:
         kind = request.param
         if kind == "ours":
@@ -125,9 +124,7 @@ def test_zero_trim_cache_and_extents(peer: Server) -> None:
 
 def test_large_requests_are_split(tmp_path: Path) -> None:
     """A 40 MiB read/write spans two requests of the server's 32 MiB maximum."""
-    img = tmp_path / "big.img"
-    with open(img, "wb") as f:
-        f.truncate(64 << 20)
+    img = sparse_image(tmp_path / "big.img", 64 << 20)
     blob = os.urandom(40 << 20)
 
     async def main(uri: str) -> None:
@@ -144,9 +141,7 @@ def test_large_requests_are_split(tmp_path: Path) -> None:
 
 
 def test_errors_carry_nbd_codes(tmp_path: Path) -> None:
-    img = tmp_path / "ro.img"
-    with open(img, "wb") as f:
-        f.truncate(1 << 20)
+    img = sparse_image(tmp_path / "ro.img", 1 << 20)
 
     async def main(uri: str) -> None:
         async with await NbdClient.connect(uri) as c:
@@ -167,9 +162,7 @@ def test_errors_carry_nbd_codes(tmp_path: Path) -> None:
 
 
 def test_unknown_export_and_no_server(tmp_path: Path) -> None:
-    img = tmp_path / "x.img"
-    with open(img, "wb") as f:
-        f.truncate(1 << 20)
+    img = sparse_image(tmp_path / "x.img", 1 << 20)
     with serve_file(img, export="known") as s:
         assert run(list_exports(s.uri)) == [("known", "")]
         with pytest.raises(OptionError, match="unknown export"):
@@ -181,9 +174,7 @@ def test_unknown_export_and_no_server(tmp_path: Path) -> None:
 
 def test_server_killed_fails_pending_requests(tmp_path: Path) -> None:
     """SIGKILL of the server: every pending request fails, none hangs."""
-    img = tmp_path / "k.img"
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
+    img = sparse_image(tmp_path / "k.img", SIZE)
 
     async def main(s: Server) -> None:
         c = await NbdClient.connect(s.uri)
@@ -206,9 +197,7 @@ def test_server_killed_fails_pending_requests(tmp_path: Path) -> None:
 def test_replies_to_cancelled_requests_leave_the_connection_working(tmp_path: Path) -> None:
     """A caller that gives up (a timeout cancels its read or write) must not cost
     the others their connection when the late reply comes."""
-    img = tmp_path / "c.img"
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
+    img = sparse_image(tmp_path / "c.img", SIZE)
 
     async def main(s: Server) -> None:
         async with await NbdClient.connect(s.uri) as c:
@@ -229,9 +218,7 @@ def test_replies_to_cancelled_requests_leave_the_connection_working(tmp_path: Pa
 
 
 def test_empty_reads_and_writes_send_no_request(tmp_path: Path) -> None:
-    img = tmp_path / "e.img"
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
+    img = sparse_image(tmp_path / "e.img", SIZE)
 
     async def main(s: Server) -> None:
         async with await NbdClient.connect(s.uri) as c:

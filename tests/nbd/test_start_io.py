@@ -30,6 +30,7 @@ from emulator.nbd.client import NbdClient
 from emulator.nbd.errors import DisconnectedError, RequestError
 from emulator.nbd.server import NbdServer
 from tests.backends import StartedLater, started
+from tests.files import sparse_image
 from tests.servers import Server, nbdkit, qemu_nbd, serve_file
 
 pytestmark = pytest.mark.timeout(60)
@@ -163,9 +164,7 @@ PEERS = ["ours", "nbdkit-memory", "qemu-nbd"]
 
 @pytest.fixture(params=PEERS)
 def peer(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
-    img = tmp_path / "peer.img"
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
+    img = sparse_image(tmp_path / "peer.img", SIZE)
     with ExitStack() as stack:
         if request.param == "ours":
             yield stack.enter_context(serve_file(img, export="vol"))
@@ -205,9 +204,7 @@ def test_client_start_read_and_write_against_real_servers(peer: Server) -> None:
 
 @pytest.mark.interop
 def test_client_started_write_to_a_read_only_export_gets_eperm(tmp_path: Path) -> None:
-    img = tmp_path / "ro.img"
-    with open(img, "wb") as f:
-        f.truncate(1 << 20)
+    img = sparse_image(tmp_path / "ro.img", 1 << 20)
 
     async def main(uri: str) -> None:
         async with await NbdClient.connect(uri) as c:
@@ -222,9 +219,7 @@ def test_client_started_write_to_a_read_only_export_gets_eperm(tmp_path: Path) -
 
 @pytest.mark.interop
 def test_client_started_requests_fail_when_the_server_is_killed(tmp_path: Path) -> None:
-    img = tmp_path / "k.img"
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
+    img = sparse_image(tmp_path / "k.img", SIZE)
 
     async def main(s: Server) -> None:
         c = await NbdClient.connect(s.uri)
@@ -250,9 +245,7 @@ def test_client_started_requests_fail_when_the_server_is_killed(tmp_path: Path) 
 
 @pytest.mark.interop
 def test_client_close_waits_for_started_requests(tmp_path: Path) -> None:
-    img = tmp_path / "w.img"
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
+    img = sparse_image(tmp_path / "w.img", SIZE)
 
     async def main(s: Server) -> None:
         c = await NbdClient.connect(s.uri)
