@@ -36,6 +36,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "missing or wrong bearer token",
         404: "no such LUN or pool",
         409: "conflict",
+        500: "the array's own storage failed (the message says how)",
         501: "not supported by this array model",
         507: "pool full",
     }
@@ -258,7 +259,7 @@ SPEC: dict[str, Any] = {
                 },
                 "responses": {
                     "202": _resp({"$ref": "#/components/schemas/Migration"}, "moving"),
-                    **_errors(400, 404, 409, 501),
+                    **_errors(400, 404, 409, 500, 501, 507),
                 },
             },
         },

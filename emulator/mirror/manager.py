@@ -10,6 +10,7 @@ source directly (after a cancel or a failure), ``ready`` once cut over.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import sqlite3
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from emulator.array.array import Array, check_name
-from emulator.array.errors import Conflict, InvalidInput, NotFound, Unsupported
+from emulator.array.errors import ArrayError, Conflict, InvalidInput, NoSpace, NotFound, Unsupported
 from emulator.array.file_backend import FileBackend
 from emulator.array.lun import Lun
 from emulator.nbd.errors import BackendError
@@ -187,11 +188,15 @@ class MigrationManager:
         try:
             m = self._new_move(lun, new, cfg, resume=False)
             await m.start()
-        except BaseException:
+        except BaseException as e:
             self.migrations.pop(name, None)
             self.array.lun_path(new, name).unlink(missing_ok=True)
             # ready again and the record gone in one transaction, as they came
             self.array.set_lun_state(name, "ready", also=self._unrecord(name))
+            if isinstance(e, BackendError | OSError):
+                # the array's own storage failed: say how (a full file system: 507)
+                why = f"cannot move LUN {name!r} to pool {new!r}: {e}"
+                raise (NoSpace(why) if e.errno == errno.ENOSPC else ArrayError(why)) from None
             raise
         return m
 

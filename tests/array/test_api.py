@@ -628,8 +628,10 @@ def test_a_migration_that_fails_to_start_leaves_no_record(
     from emulator.mirror.migration import Migration
     from emulator.nbd.errors import BackendError
 
+    failure: list[Exception] = [BackendError(errno.EIO, "injected start failure")]
+
     async def broken_start(self: Migration, *args: Any, **kwargs: Any) -> None:
-        raise BackendError(errno.EIO, "injected start failure")
+        raise failure[0]
 
     def rows() -> list[Any]:
         return api.call(_rows(api.array))
@@ -643,13 +645,20 @@ def test_a_migration_that_fails_to_start_leaves_no_record(
     assert "taken" not in api.array.luns and "taken" not in [x.name for x in api.array.meta.luns()]
     assert rows() == []
 
-    r = api.request("POST", "/api/v1/luns/mover/move", {"pool": "small"})
-    expect_error(r, 500, "internal")  # (a takeover's start failure is the client's 400)
-    lun = api.array.get_lun("mover")
-    assert (lun.state, lun.pool) == ("ready", "default")
-    assert [x.state for x in api.array.meta.luns() if x.name == "mover"] == ["ready"]
-    assert rows() == []
-    assert not (api.data_dir / "pools" / "small" / "mover.img").exists()
+    # A move's failure is the array's own (500, or 507 for a full file system), not the
+    # client's (a takeover's is: 400), and it says what failed.
+    for exc, status, code in [
+        (BackendError(errno.EIO, "injected start failure"), 500, "error"),
+        (OSError(errno.ENOSPC, "injected: no space left"), 507, "no_space"),
+    ]:
+        failure[0] = exc
+        r = api.request("POST", "/api/v1/luns/mover/move", {"pool": "small"})
+        expect_error(r, status, code, "cannot move LUN 'mover' to pool 'small'", "injected")
+        lun = api.array.get_lun("mover")
+        assert (lun.state, lun.pool) == ("ready", "default")
+        assert [x.state for x in api.array.meta.luns() if x.name == "mover"] == ["ready"]
+        assert rows() == []
+        assert not (api.data_dir / "pools" / "small" / "mover.img").exists()
 
 
 async def _rows(array: Array) -> list[Any]:
