@@ -110,9 +110,7 @@ class MigratingBackend(Backend):
             # region then ends clean and stays so, whatever the write rate (I5).
             while waits := [ev for r in range(r0, r1) if (ev := regions.copying.get(r)) is not None]:
                 await asyncio.gather(*(ev.wait() for ev in waits))
-        regions.begin_write(r0, r1, self._clock())
-        self._writers += 1
-        self._drained.clear()
+        self._begin_write(r0, r1)
         try:
             if self.progress.any_clean(r0, r1):
                 await self.progress.ensure_dirty(r0, r1)
@@ -156,9 +154,7 @@ class MigratingBackend(Backend):
             or (self.active and (regions.all_clean(r0, r1) or regions.being_copied(r0, r1)))
         ):
             return False
-        regions.begin_write(r0, r1, self._clock())
-        self._writers += 1
-        self._drained.clear()
+        self._begin_write(r0, r1)
         self.dirtied_bytes += regions.mark_dirty(r0, r1)
 
         def end(result: Any, error: Exception | None) -> None:
@@ -169,6 +165,12 @@ class MigratingBackend(Backend):
             return True
         self._end_write(r0, r1)  # marked dirty for nothing: harmless, it is copied again
         return False
+
+    def _begin_write(self, r0: int, r1: int) -> None:
+        """A host write to [r0, r1) is in flight: bump the regions, hold off cutover's drain."""
+        self.regions.begin_write(r0, r1, self._clock())
+        self._writers += 1
+        self._drained.clear()
 
     def _end_write(self, r0: int, r1: int) -> None:
         self.regions.end_write(r0, r1)

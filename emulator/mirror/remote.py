@@ -128,9 +128,7 @@ class RemoteBackend(Backend):
         if start is None:
             start = self._clock()
         deadline = start + self.retry_window
-        token = next(self._tokens)
-        self._started[token] = start
-        self._ensure_watchdog()
+        token = self._track(start)
         try:
             while True:
                 c = self._client
@@ -150,9 +148,20 @@ class RemoteBackend(Backend):
                             f"{self.retry_window:g} s: {self.last_error}",
                         ) from None
                 except RequestError as e:
-                    raise BackendError(e.error, f"source {self.uri}: {what}: {e}") from None
+                    raise self._refused(what, e) from None
         finally:
             del self._started[token]
+
+    def _track(self, start: float) -> int:
+        """Count a request as in flight since ``start`` (for the watchdog); its token."""
+        token = next(self._tokens)
+        self._started[token] = start
+        self._ensure_watchdog()
+        return token
+
+    def _refused(self, what: str, e: RequestError) -> BackendError:
+        """An error the source answered with, passed on unchanged."""
+        return BackendError(e.error, f"source {self.uri}: {what}: {e}")
 
     def _lost(self, c: NbdClient, e: DisconnectedError) -> None:
         self.last_error = str(e)
@@ -174,16 +183,15 @@ class RemoteBackend(Backend):
         if c is None or c.closed:
             return False
         start = self._clock()
-        token = next(self._tokens)
+        token = self._track(start)
         started = self._started
-        started[token] = start
 
         def end(result: Any, error: Exception | None) -> None:
             del started[token]
             if error is None:
                 done(result, None)
             elif isinstance(error, RequestError):
-                done(None, BackendError(error.error, f"source {self.uri}: {what}: {error}"))
+                done(None, self._refused(what, error))
             elif isinstance(error, DisconnectedError):
                 self._lost(c, error)
                 task = asyncio.ensure_future(self._retry(what, fn, start, done))
@@ -195,7 +203,6 @@ class RemoteBackend(Backend):
         if not begin(c, end):
             del started[token]
             return False
-        self._ensure_watchdog()
         return True
 
     async def _retry(

@@ -499,28 +499,33 @@ class NbdClient:
         loop = self._loop
         if self._wire is None or loop is None:
             raise DisconnectedError(f"{self.address.uri()}: client is closed")
-        cookie = next(self._cookies)
         fut: asyncio.Future[Any] = loop.create_future()
-        self._pending[cookie] = _Pending(type_, offset, length, fut, buf)
+        self._enqueue(loop, _Pending(type_, offset, length, fut, buf), flags, payload)
+        return fut
+
+    def _enqueue(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pend: _Pending,
+        flags: int,
+        payload: bytes | bytearray | memoryview | None,
+    ) -> None:
+        """Give ``pend`` a cookie and queue its request; all go out at the end of this iteration."""
+        cookie = next(self._cookies)
+        self._pending[cookie] = pend
         out = self._out
-        out.append(p.REQUEST.pack(p.REQUEST_MAGIC, flags, type_, cookie, offset, length))
+        out.append(p.REQUEST.pack(p.REQUEST_MAGIC, flags, pend.type, cookie, pend.offset, pend.length))
         if payload is not None:
             out.append(payload)
         if not self._send_pending:  # the first request of this loop iteration: send all at its end
             self._send_pending = True
             loop.call_soon(self._send_out)
-        return fut
 
     def _start(
-        self,
-        type_: int,
-        offset: int,
-        length: int,
-        flags: int,
-        pend: _Pending,
-        payload: bytes | bytearray | memoryview | None = None,
+        self, pend: _Pending, flags: int = 0, payload: bytes | bytearray | memoryview | None = None
     ) -> bool:
         """The coroutine-free path of one request: False when it cannot take it."""
+        offset, length = pend.offset, pend.length
         loop = self._loop
         if (
             self._broken is not None
@@ -532,15 +537,7 @@ class NbdClient:
             or (self._transport is not None and self._transport.get_write_buffer_size() > WRITE_BUFFER_MAX)
         ):
             return False
-        cookie = next(self._cookies)
-        self._pending[cookie] = pend
-        out = self._out
-        out.append(p.REQUEST.pack(p.REQUEST_MAGIC, flags, type_, cookie, offset, length))
-        if payload is not None:
-            out.append(payload)
-        if not self._send_pending:
-            self._send_pending = True
-            loop.call_soon(self._send_out)
+        self._enqueue(loop, pend, flags, payload)
         return True
 
     def start_read(self, offset: int, length: int, done: Done) -> bool:
@@ -550,13 +547,13 @@ class NbdClient:
         ``done(None, error)`` is called exactly once, from the event loop, later."""
         buf = bytearray(length)
         pend = _Pending(p.CMD_READ, offset, length, None, memoryview(buf), done=done, value=buf)
-        return self._start(p.CMD_READ, offset, length, 0, pend)
+        return self._start(pend)
 
     def start_write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool, done: Done) -> bool:
         """:meth:`start_read` for a WRITE: ``done(None, None)`` once the server has it.
         ``data`` must stay unchanged until ``done`` runs."""
         pend = _Pending(p.CMD_WRITE, offset, len(data), None, done=done)
-        return self._start(p.CMD_WRITE, offset, len(data), p.CMD_FLAG_FUA if fua else 0, pend, data)
+        return self._start(pend, p.CMD_FLAG_FUA if fua else 0, data)
 
     def _send_out(self) -> None:
         self._send_pending = False

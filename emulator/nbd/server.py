@@ -363,8 +363,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._dec.detach_buffer()
         self._inflight.add(task)
         task.add_done_callback(self._task_done)
-        if len(self._inflight) + self._started >= MAX_INFLIGHT:
+        if self._busy() >= MAX_INFLIGHT:
             self._pause(2)
+
+    def _busy(self) -> int:
+        """Requests waiting on the Backend: Tasks, and I/O begun with start_read / start_write."""
+        return len(self._inflight) + self._started
 
     # A Backend that offers start_read / start_write (a remote LUN) takes a plain
     # READ or WRITE without a coroutine or a Task; its ``done`` callback replies.
@@ -387,35 +391,30 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _begun(self) -> None:
         self._started += 1
-        if self._started + len(self._inflight) >= MAX_INFLIGHT:
+        if self._busy() >= MAX_INFLIGHT:
             self._pause(2)
 
     def _read_done(self, req: p.Request, data: Any, error: Exception | None) -> None:
+        if error is not None:
+            self._started_done(req, error)
+        elif self._structured:
+            header = _pack_offset_data(_SR_MAGIC, _DONE, _OFFSET_DATA, req.cookie, req.length + 8, req.offset)
+            self._started_done(req, None, header, data)
+        else:
+            self._started_done(req, None, _pack_simple(_SIMPLE_MAGIC, 0, req.cookie), data)
+
+    def _write_done(self, req: p.Request, result: Any, error: Exception | None) -> None:
+        self._started_done(req, error, _pack_simple(_SIMPLE_MAGIC, 0, req.cookie))
+
+    def _started_done(self, req: p.Request, error: Exception | None, *reply: Any) -> None:
+        """A started I/O ended: its error, or ``reply``, goes to the client."""
         self._started -= 1
         if self.transport is None or self.transport.is_closing():
             pass  # the client went away (abort): nobody to answer
         elif error is not None:
             self._backend_failed(req, error)
         else:
-            if self._structured:
-                self._out.append(
-                    _pack_offset_data(_SR_MAGIC, _DONE, _OFFSET_DATA, req.cookie, req.length + 8, req.offset)
-                )
-            else:
-                self._out.append(_pack_simple(_SIMPLE_MAGIC, 0, req.cookie))
-            self._out.append(data)
-            if not self._in_receive:
-                self._flush_soon()
-        self._io_done()
-
-    def _write_done(self, req: p.Request, result: Any, error: Exception | None) -> None:
-        self._started -= 1
-        if self.transport is None or self.transport.is_closing():
-            pass
-        elif error is not None:
-            self._backend_failed(req, error)
-        else:
-            self._out.append(_pack_simple(_SIMPLE_MAGIC, 0, req.cookie))
+            self._out.extend(reply)
             if not self._in_receive:
                 self._flush_soon()
         self._io_done()
@@ -425,9 +424,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._io_done()
 
     def _io_done(self) -> None:
-        if self._started + len(self._inflight) < MAX_INFLIGHT // 2:
+        if self._busy() < MAX_INFLIGHT // 2:
             self._resume(2)
-        if self._disconnecting and not self._inflight and not self._started:
+        if self._disconnecting and not self._busy():
             self._close_now()
 
     def _validate(self, req: p.Request) -> tuple[int, str] | None:
@@ -690,7 +689,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
             except (RuntimeError, OSError):
                 pass
-        if not self._inflight and not self._started:
+        if not self._busy():
             if self._in_receive:
                 self._loop.call_soon(self._close_now)
             else:
