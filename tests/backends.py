@@ -1,4 +1,6 @@
-"""Test Backends that misbehave on purpose, the way a buggy server or store would."""
+"""Test Backends: ones that misbehave on purpose, the way a buggy server or store
+would (FixedMap), and one that ends I/O begun without a coroutine later on the loop
+(StartedLater); with ``started``, which runs such an I/O the way the NBD server does."""
 
 from __future__ import annotations
 
