@@ -61,7 +61,6 @@ from typing import Any
 
 from bench import fabric as fabric_mod
 from bench.common import (
-    FINAL,
     RUNNING,
     Array,
     Wrap,
@@ -74,7 +73,7 @@ from bench.common import (
     wait,
 )
 from bench.fio_jobs import PROFILES, FioProfile, FioRun, bins, run_fio
-from control.api_client import ApiError
+from control.api_client import FINAL, ApiError
 from emulator.units import parse_size
 
 CLAIM_LOSS = 0.15  # the proposal: OLTP loses at most 15% while migrating
@@ -486,12 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="blockmig-suite-", dir=args.workdir) as tmp:
         work = Path(tmp)
         for fab_name in cfg.fabrics:
-            with fabric_mod.Fabric(fabric_mod.PROFILES[fab_name], nodes=("host", "A", "B")) as fab:
-                doc["fabrics"][fab_name] = fab.describe()
-                if not fab.namespaced:
-                    print(f"fabric {fab_name}: no namespaces, loopback instead: {fab.fallback_reason}")
+            with fabric_mod.Fabric(fabric_mod.PROFILES[fab_name], nodes=("host", "A", "B")) as fabric:
+                doc["fabrics"][fab_name] = fabric.describe()
+                if not fabric.namespaced:
+                    print(f"fabric {fab_name}: no namespaces, loopback instead: {fabric.fallback_reason}")
                 (work / fab_name).mkdir()
-                suite = Suite(cfg, fab, work / fab_name)
+                suite = Suite(cfg, fabric, work / fab_name)
                 for media in cfg.media:
                     with suite.site(fab_name, media) as site:
                         md: dict[str, Any] = {"profiles": {}, "peers": {}}

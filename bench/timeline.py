@@ -18,7 +18,10 @@ import matplotlib
 matplotlib.use("Agg")  # no display here; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
 PHASE_COLORS = {"source": "#d9e8f5", "migrating": "#fbe3c8", "after": "#dcefd9"}
@@ -98,11 +101,11 @@ def plot_media(media: str, episodes: dict[str, dict[str, Any]], titles: dict[str
             ax.set_title(title, fontsize=9)
             ax.tick_params(labelsize=7)
             ax.set_xlabel("seconds", fontsize=8)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in PHASE_COLORS.values()]
+    handles: list[Artist] = [Rectangle((0, 0), 1, 1, color=c) for c in PHASE_COLORS.values()]
     handles += [
-        plt.Line2D([], [], color="0.3", ls=":"),
-        plt.Line2D([], [], color="0.3", ls="--"),
-        plt.Line2D([], [], color="tab:green"),
+        Line2D([], [], color="0.3", ls=":"),
+        Line2D([], [], color="0.3", ls="--"),
+        Line2D([], [], color="tab:green"),
     ]
     labels = [*PHASE_LABELS.values(), "migration start", "cutover", "copy progress (status API)"]
     fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8, frameon=False)

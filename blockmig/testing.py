@@ -44,7 +44,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pytest
 
@@ -213,7 +213,7 @@ class BlockmigEnv:
                 except OSError:
                     pass
 
-    def __enter__(self) -> BlockmigEnv:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

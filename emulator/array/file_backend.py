@@ -51,12 +51,12 @@ class FileBackend(Backend):
 
     def __init__(
         self,
-        path: str,
+        path: str | os.PathLike[str],
         read_only: bool = False,
         create_size: int | None = None,
         inline_max: int = 1024 * 1024,  # bench/nbd_server: threads cost more below this
     ) -> None:
-        self.path = path
+        self.path = path = os.fspath(path)
         self.read_only = read_only
         self.inline_max = inline_max
         flags = os.O_RDONLY if read_only else os.O_RDWR

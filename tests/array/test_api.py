@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from emulator.array.array import Array
+from emulator.array.metadata import Metadata
 from emulator.array.models import MODELS
 from emulator.daemon.api import ApiContext, make_app
 from emulator.daemon.openapi import SPEC
@@ -345,6 +346,12 @@ def test_every_route_is_described(api: ApiThread) -> None:
 
 
 # =========================================================================== (b) errors
+def meta_of(api: ApiThread) -> Metadata:
+    meta = api.array.meta
+    assert meta is not None, "the array is not open"
+    return meta
+
+
 def expect_error(r: Reply, status: int, code: str | None = None, *words: str) -> dict[str, str]:
     assert r.status == status, f"want {status}, got {r.status}: {r.body!r}"
     err = r.error()
@@ -642,7 +649,7 @@ def test_a_migration_that_fails_to_start_leaves_no_record(
 
     r = api.request("POST", "/api/v1/migrations", {"lun": "taken", "source": api.nbd_uri("src")})
     expect_error(r, 400, None, "injected start failure")
-    assert "taken" not in api.array.luns and "taken" not in [x.name for x in api.array.meta.luns()]
+    assert "taken" not in api.array.luns and "taken" not in [x.name for x in meta_of(api).luns()]
     assert rows() == []
 
     # A move's failure is the array's own (500, or 507 for a full file system), not the
@@ -656,7 +663,7 @@ def test_a_migration_that_fails_to_start_leaves_no_record(
         expect_error(r, status, code, "cannot move LUN 'mover' to pool 'small'", "injected")
         lun = api.array.get_lun("mover")
         assert (lun.state, lun.pool) == ("ready", "default")
-        assert [x.state for x in api.array.meta.luns() if x.name == "mover"] == ["ready"]
+        assert [x.state for x in meta_of(api).luns() if x.name == "mover"] == ["ready"]
         assert rows() == []
         assert not (api.data_dir / "pools" / "small" / "mover.img").exists()
 

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.array.array import Array
 from emulator.array.lun import LunBackend
-from emulator.array.media import MediaBackend, precise_sleep
+from emulator.array.media import MediaBackend
 from emulator.array.models import (
     HDD,
     MEDIA,
@@ -38,6 +38,7 @@ from emulator.array.models import (
     parse_media,
 )
 from emulator.array.stats import BOUNDS, OPS, LunStats, OpStats, collector
+from emulator.array.timer import precise_sleep
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
 from emulator.nbd.errors import BackendError, RequestError

@@ -11,6 +11,7 @@ import asyncio
 import errno
 import json
 import os
+import random
 import re
 import select
 import shutil
@@ -106,7 +107,7 @@ def lane(**kw: Any) -> tuple[fm._Lane, FakeSock]:
 
 
 def test_wire_lane_delay_jitter_rate_loss() -> None:
-    rnd = fm.random.Random(1)
+    rnd = random.Random(1)
     ln, out = lane(delay_ms=10.0)
     ln.push(b"a", 0.0, rnd)
     assert ln.flush(0.005) == pytest.approx(0.010) and out.sent == []

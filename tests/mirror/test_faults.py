@@ -104,7 +104,8 @@ async def status(d: ArrayDaemon) -> dict[str, Any]:
 
 
 def clean_fraction(st: dict[str, Any]) -> float:
-    return (st["total_bytes"] - st["dirty_bytes"]) / st["total_bytes"]
+    total, dirty = int(st["total_bytes"]), int(st["dirty_bytes"])
+    return (total - dirty) / total
 
 
 def brief(st: dict[str, Any]) -> str:
@@ -139,7 +140,7 @@ def run(coro: Awaitable[None], timeout: float) -> None:
     asyncio.run(bounded())
 
 
-async def write_all(uri: str, data: bytes | bytearray, chunk: int = 8 * MiB) -> None:
+async def write_all(uri: str, data: bytes | bytearray | memoryview, chunk: int = 8 * MiB) -> None:
     async with await NbdClient.connect(uri) as c:
         view = memoryview(data)
         await asyncio.gather(*(c.write(o, view[o:o + chunk]) for o in range(0, len(data), chunk)))

@@ -431,7 +431,7 @@ class CountsReads(MemoryBackend):
         super().__init__(size)
         self.now = self.most = 0
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         self.now += 1
         self.most = max(self.most, self.now)
         await asyncio.sleep(0.001)

@@ -17,6 +17,7 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ def nbdcopy(src: str, dst: Path) -> None:
     subprocess.run(["nbdcopy", src, str(dst)], check=True, timeout=60, capture_output=True)
 
 
-def migrate_and_compare(b: ArrayDaemon, source: str, lun: str, tmp: Path, **opts: object) -> dict:
+def migrate_and_compare(b: ArrayDaemon, source: str, lun: str, tmp: Path, **opts: object) -> dict[str, Any]:
     """Migrate ``source`` into LUN ``lun`` of ``b``; every byte must equal the source's."""
     array_api(b).call("POST", "/api/v1/migrations", {"lun": lun, "source": source, **opts})
     st = array_api(b).wait_migration(lun, 60)

@@ -1064,7 +1064,8 @@ def test_background_goes_active_within_its_first_pass_when_writes_undo_the_copy(
         await h.start(initial)
         deadline = time.monotonic() + 20
         while m.mode == "background" and time.monotonic() < deadline:
-            copied = np.flatnonzero(m.regions.state == CLEAN) if m.regions is not None else []
+            assert m.regions is not None
+            copied = np.flatnonzero(m.regions.state == CLEAN)
             if len(copied):
                 off = int(rng.choice(copied)) * region + rng.randrange(region // PAGE) * PAGE
                 data = rng.randbytes(PAGE)

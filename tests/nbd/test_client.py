@@ -83,8 +83,8 @@ def test_pipelined_io_matches_model(peer: Server) -> None:
                 await asyncio.gather(*(c.write(o, d) for o, d in batch))
                 reads = [(rng.randrange(0, SIZE - 65536), rng.randrange(1, 65536)) for _ in range(128)]
                 got = await asyncio.gather(*(c.read(o, n) for o, n in reads))
-                for (o, n), data in zip(reads, got, strict=True):
-                    assert data == model[o : o + n]
+                for (o, n), read in zip(reads, got, strict=True):
+                    assert read == model[o : o + n]
             await c.flush()
             assert await c.read(0, SIZE) == model
 

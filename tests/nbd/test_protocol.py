@@ -394,7 +394,7 @@ def test_request_decoder_default_max_payload_is_32_mib() -> None:
 
 
 # =========================================================================== reply decoder
-Event = tuple[object, bytes | None]
+Event = tuple[object, bytes | bytearray | None]
 
 REPLY_STREAM: list[tuple[bytes, Event]] = [
     (h("67446698 00000000 0000000000000001") + b"readdata", (p.SimpleReply(1, 0), b"readdata")),

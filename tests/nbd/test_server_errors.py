@@ -117,7 +117,7 @@ class Reply:
     type: int
     error: int = 0
     message: str = ""
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
     chunks: list[p.StructuredChunk] = field(default_factory=list)
     simple: bool = True
     extents: list[p.Extent] | None = None
@@ -333,7 +333,7 @@ class RawClient:
             return pend.req.length
         return 0
 
-    def _on_event(self, ev: p.ReplyEvent, data: bytes | None) -> None:
+    def _on_event(self, ev: p.ReplyEvent, data: bytes | bytearray | None) -> None:
         pend = self._pending.get(ev.cookie)
         assert pend is not None, f"reply for cookie {ev.cookie} that is not in flight"
         req, reply = pend.req, pend.reply

@@ -106,7 +106,7 @@ class Model:
     def trim(self, off: int, n: int) -> None:
         self.unknown[off : off + n] = b"\x01" * n
 
-    def mismatch(self, off: int, actual: bytes) -> int | None:
+    def mismatch(self, off: int, actual: bytes | bytearray) -> int | None:
         """The first known offset where ``actual`` (read at ``off``) differs, or None."""
         end = off + len(actual)
         pos = off

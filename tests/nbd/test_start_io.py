@@ -18,6 +18,7 @@ import random
 import signal
 from collections.abc import Awaitable, Iterator
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ BLOCK = 8192
 
 
 def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+    return asyncio.run(asyncio.wait_for(coro, 30))
 
 
 async def serving(backend: Backend, **connect: Any) -> tuple[NbdServer, NbdClient]:
@@ -184,12 +185,12 @@ def test_client_start_read_and_write_against_real_servers(peer: Server) -> None:
             data = {b: rng.randbytes(BLOCK) for b in blocks}
             await asyncio.gather(
                 *(
-                    started(lambda done, b=b: c.start_write(b * BLOCK, data[b], b % 2 == 0, done))
+                    started(partial(c.start_write, b * BLOCK, data[b], b % 2 == 0))
                     for b in blocks
                 )
             )
             got = await asyncio.gather(
-                *(started(lambda done, b=b: c.start_read(b * BLOCK, BLOCK, done)) for b in blocks)
+                *(started(partial(c.start_read, b * BLOCK, BLOCK)) for b in blocks)
             )
             assert [bytes(g) for g in got] == [data[b] for b in blocks]
             # What it does not take, the coroutine API does (and refuses with a reason).
@@ -225,10 +226,10 @@ def test_client_started_requests_fail_when_the_server_is_killed(tmp_path: Path) 
         c = await NbdClient.connect(s.uri)
         os.kill(s.proc.pid, signal.SIGSTOP)  # requests stay in flight
         futs = [
-            asyncio.ensure_future(started(lambda d, i=i: c.start_read(i * 4096, 4096, d))) for i in range(16)
+            asyncio.ensure_future(started(partial(c.start_read, i * 4096, 4096))) for i in range(16)
         ]
         futs += [
-            asyncio.ensure_future(started(lambda d, i=i: c.start_write(i * 4096, b"k" * 4096, False, d)))
+            asyncio.ensure_future(started(partial(c.start_write, i * 4096, b"k" * 4096, False)))
             for i in range(16, 32)
         ]
         await asyncio.sleep(0.2)

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from emulator.array.file_backend import FileBackend
-from emulator.nbd import server as srv
 from emulator.nbd.backend import Backend
 from emulator.nbd.client import NbdClient
 from emulator.nbd.server import NbdServer
@@ -110,7 +109,7 @@ def test_concurrent_reads_match_the_file(
                 short.append((count, n))
         return n
 
-    monkeypatch.setattr(srv.os, "sendfile", recording)
+    monkeypatch.setattr(os, "sendfile", recording)
 
     async def main() -> None:
         backend = FileBackend(path)
@@ -212,7 +211,7 @@ def test_sendfile_is_used_and_the_dup_closed(tmp_path: Path, monkeypatch: pytest
         calls.append(count)
         return real(out_fd, in_fd, offset, count)
 
-    monkeypatch.setattr(srv.os, "sendfile", counting)
+    monkeypatch.setattr(os, "sendfile", counting)
 
     async def main() -> None:
         async with _served(FileBackend(path)) as (server, uri):
