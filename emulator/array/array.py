@@ -13,6 +13,7 @@ removed; a grow records the new size before the file is extended.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -143,13 +144,32 @@ class Array:
         for pool in self.pools.values():
             pool.used()  # start the pool's accounting from what the files really hold
 
-    async def close(self) -> None:
-        """Flush and close every LUN (the NBD server is closed by its owner)."""
-        for lun in list(self.luns.values()):
+    async def close(self, flush_timeout: float = 5.0) -> None:
+        """Flush every LUN, all at once, then close them (the NBD server is closed
+        by its owner). A flush still running after ``flush_timeout`` seconds is
+        given up: a remote LUN whose source is gone (a cancelled migration's)
+        would retry for its whole retry window, 30 s by default, and hold the
+        stop up that long. Nothing acknowledged is lost with it: a remote LUN's
+        writes were acknowledged only once its source had them (I1)."""
+        luns = list(self.luns.values())
+
+        async def flush(lun: Lun) -> None:
             try:
                 await lun.backend.flush()
             except Exception as e:  # keep closing the others
                 log.error("array %s: flush of LUN %s failed: %s", self.name, lun.name, e)
+
+        flushes = {asyncio.ensure_future(flush(lun)): lun for lun in luns}
+        if flushes:
+            _, late = await asyncio.wait(flushes, timeout=flush_timeout)
+            for t in late:
+                t.cancel()
+                log.error(
+                    "array %s: flush of LUN %s did not finish in %g s; closing it anyway",
+                    self.name, flushes[t].name, flush_timeout,
+                )
+            await asyncio.gather(*late, return_exceptions=True)
+        for lun in luns:
             lun.backend.close()
         self.luns.clear()
         self._release()

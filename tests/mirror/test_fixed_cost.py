@@ -10,6 +10,9 @@ end, the allocation-map reads of its copier, its first checkpoint.
    still copy from); a map read ahead is not trusted for a region written
    after it was read (I3); holes the target does not hold are
    cleaned in bulk with the map. In process, injected backends.
+   An array stopping does not wait out the retry window of a remote LUN
+   whose source is gone (a cancelled migration's): its last flush is given
+   up after 5 s.
 3. A copy shorter than the checkpoint interval flushes the target at the end
    of its pass and at cutover only, not also at its first region.
 4. The copier starts the writeback of each region it wrote (a hint, so the
@@ -157,6 +160,30 @@ def test_sigterm_answers_long_polls_and_does_not_wait_them_out(tmp_path: Path) -
         assert result and not isinstance(result[0], ApiError), result
         took, st = result[0]
         assert st["state"] == "paused" and took < 20, (took, st)
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_does_not_wait_out_the_retry_window_of_a_source_that_is_gone(tmp_path: Path) -> None:
+    """A cancelled migration leaves its LUN served from the source. With the source
+    killed, the stopping array's last flush of that LUN would retry for the whole
+    retry window (30 s); the array gives it up after 5 s and exits cleanly."""
+    with array_daemon(tmp_path / "a", "A") as a, array_daemon(tmp_path / "b", "B") as b:
+        paused_migration(a, b, "vol")
+        st = api(b).call("POST", "/api/v1/migrations/vol/cancel")
+        assert st["state"] == "cancelled", st
+
+        async def through_b() -> bytes:
+            async with await NbdClient.connect(b.uri("vol")) as c:
+                await c.write(0, b"\xa5" * PAGE)
+                return bytes(await c.read(0, 2 * PAGE))
+
+        assert asyncio.run(through_b()) == b"\xa5" * PAGE + b"\x5a" * PAGE  # from the source
+        a.sigkill()
+        t0 = time.monotonic()
+        assert b.sigterm(timeout=40) == 0, b.output()
+        took = time.monotonic() - t0
+        assert took < 15, f"the array took {took:.1f} s to stop: {b.output()}"
+        assert "flush of LUN vol did not finish in 5 s" in b.output(), b.output()
 
 
 # ------------------------------------------------------------------ in process
