@@ -101,7 +101,8 @@ class _Wire(asyncio.BufferedProtocol):
         self.on_lost: Callable[[Exception], None] | None = None
         self.lost: Exception | None = None
         self.closed: asyncio.Future[None] = self.loop.create_future()
-        self._resumed: asyncio.Future[None] | None = None  # set while writing is paused
+        self._paused = False  # the transport has paused our writing
+        self._drainers: list[asyncio.Future[None]] = []  # one per caller waiting in drain()
 
     # ---- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -130,20 +131,21 @@ class _Wire(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = DisconnectedError(f"server closed the connection{f': {exc}' if exc else ''}")
         self._wake()
-        if self._resumed is not None and not self._resumed.done():
-            self._resumed.set_result(None)
+        self.resume_writing()
         if self.on_lost is not None:
             self.on_lost(self.lost)
         if not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
-        self._resumed = self.loop.create_future()
+        self._paused = True
 
     def resume_writing(self) -> None:
-        if self._resumed is not None and not self._resumed.done():
-            self._resumed.set_result(None)
-        self._resumed = None
+        self._paused = False
+        drainers, self._drainers = self._drainers, []
+        for f in drainers:
+            if not f.done():  # its caller may have been cancelled
+                f.set_result(None)
 
     # ---- for the handshake
     def _wake(self) -> None:
@@ -178,9 +180,17 @@ class _Wire(asyncio.BufferedProtocol):
             on_lost(self.lost)
 
     async def drain(self) -> None:
-        """Wait while the transport has paused our writing."""
-        if self._resumed is not None:
-            await self._resumed
+        """Wait while the transport has paused our writing.
+
+        Each caller waits on a Future of its own, as asyncio's streams do: a
+        shared one is cancelled for all when one caller is cancelled, and a
+        second request run eagerly (the server's run_eager) that awaits it
+        before the first one's Task has taken it fails with "await wasn't used
+        with future" (host writes to a backed-up source failed with EIO)."""
+        if self._paused:
+            f = self.loop.create_future()
+            self._drainers.append(f)
+            await f
 
     def close(self) -> None:
         if self.transport is not None:

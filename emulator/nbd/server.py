@@ -126,12 +126,10 @@ class NbdServer:
         """Stop offering ``name``; connected clients keep their Backend."""
         return self.exports.pop(name)
 
-    async def disconnect_export(self, name: str) -> None:
-        """Drop every client of export ``name`` (after a forced delete)."""
+    async def disconnect_export(self, name: str, timeout: float = 5.0) -> None:
+        """Drop every client of export ``name`` (after a forced delete), as :meth:`close` does."""
         conns = [c for c in self.connections if c.export is not None and c.export.name == name]
-        for c in conns:
-            c.shutdown()
-        await asyncio.gather(*(c.closed for c in conns), return_exceptions=True)
+        await _drop(conns, timeout, f"export {name} deleted")
 
     def clients_of(self, name: str) -> int:
         return sum(1 for c in self.connections if c.export is not None and c.export.name == name)
@@ -155,22 +153,24 @@ class NbdServer:
         one may wait on an unreachable source), then close every connection."""
         for s in self._servers:
             s.close()
-        conns = list(self.connections)
-        for c in conns:
-            c.shutdown()
-        await asyncio.wait([c.closed for c in conns] or [_done()], timeout=timeout)
-        for c in conns:
-            if not c.closed.done():
-                c.abort_now("server stopping: in-flight requests did not finish in time")
+        await _drop(list(self.connections), timeout, "server stopping")
         for s in self._servers:
             await s.wait_closed()
         self._servers.clear()
 
 
-def _done() -> asyncio.Future[None]:
-    f: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    f.set_result(None)
-    return f
+async def _drop(conns: list[_Connection], timeout: float, why: str) -> None:
+    """Close ``conns`` as if each had sent DISC (in-flight requests finish, their
+    replies go out), and abort those still open after ``timeout`` seconds: a request
+    may wait on an unreachable source, and the close of a client that stopped
+    reading waits for it to take its last replies, forever."""
+    for c in conns:
+        c.shutdown()
+    if conns:
+        await asyncio.wait([c.closed for c in conns], timeout=timeout)
+    for c in conns:
+        if not c.closed.done():
+            c.abort_now(f"{why}: {c.stuck_on()} after {timeout:g} s")
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -707,14 +707,21 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             self._disconnect()
 
+    def stuck_on(self) -> str:
+        """Why a close has not finished: for the log line of :meth:`abort_now`."""
+        if self._busy():
+            return f"{self._busy()} request(s) still in flight"
+        unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return f"the client does not read its replies ({unsent} bytes unsent)"
+
     def abort_now(self, why: str) -> None:
         """Close at once, whatever is in flight."""
-        self._abort(why)
+        self._abort(why, logging.WARNING)
         if self.transport is not None:
             self.transport.abort()
 
-    def _abort(self, why: str) -> None:
-        log.info("closing connection %s (export %s): %s", self.peer, self._name(), why)
+    def _abort(self, why: str, level: int = logging.INFO) -> None:
+        log.log(level, "closing connection %s (export %s): %s", self.peer, self._name(), why)
         self._disconnecting = True
         for t in self._inflight:
             t.cancel()
