@@ -23,6 +23,7 @@ from emulator.array.array import Array, check_name
 from emulator.array.errors import ArrayError, Conflict, InvalidInput, NoSpace, NotFound, Unsupported
 from emulator.array.file_backend import FileBackend
 from emulator.array.lun import Lun
+from emulator.nbd.client import Address
 from emulator.nbd.errors import BackendError
 from emulator.units import parse_rate
 
@@ -120,6 +121,10 @@ class MigrationManager:
         name = check_name("LUN", lun_name)
         if not isinstance(source, str) or not source.startswith(("nbd://", "nbd+unix://")):
             raise InvalidInput(f"source must be an nbd:// or nbd+unix:// URI, not {source!r}")
+        try:
+            Address.parse(source)
+        except ValueError as e:
+            raise InvalidInput(f"source is not a valid NBD URI: {e}") from None
         cfg = MigrationConfig(**self.defaults.as_dict())
         if mode is not None:
             if mode not in ("background", "active"):

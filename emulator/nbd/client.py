@@ -45,7 +45,10 @@ class Address:
     @classmethod
     def parse(cls, uri: str) -> Address:
         """Parse ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``."""
-        u = urllib.parse.urlsplit(uri)
+        try:
+            u = urllib.parse.urlsplit(uri)
+        except ValueError as e:  # e.g. an unclosed [ of an IPv6 address
+            raise ValueError(f"{uri!r}: {e}") from None
         export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)
         if u.scheme == "nbd":
             if not u.hostname:

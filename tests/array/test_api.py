@@ -668,6 +668,26 @@ def test_a_migration_that_fails_to_start_leaves_no_record(
         assert not (api.data_dir / "pools" / "small" / "mover.img").exists()
 
 
+@pytest.mark.parametrize(
+    "source, words",
+    [
+        ("nbd://127.0.0.1:99999/x", ["bad port"]),
+        ("nbd://127.0.0.1:abc/x", ["bad port"]),
+        ("nbd://[::1/x", ["nbd://[::1/x", "IPv6"]),
+        ("nbd:///x", ["needs a host"]),
+        ("nbd+unix:///x", ["needs ?socket=PATH"]),
+    ],
+)
+def test_migration_from_a_malformed_source_uri_is_400(api: ApiThread, source: str, words: list[str]) -> None:
+    """Regression (was a bug): a source URI with the right scheme that does not parse
+    (a port out of range, an unclosed IPv6 bracket, no host, no socket) was a 500."""
+    r = api.request("POST", "/api/v1/migrations", {"lun": "mig", "source": source})
+    expect_error(r, 400, "invalid", "source is not a valid NBD URI", *words)
+    assert "mig" not in api.array.luns
+    assert api.call(_rows(api.array)) == []
+    assert api.request("GET", "/api/v1/migrations").json() == []
+
+
 async def _rows(array: Array) -> list[Any]:
     assert array.meta is not None
     return array.meta.db.execute("SELECT lun FROM migrations").fetchall()
