@@ -60,7 +60,9 @@ class MigratingBackend(Backend):
         #: a target flush that failed under a host FLUSH (the migration must not complete)
         self.target_error: BaseException | None = None
         copy_capabilities(
-            self, source, ("read_only", "can_trim", "can_zero", "can_cache", "can_flush", "can_fua")
+            self,
+            source,
+            ("read_only", "can_trim", "can_zero", "can_cache", "can_flush", "can_fua", "min_block"),
         )
         self.can_multi_conn = True  # one MigratingBackend serves every connection of the LUN
         self.can_extents = True

@@ -84,6 +84,10 @@ class RemoteBackend(Backend):
         self.can_fua = c.can(p.FLAG_SEND_FUA)
         self.can_multi_conn = c.can(p.FLAG_CAN_MULTI_CONN)
         self.can_extents = c.allocation_context is not None
+        # Requests go on as they come: the source's alignment is the hosts' to keep
+        # (a value outside what the spec allows, a power of two from 1 to 64K, is ignored).
+        mn = c.block_size.minimum
+        self.min_block = mn if 1 <= mn <= 65536 and not mn & (mn - 1) else 1
 
     @property
     def size(self) -> int:

@@ -41,6 +41,10 @@ class Backend(ABC):
     #: flushing on one connection covers writes completed on every connection
     can_multi_conn: bool = True
     can_extents: bool = True
+    #: the smallest unit of I/O it takes: offsets and lengths of requests must be
+    #: multiples of it (a remote LUN's source may ask for 512 or 4096); the server
+    #: advertises it as the export's minimum block size
+    min_block: int = 1
     #: start_read / start_write may take I/O (else they always return False)
     can_start_io: bool = False
 
@@ -132,6 +136,7 @@ CAPABILITIES = (
     "can_fua",
     "can_multi_conn",
     "can_extents",
+    "min_block",
 )
 
 

@@ -82,7 +82,8 @@ class Export:
             flags |= p.FLAG_SEND_CACHE
         if b.can_multi_conn:
             flags |= p.FLAG_CAN_MULTI_CONN
-        return p.ExportInfo(self.name, b.size, flags, self.description, allocation=b.can_extents)
+        bs = p.BlockSize(b.min_block, max(p.PREFERRED_BLOCK, b.min_block))
+        return p.ExportInfo(self.name, b.size, flags, self.description, bs, allocation=b.can_extents)
 
 
 class _ExportTable(Mapping[str, p.ExportInfo]):

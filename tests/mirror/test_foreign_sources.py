@@ -111,3 +111,53 @@ def test_from_an_array_whose_map_takes_several_replies_a_window(tmp_path: Path) 
         asyncio.run(fill())
         st = migrate_and_compare(b, a.uri("thin"), "thin", tmp_path)
         assert st["copied_bytes"] == 1281 * 4096 and st["zeroed_bytes"] == 0, st
+
+
+@pytest.mark.timeout(120)
+def test_a_source_that_needs_aligned_requests(tmp_path: Path) -> None:
+    """Regression (was a bug): the target advertised a minimum block size of 1 while its
+    source (nbdkit, blocksize-minimum=4096, blocksize-error-policy=error) refuses what is
+    not 4 KiB-aligned, so qemu-io's 1-byte write and 513-byte read through the migrating
+    LUN failed with EINVAL where straight on the source they work (qemu aligns them).
+    The LUN advertises its source's minimum now, while it migrates and once it is remote."""
+    if not shutil.which("nbdkit") or not shutil.which("qemu-io") or not shutil.which("nbdcopy"):
+        pytest.skip("nbdkit, qemu-io and nbdcopy are needed (make install)")
+    size = 16 * MiB
+    policy = ("blocksize-minimum=4096", "blocksize-error-policy=error")
+    with (
+        nbdkit(tmp_path, "--filter=blocksize-policy", "memory", f"size={size}", *policy) as src,
+        array_daemon(tmp_path / "B", "B") as b,
+    ):
+
+        async def fill_and_block_size(uri: str) -> int:
+            async with await NbdClient.connect(uri) as c:
+                if uri == src.uri:
+                    for off in range(0, size, MiB):
+                        await c.write(off, bytes([off // MiB + 1]) * 64 * KiB)
+                    await c.flush()
+                return c.block_size.minimum
+
+        assert asyncio.run(fill_and_block_size(src.uri)) == 4096
+        api = array_api(b)
+        for lun, action in (("mig", "pause"), ("rem", "cancel")):
+            # paused: still a migrating LUN (its host I/O goes through to the source)
+            api.call("POST", "/api/v1/migrations", {"lun": lun, "source": src.uri, "throttle": 1})
+            api.call("POST", f"/api/v1/migrations/{lun}/{action}")
+            assert api.migration(lun)["state"] == {"pause": "paused", "cancel": "cancelled"}[action]
+            assert asyncio.run(fill_and_block_size(b.uri(lun))) == 4096, lun
+            off = 5 * MiB + 1 if lun == "mig" else 9 * MiB + 1
+            p = subprocess.run(
+                ["qemu-io", "-f", "raw", "-c", f"write -P 0xab {off} 1", "-c", f"read -P 0xab {off} 1",
+                 "-c", f"read {off - 2} 513", b.uri(lun)],
+                capture_output=True, text=True, timeout=30,
+            )
+            assert p.returncode == 0 and "failed" not in p.stdout + p.stderr, p.stdout + p.stderr
+        api.call("POST", "/api/v1/migrations/mig/resume")
+        st = api.wait_migration("mig", 60)
+        assert st["state"] == "completed", st
+        want, got = tmp_path / "want", tmp_path / "got"
+        nbdcopy(src.uri, want)
+        nbdcopy(b.uri("mig"), got)
+        assert filecmp.cmp(want, got, shallow=False)
+        data = want.read_bytes()
+        assert data[5 * MiB : 5 * MiB + 2] == b"\x06\xab" and data[9 * MiB + 1] == 0xAB
