@@ -144,31 +144,41 @@ class Array:
         for pool in self.pools.values():
             pool.used()  # start the pool's accounting from what the files really hold
 
-    async def close(self, flush_timeout: float = 5.0) -> None:
-        """Flush every LUN, all at once, then close them (the NBD server is closed
-        by its owner). A flush still running after ``flush_timeout`` seconds is
-        given up: a remote LUN whose source is gone (a cancelled migration's)
-        would retry for its whole retry window, 30 s by default, and hold the
-        stop up that long. Nothing acknowledged is lost with it: a remote LUN's
-        writes were acknowledged only once its source had them (I1)."""
-        luns = list(self.luns.values())
+    async def flush_luns(self, timeout: float = 5.0, remote_timeout: float | None = None) -> None:
+        """The last flush of every LUN, all at once. One still running after
+        ``timeout`` seconds is given up, a migrating or remote LUN's (it flushes
+        through to its source) after ``remote_timeout`` if that is sooner (the
+        stop's grace for peers, see emulator/daemon/main.py): a remote LUN whose
+        source is gone (a cancelled migration's) would retry for its whole retry
+        window, 30 s by default, and a stopped source never answers. Nothing
+        acknowledged is lost with it: a remote or migrating LUN's writes were
+        acknowledged only once its source had them (I1)."""
+        remote_limit = timeout if remote_timeout is None else min(timeout, remote_timeout)
 
-        async def flush(lun: Lun) -> None:
+        async def flush(lun: Lun, limit: float) -> None:
             try:
-                await lun.backend.flush()
+                await asyncio.wait_for(lun.backend.flush(), limit)
+            except TimeoutError:
+                remote = lun.backend.remote  # nothing lost: a warning
+                log.log(
+                    logging.WARNING if remote else logging.ERROR,
+                    "array %s: flush of LUN %s did not finish in %.3g s; closing it anyway%s",
+                    self.name, lun.name, limit,
+                    " (its writes were acknowledged once its source had them)" if remote else "",
+                )
             except Exception as e:  # keep closing the others
                 log.error("array %s: flush of LUN %s failed: %s", self.name, lun.name, e)
 
-        flushes = {asyncio.ensure_future(flush(lun)): lun for lun in luns}
-        if flushes:
-            _, late = await asyncio.wait(flushes, timeout=flush_timeout)
-            for t in late:
-                t.cancel()
-                log.error(
-                    "array %s: flush of LUN %s did not finish in %g s; closing it anyway",
-                    self.name, flushes[t].name, flush_timeout,
-                )
-            await asyncio.gather(*late, return_exceptions=True)
+        await asyncio.gather(
+            *(flush(lun, remote_limit if lun.backend.remote else timeout) for lun in self.luns.values())
+        )
+
+    async def close(self, flush: bool = True) -> None:
+        """Flush every LUN (:meth:`flush_luns`; ``flush=False`` if the caller did),
+        then close them (the NBD server is closed by its owner)."""
+        if flush:
+            await self.flush_luns()
+        luns = list(self.luns.values())
         for lun in luns:
             lun.backend.close()
         self.luns.clear()

@@ -41,6 +41,7 @@ class LunBackend(Backend):
             self._file = file
         copy_capabilities(self, inner)
         self.can_start_io = inner.can_start_io
+        self.remote = inner.remote
         return old
 
     def set_file(self, file: FileBackend, pool: Pool, local: Backend) -> None:

@@ -91,12 +91,14 @@ class MigrationManager:
                 if lun.state == "remote":
                     await self._serve_remote(lun, source, resume=True)
 
-    async def close(self) -> None:
-        """Stop every migration and remote LUN, all at once: each may wait 5 s for
-        requests a stopped source does not answer, and one after another these
-        waits added up (20 s for three, past what `blockmig down` waits)."""
-        closing = [m.shutdown() for m in self.migrations.values()]
-        closing += [r.aclose() for r in self.remotes.values()]
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop every migration and remote LUN, all at once: each waits up to
+        ``timeout`` seconds for requests a stopped source does not answer, and one
+        after another these waits added up (20 s for three, past what `blockmig
+        down` waits). The array's last flush of their LUNs comes first, while
+        their sources are connected (emulator/daemon/main.py)."""
+        closing = [m.shutdown(timeout) for m in self.migrations.values()]
+        closing += [r.aclose(timeout) for r in self.remotes.values()]
         for e in await asyncio.gather(*closing, return_exceptions=True):
             if isinstance(e, Exception):
                 log.error("array %s: closing a migration or remote LUN failed: %s", self.array.name, e)
@@ -340,6 +342,9 @@ class MigrationManager:
                 db.execute("UPDATE luns SET state=? WHERE name=?", (lun_state, m.name))
             if move is not None and m.state == "completed":
                 db.execute("UPDATE luns SET pool=? WHERE name=?", (move[0], m.name))
+        if lun_state == "remote" and isinstance(m.source, RemoteBackend):
+            # its LUN serves the source from now on: closed with the other remote LUNs
+            self.remotes[m.name] = m.source
         lun = self.array.luns.get(m.name)
         if lun_state and lun is not None:
             lun.state = lun_state

@@ -67,6 +67,7 @@ class MigratingBackend(Backend):
         self.can_multi_conn = True  # one MigratingBackend serves every connection of the LUN
         self.can_extents = True
         self.can_start_io = source.can_start_io
+        self.remote = source.remote
 
     @property
     def size(self) -> int:

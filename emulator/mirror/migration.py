@@ -194,13 +194,15 @@ class Migration:
         await asyncio.wait_for(self._done.wait(), timeout)
         return self.state
 
-    async def shutdown(self) -> None:
-        """Array stopping: stop copying, keep the migration as it is on disk."""
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Array stopping: stop copying, keep the migration as it is on disk, close
+        the source (waiting up to ``timeout`` seconds for requests in flight). A
+        cancelled or failed migration's source is the LUN's now: its owner closes it."""
         await self._stop_task()
         if self.progress is not None:
             await self.progress.close()
         if self.source is not None and self.state not in ("cancelled", "failed"):
-            await _close(self.source)
+            await _close(self.source, timeout)
 
     async def _stop_task(self) -> None:
         t = self._task
@@ -528,8 +530,8 @@ class _Retry(Exception):
     pass
 
 
-async def _close(b: Backend) -> None:
+async def _close(b: Backend, timeout: float = 5.0) -> None:
     if isinstance(b, RemoteBackend):
-        await b.aclose()
+        await b.aclose(timeout)
     else:
         b.close()

@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 class RemoteBackend(Backend):
     can_start_io = True
+    remote = True
 
     def __init__(
         self,
@@ -56,6 +57,7 @@ class RemoteBackend(Backend):
         self._started: dict[int, float] = {}  # requests in flight: when each began
         self._watchdog: asyncio.Future[None] | None = None
         self._retries: set[asyncio.Future[None]] = set()  # fast-path requests a broken link handed on
+        self._closing: set[asyncio.Future[None]] = set()  # closes of connections dropped or refused
         self.last_error = ""
         self.connected = False
 
@@ -70,7 +72,7 @@ class RemoteBackend(Backend):
 
     def _adopt(self, c: NbdClient) -> None:
         if self._size and c.size != self._size:
-            asyncio.ensure_future(c.close())
+            self._close_later(c)
             raise BackendError(errno.EIO, f"{self.uri} changed size from {self._size} to {c.size}")
         self._client = c
         self._size = c.size
@@ -107,6 +109,13 @@ class RemoteBackend(Backend):
                 errno.EIO,
                 f"source {self.uri} unreachable for {self.retry_window:g} s: {self.last_error}",
             ) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and not (task is not None and task.cancelling()):
+                # aclose cancelled the reconnect, not our caller: fail, do not vanish
+                # (a fast-path retry would never call its ``done``)
+                raise BackendError(errno.ESHUTDOWN, f"remote LUN {self.uri} is closed") from None
+            raise
 
     async def _reconnect_loop(self) -> NbdClient:
         delay = self.backoff_min
@@ -171,7 +180,13 @@ class RemoteBackend(Backend):
         self.last_error = str(e)
         if self._client is c:
             self._client = None
-            asyncio.ensure_future(c.close())
+            self._close_later(c)
+
+    def _close_later(self, c: NbdClient) -> None:
+        """Close ``c`` in a task :meth:`aclose` waits for."""
+        task = asyncio.ensure_future(c.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _start(
         self,
@@ -289,22 +304,34 @@ class RemoteBackend(Backend):
     async def extents(self, offset: int, length: int) -> list[p.Extent]:
         return await self._call("block status", lambda c: c.extents(offset, length))
 
-    async def aclose(self) -> None:
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Close the connection, waiting up to ``timeout`` seconds for the requests in
+        flight (a stopped source answers none), and end every task this remote LUN
+        started: its watchdog, its reconnect, the retries of requests a broken link
+        handed on (they fail), the closes of connections it dropped. None is left
+        pending: the event loop of a stopping array closes right after
+        ("Task was destroyed but it is pending!")."""
         self._closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self._connecting is not None and not self._connecting.done():
-            self._connecting.cancel()
-        c, self._client = self._client, None
         self.connected = False
+        started = [t for t in (self._watchdog, self._connecting) if t is not None and not t.done()]
+        for t in started:
+            t.cancel()
+        c, self._client = self._client, None
         if c is not None:
-            await c.close()
+            await c.close(timeout)
+        # The retries find the link closed and fail with ESHUTDOWN; the closes of dropped
+        # connections (already broken) end at once, or abort after their own timeout.
+        await asyncio.gather(*started, *self._retries, *self._closing, return_exceptions=True)
 
     def close(self) -> None:
+        """Close without waiting: for owners that cannot await; prefer :meth:`aclose`."""
         self._closed = True
+        for t in (self._watchdog, self._connecting):
+            if t is not None:
+                t.cancel()
         c, self._client = self._client, None
         if c is not None:
-            asyncio.ensure_future(c.close())
+            self._close_later(c)
 
     def status(self) -> dict[str, Any]:
         return {

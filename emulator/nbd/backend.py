@@ -47,6 +47,9 @@ class Backend(ABC):
     min_block: int = 1
     #: start_read / start_write may take I/O (else they always return False)
     can_start_io: bool = False
+    #: I/O goes to another process (a migration's source): it may wait on a peer that
+    #: stopped answering, where local storage only waits on its disk
+    remote: bool = False
 
     @property
     @abstractmethod

@@ -35,6 +35,7 @@ from emulator.array.array import Array
 from emulator.array.metadata import Metadata
 from emulator.array.models import MODELS
 from emulator.daemon.api import ApiContext, make_app
+from emulator.daemon.main import stop_array
 from emulator.daemon.openapi import SPEC
 from emulator.mirror.manager import MigrationManager
 from emulator.nbd.client import NbdClient
@@ -118,10 +119,11 @@ class ApiThread:
     async def _stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
-        await self.server.close()
         if hasattr(self, "migrations"):
-            await self.migrations.close()
-        await self.array.close()
+            await stop_array(self.server, self.migrations, self.array)
+        else:
+            await self.server.close()
+            await self.array.close()
 
     def stop(self) -> None:
         try:

@@ -91,3 +91,29 @@ def test_started_io_fails_with_eio_when_the_source_stays_gone() -> None:
             await r.aclose()
 
     run(main())
+
+
+def test_aclose_ends_what_it_started_and_fails_a_retry_waiting_for_the_source() -> None:
+    """A started write cut off from a source that is gone waits for a reconnect. Closing
+    the remote LUN (a forced DELETE, an array stopping) fails it at once: cancelling the
+    reconnect left its ``done`` uncalled, and the host's request unanswered until the
+    server gave up on it. aclose returns with no task it started still pending: the loop
+    of a stopping array closes right after ("Task was destroyed but it is pending!")."""
+    backend = StartedLater(SIZE, hold=True)
+
+    async def main() -> None:
+        server, uri = await source(backend)
+        before = asyncio.all_tasks()
+        r = await RemoteBackend(uri, retry_window=30.0, backoff_min=0.01).connect()
+        write = asyncio.ensure_future(started(lambda d: r.start_write(0, b"w" * 4096, False, d)))
+        await until(lambda: len(backend.held) == 1)
+        await server.close(timeout=0.05)  # gone: the write waits for a reconnect
+        await until(lambda: r.last_error.startswith("cannot connect"))
+        await r.aclose()
+        left = [t for t in asyncio.all_tasks() - before if t is not write and not t.done()]
+        assert not left, left
+        with pytest.raises(BackendError) as ei:
+            await asyncio.wait_for(write, 1)
+        assert ei.value.errno == errno.ESHUTDOWN
+
+    run(main())

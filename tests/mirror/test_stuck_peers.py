@@ -11,8 +11,12 @@ answering requests. Real daemons (tests.servers.array_daemon), real hosts
    LUNs keep working and SIGTERM exits 0 at once.
 2. SIGTERM of a target whose source is stopped, with host writes to three
    migrating LUNs in flight: the migrations close all at once, so the stop
-   takes the same ~10 s whatever their number (it took 5 s more per LUN: 20 s
-   for three, past the 15 s after which `blockmig down` kills -9).
+   takes the same ~7 s whatever their number (it took 5 s more per LUN: 20 s
+   for three, past the 15 s after which `blockmig down` kills -9). With a
+   migration and a cancelled migration's remote LUN on that source, the
+   hosts' requests, the last flushes and the closes of the source connections
+   share one grace (they waited 5 s each in turn: 15 s); what the hosts had
+   acknowledged is on the source (I1).
 3. Host writes that find the link to a stopped source backed up wait for it
    (I6) and land once it is back; none fails with "await wasn't used with
    future" (requests run eagerly awaited one shared drain future).
@@ -180,11 +184,55 @@ def test_sigterm_with_writes_to_a_stopped_source_on_three_luns_takes_no_longer_t
             for h in hosts:
                 h.kill()
                 h.wait(10)
-        # 5 s for the hosts' requests, 5 s for the source connections: once, not per LUN
-        assert took < 13, f"SIGTERM took {took:.1f} s with three LUNs: {b.output()}"
+        # 5 s for the hosts' requests, 1 s each for the flushes and the source connections
+        # once that grace is spent: once, not per LUN
+        assert took < 9, f"SIGTERM took {took:.1f} s with three LUNs: {b.output()}"
         with array_daemon(tmp_path / "b", "B") as b2:  # what the source had is still there
             for n in luns:
                 assert read(b2.uri(n), 8 * MiB) == data[n][: 8 * MiB], n
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_with_a_stopped_source_waits_on_it_once(tmp_path: Path) -> None:
+    need_libnbd()
+    data = os.urandom(16 * MiB)
+    acked = os.urandom(MiB)
+    hosts: list[subprocess.Popen[str]] = []
+
+    async def unflushed(uri: str) -> None:
+        async with await NbdClient.connect(uri) as c:
+            await c.write(0, acked)  # acknowledged once the source has it; never flushed
+
+    with array_daemon(tmp_path / "a", "A") as a:
+        with array_daemon(tmp_path / "b", "B") as b:
+            migrate(a, b, "m", data)
+            migrate(a, b, "r", data)
+            array_api(b).call("POST", "/api/v1/migrations/r/cancel")  # r: a remote LUN
+            for n in ("m", "r"):
+                asyncio.run(asyncio.wait_for(unflushed(b.uri(n)), 30))
+            try:
+                with stopped(a):
+                    for n in ("m", "r"):  # writes to the second half wait for the source
+                        h = subprocess.Popen(
+                            [LIBNBD_PYTHON, "-c", _WRITER, b.uri(n)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                        )
+                        hosts.append(h)
+                        assert h.stdout is not None and h.stdout.readline().startswith("sent")
+                    time.sleep(1)
+                    took = sigterm_took(b)
+            finally:
+                for h in hosts:
+                    h.kill()
+                    h.wait(10)
+            assert took < 9, f"SIGTERM took {took:.1f} s: {b.output()}"
+        for n in ("m", "r"):
+            assert read(a.uri(n), MiB) == acked, n  # I1: on the source, though never flushed
+        with array_daemon(tmp_path / "b", "B") as b2:
+            st = array_api(b2).call("GET", "/api/v1/migrations/m")
+            assert st["state"] in ("copying", "converging"), st
+            for n in ("m", "r"):
+                assert read(b2.uri(n), 2 * MiB) == acked + data[MiB : 2 * MiB], n
 
 
 @pytest.mark.timeout(120)
