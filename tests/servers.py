@@ -88,11 +88,17 @@ def serve_file(path: str | Path, *args: str, export: str = "") -> Iterator[Serve
 
 
 @contextmanager
-def nbdkit(tmp: Path, plugin: str, *args: str, export: str = "") -> Iterator[Server]:
-    """nbdkit in the foreground on a unix socket."""
+def nbdkit(
+    tmp: Path, plugin: str, *args: str, export: str = "", sock: str | Path | None = None
+) -> Iterator[Server]:
+    """nbdkit in the foreground on a unix socket (``sock``: a given path, so that a
+    source restarted there has the same URI; the one a killed nbdkit left is removed)."""
     if not shutil.which("nbdkit"):
         raise RuntimeError("nbdkit is not installed (make install)")
-    sock = str(tmp / f"nbdkit-{os.getpid()}-{time.monotonic_ns()}.sock")
+    if sock is None:
+        sock = tmp / f"nbdkit-{os.getpid()}-{time.monotonic_ns()}.sock"
+    Path(sock).unlink(missing_ok=True)
+    sock = str(sock)
     proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, plugin, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -39,10 +39,15 @@ class LunBackend(Backend):
         old, self.inner = self.inner, inner
         if file is not None:
             self._file = file
-        copy_capabilities(self, inner)
+        self.refresh_capabilities()
         self.can_start_io = inner.can_start_io
         self.remote = inner.remote
         return old
+
+    def refresh_capabilities(self) -> None:
+        """Offer what ``inner`` offers: on a swap, and when a remote source's changed.
+        Hosts that connect from now on negotiate it; those connected keep their flags."""
+        copy_capabilities(self, self.inner)
 
     def set_file(self, file: FileBackend, pool: Pool, local: Backend) -> None:
         """The LUN's local file moved (to another pool)."""

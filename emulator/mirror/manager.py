@@ -1,10 +1,12 @@
 """Migrations of one array: start, follow, persist, resume after a restart.
 
 Migration records live in the array's SQLite database (table
-``migrations``); region progress lives beside each LUN file
-(``POOL/LUN.progress``). LUN states on the array: ``migrating`` while the
-LUN is served through a MigratingBackend, ``remote`` when it serves the
-source directly (after a cancel or a failure), ``ready`` once cut over.
+``migrations``, with the capabilities the source offered when last
+connected, so that a restarted array advertises them before the source
+answers); region progress lives beside each LUN file (``POOL/LUN.progress``).
+LUN states on the array: ``migrating`` while the LUN is served through a
+MigratingBackend, ``remote`` when it serves the source directly (after a
+cancel or a failure), ``ready`` once cut over.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     error TEXT NOT NULL DEFAULT '',
     started REAL NOT NULL,
     finished REAL,
-    status TEXT NOT NULL DEFAULT '{}'
+    status TEXT NOT NULL DEFAULT '{}',
+    caps TEXT  -- JSON: what the source offered (RemoteBackend.capabilities); NULL: not known
 );
 """
 
@@ -66,19 +69,28 @@ class MigrationManager:
         """Resume migrations and remote LUNs found in the array's database."""
         meta = self._db
         meta.db.executescript(SCHEMA)
-        rows = meta.db.execute("SELECT lun, source, config, state, mode, status FROM migrations").fetchall()
-        for name, source, config, state, mode, status in rows:
+        if "caps" not in {r[1] for r in meta.db.execute("PRAGMA table_info(migrations)")}:
+            meta.db.execute("ALTER TABLE migrations ADD COLUMN caps TEXT")  # a data dir from before
+        rows = meta.db.execute(
+            "SELECT lun, source, config, state, mode, status, caps FROM migrations"
+        ).fetchall()
+        for name, source, config, state, mode, status, caps in rows:
             lun = self.array.luns.get(name)
             if lun is None:
                 continue
+            # Hosts may connect before the source answers (it may be down): they
+            # negotiate what it offered when last connected, not a Backend's defaults.
+            known = json.loads(caps) if caps else None
             if lun.state == "migrating" and state not in FINAL:
                 cfg = MigrationConfig(**json.loads(config))
                 cfg.mode = mode
+                remote = None
                 if source.startswith("move:"):
                     m = self._new_move(lun, source.split(":")[2], cfg, resume=True)
                 else:
                     m = self._new(lun, source, cfg)
-                await m.start(resume=True, paused=state == "paused")
+                    remote = self._remote(name, source, cfg.retry_window, lun.size, known)
+                await m.start(resume=True, paused=state == "paused", connected=remote)
                 log.info(
                     "array %s: resumed migration of %s (%d regions to copy again)",
                     self.array.name,
@@ -89,7 +101,7 @@ class MigrationManager:
             else:
                 self._final[name] = json.loads(status)
                 if lun.state == "remote":
-                    await self._serve_remote(lun, source, resume=True)
+                    await self._serve_remote(lun, source, resume=True, capabilities=known)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop every migration and remote LUN, all at once: each waits up to
@@ -157,9 +169,14 @@ class MigrationManager:
             await remote.connect()
         except BackendError as e:
             raise InvalidInput(f"cannot reach the source: {e}") from None
+        remote.on_capabilities = self._capabilities_changed(name)
         try:
             lun = self.array.create_lun(
-                name, remote.size, pool, state="migrating", also=self._record(name, source, cfg)
+                name,
+                remote.size,
+                pool,
+                state="migrating",
+                also=self._record(name, source, cfg, remote.capabilities()),
             )
         except BaseException:
             await remote.aclose()
@@ -304,15 +321,25 @@ class MigrationManager:
         return m
 
     @staticmethod
-    def _record(name: str, source: str, cfg: MigrationConfig) -> Callable[[sqlite3.Connection], None]:
+    def _record(
+        name: str, source: str, cfg: MigrationConfig, caps: dict[str, Any] | None = None
+    ) -> Callable[[sqlite3.Connection], None]:
         """The migration's row, to insert in the transaction that makes its LUN
-        ``migrating`` (one commit fewer, and no migrating LUN without it after a crash)."""
+        ``migrating`` (one commit fewer, and no migrating LUN without it after a crash);
+        ``caps``: what a remote source offers."""
 
         def insert(db: sqlite3.Connection) -> None:
             db.execute(
-                "INSERT OR REPLACE INTO migrations(lun, source, config, state, mode, started) "
-                "VALUES (?, ?, ?, 'copying', ?, ?)",
-                (name, source, json.dumps(cfg.as_dict()), cfg.mode, time.time()),
+                "INSERT OR REPLACE INTO migrations(lun, source, config, state, mode, started, caps) "
+                "VALUES (?, ?, ?, 'copying', ?, ?, ?)",
+                (
+                    name,
+                    source,
+                    json.dumps(cfg.as_dict()),
+                    cfg.mode,
+                    time.time(),
+                    None if caps is None else json.dumps(caps),
+                ),
             )
 
         return insert
@@ -358,8 +385,44 @@ class MigrationManager:
                 move[1].close()
                 self.array.lun_path(move[0], lun.name).unlink(missing_ok=True)
 
-    async def _serve_remote(self, lun: Lun, source: str, resume: bool) -> None:
-        remote = RemoteBackend(source, retry_window=self.defaults.retry_window, size=lun.size)
+    def _remote(
+        self, name: str, source: str, retry_window: float, size: int, caps: dict[str, Any] | None
+    ) -> RemoteBackend:
+        """The source of LUN ``name`` after a restart, not connected yet: it offers the
+        recorded ``caps`` until it connects (None, from a data dir of before: defaults
+        until then)."""
+        remote = RemoteBackend(source, retry_window=retry_window, size=size, capabilities=caps)
+        remote.on_capabilities = self._capabilities_changed(name)
+        return remote
+
+    def _capabilities_changed(self, name: str) -> Callable[[RemoteBackend, dict[str, Any]], None]:
+        """A (re)connection found the source of LUN ``name`` offering other capabilities
+        than known (``before``; empty: none were recorded). They are recorded, and the
+        LUN advertises them to hosts that connect from now on. Hosts already connected
+        keep what they negotiated: a FUA the source lost is a write and a flush, TRIM
+        and CACHE are advice, and what the source now refuses (a write to a read-only
+        source, an unaligned request) fails with the source's error (EPERM, EINVAL)."""
+
+        def changed(remote: RemoteBackend, before: dict[str, Any]) -> None:
+            now = remote.capabilities()
+            with self._db.transaction() as db:
+                db.execute("UPDATE migrations SET caps=? WHERE lun=?", (json.dumps(now), name))
+            if before:
+                diff = ", ".join(f"{k} {before[k]} -> {v}" for k, v in now.items() if before.get(k) != v)
+                log.warning("array %s: the source of LUN %s changed: %s", self.array.name, name, diff)
+            m = self.migrations.get(name)
+            if m is not None and m.backend is not None and m.source is remote:
+                m.backend.refresh_capabilities()
+            lun = self.array.luns.get(name)
+            if lun is not None:
+                lun.backend.refresh_capabilities()
+
+        return changed
+
+    async def _serve_remote(
+        self, lun: Lun, source: str, resume: bool, capabilities: dict[str, Any] | None = None
+    ) -> None:
+        remote = self._remote(lun.name, source, self.defaults.retry_window, lun.size, capabilities)
         self.remotes[lun.name] = remote
         lun.backend.swap(remote)
         self.array.export_lun(lun.name)

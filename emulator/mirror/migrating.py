@@ -59,15 +59,19 @@ class MigratingBackend(Backend):
         self.remote_reads = 0
         #: a target flush that failed under a host FLUSH (the migration must not complete)
         self.target_error: BaseException | None = None
-        copy_capabilities(
-            self,
-            source,
-            ("read_only", "can_trim", "can_zero", "can_cache", "can_flush", "can_fua", "min_block"),
-        )
+        self.refresh_capabilities()
         self.can_multi_conn = True  # one MigratingBackend serves every connection of the LUN
         self.can_extents = True
         self.can_start_io = source.can_start_io
         self.remote = source.remote
+
+    def refresh_capabilities(self) -> None:
+        """Offer what the source offers (again: a reconnection may have changed it)."""
+        copy_capabilities(
+            self,
+            self.source,
+            ("read_only", "can_trim", "can_zero", "can_cache", "can_flush", "can_fua", "min_block"),
+        )
 
     @property
     def size(self) -> int:

@@ -126,8 +126,10 @@ class Migration:
 
         A fresh start fails at once if the source cannot be reached; a resume
         after restart waits for it in the background. ``connected`` is the
-        source already connected (the connection that learnt its size): it
-        is used, not opened again, and closed if the start fails.
+        source made by the caller: on a fresh start, already connected (the
+        connection that learnt its size); on a resume, one that offers what
+        the source offered before the restart and connects when first needed.
+        It is used, not opened again, and closed if the start fails.
         """
         size = self.local.size
         src: Backend

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from emulator.nbd import protocol as p
-from emulator.nbd.backend import Backend, Done
+from emulator.nbd.backend import CAPABILITIES, Backend, Done
 from emulator.nbd.client import NbdClient
 from emulator.nbd.errors import BackendError, DisconnectedError, NbdError, RequestError
 
@@ -40,6 +40,7 @@ class RemoteBackend(Backend):
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         size: int = 0,
+        capabilities: dict[str, Any] | None = None,
     ) -> None:
         self.uri = uri
         self.retry_window = retry_window
@@ -60,6 +61,20 @@ class RemoteBackend(Backend):
         self._closing: set[asyncio.Future[None]] = set()  # closes of connections dropped or refused
         self.last_error = ""
         self.connected = False
+        #: the source's capabilities are known: from a connection, or recorded from one
+        #: (a resume after a restart knows them before the source answers)
+        self.known = False
+        #: called after a (re)connection found capabilities other than those known
+        self.on_capabilities: Callable[[RemoteBackend, dict[str, Any]], None] | None = None
+        if capabilities:
+            for cap in CAPABILITIES:
+                if cap in capabilities:
+                    setattr(self, cap, type(getattr(Backend, cap))(capabilities[cap]))
+            self.known = True
+
+    def capabilities(self) -> dict[str, Any]:
+        """What the source offers, as the LUN advertises it (and as it is recorded)."""
+        return {cap: getattr(self, cap) for cap in CAPABILITIES}
 
     async def connect(self) -> RemoteBackend:
         """First connection: fails at once if the source cannot be reached."""
@@ -77,6 +92,7 @@ class RemoteBackend(Backend):
         self._client = c
         self._size = c.size
         self.connected = True
+        before, known = self.capabilities(), self.known
         self.read_only = c.read_only
         self.can_trim = c.can(p.FLAG_SEND_TRIM)
         self.can_zero = c.can(p.FLAG_SEND_WRITE_ZEROES)
@@ -90,6 +106,12 @@ class RemoteBackend(Backend):
         # (a value outside what the spec allows, a power of two from 1 to 64K, is ignored).
         mn = c.block_size.minimum
         self.min_block = mn if 1 <= mn <= 65536 and not mn & (mn - 1) else 1
+        self.known = True
+        if (before != self.capabilities() or not known) and self.on_capabilities is not None:
+            try:
+                self.on_capabilities(self, before if known else {})
+            except Exception:  # the connection serves all the same
+                log.exception("%s: recording the source's capabilities failed", self.uri)
 
     @property
     def size(self) -> int:
@@ -265,10 +287,12 @@ class RemoteBackend(Backend):
         )
 
     def start_write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool, done: Done) -> bool:
+        if fua and not self.can_fua:
+            return False  # write() makes it durable with a flush
         return self._start(
             "write",
             lambda c, end: c.start_write(offset, data, fua, end),
-            lambda c: c.write(offset, data, fua),
+            lambda c: _fua(c, fua, lambda f: c.write(offset, data, f)),
             done,
         )
 
@@ -279,7 +303,7 @@ class RemoteBackend(Backend):
         await self._call("read", lambda c: c.read_into(offset, buf))
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
-        await self._call("write", lambda c: c.write(offset, data, fua))
+        await self._call("write", lambda c: _fua(c, fua, lambda f: c.write(offset, data, f)))
 
     async def write_zeroes(
         self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
@@ -287,11 +311,14 @@ class RemoteBackend(Backend):
         if not self.can_zero:
             await super().write_zeroes(offset, length, may_trim, fast, fua)
             return
-        await self._call("write zeroes", lambda c: c.write_zeroes(offset, length, may_trim, fast, fua))
+        await self._call(
+            "write zeroes",
+            lambda c: _fua(c, fua, lambda f: c.write_zeroes(offset, length, may_trim, fast, f)),
+        )
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         if self.can_trim:
-            await self._call("trim", lambda c: c.trim(offset, length, fua))
+            await self._call("trim", lambda c: _fua(c, fua, lambda f: c.trim(offset, length, f)))
 
     async def flush(self) -> None:
         if self.can_flush:
@@ -340,3 +367,18 @@ class RemoteBackend(Backend):
             "reconnects": self.reconnects,
             "last_error": self.last_error,
         }
+
+
+def _fua(c: NbdClient, fua: bool, send: Callable[[bool], Awaitable[None]]) -> Awaitable[None]:
+    """``send(fua)`` on ``c``. A host that negotiated FUA with the LUN keeps it when a
+    reconnection finds the source without it (the LUN advertised what the source
+    offered then): the request goes without the flag, and a flush makes it durable."""
+    if not fua or c.can(p.FLAG_SEND_FUA):
+        return send(fua)
+    return _then_flush(c, send(False))
+
+
+async def _then_flush(c: NbdClient, request: Awaitable[None]) -> None:
+    await request
+    if c.can(p.FLAG_SEND_FLUSH):
+        await c.flush()
