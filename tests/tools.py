@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import selectors
 import shlex
 import shutil
 import subprocess
@@ -26,6 +27,30 @@ def need_libnbd() -> None:
     r = subprocess.run([LIBNBD_PYTHON, "-c", "import nbd"], capture_output=True, timeout=30)
     if r.returncode != 0:
         pytest.skip(f"python3-libnbd is not importable under {LIBNBD_PYTHON} (make install)")
+
+
+def libnbd_host(script: str, *args: str, ready: str, stdin: bool = False) -> subprocess.Popen[str]:
+    """``script`` under :data:`LIBNBD_PYTHON` (a libnbd host), once it printed a line
+    starting with ``ready`` (within 20 s). The caller kills it."""
+    need_libnbd()
+    proc = subprocess.Popen(
+        [LIBNBD_PYTHON, "-c", script, *args],
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout=20):
+            raise TimeoutError(f"libnbd host {args} did not print {ready!r} in 20 s")
+        line = proc.stdout.readline()
+        assert line.startswith(ready), f"libnbd host: {line!r} {proc.stderr.read() if proc.stderr else ''}"
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+    return proc
 
 
 def run(

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -34,7 +33,7 @@ import pytest
 from control.api_client import ApiError, ArrayApi
 from tests.files import sparse_runs
 from tests.servers import ArrayDaemon, array_api, array_daemon, start_array, stop
-from tests.tools import LIBNBD_PYTHON, need, need_libnbd, run
+from tests.tools import libnbd_host, need, run
 
 pytestmark = pytest.mark.interop
 
@@ -147,19 +146,8 @@ class Held:
 
 @contextmanager
 def hold(uri: str) -> Iterator[Held]:
-    need_libnbd()
-    proc = subprocess.Popen(
-        [LIBNBD_PYTHON, "-c", _HOLD, uri],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = libnbd_host(_HOLD, uri, ready="connected", stdin=True)
     try:
-        assert proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout=20):
-            raise TimeoutError(f"libnbd holder did not connect to {uri}")
-        line = proc.stdout.readline()
-        assert line.startswith("connected"), f"holder: {line!r} {proc.stderr.read() if proc.stderr else ''}"
         yield Held(proc)
     finally:
         if proc.poll() is None:

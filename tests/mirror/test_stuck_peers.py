@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import selectors
 import signal
 import subprocess
 import threading
@@ -39,7 +38,7 @@ import pytest
 
 from emulator.nbd.client import NbdClient
 from tests.servers import ArrayDaemon, array_api, array_daemon
-from tests.tools import LIBNBD_PYTHON, need_libnbd
+from tests.tools import libnbd_host, need_libnbd
 
 pytestmark = pytest.mark.slow
 
@@ -61,19 +60,8 @@ time.sleep(600)
 def stuck_host(uri: str, reads: int = 64) -> Iterator[subprocess.Popen[str]]:
     """A libnbd host that sends ``reads`` reads of 1 MiB, never takes a reply and
     is then SIGSTOPped: the replies back up in its socket and in the server's."""
-    need_libnbd()
-    proc = subprocess.Popen(
-        [LIBNBD_PYTHON, "-c", _STUCK_HOST, uri, str(reads)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = libnbd_host(_STUCK_HOST, uri, str(reads), ready="sent")
     try:
-        assert proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout=20):
-            raise TimeoutError(f"libnbd host did not connect to {uri}")
-        line = proc.stdout.readline()
-        assert line.startswith("sent"), f"host: {line!r} {proc.stderr.read() if proc.stderr else ''}"
         time.sleep(0.5)  # the server reads the requests and answers into the full socket
         proc.send_signal(signal.SIGSTOP)
         yield proc
@@ -158,6 +146,21 @@ time.sleep(600)
 """
 
 
+def sigterm_with_writes_waiting(d: ArrayDaemon, uris: list[str]) -> float:
+    """A libnbd host on each of ``uris`` whose writes of 8-16 MiB wait for a stopped
+    source (I1), then SIGTERM of ``d``: the seconds its stop took."""
+    hosts: list[subprocess.Popen[str]] = []
+    try:
+        for uri in uris:
+            hosts.append(libnbd_host(_WRITER, uri, ready="sent"))
+        time.sleep(1)
+        return sigterm_took(d)
+    finally:
+        for h in hosts:
+            h.kill()
+            h.wait(10)
+
+
 @pytest.mark.timeout(120)
 def test_sigterm_with_writes_to_a_stopped_source_on_three_luns_takes_no_longer_than_on_one(
     tmp_path: Path,
@@ -165,25 +168,11 @@ def test_sigterm_with_writes_to_a_stopped_source_on_three_luns_takes_no_longer_t
     need_libnbd()
     luns = ["v0", "v1", "v2"]
     data = {n: os.urandom(16 * MiB) for n in luns}
-    hosts: list[subprocess.Popen[str]] = []
     with array_daemon(tmp_path / "a", "A") as a, array_daemon(tmp_path / "b", "B") as b:
         for n in luns:
             migrate(a, b, n, data[n])
-        try:
-            with stopped(a):
-                for n in luns:  # writes of the second half wait for the source (I1)
-                    h = subprocess.Popen(
-                        [LIBNBD_PYTHON, "-c", _WRITER, b.uri(n)],
-                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                    )
-                    hosts.append(h)
-                    assert h.stdout is not None and h.stdout.readline().startswith("sent")
-                time.sleep(1)
-                took = sigterm_took(b)
-        finally:
-            for h in hosts:
-                h.kill()
-                h.wait(10)
+        with stopped(a):
+            took = sigterm_with_writes_waiting(b, [b.uri(n) for n in luns])
         # 5 s for the hosts' requests, 1 s each for the flushes and the source connections
         # once that grace is spent: once, not per LUN
         assert took < 9, f"SIGTERM took {took:.1f} s with three LUNs: {b.output()}"
@@ -197,7 +186,6 @@ def test_sigterm_with_a_stopped_source_waits_on_it_once(tmp_path: Path) -> None:
     need_libnbd()
     data = os.urandom(16 * MiB)
     acked = os.urandom(MiB)
-    hosts: list[subprocess.Popen[str]] = []
 
     async def unflushed(uri: str) -> None:
         async with await NbdClient.connect(uri) as c:
@@ -210,21 +198,8 @@ def test_sigterm_with_a_stopped_source_waits_on_it_once(tmp_path: Path) -> None:
             array_api(b).call("POST", "/api/v1/migrations/r/cancel")  # r: a remote LUN
             for n in ("m", "r"):
                 asyncio.run(asyncio.wait_for(unflushed(b.uri(n)), 30))
-            try:
-                with stopped(a):
-                    for n in ("m", "r"):  # writes to the second half wait for the source
-                        h = subprocess.Popen(
-                            [LIBNBD_PYTHON, "-c", _WRITER, b.uri(n)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                        )
-                        hosts.append(h)
-                        assert h.stdout is not None and h.stdout.readline().startswith("sent")
-                    time.sleep(1)
-                    took = sigterm_took(b)
-            finally:
-                for h in hosts:
-                    h.kill()
-                    h.wait(10)
+            with stopped(a):
+                took = sigterm_with_writes_waiting(b, [b.uri(n) for n in ("m", "r")])
             assert took < 9, f"SIGTERM took {took:.1f} s: {b.output()}"
         for n in ("m", "r"):
             assert read(a.uri(n), MiB) == acked, n  # I1: on the source, though never flushed
