@@ -32,7 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .api_client import ApiError
+from emulator.nbd.errors import NbdError
+
+from .api_client import FINAL, ApiError
 from .config import Registry, pid_alive
 from .drivers import VolumeDriver, driver_for
 from .drivers.base import Host, RemoteTakeoverMixin
@@ -235,7 +237,8 @@ class VolumeManager:
                 return self._cleanup(v)
             # The command that ran steps 1-3 died half-way: nothing was switched yet.
             raise VolumeError(f"interrupted during step {mig['phase']}; the volume stays on {mig['source']}")
-        except (ApiError, VolumeError, OSError, ValueError) as e:
+        except (ApiError, VolumeError, OSError, ValueError, NbdError) as e:
+            # NbdError: the host copy's NBD I/O failed (ENOSPC on the target, an array gone)
             self._fail(v.id, str(e))
             raise VolumeError(f"migration of {v.name} failed: {e}") from None
 
@@ -286,15 +289,46 @@ class VolumeManager:
         return self._cleanup(v)
 
     def _remove_leftover(self, v: Volume) -> None:
-        """The last migration could not remove its source LUN: do it now, so that
-        neither a delete nor a migration back to that array leaves or meets it."""
+        """The last migration could not remove its source LUN, or could not reach its
+        target to drop the takeover there: do it now, so that neither a delete nor a
+        migration back to that array leaves or meets it."""
         mig = v.migration
-        if (
-            v.migration_status == "error"
-            and mig.get("phase") == "cleanup"
-            and Host.parse(mig["source"]).array != Host.parse(v.host).array
-        ):
+        if v.migration_status != "error" or not mig:
+            return
+        here = Host.parse(v.host).array
+        if mig.get("phase") == "cleanup" and Host.parse(mig["source"]).array != here:
             self.driver(Host.parse(mig["source"]).array).delete_volume(v)
+        if mig.get("target_leftover") and Host.parse(mig["target"]).array != here:
+            # the source stayed authoritative; a target restarted since may even have
+            # resumed its copy of the (now stale) LUN and cut over to it
+            d = self.driver(Host.parse(mig["target"]).array)
+            if isinstance(d, RemoteTakeoverMixin):
+                self._refuse_if_written_since_cutover(v, d)
+                d.cancel_migration_target(v)
+            self.db.update(v.id, migration={**mig, "target_leftover": False})
+
+    @staticmethod
+    def _refuse_if_written_since_cutover(v: Volume, d: VolumeDriver) -> None:
+        """A leftover takeover that cut over by itself (its array restarted and resumed
+        it) and has taken host writes since its array started may hold data the source
+        never saw (a host still attached to it): keep both copies and say so, rather
+        than delete the one that may be newer."""
+        try:
+            st = d.api.migration(v.lun)
+        except ApiError as e:
+            if e.status == 404:
+                return
+            raise
+        if st.get("state") != "completed":
+            return  # not cut over: every write it took went to the source too (I1)
+        ops = d.api.call("GET", f"/api/v1/luns/{v.lun}/stats")["ops"]
+        written = sum(int(ops[op]["count"]) for op in ("write", "zero", "trim"))
+        if written:
+            raise VolumeError(
+                f"LUN {v.lun} on array {d.array_name} completed its takeover after the migration failed and "
+                f"has taken {written} write(s) since: it may hold data the source lacks. Keep one "
+                f"copy by hand (`blockmig lun delete --api URL {v.lun} --force` on the other), then retry"
+            )
 
     def _remove_source(self, v: Volume, mig: dict[str, Any]) -> None:
         self._inject("cleanup")
@@ -321,14 +355,45 @@ class VolumeManager:
                 if isinstance(d, RemoteTakeoverMixin):
                     d.cancel_migration_target(v)
             except (ApiError, VolumeError) as e:
-                mig["error"] += f"; cleanup on {dest.array}: {e}"
+                mig["error"] += f"; cleanup on {dest.array}: {e} (done by the next migrate or delete)"
+                mig["target_leftover"] = True
+        host, loc = mig["source"], mig.get("source_location", {})
+        if mig.get("phase") == "source" and dest.array == src.array:
+            # A pool move, which the array runs by itself: stop it, else it ends in the new
+            # pool while the volume says the old one (and a retry finds it "already there").
+            try:
+                pool, loc = self._stop_move(v, src.array, loc)
+            except (ApiError, VolumeError) as e:
+                mig["error"] += f"; stopping the move on {src.array}: {e}"
+            else:
+                if pool != src.pool:
+                    host = str(Host(src.array, src.backend, pool))
+                    mig["error"] += f"; the array had already moved it: the volume is on {host}"
         self.db.update(
             vid,
-            host=mig["source"],
-            provider_location=mig.get("source_location", {}),
+            host=host,
+            provider_location=loc,
             migration_status="error",
             migration=mig,
         )
+
+    def _stop_move(self, v: Volume, array: str, loc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Cancel the array's move of the volume's LUN if it runs; (pool, location) of the LUN."""
+        d = self.driver(array)
+        try:
+            st = d.api.migration(v.lun)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            st = {}
+        if str(st.get("source", "")).startswith("move:") and st.get("state") not in FINAL:
+            try:
+                d.api.call("POST", f"/api/v1/migrations/{v.lun}/cancel")
+            except ApiError as e:
+                if e.status not in (404, 409):  # it ended meanwhile
+                    raise
+        lun = d.api.get_lun(v.lun)
+        return str(lun["pool"]), {**loc, **d._location(lun)}
 
     def _target_completed(self, v: Volume, dest: Host) -> bool:
         """Has the target array already cut over to its own copy?"""

@@ -65,6 +65,9 @@ ARRAYS = [
     # slow without slow media: its copy of a DENSE volume's 8 MiB lasts ~4 s, as T's does
     # (S's media alone does not slow a copy: the copier reads a region's runs at once)
     ArraySpec("U", "unified", migration_throttle=2),
+    ArraySpec("F", "plain", capacity="8M"),  # full after 8 MiB of data
+    ArraySpec("Q", "unified", ("default", "gold"), migration_throttle=2),  # slow pool moves
+    ArraySpec("K", "unified", migration_throttle=2),  # killed and restarted by a test
 ]
 SMALL = 16 * MiB  # on the fast arrays: a migration takes well under a second
 BIG = 64 * MiB  # on the slow arrays: a migration takes a few seconds
@@ -567,3 +570,117 @@ def test_killed_follower_is_restarted_by_the_next_command(bm: BlockmigEnv, targe
     assert host_array(end["host"]) == target
     assert lun_of(v) not in bm.luns("S")
     assert_content(end["provider_location"]["uri"], img)
+
+
+# ---------------------------------------------------------------------- real faults
+def _wait_array_state(bm: BlockmigEnv, array: str, lun: str, states: tuple[str, ...]) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        st = bm.array_migration(array, lun) or {}
+        if st.get("state") in states:
+            return st
+        assert time.monotonic() < deadline, f"migration of {lun} on {array} never got {states}: {st}"
+        time.sleep(0.05)
+
+
+def test_host_copy_onto_a_full_pool_ends_in_error_and_can_be_retried(bm: BlockmigEnv) -> None:
+    """ENOSPC on the target of a host copy comes as an NBD error: it must end the migration
+    in error with the reason, not as a traceback that leaves it `migrating` (and every
+    later command restarting a follower that fails the same way)."""
+    v, img = make(bm, "full-pool", SMALL, "A", stride=BLOCK)  # 16 MiB of data; F holds 8
+
+    msg = bm.refused("migrate", v["id"], "F", "--wait")
+
+    assert "ENOSPC" in msg and v["name"] in msg, msg
+    d = bm.show(v["id"])
+    assert d["migration_status"] == "error" and d["host"] == "A@unified#default", d
+    assert "ENOSPC" in d["migration"]["error"], d
+    assert lun_of(v) not in bm.luns("F"), "the failed copy left its partial LUN on F"
+    assert_content(d["provider_location"]["uri"], img)
+    d2 = bm.ok("migrate", v["id"], "E", "--wait")
+    assert d2["migration_status"] == "success", d2
+    assert_content(d2["provider_location"]["uri"], img)
+
+
+def test_killed_migrate_wait_during_a_pool_move_leaves_the_volume_where_its_lun_is(
+    bm: BlockmigEnv,
+) -> None:
+    """kill -9 of `migrate --wait` while the array moves the LUN between its pools: the
+    next command's follower ends the migration in error, and the array's move must not
+    go on behind its back (the volume would say pool default, the LUN be in gold, and
+    every retry be refused with "already in pool 'gold'")."""
+    v, img = make(bm, "pool-move-killed", 8 * MiB, "Q", stride=BLOCK)  # 4 s to move at 2 MB/s
+    lun = lun_of(v)
+    p = bm.popen("migrate", v["id"], "Q#gold", "--wait")
+    try:
+        _wait_array_state(bm, "Q", lun, ("copying",))
+    finally:
+        p.kill()
+        p.communicate(timeout=10)
+
+    bm.show(v["id"])  # restarts the follower, which finds step 1 interrupted
+    end = bm.wait_migration(v["id"])
+    st = _wait_array_state(bm, "Q", lun, ("completed", "failed", "cancelled"))
+
+    assert end["migration_status"] == "error" and "interrupted" in end["migration"]["error"], end
+    pool = bm.api("Q").get_lun(lun)["pool"]
+    assert (end["host"], end["provider_location"]["pool"]) == (f"Q@unified#{pool}", pool), (end, st)
+    assert_content(end["provider_location"]["uri"], img)
+    d = bm.ok("migrate", v["id"], "Q#gold", "--wait")
+    assert d["migration_status"] == "success" and d["host"] == "Q@unified#gold", d
+    assert bm.api("Q").get_lun(lun)["pool"] == "gold"
+    assert_content(d["provider_location"]["uri"], img)
+
+
+def _kill_target_mid_takeover(bm: BlockmigEnv, name: str) -> tuple[dict[str, Any], Image]:
+    """A volume on A whose takeover by K dies with K (kill -9); K is up again after.
+    The migration ends in error on the source (I1); K resumes its copy (I4)."""
+    v, img = make(bm, name, 8 * MiB, "A", stride=BLOCK)  # 4 s to copy at 2 MB/s
+    p = bm.popen("migrate", v["id"], "K", "--wait")
+    try:
+        _wait_array_state(bm, "K", lun_of(v), ("copying",))
+        pid = bm.array_pids()["K"]
+        os.kill(pid, signal.SIGKILL)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 1 and err.startswith("blockmig: ") and "cannot reach" in err, (out, err)
+    d = bm.show(v["id"])
+    assert d["migration_status"] == "error" and d["host"] == "A@unified#default", d
+    assert_content(d["provider_location"]["uri"], img)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, f"array K ({pid}) survived kill -9"
+        time.sleep(0.05)
+    bm.ok("up", "--config", str(bm.state_dir / "arrays.toml"))  # K again: it resumes its copy
+    return v, img
+
+
+def test_target_killed_mid_takeover_then_restarted_the_migration_can_be_retried(bm: BlockmigEnv) -> None:
+    """The takeover the dead target could not be told to drop must not block the next
+    migration to it."""
+    v, img = _kill_target_mid_takeover(bm, "target-killed")
+    d2 = bm.ok("migrate", v["id"], "K", "--wait")
+
+    assert d2["migration_status"] == "success" and d2["host"] == "K@unified#default", d2
+    assert lun_of(v) not in bm.luns("A")
+    assert_content(d2["provider_location"]["uri"], img)
+
+
+def test_a_leftover_takeover_written_after_its_own_cutover_is_kept(bm: BlockmigEnv) -> None:
+    """The leftover takeover completed by itself after K's restart, and a host still
+    attached to K wrote to it: that copy may be the newer one. The next migration must
+    not delete it: it stops with a clear error, both copies as they were."""
+    v, img = _kill_target_mid_takeover(bm, "target-written")
+    _wait_array_state(bm, "K", lun_of(v), ("completed",))
+    k_uri = bm.api("K").get_lun(lun_of(v))["uri"]
+
+    async def host_on_k() -> None:
+        async with await NbdClient.connect(k_uri) as c:
+            await c.write(0, b"\xee" * BLOCK, fua=True)
+
+    asyncio.run(asyncio.wait_for(host_on_k(), 30))
+    err = bm.refused("migrate", v["id"], "K", "--wait")
+    assert "completed its takeover after the migration failed" in err and "Keep one copy" in err, err
+    assert lun_of(v) in bm.luns("K")
+    assert_content(bm.show(v["id"])["provider_location"]["uri"], img)  # A: as it was
