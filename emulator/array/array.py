@@ -84,6 +84,7 @@ class Array:
         self._lock_fd = -1
         #: called with a LUN's name before it is deleted (the migration layer hooks in here)
         self.delete_hooks: list[Callable[[str], Awaitable[None]]] = []
+        self._deleting: set[str] = set()  # LUNs whose deletion awaits its hooks or hosts
 
     # ---- start and stop
     def open(self) -> None:
@@ -294,6 +295,10 @@ class Array:
 
     async def delete_lun(self, name: object, force: bool = False) -> None:
         lun = self.get_lun(check_name("LUN", name))
+        if lun.name in self._deleting:
+            # a second DELETE while the first waits on its hooks (a migration's cancel) or
+            # its hosts' disconnection: it found the LUN, and would remove it twice
+            raise Conflict(f"LUN {lun.name!r} is already being deleted")
         hosts = self.connected_hosts(lun.name)
         if hosts and not force:
             raise Conflict(
@@ -303,9 +308,13 @@ class Array:
         meta = self._db()
         meta.update_lun(lun.name, state="deleting")
         self.server.exports.pop(lun.name, None)
-        for hook in self.delete_hooks:
-            await hook(lun.name)
-        await self.server.disconnect_export(lun.name)
+        self._deleting.add(lun.name)
+        try:
+            for hook in self.delete_hooks:
+                await hook(lun.name)
+            await self.server.disconnect_export(lun.name)
+        finally:
+            self._deleting.discard(lun.name)
         del self.luns[lun.name]
         self.pools[lun.pool].files.pop(lun.name, None)
         lun.backend.close()

@@ -209,7 +209,10 @@ SPEC: dict[str, Any] = {
             },
             "delete": {
                 "operationId": "deleteLun",
-                "summary": "delete a LUN; refused while hosts are connected unless force=true",
+                "summary": (
+                    "delete a LUN; refused (409) while hosts are connected unless force=true, "
+                    "and while another delete of it runs"
+                ),
                 "parameters": [
                     {
                         "name": "force",

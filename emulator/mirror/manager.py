@@ -252,7 +252,12 @@ class MigrationManager:
         return m
 
     def get(self, name: str) -> Migration:
+        """The migration of LUN ``name``, to pause, resume or cancel. One that ended before
+        the array restarted is a 409, as it was before the restart (it is listed and
+        shown, so it is no 404)."""
         m = self.migrations.get(name)
+        if m is None and name in self._final:
+            raise Conflict(f"migration of {name} is {self._final[name].get('state', 'over')}")
         if m is None:
             raise NotFound(f"no migration of LUN {name!r} on array {self.array.name!r}")
         return m
