@@ -95,12 +95,15 @@ class Copier:
         regions: RegionMap,
         throttle: Throttle,
         reserve: Callable[[int, int], AbstractContextManager[None]] = lambda off, n: nullcontext(),
+        claim_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self.source = source
         self.target = target
         self.regions = regions
         self.throttle = throttle
         self.reserve = reserve  # pool room for what lands on the target
+        #: copy a region that has writes in flight too (active mode): see copy_region
+        self.claim_busy = claim_busy
         self.copied_bytes = 0  # data bytes read from the source and written to the target
         self.zeroed_bytes = 0
         self.regions_copied = 0
@@ -272,22 +275,31 @@ class Copier:
         # every read in flight at once, not one round trip to the source per run.
         return await asyncio.gather(*(self.source.read(off, ln) for off, ln in spans))
 
-    async def copy_region(self, r: int) -> bool:
-        """Copy region ``r`` if it is DIRTY and idle; True if it became CLEAN."""
+    def _may_copy(self, r: int) -> bool:
         regions = self.regions
-        if regions.state[r] != DIRTY or regions.inflight[r]:
+        return bool(regions.state[r] == DIRTY and (not regions.inflight[r] or self.claim_busy()))
+
+    async def copy_region(self, r: int) -> bool:
+        """Copy region ``r`` if it is DIRTY and idle (in active mode, busy too); True
+        if it became CLEAN."""
+        regions = self.regions
+        if not self._may_copy(r):
             return False
         if self.throttle.rate > 0:
             # Wait for the throttle BEFORE the race window opens: a write during the
             # wait would otherwise void the copy and waste its budget (I5).
             await self.throttle.take(sum(ln for _, ln, zero in await self._runs(r) if not zero))
-            if regions.state[r] != DIRTY or regions.inflight[r]:
+            if not self._may_copy(r):
                 return False
-        gen = regions.gen[r]
         regions.state[r] = COPYING
         regions.copying[r] = done = asyncio.Event()
         try:
-            return await self._copy(r, gen)
+            if regions.inflight[r]:
+                # Active mode, and writes keep the region busy: under enough of them no
+                # region is ever idle and the copy never converges (I5). New writes wait
+                # for this copy (MigratingBackend._modify); wait out those in flight.
+                await regions.idle(r)
+            return await self._copy(r, regions.gen[r])
         finally:
             del regions.copying[r]
             done.set()

@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from emulator.nbd.backend import Backend, Done, copy_capabilities
+from emulator.nbd.errors import BackendError
 from emulator.nbd.protocol import Extent
 
 from .regions import ProgressFile, RegionMap
@@ -105,18 +106,24 @@ class MigratingBackend(Backend):
         on_source: Callable[[Backend], Awaitable[None]],
         both_sides: bool,
     ) -> None:
-        if not self._gate.is_set():
-            await self._gate.wait()
-        if self._forward is not None:  # cut over while we waited
-            await on_source(self._forward)
-            return
         regions = self.regions
         r0, r1 = regions.span(offset, length)
-        if self.active and regions.copying:
+        while True:
+            if not self._gate.is_set():
+                await self._gate.wait()
+            if self._forward is not None:  # cut over while we waited
+                await on_source(self._forward)
+                return
+            if not self.active:
+                break
             # Wait out a copy of these regions rather than void it: in active mode every
-            # region then ends clean and stays so, whatever the write rate (I5).
-            while waits := [ev for r in range(r0, r1) if (ev := regions.copying.get(r)) is not None]:
-                await asyncio.gather(*(ev.wait() for ev in waits))
+            # region then ends clean and stays so, whatever the write rate (I5). Then look
+            # at the gate again: a cutover may have held writes meanwhile, and this one,
+            # not yet begun, would not be drained but go to the source after the swap.
+            waits = [ev for r in range(r0, r1) if (ev := regions.copying.get(r)) is not None]
+            if not waits:
+                break
+            await asyncio.gather(*(ev.wait() for ev in waits))
         self._begin_write(r0, r1)
         try:
             if self.progress.any_clean(r0, r1):
@@ -203,17 +210,29 @@ class MigratingBackend(Backend):
     async def flush(self) -> None:
         if self._forward is not None:
             await self._forward.flush()
-        elif not self.active:
+            return
+        try:
+            await self._flush_both()
+        except BackendError:
+            if self._forward is None:
+                raise
+            # The LUN cut over while this flush ran (the cutover holds writes, not
+            # flushes) and released its source: ESHUTDOWN, a host's FLUSH failing for
+            # nothing. What must be durable now is the local copy, which serves the LUN.
+            await self._forward.flush()
+
+    async def _flush_both(self) -> None:
+        if not self.active:
             await self.source.flush()
-        else:
-            # The target mirrors every write to a clean region: flush it too, so that
-            # what a host flushed is durable there when the LUN cuts over without a
-            # flush under held writes. Its failure is the migration's, not the host's.
-            src, tgt = await asyncio.gather(self.source.flush(), self.target.flush(), return_exceptions=True)
-            if isinstance(tgt, BaseException):
-                self.target_error = tgt
-            if isinstance(src, BaseException):
-                raise src
+            return
+        # The target mirrors every write to a clean region: flush it too, so that
+        # what a host flushed is durable there when the LUN cuts over without a
+        # flush under held writes. Its failure is the migration's, not the host's.
+        src, tgt = await asyncio.gather(self.source.flush(), self.target.flush(), return_exceptions=True)
+        if isinstance(tgt, BaseException):
+            self.target_error = tgt
+        if isinstance(src, BaseException):
+            raise src
 
     async def cache(self, offset: int, length: int) -> None:
         await (self._forward or self.source).cache(offset, length)

@@ -157,8 +157,14 @@ class Migration:
                 regions.target_data[:] = False  # a fresh LUN file is all holes
         self.backend = MigratingBackend(src, self.local, regions, progress, self.reserve, self.clock)
         self.backend.active = self.mode == "active"
+        backend = self.backend
         self.copier = Copier(
-            src, self.local, regions, Throttle(self.config.throttle, self.clock, self.sleep), self.reserve
+            src,
+            self.local,
+            regions,
+            Throttle(self.config.throttle, self.clock, self.sleep),
+            self.reserve,
+            claim_busy=lambda: backend.active,
         )
         self.lun.swap(self.backend)
         # The first in-pass checkpoint comes one interval after the start, not at

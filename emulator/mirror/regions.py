@@ -53,6 +53,8 @@ class RegionMap:
         self.target_data: npt.NDArray[np.bool_] = np.ones(self.count, np.bool_)
         #: regions being copied -> set when the copy ends (active mode holds writes on it)
         self.copying: dict[int, asyncio.Event] = {}
+        #: regions a copy waits to see idle -> done when their last write in flight ends
+        self._idle_waiters: dict[int, asyncio.Future[None]] = {}
 
     def span(self, offset: int, length: int) -> tuple[int, int]:
         """Regions [first, end) touched by a byte range (length > 0)."""
@@ -90,6 +92,22 @@ class RegionMap:
             self.inflight[r0] -= 1
         else:
             self.inflight[r0:r1] -= 1
+        if self._idle_waiters:
+            for r in range(r0, r1):
+                w = self._idle_waiters.get(r)
+                if w is not None and not self.inflight[r]:
+                    del self._idle_waiters[r]
+                    if not w.done():
+                        w.set_result(None)
+
+    async def idle(self, r: int) -> None:
+        """Return once region ``r`` has no write in flight."""
+        if not self.inflight[r]:
+            return
+        w = self._idle_waiters.get(r)
+        if w is None:
+            w = self._idle_waiters[r] = asyncio.get_running_loop().create_future()
+        await asyncio.shield(w)  # a cancelled waiter must not cancel it for the others
 
     def mark_dirty(self, r0: int, r1: int) -> int:
         """Mark regions dirty; returns the bytes of those that were not (what the
