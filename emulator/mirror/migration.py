@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from emulator.nbd.backend import Backend
 from emulator.nbd.errors import BackendError
+from emulator.nbd.protocol import STATE_ZERO
 
 from .copier import Copier, TargetError, Throttle
 from .migrating import MigratingBackend
@@ -151,6 +153,7 @@ class Migration:
         if resume and self.progress_path.exists():
             progress.load()
             self.recopied_regions = regions.dirty_count()
+            await self._find_target_holes()
         else:
             progress.create()
             if not resume:
@@ -174,6 +177,34 @@ class Migration:
             self.state = "paused"
             self._unpaused.clear()
         self._task = asyncio.ensure_future(self._run())
+
+    async def _find_target_holes(self) -> None:
+        """On resume, learn from the local copy's own allocation map where it
+        holds nothing: those regions' holes are cleaned in bulk with the source's
+        map, as on a fresh start, instead of a write_zeroes each (a 4 TiB LUN with
+        100 MiB of data resumed in 65 s and 46 s of CPU, where it copies in 4).
+        Nothing writes the local copy meanwhile: the LUN is swapped to it after
+        this, and a resumed LUN is exported only once start() returned (manager)."""
+        regions = self.regions
+        assert regions is not None
+        if not self.local.can_extents:
+            return  # all may hold data: every hole region is zeroed on the target
+        data = np.zeros(regions.count, np.bool_)
+        shift, size, pos = regions.shift, regions.size, 0
+        while pos < size:
+            asked = pos
+            for e in await self.local.extents(pos, size - pos):
+                ln = min(e.length, size - pos)
+                if ln <= 0:
+                    break
+                if not e.flags & STATE_ZERO:
+                    data[pos >> shift : ((pos + ln - 1) >> shift) + 1] = True
+                pos += ln
+            if pos == asked:  # a map that moves nowhere: the rest may hold data
+                data[pos >> shift :] = True
+                break
+            await asyncio.sleep(0)  # a fragmented file takes many answers: let hosts in
+        regions.target_data[:] = data
 
     # ------------------------------------------------------------------ control
     def pause(self) -> None:
@@ -275,15 +306,28 @@ class Migration:
         assert regions is not None and copier is not None
         before = copier.regions_copied
         cursor = 0
-        queue: deque[int] = deque()
+        queue: npt.NDArray[np.intp] = np.empty(0, np.intp)
+        pos = 0
 
         def take() -> int:
-            nonlocal cursor
-            while not queue and cursor < regions.count:
+            nonlocal cursor, queue, pos
+            while True:
+                if pos < queue.size:
+                    r = int(queue[pos])
+                    if regions.state[r] == DIRTY:
+                        pos += 1
+                        return r
+                    # Made clean since the queue was filled: a hole cleaned with its
+                    # window's map. Drop every such region at once, not one call each:
+                    # a 4 TiB LUN has 4M regions, nearly all holes (1-2 us each, 6 s).
+                    rest = queue[pos:]
+                    queue, pos = rest[regions.state[rest] == DIRTY], 0
+                    continue
+                if cursor >= regions.count:
+                    return -1
                 end = min(regions.count, cursor + 4096)
-                queue.extend((cursor + np.flatnonzero(regions.state[cursor:end] == DIRTY)).tolist())
+                queue, pos = cursor + np.flatnonzero(regions.state[cursor:end] == DIRTY), 0
                 cursor = end
-            return queue.popleft() if queue else -1
 
         async def worker() -> None:
             while self._unpaused.is_set():
@@ -307,12 +351,15 @@ class Migration:
         try:
             now = self.clock()
             self._last_checkpoint = now
-            cand = np.flatnonzero(
-                (regions.state == 2)
-                & ~progress.disk_clean
-                & (regions.inflight == 0)
-                & (regions.last_write <= now - self.config.hot_window)
-            )
+            # Over the whole LUN only the two byte maps; the wide arrays (inflight,
+            # last_write: 12 bytes a region) only at the regions clean since the
+            # last checkpoint. All four over 64M regions (a 64 TiB LUN) took up to
+            # 0.85 s of the event loop at each checkpoint (every second), the byte
+            # maps alone 65 ms: what is left is still one scan a checkpoint.
+            cand = np.flatnonzero((regions.state == 2) & ~progress.disk_clean)
+            cand = cand[
+                (regions.inflight[cand] == 0) & (regions.last_write[cand] <= now - self.config.hot_window)
+            ]
             if cand.size == 0:
                 return
             gens = regions.gen[cand].copy()

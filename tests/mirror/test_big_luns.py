@@ -1,0 +1,174 @@
+"""A migration's cost in a big, mostly empty LUN: the work per region that is
+a hole must be vector work, not a Python call per region (a 16 TiB LUN has
+16M regions of 1 MiB; at 1-2 us a call that was seconds of CPU a TiB, most
+of a sparse migration's time: 4 TiB with 100 MiB of data, 7.2 s -> 4.4 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from bisect import bisect_left
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from emulator.mirror.copier import Copier
+from emulator.mirror.migration import Migration, MigrationConfig
+from emulator.mirror.regions import CLEAN
+from emulator.nbd.backend import Backend, MemoryBackend
+from emulator.nbd.protocol import STATE_HOLE, STATE_ZERO, Extent
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+class Thin(MemoryBackend):
+    """A MemoryBackend whose allocation map jumps over holes (its own walks page by page)."""
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        pages = sorted(self._pages)
+        page = offset // self.PAGE
+        i = bisect_left(pages, page)
+        if i < len(pages) and pages[i] == page:
+            n = min(self.PAGE - offset % self.PAGE, length)
+            return [Extent(n, 0)]
+        nxt = pages[i] * self.PAGE if i < len(pages) else self.size
+        return [Extent(min(nxt - offset, length), STATE_HOLE | STATE_ZERO)]
+
+
+class Lun:
+    def __init__(self) -> None:
+        self.backend: Backend | None = None
+
+    def swap(self, backend: Backend) -> None:
+        self.backend = backend
+
+
+def test_a_pass_does_not_call_the_copier_for_each_hole_region(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass hands the copier only regions still DIRTY: the holes its map reads
+    cleaned in bulk are skipped with the queue, not one copy_region call each."""
+    calls = [0]
+    copy_region = Copier.copy_region
+
+    async def counted(self: Copier, r: int) -> bool:
+        calls[0] += 1
+        return await copy_region(self, r)
+
+    monkeypatch.setattr(Copier, "copy_region", counted)
+
+    async def main() -> None:
+        size, region = 4 * GiB, 64 * KiB  # 65536 regions
+        src = Thin(size)
+        data = [5 * MiB, GiB + 4 * KiB, 3 * GiB + 7 * MiB, size - 4 * KiB]
+        for off in data:
+            await src.write(off, off.to_bytes(8, "little") * 512)
+        target = MemoryBackend(size)
+        m = Migration(
+            "vol", "move:x:y", Lun(), target, tmp_path / "vol.progress",
+            MigrationConfig(region_size=region), on_change=lambda m: None, source=src,
+        )
+        await m.start()
+        assert await m.wait(30) == "completed"
+        for off in data:
+            assert await target.read(off, 4 * KiB) == off.to_bytes(8, "little") * 512
+        assert await target.read(2 * GiB, 64 * KiB) == bytes(64 * KiB)
+        # a call per data region and per map read (the first region of a window
+        # whose map is not read yet); before: one for each of the 65536 regions
+        assert calls[0] <= 4 * len(data) + size // (64 * MiB), calls[0]
+
+    asyncio.run(main())
+
+
+class ThinCounted(Thin):
+    """Counts write_zeroes calls."""
+
+    zeroes = 0
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        self.zeroes += 1
+        await super().write_zeroes(offset, length, may_trim, fast, fua)
+
+
+def test_a_resumed_migration_cleans_the_holes_of_its_local_copy_in_bulk(tmp_path: Path) -> None:
+    """After a restart the regions not clean on disk are copied again; where the
+    local copy holds nothing (its own allocation map) the source's holes cost no
+    write_zeroes each, as on a fresh start. Where it holds data the source no
+    longer has (a copy that raced a trim), the data is zeroed all the same."""
+
+    async def main() -> None:
+        size, region = GiB, 64 * KiB  # 16384 regions
+        src = Thin(size)
+        data = [5 * MiB, 300 * MiB + 4 * KiB, size - 4 * KiB]
+        for off in data:
+            await src.write(off, off.to_bytes(8, "little") * 512)
+        target = ThinCounted(size)
+        stale = 700 * MiB  # the local copy holds data here, the source a hole
+        await target.write(stale, b"\xee" * 8 * KiB)
+
+        def migration() -> Migration:
+            return Migration(
+                "vol", "move:x:y", Lun(), target, tmp_path / "vol.progress",
+                MigrationConfig(region_size=region), on_change=lambda m: None, source=src,
+            )
+
+        first = migration()
+        await first.start(paused=True)  # the progress file: nothing clean yet
+        await first.shutdown()
+        m = migration()
+        await m.start(resume=True)
+        assert m.recopied_regions == size // region
+        assert await m.wait(30) == "completed"
+        for off in data:
+            assert await target.read(off, 4 * KiB) == off.to_bytes(8, "little") * 512
+        assert await target.read(stale, 8 * KiB) == bytes(8 * KiB)
+        # the stale region only; before: one for each of the 16384 hole regions
+        assert target.zeroes <= 4, target.zeroes
+
+    asyncio.run(main())
+
+
+class Counted(np.ndarray):
+    """An array that counts the elements its ufuncs (==, <=, &) read."""
+
+    read = 0
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        Counted.read += sum(x.size for x in inputs if isinstance(x, Counted))
+        args = [x.view(np.ndarray) if isinstance(x, Counted) else x for x in inputs]
+        return getattr(ufunc, method)(*args, **kwargs)
+
+
+def test_a_checkpoint_reads_the_wide_arrays_only_at_its_candidates(tmp_path: Path) -> None:
+    """A checkpoint runs every second on the event loop: over the whole LUN it
+    reads only the state and clean-bit maps, not the in-flight counts and write
+    times (12 bytes a region) of every region."""
+
+    async def main() -> None:
+        size, region = GiB, 64 * KiB  # 16384 regions
+        src = Thin(size)
+        target = MemoryBackend(size)
+        now = [1000.0]
+        m = Migration(
+            "vol", "move:x:y", Lun(), target, tmp_path / "vol.progress",
+            MigrationConfig(region_size=region), on_change=lambda m: None, source=src,
+            clock=lambda: now[0],
+        )
+        await m.start(paused=True)
+        regions, progress = m.regions, m.progress
+        assert regions is not None and progress is not None
+        regions.state[100:110] = CLEAN  # copied since the last checkpoint
+        regions.inflight = regions.inflight.view(Counted)
+        regions.last_write = regions.last_write.view(Counted)
+        Counted.read = 0
+        now[0] += 10
+        await m._checkpoint()
+        assert progress.disk_clean[100:110].all() and progress.disk_clean.sum() == 10
+        assert Counted.read <= 2 * 10, Counted.read  # before: 2 * 16384
+        await m.cancel()
+
+    asyncio.run(main())
