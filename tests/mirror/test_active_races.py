@@ -34,6 +34,14 @@ BLOCK = 4096
 WRITERS = 3  # per region: one of them is nearly always in flight
 
 
+def migrating(tmp_path: Path, source: MemoryBackend, target: MemoryBackend) -> MigratingBackend:
+    """A MigratingBackend of ``source`` into ``target``, every region dirty, progress on disk."""
+    regions = RegionMap(SIZE, REGION)
+    progress = ProgressFile(tmp_path / "progress", regions, {})
+    progress.create()
+    return MigratingBackend(source, target, regions, progress)
+
+
 class SlowWrites(MemoryBackend):
     """A source whose writes take a while, as a remote one's do."""
 
@@ -47,10 +55,8 @@ def test_active_mode_copies_regions_that_are_never_idle(tmp_path: Path) -> None:
         source, target = SlowWrites(SIZE), MemoryBackend(SIZE)
         model = bytearray(os.urandom(SIZE))
         await source.write(0, bytes(model))
-        regions = RegionMap(SIZE, REGION)
-        progress = ProgressFile(tmp_path / "progress", regions, {})
-        progress.create()
-        mb = MigratingBackend(source, target, regions, progress)
+        mb = migrating(tmp_path, source, target)
+        regions = mb.regions
         mb.active = True
         copier = Copier(source, target, regions, Throttle(), claim_busy=lambda: mb.active)
         stop = asyncio.Event()
@@ -104,10 +110,7 @@ def test_a_flush_that_races_the_cutover_flushes_the_local_copy(tmp_path: Path, a
 
     async def main() -> None:
         source, target = GoneOnFlush(SIZE), MemoryBackend(SIZE)
-        regions = RegionMap(SIZE, REGION)
-        progress = ProgressFile(tmp_path / "progress", regions, {})
-        progress.create()
-        mb = MigratingBackend(source, target, regions, progress)
+        mb = migrating(tmp_path, source, target)
         mb.active = active
         flush = asyncio.ensure_future(mb.flush())
         await asyncio.wait_for(source.flushing.wait(), 5)
@@ -128,10 +131,8 @@ def test_a_write_that_waited_for_a_copy_is_held_by_a_cutover_begun_meanwhile(tmp
 
     async def main() -> None:
         source, target = MemoryBackend(SIZE), MemoryBackend(SIZE)
-        regions = RegionMap(SIZE, REGION)
-        progress = ProgressFile(tmp_path / "progress", regions, {})
-        progress.create()
-        mb = MigratingBackend(source, target, regions, progress)
+        mb = migrating(tmp_path, source, target)
+        regions = mb.regions
         mb.active = True
         regions.copying[0] = copy_done = asyncio.Event()  # a copy of region 0 runs
         write = asyncio.ensure_future(mb.write(0, b"\xab" * BLOCK))
