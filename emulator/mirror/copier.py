@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from bisect import bisect_right
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -69,6 +69,28 @@ class _ExtentMap:
     runs: list[tuple[int, int, bool]]  # (offset, length, is_zero), contiguous
     gens: np.ndarray  # generations of the regions from start on when the map was read
     starts: list[int]  # offset of each run, to find a region's runs by bisection
+
+
+async def allocation_runs(
+    backend: Backend, start: int, need: int, limit: int
+) -> AsyncIterator[list[tuple[int, int, bool]]]:
+    """``backend``'s allocation map from ``start`` as contiguous (offset, length,
+    is_zero) runs, one list per answer, until ``need`` is covered (an answer may
+    run on up to ``limit``). An answer that moves nowhere is not asked again: the
+    rest up to ``need`` comes as one run of data (never trusted to be a hole)."""
+    pos = start
+    while pos < need:
+        asked, runs = pos, []
+        for e in await backend.extents(pos, limit - pos):
+            ln = min(e.length, limit - pos)
+            if ln <= 0:
+                break
+            runs.append((pos, ln, bool(e.flags & STATE_ZERO)))
+            pos += ln
+        if pos == asked:
+            yield [(pos, need - pos, False)]
+            return
+        yield runs
 
 
 def _clip(
@@ -178,20 +200,9 @@ class Copier:
             # never trust the map for its region (its generation can only match later).
             gens[regions.inflight[w0:w1] > 0] -= 1
             runs: list[tuple[int, int, bool]] = []
-            pos = start
-            while pos < end:
-                asked = pos
-                for e in await self.source.extents(pos, span - pos):
-                    ln = min(e.length, span - pos)
-                    if ln <= 0:
-                        break
-                    runs.append((pos, ln, bool(e.flags & STATE_ZERO)))
-                    pos += ln
-                if pos == asked:  # an answer that moves nowhere: never ask it again
-                    break
-            if pos < end:  # a short map: treat the rest as data
-                runs.append((pos, end - pos, False))
-                pos = end
+            async for answer in allocation_runs(self.source, start, end, span):
+                runs.extend(answer)
+            pos = runs[-1][0] + runs[-1][1]
             starts = [o for o, _, _ in runs]
             c = self._install(w, start, end, runs, starts, gens)
             # Later windows the answer covered whole came free.

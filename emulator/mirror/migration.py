@@ -25,9 +25,8 @@ import numpy.typing as npt
 
 from emulator.nbd.backend import Backend
 from emulator.nbd.errors import BackendError
-from emulator.nbd.protocol import STATE_ZERO
 
-from .copier import Copier, TargetError, Throttle
+from .copier import Copier, TargetError, Throttle, allocation_runs
 from .migrating import MigratingBackend
 from .regions import DIRTY, ProgressFile, RegionMap
 from .remote import RemoteBackend
@@ -190,19 +189,11 @@ class Migration:
         if not self.local.can_extents:
             return  # all may hold data: every hole region is zeroed on the target
         data = np.zeros(regions.count, np.bool_)
-        shift, size, pos = regions.shift, regions.size, 0
-        while pos < size:
-            asked = pos
-            for e in await self.local.extents(pos, size - pos):
-                ln = min(e.length, size - pos)
-                if ln <= 0:
-                    break
-                if not e.flags & STATE_ZERO:
-                    data[pos >> shift : ((pos + ln - 1) >> shift) + 1] = True
-                pos += ln
-            if pos == asked:  # a map that moves nowhere: the rest may hold data
-                data[pos >> shift :] = True
-                break
+        shift = regions.shift
+        async for answer in allocation_runs(self.local, 0, regions.size, regions.size):
+            for off, ln, zero in answer:
+                if not zero:
+                    data[off >> shift : ((off + ln - 1) >> shift) + 1] = True
             await asyncio.sleep(0)  # a fragmented file takes many answers: let hosts in
         regions.target_data[:] = data
 
