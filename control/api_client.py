@@ -117,6 +117,20 @@ class ArrayApi:
         result: dict[str, Any] = self.call("GET", f"/api/v1/migrations/{q}", query=query)
         return result
 
+    def update_migration(
+        self, name: str, throttle: float | None = None, mode: str | None = None
+    ) -> dict[str, Any]:
+        """Change a running migration: its throttle in MB/s (0 = unlimited), at once and
+        kept across restarts, and/or ``mode="active"``; its status after."""
+        body: dict[str, Any] = {}
+        if throttle is not None:
+            body["throttle"] = throttle
+        if mode is not None:
+            body["mode"] = mode
+        q = urllib.parse.quote(name, safe="")
+        result: dict[str, Any] = self.call("PATCH", f"/api/v1/migrations/{q}", body)
+        return result
+
     def wait_migration(self, name: str, timeout: float | None = None) -> dict[str, Any]:
         """Long-poll a migration until it has ended (``state`` in FINAL) or ``timeout``
         seconds have passed (never: None); its last status either way."""

@@ -1,4 +1,4 @@
-"""`blockmig migration start|status|list|pause|resume|cancel|wait` against an array's API."""
+"""`blockmig migration start|status|list|set|pause|resume|cancel|wait` against an array's API."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def format_status(st: dict[str, Any]) -> str:
         f"eta:          {'-' if eta is None else f'{eta:.0f} s'}",
         f"passes:       {st['passes']}",
     ]
+    if "throttle" in st:
+        rate = st["throttle"]
+        lines.insert(5, f"throttle:     {f'{rate / 1e6:g} MB/s' if rate else 'unlimited'}")
     if st.get("cutover_pause_ms") is not None:
         lines.append(f"cutover:      writes held {st['cutover_pause_ms']:.2f} ms")
     if st.get("last_error"):
@@ -57,6 +60,15 @@ def cmd_start(args: argparse.Namespace, api: ArrayApi) -> int:
         body["region_size"] = parse_size(args.region_size)
     st = api.call("POST", "/api/v1/migrations", body)
     _emit(args, st, f"migration of {st['lun']} started; the LUN is attachable now\n" + format_status(st))
+    return 0
+
+
+def cmd_set(args: argparse.Namespace, api: ArrayApi) -> int:
+    if args.throttle is None and args.mode is None:
+        print("blockmig: migration set: give --throttle and/or --mode", file=sys.stderr)
+        return 2
+    st = api.update_migration(args.lun, args.throttle, args.mode)
+    _emit(args, st, format_status(st))
     return 0
 
 
@@ -129,6 +141,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     p.add_argument("--region-size", metavar="SIZE", help="region size, a power of two (default 1M)")
     p.set_defaults(func=run_api_command(cmd_start))
+    p = msub.add_parser(
+        "set",
+        help="change a running migration: its throttle (at once, kept across restarts) or mode",
+    )
+    _api_args(p)
+    p.add_argument("lun", metavar="NAME")
+    p.add_argument(
+        "--throttle", type=rate_arg, metavar="MBPS", help="new copy rate limit in MB/s (0 = unlimited)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("active",),
+        help="go active now: writes go to both sides (there is no way back to background)",
+    )
+    p.set_defaults(func=run_api_command(cmd_set))
     for name, helptext, func in (
         ("status", "show a migration", cmd_status),
         ("pause", "pause copying (host I/O keeps flowing)", _action("pause")),

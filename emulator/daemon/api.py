@@ -240,6 +240,13 @@ async def get_migration(request: web.Request) -> web.Response:
     return web.json_response(await mgr.wait_status(name, wait))
 
 
+async def update_migration(request: web.Request) -> web.Response:
+    """Change a running migration's throttle (and mode): applied at once, persisted."""
+    mgr = request.app[CTX].migrations
+    body = await _json_body(request, {"throttle", "mode"}, set())
+    return web.json_response(mgr.update(request.match_info["name"], body).status())
+
+
 async def migration_action(request: web.Request) -> web.Response:
     mgr = request.app[CTX].migrations
     m = mgr.get(request.match_info["name"])
@@ -282,6 +289,7 @@ def make_app(ctx: ApiContext) -> web.Application:
     app.router.add_post("/api/v1/migrations", start_migration)
     app.router.add_get("/api/v1/migrations", list_migrations)
     app.router.add_get("/api/v1/migrations/{name}", get_migration)
+    app.router.add_patch("/api/v1/migrations/{name}", update_migration)
     app.router.add_post("/api/v1/migrations/{name}/{action}", migration_action)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)

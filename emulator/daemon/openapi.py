@@ -136,6 +136,23 @@ SPEC: dict[str, Any] = {
                     "region_size": SIZE,
                 },
             },
+            "MigrationUpdate": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": False,
+                "properties": {
+                    "throttle": {
+                        "type": "number",
+                        "minimum": 0,
+                        "description": "MB/s, 0 = unlimited; applies at once, kept across restarts",
+                    },
+                    "mode": {
+                        "type": "string",
+                        "enum": ["active"],
+                        "description": "go active now (background -> active only)",
+                    },
+                },
+            },
             "Migration": {
                 "type": "object",
                 "required": ["lun", "source", "state", "mode", "copied_bytes", "dirty_bytes", "total_bytes"],
@@ -161,6 +178,8 @@ SPEC: dict[str, Any] = {
                     "copy_rate": {"type": "integer"},
                     "dirty_rate": {"type": "integer"},
                     "eta_seconds": {"type": "number", "nullable": True},
+                    "region_size": {"type": "integer"},
+                    "throttle": {"type": "number", "description": "bytes/s, 0 = unlimited"},
                     "last_error": {"type": "string"},
                 },
             },
@@ -306,6 +325,21 @@ SPEC: dict[str, Any] = {
                     }
                 ],
                 "responses": {"200": _resp({"$ref": "#/components/schemas/Migration"}), **_errors(400, 404)},
+            },
+            "patch": {
+                "operationId": "updateMigration",
+                "summary": "change a running migration's throttle (at once, also for copies waiting "
+                "on the old rate, and kept across restarts) or switch it to active mode",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/MigrationUpdate"}}
+                    },
+                },
+                "responses": {
+                    "200": _resp({"$ref": "#/components/schemas/Migration"}),
+                    **_errors(400, 404, 409),
+                },
             },
         },
         "/api/v1/migrations/{name}/{action}": {

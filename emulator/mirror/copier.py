@@ -39,7 +39,8 @@ class TargetError(BackendError):
 
 
 class Throttle:
-    """Token bucket in bytes per second (0 = unlimited), with injected time."""
+    """Token bucket in bytes per second (0 = unlimited), with injected time.
+    The rate may change while copies wait on it (``set_rate``)."""
 
     def __init__(
         self,
@@ -51,15 +52,35 @@ class Throttle:
         self._clock = clock
         self._sleep = sleep
         self._next = 0.0
+        self._changed: asyncio.Future[None] | None = None  # set when the rate changes
+
+    def set_rate(self, rate: float) -> None:
+        """Apply ``rate`` from now on: the waits booked at the old rate are dropped
+        and every waiter books again at the new one (1 MB/s -> unlimited: 4 workers
+        would otherwise sleep out up to 4 s of booked regions first)."""
+        self.rate = rate
+        self._next = 0.0
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
 
     async def take(self, nbytes: int) -> None:
-        if self.rate <= 0:
-            return
-        now = self._clock()
-        start = max(now, self._next)
-        self._next = start + nbytes / self.rate
-        if start > now:
-            await self._sleep(start - now)
+        while self.rate > 0:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + nbytes / self.rate
+            if start <= now:
+                return
+            if self._changed is None:
+                self._changed = asyncio.get_running_loop().create_future()
+            changed = self._changed
+            nap = asyncio.ensure_future(self._sleep(start - now))
+            try:
+                await asyncio.wait((nap, changed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                nap.cancel()
+            if not changed.done():
+                return  # slept out the booked wait
 
 
 @dataclass(slots=True)

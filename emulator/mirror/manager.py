@@ -1,9 +1,10 @@
 """Migrations of one array: start, follow, persist, resume after a restart.
 
 Migration records live in the array's SQLite database (table
-``migrations``, with the capabilities the source offered when last
-connected, so that a restarted array advertises them before the source
-answers); region progress lives beside each LUN file (``POOL/LUN.progress``).
+``migrations``: the config, with the throttle as last set, and the
+capabilities the source offered when last connected, so that a restarted
+array advertises them before the source answers); region progress lives
+beside each LUN file (``POOL/LUN.progress``).
 LUN states on the array: ``migrating`` while the LUN is served through a
 MigratingBackend, ``remote`` when it serves the source directly (after a
 cancel or a failure), ``ready`` once cut over.
@@ -262,6 +263,32 @@ class MigrationManager:
             raise NotFound(f"no migration of LUN {name!r} on array {self.array.name!r}")
         return m
 
+    def update(self, name: str, changes: dict[str, Any]) -> Migration:
+        """Change a running migration: ``throttle`` (MB/s, 0 = unlimited) and/or
+        ``mode`` ("active" only). All is checked before anything changes."""
+        m = self.get(name)
+        if m.state in FINAL:
+            raise Conflict(f"migration of {name} is {m.state}")
+        if not changes:
+            raise InvalidInput("nothing to change: give throttle (MB/s) and/or mode ('active')")
+        rate = None
+        if "throttle" in changes:
+            try:
+                rate = parse_rate(changes["throttle"]) * 1e6
+            except ValueError:
+                raise InvalidInput(
+                    f"throttle must be MB/s >= 0 (0 = unlimited), not {changes['throttle']!r}"
+                ) from None
+        if "mode" in changes and changes["mode"] != "active":
+            raise InvalidInput(
+                f"mode can only be set to 'active' (background -> active), not {changes['mode']!r}"
+            )
+        if rate is not None:
+            m.set_throttle(rate)  # persisted with the config by _changed
+        if "mode" in changes:
+            m.go_active()
+        return m
+
     def status(self, name: str) -> dict[str, Any]:
         if name in self.migrations:
             return self.migrations[name].status()
@@ -367,8 +394,17 @@ class MigrationManager:
         st = m.status()
         with self._db.transaction() as db:
             db.execute(
-                "UPDATE migrations SET state=?, mode=?, error=?, finished=?, status=? WHERE lun=?",
-                (m.state, m.mode, m.last_error, m.finished, json.dumps(st), m.name),
+                "UPDATE migrations SET state=?, mode=?, config=?, error=?, finished=?, status=? "
+                "WHERE lun=?",
+                (
+                    m.state,
+                    m.mode,
+                    json.dumps(m.config.as_dict()),  # its throttle may have changed (update)
+                    m.last_error,
+                    m.finished,
+                    json.dumps(st),
+                    m.name,
+                ),
             )
             if lun_state:
                 db.execute("UPDATE luns SET state=? WHERE name=?", (lun_state, m.name))

@@ -214,6 +214,24 @@ class Migration:
             self._unpaused.set()
             self.on_change(self)
 
+    def set_throttle(self, rate: float) -> None:
+        """Copy at ``rate`` bytes/s (0 = unlimited) from now on, also the copies
+        waiting on the old rate; the owner persists it through ``on_change``."""
+        if self.state in FINAL:
+            raise ValueError(f"migration of {self.name} is {self.state}")
+        self.config.throttle = rate
+        if self.copier is not None:
+            self.copier.throttle.set_rate(rate)
+        self.on_change(self)
+
+    def go_active(self) -> None:
+        """Active mode on request, as the engine goes by itself when background mode
+        would not converge (_go_active); one way only, so no request undoes that."""
+        if self.state in FINAL:
+            raise ValueError(f"migration of {self.name} is {self.state}")
+        if self.mode != "active":
+            self._activate("requested")
+
     async def cancel(self) -> None:
         if self.state in FINAL:
             raise ValueError(f"migration of {self.name} is already {self.state}")
@@ -497,12 +515,16 @@ class Migration:
         if self.mode != "background" or not self.config.auto_active or self.backend is None:
             return
         copy_rate, dirty_rate = self.rates()
-        self.mode = "active"
-        self.backend.active = True
-        self.mode_reason = (
+        self._activate(
             f"dirty rate {dirty_rate / 1e6:.1f} MB/s against copy rate {copy_rate / 1e6:.1f} MB/s: {why}"
         )
-        log.info("migration of %s goes active: %s", self.name, self.mode_reason)
+
+    def _activate(self, reason: str) -> None:
+        self.mode = "active"
+        self.mode_reason = reason
+        if self.backend is not None:
+            self.backend.active = True
+        log.info("migration of %s goes active: %s", self.name, reason)
         self.on_change(self)
 
     # ------------------------------------------------------------------ status
