@@ -283,6 +283,14 @@ class Array:
             raise InvalidInput(f"LUN {lun.name!r} is {lun.size} bytes; shrinking to {size} is not supported")
         if size == lun.size:
             return lun
+        if lun.state != "ready":
+            # A migrating LUN's size is its source's: its region map, its hosts' export
+            # and the copy all end there (growing only the local file made the API and
+            # NBD disagree, and a source grown meanwhile was copied only up to the old size).
+            raise Conflict(
+                f"LUN {lun.name!r} is {lun.state}: it has its source's size until its migration "
+                "completes; grow it once it is ready"
+            )
         self._db().update_lun(lun.name, size=size)
         try:
             os.ftruncate(lun.file.fd, size)

@@ -247,11 +247,15 @@ SPEC: dict[str, Any] = {
             "parameters": LUN_PATH,
             "post": {
                 "operationId": "growLun",
+                "summary": "grow a ready LUN (409 while it migrates or serves a remote source)",
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LunGrow"}}},
                 },
-                "responses": {"200": _resp({"$ref": "#/components/schemas/Lun"}), **_errors(400, 404, 507)},
+                "responses": {
+                    "200": _resp({"$ref": "#/components/schemas/Lun"}),
+                    **_errors(400, 404, 409, 507),
+                },
             },
         },
         "/api/v1/luns/{name}/connection": {
