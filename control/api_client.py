@@ -95,6 +95,16 @@ class ArrayApi:
         q = urllib.parse.quote(name, safe="")
         self.call("DELETE", f"/api/v1/luns/{q}", query={"force": "true" if force else "false"})
 
+    def fence_lun(self, name: str, holder: str = "") -> dict[str, Any]:
+        """Fence LUN ``name`` for a takeover; the answer's ``uri`` is the holder's alias."""
+        q = urllib.parse.quote(name, safe="")
+        result: dict[str, Any] = self.call("POST", f"/api/v1/luns/{q}/fence", {"holder": holder})
+        return result
+
+    def unfence_lun(self, name: str) -> None:
+        q = urllib.parse.quote(name, safe="")
+        self.call("DELETE", f"/api/v1/luns/{q}/fence")
+
     def connection(self, name: str) -> dict[str, Any]:
         q = urllib.parse.quote(name, safe="")
         result: dict[str, Any] = self.call("GET", f"/api/v1/luns/{q}/connection")

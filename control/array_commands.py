@@ -1,4 +1,4 @@
-"""`blockmig array info` and `blockmig lun create|list|show|grow|delete`."""
+"""`blockmig array info` and `blockmig lun create|list|show|grow|delete|fence|unfence`."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _lun_rows(luns: list[dict[str, Any]]) -> str:
 
 
 def _show(lun: dict[str, Any]) -> str:
-    keys = ("name", "size", "allocated", "pool", "export", "uri", "state", "connected_hosts")
+    keys = ("name", "size", "allocated", "pool", "export", "uri", "state", "connected_hosts", "fence")
     out = []
     for k in keys:
         v = lun.get(k)
@@ -54,6 +54,8 @@ def _show(lun: dict[str, Any]) -> str:
             v = f"{v} ({format_size(v)})"
         if isinstance(v, list):
             v = ", ".join(v) or "-"
+        if k == "fence":
+            v = f"for {v.get('holder') or 'a takeover'} (hosts read only)" if isinstance(v, dict) else "-"
         out.append(f"{k + ':':<17}{v}")
     return "\n".join(out)
 
@@ -103,6 +105,16 @@ def cmd_lun_grow(args: argparse.Namespace, api: ArrayApi) -> None:
 def cmd_lun_delete(args: argparse.Namespace, api: ArrayApi) -> None:
     api.delete_lun(args.name, force=args.force)
     _emit(args, {"deleted": args.name}, f"deleted LUN {args.name}")
+
+
+def cmd_lun_fence(args: argparse.Namespace, api: ArrayApi) -> None:
+    f = api.fence_lun(args.name, args.holder)
+    _emit(args, f, f"LUN {args.name} fenced: hosts read only; the holder's URI: {f['uri']}")
+
+
+def cmd_lun_unfence(args: argparse.Namespace, api: ArrayApi) -> None:
+    api.unfence_lun(args.name)
+    _emit(args, {"unfenced": args.name}, f"LUN {args.name} not fenced: hosts may write")
 
 
 def run_api_command(func: Any) -> Any:
@@ -155,3 +167,12 @@ def add_parsers(
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="delete even while hosts are connected")
     p.set_defaults(func=run_api_command(cmd_lun_delete))
+    p = lsub.add_parser("fence", help="fence a LUN for a takeover: read only to hosts, but to its holder")
+    _api_args(p)
+    p.add_argument("name")
+    p.add_argument("--holder", default="", help="who holds the fence (a label)")
+    p.set_defaults(func=run_api_command(cmd_lun_fence))
+    p = lsub.add_parser("unfence", help="lift a LUN's fence: hosts may write again")
+    _api_args(p)
+    p.add_argument("name")
+    p.set_defaults(func=run_api_command(cmd_lun_unfence))

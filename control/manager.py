@@ -194,9 +194,21 @@ class VolumeManager:
             r2 = None
             if not force_host_copy and dest.array != src.array:
                 self._inject("target")
-                src_uri = self.driver(src.array).connection_uri(v)
-                r2 = self.driver(dest.array).migrate_volume_target(v, src_uri, dest.pool)
+                ddrv, sdrv = self.driver(dest.array), self.driver(src.array)
+                if isinstance(ddrv, RemoteTakeoverMixin):
+                    # Fence the source first: hosts still attached to it can no longer
+                    # write behind the target's back (the write would be lost at the
+                    # cutover); the target alone gets the fence's URI. Recorded before
+                    # the call, so that every failure path lifts it.
+                    mig["fenced"] = True
+                    v = self.db.update(v.id, migration=mig)
+                    src_uri = sdrv.fence_for_takeover(v, f"volume {v.id}")
+                else:
+                    src_uri = sdrv.connection_uri(v)
+                r2 = ddrv.migrate_volume_target(v, src_uri, dest.pool)
             if r2 is None or not r2.moved:
+                if mig.get("fenced"):  # a generic host copy, the volume unusable meanwhile
+                    self._unfence(v, mig)
                 if dest.array == src.array:
                     raise VolumeError(
                         f"array {src.array} (model {src.backend}) cannot move volumes between its own "
@@ -296,8 +308,9 @@ class VolumeManager:
         if v.migration_status != "error" or not mig:
             return
         here = Host.parse(v.host).array
+        mig = dict(mig)
         if mig.get("phase") == "cleanup" and Host.parse(mig["source"]).array != here:
-            self.driver(Host.parse(mig["source"]).array).delete_volume(v)
+            self.driver(Host.parse(mig["source"]).array).delete_volume(v)  # its fence with it
         if mig.get("target_leftover") and Host.parse(mig["target"]).array != here:
             # the source stayed authoritative; a target restarted since may even have
             # resumed its copy of the (now stale) LUN and cut over to it
@@ -305,7 +318,11 @@ class VolumeManager:
             if isinstance(d, RemoteTakeoverMixin):
                 self._refuse_if_written_since_cutover(v, d)
                 d.cancel_migration_target(v)
-            self.db.update(v.id, migration={**mig, "target_leftover": False})
+            mig["target_leftover"] = False
+            self.db.update(v.id, migration=mig)
+        if mig.get("fenced") and Host.parse(mig["source"]).array == here:
+            # the source stayed authoritative but its fence could not be lifted then
+            self._unfence(v, mig)
 
     @staticmethod
     def _refuse_if_written_since_cutover(v: Volume, d: VolumeDriver) -> None:
@@ -329,6 +346,12 @@ class VolumeManager:
                 f"has taken {written} write(s) since: it may hold data the source lacks. Keep one "
                 f"copy by hand (`blockmig lun delete --api URL {v.lun} --force` on the other), then retry"
             )
+
+    def _unfence(self, v: Volume, mig: dict[str, Any]) -> None:
+        """Lift the source LUN's fence and record it (``mig`` is updated in place)."""
+        self.driver(Host.parse(mig["source"]).array).unfence(v)
+        mig["fenced"] = False
+        self.db.update(v.id, migration=mig)
 
     def _remove_source(self, v: Volume, mig: dict[str, Any]) -> None:
         self._inject("cleanup")
@@ -357,6 +380,15 @@ class VolumeManager:
             except (ApiError, VolumeError) as e:
                 mig["error"] += f"; cleanup on {dest.array}: {e} (done by the next migrate or delete)"
                 mig["target_leftover"] = True
+            if mig.get("fenced"):
+                # after the takeover is gone: hosts may write to the source again
+                try:
+                    self.driver(src.array).unfence(v)
+                    mig["fenced"] = False
+                except (ApiError, VolumeError) as e:
+                    mig["error"] += (
+                        f"; lifting the fence on {src.array}: {e} (done by the next migrate or delete)"
+                    )
         host, loc = mig["source"], mig.get("source_location", {})
         if mig.get("phase") == "source" and dest.array == src.array:
             # A pool move, which the array runs by itself: stop it, else it ends in the new

@@ -71,3 +71,66 @@ def run(
             f"stdout: {p.stdout[-3000:]}\nstderr: {p.stderr[-3000:]}"
         )
     return p
+
+
+#: a libnbd host driven line by line on stdin: ``w OFF BYTE LEN`` (pwrite of LEN bytes of the
+#: hex BYTE), ``r OFF LEN`` (pread), ``f`` (flush); each answers ``ok [HEX]`` or ``err ENAME
+#: MESSAGE`` on one line. It prints ``connected SIZE READ_ONLY`` first.
+LIBNBD_SHELL = r"""
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("connected", h.get_size(), h.is_read_only(), flush=True)
+for line in sys.stdin:
+    op, *a = line.split()
+    try:
+        if op == "w":
+            h.pwrite(bytes([int(a[1], 16)]) * int(a[2]), int(a[0]))
+            print("ok", flush=True)
+        elif op == "r":
+            print("ok", h.pread(int(a[1]), int(a[0])).hex(), flush=True)
+        elif op == "f":
+            h.flush()
+            print("ok", flush=True)
+    except nbd.Error as e:
+        print("err", e.errno, str(e).replace("\n", " "), flush=True)
+"""
+
+
+class LibnbdShell:
+    """A libnbd host (:data:`LIBNBD_SHELL`) connected to ``uri``; ``close()`` ends it."""
+
+    def __init__(self, uri: str) -> None:
+        self.proc = libnbd_host(LIBNBD_SHELL, uri, ready="connected", stdin=True)
+        self.sel = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+
+    def ask(self, line: str, timeout: float = 20.0) -> list[str]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        if not self.sel.select(timeout=timeout):
+            raise TimeoutError(f"libnbd host: no answer to {line!r} in {timeout} s")
+        return self.proc.stdout.readline().split()
+
+    def write(self, offset: int, byte: int, length: int) -> list[str]:
+        """['ok'] or ['err', ERRNO, ...]."""
+        return self.ask(f"w {offset} {byte:02x} {length}")
+
+    def read(self, offset: int, length: int) -> bytes:
+        r = self.ask(f"r {offset} {length}")
+        assert r[0] == "ok", f"read at {offset} failed: {r}"
+        return bytes.fromhex(r[1])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.sel.close()
+
+    def __enter__(self) -> LibnbdShell:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

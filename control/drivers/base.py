@@ -108,6 +108,23 @@ class VolumeDriver:
         """TARGET side: follow the migration to its end. Returns the final provider_location."""
         raise NotImplementedError(f"array {self.array_name} does not take migrations over")
 
+    # ---- fencing (SOURCE side of a remote takeover)
+    def fence_for_takeover(self, volume: Volume, holder: str) -> str:
+        """Make the volume's LUN read-only to every host and return the URI through
+        which the taking-over array alone reads and writes it: a host writing here
+        directly after the copy passed its region would be lost at the cutover.
+        Idempotent (a retried migration gets the same URI)."""
+        uri: str = self.api.fence_lun(volume.lun, holder)["uri"]
+        return uri
+
+    def unfence(self, volume: Volume) -> None:
+        """Lift the fence: this array stays authoritative. Idempotent; a missing LUN has none."""
+        try:
+            self.api.unfence_lun(volume.lun)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+
     # ---- helpers
     def _location(self, lun: dict[str, Any]) -> dict[str, Any]:
         return {"array": self.array_name, "lun": lun["name"], "pool": lun["pool"], "uri": lun["uri"]}

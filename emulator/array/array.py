@@ -18,8 +18,10 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import shutil
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from .errors import Conflict, InvalidInput, NoSpace, NotFound
 from .file_backend import FileBackend
 from .lun import Lun, LunBackend
 from .media import MediaBackend
-from .metadata import Metadata
+from .metadata import FenceRow, Metadata
 from .models import ArrayModel
 from .pool import Pool
 
@@ -40,6 +42,15 @@ log = logging.getLogger("blockmig.array")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SECTOR = 512
 MAX_LUN_SIZE = 1 << 50  # 1 PiB
+#: how long a fence waits for the writes in flight on the LUN's export to land
+FENCE_DRAIN_S = 5.0
+
+
+def fence_export(lun: str, token: str) -> str:
+    """The export name through which the holder of a fence reaches LUN ``lun``:
+    '~' is in no LUN name (NAME_RE), so it never collides with one, and it needs
+    no escaping in an nbd:// URI."""
+    return f"{lun}~fence-{token}"
 
 
 def check_name(kind: str, name: object) -> str:
@@ -85,6 +96,8 @@ class Array:
         #: called with a LUN's name before it is deleted (the migration layer hooks in here)
         self.delete_hooks: list[Callable[[str], Awaitable[None]]] = []
         self._deleting: set[str] = set()  # LUNs whose deletion awaits its hooks or hosts
+        #: fenced LUNs (:meth:`fence_lun`), by name
+        self.fences: dict[str, FenceRow] = {}
 
     # ---- start and stop
     def open(self) -> None:
@@ -123,6 +136,7 @@ class Array:
         if not meta.pools():
             free = shutil.disk_usage(self.data_dir).free
             meta.upsert_pool("default", max(SECTOR, free - free % SECTOR))
+        self.fences = {f.lun: f for f in meta.fences()}  # before the LUNs are exported
         for row in meta.pools():
             d = self.data_dir / "pools" / row.name
             d.mkdir(parents=True, exist_ok=True)
@@ -132,7 +146,8 @@ class Array:
             if lrow.state in ("creating", "deleting"):
                 # Finish what a crash interrupted.
                 path.unlink(missing_ok=True)
-                meta.delete_lun(lrow.name)
+                meta.delete_lun(lrow.name)  # and its fence
+                self.fences.pop(lrow.name, None)
                 log.warning("array %s: removed LUN %s left %s by a crash", self.name, lrow.name, lrow.state)
                 continue
             if not path.exists():
@@ -213,7 +228,70 @@ class Array:
 
     def export_lun(self, name: str) -> None:
         lun = self.get_lun(name)
-        self.server.add_export(name, lun.backend, description=f"array {self.name} pool {lun.pool}")
+        fence = self.fences.get(name)
+        desc = f"array {self.name} pool {lun.pool}"
+        self.server.add_export(name, lun.backend, description=desc, read_only=fence is not None)
+        if fence is not None:
+            self._export_alias(lun, fence)
+
+    def _export_alias(self, lun: Lun, fence: FenceRow) -> None:
+        self.server.add_export(
+            fence_export(lun.name, fence.token),
+            lun.backend,
+            description=f"array {self.name} pool {lun.pool}, fenced for {fence.holder or 'a takeover'}",
+            hidden=True,
+        )
+
+    # ---- fences (a LUN taken over by another array)
+    async def fence_lun(self, name: object, holder: str = "") -> tuple[FenceRow, bool]:
+        """Fence LUN ``name`` for a takeover: its export becomes read-only for every
+        host (those connected get EPERM on writes from now on), and a secret alias
+        export (:func:`fence_export`) gives the holder full access. Returns the fence
+        and whether it is new. Idempotent: fencing a fenced LUN returns its fence,
+        unless ``holder`` names another holder than the fence's (Conflict).
+
+        Returns once the writes in flight on the LUN's export have landed: a write
+        acknowledged later than the holder's copy of its region would be lost."""
+        lun = self.get_lun(check_name("LUN", name))
+        if lun.name in self._deleting:
+            raise Conflict(f"LUN {lun.name!r} is being deleted")
+        old = self.fences.get(lun.name)
+        if old is not None:
+            if holder and old.holder and holder != old.holder:
+                raise Conflict(f"LUN {lun.name!r} is already fenced for {old.holder!r}")
+            return old, False
+        fence = FenceRow(lun.name, secrets.token_hex(16), holder, time.time())
+        self._db().insert_fence(fence)  # first: a crash from here on restarts fenced
+        self.fences[lun.name] = fence
+        if lun.name in self.server.exports:  # else export_lun fences it when it exports it
+            self._export_alias(lun, fence)
+            inflight = self.server.set_read_only(lun.name, True)
+            if inflight:
+                _, pending = await asyncio.wait(inflight, timeout=FENCE_DRAIN_S)
+                if pending:
+                    log.warning(
+                        "array %s: fence of LUN %s: %d request(s) of hosts still in flight after %g s",
+                        self.name, lun.name, len(pending), FENCE_DRAIN_S,
+                    )
+        log.info("array %s: LUN %s fenced for %s", self.name, lun.name, holder or "a takeover")
+        return fence, True
+
+    async def unfence_lun(self, name: object) -> None:
+        """Lift the fence of LUN ``name`` (idempotent): the holder's alias export goes,
+        its connections are closed, and hosts may write again."""
+        lun = self.get_lun(check_name("LUN", name))
+        fence = self.fences.get(lun.name)
+        if fence is None:
+            return
+        self._db().delete_fence(lun.name)
+        del self.fences[lun.name]
+        alias = fence_export(lun.name, fence.token)
+        # the holder goes first: it and the hosts never write side by side
+        self.server.exports.pop(alias, None)
+        await self.server.disconnect_export(alias)
+        if lun.name in self.server.exports:
+            self.server.set_read_only(lun.name, False)
+        log.info("array %s: fence of LUN %s lifted", self.name, lun.name)
 
     def set_lun_state(
         self, name: str, state: str, also: Callable[[sqlite3.Connection], None] | None = None
@@ -291,6 +369,11 @@ class Array:
                 f"LUN {lun.name!r} is {lun.state}: it has its source's size until its migration "
                 "completes; grow it once it is ready"
             )
+        if lun.name in self.fences:
+            # its holder took it over at this size: what grew here would never be copied
+            raise Conflict(
+                f"LUN {lun.name!r} is fenced for a takeover; grow it on the array that took it over"
+            )
         self._db().update_lun(lun.name, size=size)
         try:
             os.ftruncate(lun.file.fd, size)
@@ -316,13 +399,20 @@ class Array:
         meta = self._db()
         meta.update_lun(lun.name, state="deleting")
         self.server.exports.pop(lun.name, None)
+        fence = self.fences.get(lun.name)
+        alias = fence_export(lun.name, fence.token) if fence else None
+        if alias:
+            self.server.exports.pop(alias, None)
         self._deleting.add(lun.name)
         try:
             for hook in self.delete_hooks:
                 await hook(lun.name)
             await self.server.disconnect_export(lun.name)
+            if alias:
+                await self.server.disconnect_export(alias)
         finally:
             self._deleting.discard(lun.name)
+        self.fences.pop(lun.name, None)  # its row goes with the LUN's (ON DELETE CASCADE)
         del self.luns[lun.name]
         self.pools[lun.pool].files.pop(lun.name, None)
         lun.backend.close()
@@ -331,12 +421,15 @@ class Array:
 
     # ---- views
     def connected_hosts(self, name: str) -> list[str]:
+        """Peers connected to the LUN: through its export, or as its fence's holder."""
+        fence = self.fences.get(name)
+        names = (name, fence_export(name, fence.token)) if fence else (name,)
         return sorted(
-            c.peer for c in self.server.connections if c.export is not None and c.export.name == name
+            c.peer for c in self.server.connections if c.export is not None and c.export.name in names
         )
 
     def lun_info(self, lun: Lun) -> dict[str, Any]:
-        return {
+        info = {
             "name": lun.name,
             "size": lun.size,
             "allocated": lun.allocated,
@@ -345,7 +438,12 @@ class Array:
             "state": lun.state,
             "created": lun.created,
             "connected_hosts": self.connected_hosts(lun.name),
+            "fenced": lun.name in self.fences,
         }
+        f = self.fences.get(lun.name)
+        if f is not None:  # never the alias: that is the holder's secret
+            info["fence"] = {"holder": f.holder, "since": f.since}
+        return info
 
     def pool_info(self, pool: Pool) -> dict[str, Any]:
         used = pool.used()

@@ -27,6 +27,13 @@ CREATE TABLE IF NOT EXISTS luns (
     state TEXT NOT NULL,
     created REAL NOT NULL
 );
+-- a LUN fenced for a takeover (Array.fence_lun); goes with its LUN
+CREATE TABLE IF NOT EXISTS fences (
+    lun TEXT PRIMARY KEY REFERENCES luns(name) ON DELETE CASCADE,
+    token TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    since REAL NOT NULL
+);
 """
 
 
@@ -35,6 +42,14 @@ class PoolRow:
     name: str
     capacity: int
     created: float
+
+
+@dataclass(slots=True)
+class FenceRow:
+    lun: str
+    token: str
+    holder: str
+    since: float
 
 
 @dataclass(slots=True)
@@ -120,3 +135,18 @@ class Metadata:
     def delete_lun(self, name: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM luns WHERE name=?", (name,))
+
+    # ---- fences
+    def fences(self) -> list[FenceRow]:
+        return [FenceRow(*r) for r in self.db.execute("SELECT lun, token, holder, since FROM fences")]
+
+    def insert_fence(self, row: FenceRow) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO fences(lun, token, holder, since) VALUES (?, ?, ?, ?)",
+                (row.lun, row.token, row.holder, row.since),
+            )
+
+    def delete_fence(self, lun: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM fences WHERE lun=?", (lun,))

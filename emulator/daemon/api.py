@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-from emulator.array.array import Array, check_name
+from emulator.array.array import Array, check_name, fence_export
 from emulator.array.errors import ArrayError, Conflict, InvalidInput
 from emulator.array.stats import collector
 from emulator.mirror.manager import MigrationManager
@@ -193,6 +193,32 @@ async def lun_connection(request: web.Request) -> web.Response:
     )
 
 
+async def fence_lun(request: web.Request) -> web.Response:
+    """Fence the LUN for a takeover; the answer names the holder's alias export."""
+    ctx = request.app[CTX]
+    body = await _json_body(request, {"holder"}, set()) if request.body_exists else {}
+    holder = body.get("holder", "")
+    if not isinstance(holder, str) or len(holder) > 256:
+        raise InvalidInput(f"holder must be a string of at most 256 characters, not {holder!r}")
+    fence, new = await ctx.array.fence_lun(request.match_info["name"], holder)
+    alias = fence_export(fence.lun, fence.token)
+    return web.json_response(
+        {
+            "lun": fence.lun,
+            "holder": fence.holder,
+            "since": fence.since,
+            "export": alias,
+            "uri": ctx.uri(alias),
+        },
+        status=201 if new else 200,
+    )
+
+
+async def unfence_lun(request: web.Request) -> web.Response:
+    await request.app[CTX].array.unfence_lun(request.match_info["name"])
+    return web.Response(status=204)
+
+
 async def lun_stats(request: web.Request) -> web.Response:
     lun = request.app[CTX].array.get_lun(check_name("LUN", request.match_info["name"]))
     return web.json_response({"name": lun.name, "ops": lun.backend.stats.as_dict()})
@@ -285,6 +311,8 @@ def make_app(ctx: ApiContext) -> web.Application:
     app.router.add_post("/api/v1/luns/{name}/grow", grow_lun)
     app.router.add_get("/api/v1/luns/{name}/connection", lun_connection)
     app.router.add_get("/api/v1/luns/{name}/stats", lun_stats)
+    app.router.add_post("/api/v1/luns/{name}/fence", fence_lun)
+    app.router.add_delete("/api/v1/luns/{name}/fence", unfence_lun)
     app.router.add_post("/api/v1/luns/{name}/move", move_lun)
     app.router.add_post("/api/v1/migrations", start_migration)
     app.router.add_get("/api/v1/migrations", list_migrations)

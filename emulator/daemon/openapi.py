@@ -98,6 +98,31 @@ SPEC: dict[str, Any] = {
                     "created": {"type": "number"},
                     "connected_hosts": {"type": "array", "items": {"type": "string"}},
                     "uri": {"type": "string"},
+                    "fenced": {"type": "boolean", "description": "fenced for a takeover: read-only to hosts"},
+                    "fence": {
+                        "type": "object",
+                        "description": "only while fenced",
+                        "properties": {"holder": {"type": "string"}, "since": {"type": "number"}},
+                    },
+                },
+            },
+            "FenceRequest": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"holder": {"type": "string", "maxLength": 256}},
+            },
+            "Fence": {
+                "type": "object",
+                "required": ["lun", "export", "uri"],
+                "properties": {
+                    "lun": {"type": "string"},
+                    "holder": {"type": "string"},
+                    "since": {"type": "number"},
+                    "export": {"type": "string", "description": "the holder's secret alias export"},
+                    "uri": {
+                        "type": "string",
+                        "description": "nbd:// URI of the alias: full read/write access",
+                    },
                 },
             },
             "Connection": {
@@ -272,6 +297,38 @@ SPEC: dict[str, Any] = {
                 "operationId": "getLunStats",
                 "summary": "I/O counters and latency histograms per operation",
                 "responses": {"200": _resp({"type": "object"}), **_errors(400, 404)},
+            },
+        },
+        "/api/v1/luns/{name}/fence": {
+            "parameters": LUN_PATH,
+            "post": {
+                "operationId": "fenceLun",
+                "summary": (
+                    "fence a LUN for a takeover by another array: its export becomes read-only for "
+                    "every host (connected ones get EPERM on writes; returns once their writes in "
+                    "flight landed), and a secret alias export, unlisted, gives the holder full "
+                    "access; kept across restarts. Idempotent: fencing again returns the same "
+                    "alias (200), or 409 if the body names another holder than the fence's"
+                ),
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/FenceRequest"}}
+                    },
+                },
+                "responses": {
+                    "201": _resp({"$ref": "#/components/schemas/Fence"}, "fenced"),
+                    "200": _resp({"$ref": "#/components/schemas/Fence"}, "already fenced"),
+                    **_errors(400, 404, 409),
+                },
+            },
+            "delete": {
+                "operationId": "unfenceLun",
+                "summary": (
+                    "lift the fence (idempotent): the alias export goes and its clients are "
+                    "disconnected, hosts may write again; deleting the LUN lifts it too"
+                ),
+                "responses": {"204": {"description": "not fenced (any more)"}, **_errors(400, 404)},
             },
         },
         "/api/v1/luns/{name}/move": {

@@ -61,6 +61,8 @@ class Export:
     backend: Backend
     description: str = ""
     read_only: bool = False
+    #: left out of NBD_OPT_LIST: reachable only by whoever was told its name
+    hidden: bool = False
 
     def info(self) -> p.ExportInfo:
         b = self.backend
@@ -96,10 +98,10 @@ class _ExportTable(Mapping[str, p.ExportInfo]):
         return self._server.exports[name].info()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._server.exports))
+        return iter([n for n, e in self._server.exports.items() if not e.hidden])
 
     def __len__(self) -> int:
-        return len(self._server.exports)
+        return sum(1 for e in self._server.exports.values() if not e.hidden)
 
 
 class NbdServer:
@@ -114,14 +116,34 @@ class NbdServer:
 
     # ---- exports
     def add_export(
-        self, name: str, backend: Backend, description: str = "", read_only: bool = False
+        self,
+        name: str,
+        backend: Backend,
+        description: str = "",
+        read_only: bool = False,
+        hidden: bool = False,
     ) -> Export:
         if name in self.exports:
             raise ValueError(f"export {name!r} already exists")
         if len(name.encode()) > p.MAX_STRING:
             raise ValueError("export name is longer than 4096 bytes")
-        e = self.exports[name] = Export(name, backend, description, read_only)
+        e = self.exports[name] = Export(name, backend, description, read_only, hidden)
         return e
+
+    def set_read_only(self, name: str, read_only: bool) -> list[asyncio.Task[None]]:
+        """Make export ``name`` read-only (or writable again) for everyone, also for
+        clients connected now: those negotiated writes, so from now on theirs fail
+        with EPERM (a client that negotiated READ_ONLY stays so). Returns the requests
+        in flight on those clients as Tasks: a write among them may still land. (I/O
+        begun with start_write, which only a remote LUN's Backend offers, is not
+        among them.)"""
+        self.exports[name].read_only = read_only
+        tasks: list[asyncio.Task[None]] = []
+        for c in self.connections:
+            if c.export is not None and c.export.name == name:
+                c.set_writable(not read_only)
+                tasks.extend(c._inflight)
+        return tasks
 
     def remove_export(self, name: str) -> Export:
         """Stop offering ``name``; connected clients keep their Backend."""
@@ -189,6 +211,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._structured = False
         self._alloc_ctx: int | None = None
         self._flags = 0
+        self._writable = False  # WRITE, TRIM, WRITE_ZEROES allowed (see set_writable)
+        self._refused_warned = False
         self._out: list[Any] = []
         self._in_receive = False
         self._flush_pending = False
@@ -283,6 +307,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._backend = export.backend
             self._size = neg.export.size
             self._flags = neg.export.flags
+            self._writable = not self._flags & p.FLAG_READ_ONLY
             self._structured = neg.structured_replies
             self._alloc_ctx = neg.allocation_context
             sock = self.transport.get_extra_info("socket")
@@ -333,7 +358,7 @@ class _Connection(asyncio.BufferedProtocol):
         t = req.type
         if not (  # a plain READ or WRITE inside the export passes every check of _validate
             req.flags == 0
-            and (t == p.CMD_READ or (t == p.CMD_WRITE and not self._flags & p.FLAG_READ_ONLY))
+            and (t == p.CMD_READ or (t == p.CMD_WRITE and self._writable))
             and 0 < req.length <= p.MAX_BLOCK
             and req.offset + req.length <= self._size
         ):
@@ -445,7 +470,16 @@ class _Connection(asyncio.BufferedProtocol):
             return p.EINVAL, "READ: DF needs structured replies"
         if req.flags & p.CMD_FLAG_FAST_ZERO and not self._flags & p.FLAG_SEND_FAST_ZERO:
             return p.EINVAL, "WRITE_ZEROES: FAST_ZERO not offered"
-        if t in _MODIFYING and self._flags & p.FLAG_READ_ONLY:
+        if t in _MODIFYING and not self._writable:
+            if not self._flags & p.FLAG_READ_ONLY and not self._refused_warned:
+                # it negotiated writes: say once why they fail now, not at every request
+                self._refused_warned = True
+                log.warning(
+                    "connection %s: export %s was made read-only (fenced) after it connected; "
+                    "its writes fail with EPERM",
+                    self.peer,
+                    self._name(),
+                )
             return p.EPERM, f"{name}: export is read-only"
         if t == p.CMD_FLUSH:
             if req.offset or req.length:
@@ -668,6 +702,11 @@ class _Connection(asyncio.BufferedProtocol):
                 out.append(p.Extent(min(n, limit), e.flags))
                 n -= limit
         self._send(p.build_block_status_chunk(req.cookie, self._alloc_ctx, out))
+
+    def set_writable(self, writable: bool) -> None:
+        """Revoke (or give back) write access after the handshake; never more than
+        the client negotiated."""
+        self._writable = writable and not self._flags & p.FLAG_READ_ONLY
 
     # ---- flow control and teardown
     def _pause(self, reason: int) -> None:

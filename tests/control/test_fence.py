@@ -1,0 +1,172 @@
+"""A host still attached to the SOURCE while the volume migrates by remote takeover.
+
+The target copies the source LUN; a write that reached the source directly after the
+copier passed its region never reached the target, and the cutover dropped it (the
+source LUN is deleted). The manager now fences the source LUN first: such a write fails
+with EPERM instead, loudly, and every write the source acknowledged reaches the target.
+On cancel or failure the source stays authoritative and the fence is lifted.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.tools import LibnbdShell, libnbd_host
+
+from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill
+
+pytestmark = pytest.mark.timeout(240)
+
+ARRAYS = [
+    ArraySpec("A", "unified"),
+    ArraySpec("B", "unified", migration_throttle=2),  # 8 MiB take ~4 s: watchable
+]
+SIZE = 8 * MiB
+HOT = MiB  # the host writes here: the first region, copied first
+TAG = 0xF00D
+
+# A host attached to the source that writes tagged blocks over [0, HOT) in a loop (FUA, so
+# an ``ack`` is a write the source has for good) and logs every outcome to a file, until
+# a line arrives on stdin. Prints ``ready`` once its first write was acknowledged.
+_WRITER = r"""
+import nbd, select, struct, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+hot, tag = int(sys.argv[3]), int(sys.argv[4])
+with open(sys.argv[2], "w") as log:
+    seq = 0
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        seq += 1
+        off = (seq * 4096) % hot
+        try:
+            h.pwrite(struct.pack("<QQ", tag, seq) * 256, off, nbd.CMD_FLAG_FUA)
+            print("ack", off, seq, file=log, flush=True)
+        except nbd.Error as e:
+            print("err", off, seq, e.errno, file=log, flush=True)
+            if e.errno != "EPERM":
+                break  # the source LUN is gone (the cutover deleted it)
+        if seq == 1:
+            print("ready", flush=True)
+        time.sleep(0.005)
+"""
+
+
+@pytest.fixture(scope="module")
+def bm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockmigEnv]:
+    env = BlockmigEnv(tmp_path_factory.mktemp("fence") / "state")
+    try:
+        env.up(ARRAYS)
+        yield env
+    finally:
+        env.down()
+
+
+def make(bm: BlockmigEnv, name: str) -> tuple[dict[str, Any], Image]:
+    v = bm.create(name, SIZE, "A")
+    img = fill(v["provider_location"]["uri"], SIZE, seed=zlib.crc32(name.encode()), stride=BLOCK)
+    return v, img
+
+
+def lun_of(v: dict[str, Any]) -> str:
+    return f"volume-{v['id']}"
+
+
+def wait_for(pred: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_host_writing_to_the_source_through_a_takeover_loses_nothing(
+    bm: BlockmigEnv, tmp_path: Path
+) -> None:
+    v, img = make(bm, "still-on-a")
+    src_uri = v["provider_location"]["uri"]
+    log = tmp_path / "writer.log"
+    writer = libnbd_host(_WRITER, src_uri, str(log), str(HOT), str(TAG), ready="ready", stdin=True)
+    try:
+        d = bm.ok("migrate", v["id"], "B")
+        assert d["migration_status"] == "migrating_attachable", d
+        # the host keeps writing to A while B copies (several seconds) and cuts over
+        end = bm.wait_migration(v["id"], timeout=120)
+    finally:
+        assert writer.stdin is not None
+        if writer.poll() is None:
+            writer.stdin.write("stop\n")
+            writer.stdin.flush()
+            try:
+                writer.wait(20)
+            except Exception:
+                writer.kill()
+                writer.wait(10)
+    assert end["migration_status"] == "success" and end["host"].startswith("B@"), end
+
+    outcomes = [line.split() for line in log.read_text().splitlines()]
+    acked = [(int(o), int(s)) for kind, o, s, *_ in outcomes if kind == "ack"]
+    errors = [(int(s), e) for kind, _, s, e in (x for x in outcomes if x[0] == "err")]
+    eperm = [s for s, e in errors if e == "EPERM"]
+    assert acked, "the host's writes before the migration were acknowledged"
+    assert eperm, f"no write of the host attached to the source failed with EPERM: {outcomes[-5:]}"
+    assert max(s for _, s in acked) < min(eperm), "a write was acknowledged after the fence"
+    # every acknowledged write is on the target: the last one of each block wins
+    for off, seq in acked:
+        img.blocks[off] = struct.pack("<QQ", TAG, seq) * (BLOCK // 16)
+    assert_content(end["provider_location"]["uri"], img)
+    assert lun_of(v) not in bm.luns("A")
+
+
+def _host_before(bm: BlockmigEnv, v: dict[str, Any]) -> LibnbdShell:
+    host = LibnbdShell(v["provider_location"]["uri"])
+    assert host.write(0, 0x11, BLOCK) == ["ok"]
+    return host
+
+
+def test_cancelled_takeover_lifts_the_fence(bm: BlockmigEnv) -> None:
+    v, img = make(bm, "cancelled")
+    lun = lun_of(v)
+    with _host_before(bm, v) as host:
+        img.blocks[0] = b"\x11" * BLOCK
+        d = bm.ok("migrate", v["id"], "B")
+        assert d["migration_status"] == "migrating_attachable", d
+        assert bm.api("A").get_lun(lun)["fenced"] is True
+        r = host.write(0, 0x22, BLOCK)
+        assert r[:2] == ["err", "EPERM"], r
+        assert host.read(0, BLOCK) == b"\x11" * BLOCK  # reads keep working
+
+        bm.api("B").call("POST", f"/api/v1/migrations/{lun}/cancel")
+        end = bm.wait_migration(v["id"], timeout=60)
+
+        assert end["migration_status"] == "error" and end["host"].startswith("A@"), end
+        assert bm.api("A").get_lun(lun)["fenced"] is False
+        assert host.write(0, 0x33, BLOCK) == ["ok"], "the source is authoritative again: writable"
+        img.blocks[0] = b"\x33" * BLOCK
+    assert_content(end["provider_location"]["uri"], img)
+    assert lun not in bm.luns("B")
+    d2 = bm.ok("migrate", v["id"], "B", "--wait", timeout=120)  # and it can be retried
+    assert d2["migration_status"] == "success", d2
+    assert_content(d2["provider_location"]["uri"], img)
+
+
+@pytest.mark.parametrize("step", ["host", "complete"])
+def test_failed_takeover_lifts_the_fence(bm: BlockmigEnv, step: str) -> None:
+    v, img = make(bm, f"failed-{step}")
+    lun = lun_of(v)
+    with _host_before(bm, v) as host:
+        img.blocks[0] = b"\x11" * BLOCK
+        msg = bm.refused("migrate", v["id"], "B", "--wait", env={"BLOCKMIG_FAIL_AT": step})
+        assert "failure injected" in msg, msg
+        d = bm.show(v["id"])
+        assert d["migration_status"] == "error" and d["host"].startswith("A@"), d
+        assert bm.db_migration(v["id"]).get("fenced") is False, "the manager fenced, then lifted it"
+        assert bm.api("A").get_lun(lun)["fenced"] is False
+        assert host.write(0, 0x44, BLOCK) == ["ok"]
+        img.blocks[0] = b"\x44" * BLOCK
+    assert_content(d["provider_location"]["uri"], img)
