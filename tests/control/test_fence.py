@@ -60,12 +60,9 @@ with open(sys.argv[2], "w") as log:
 
 @pytest.fixture(scope="module")
 def bm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockmigEnv]:
-    env = BlockmigEnv(tmp_path_factory.mktemp("fence") / "state")
-    try:
+    with BlockmigEnv(tmp_path_factory.mktemp("fence") / "state") as env:  # always stops them
         env.up(ARRAYS)
         yield env
-    finally:
-        env.down()
 
 
 def make(bm: BlockmigEnv, name: str) -> tuple[dict[str, Any], Image]:

@@ -77,12 +77,9 @@ HOST_IO_TIMEOUT = 90.0
 
 @pytest.fixture(scope="module")
 def bm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockmigEnv]:
-    env = BlockmigEnv(tmp_path_factory.mktemp("migrate") / "state")
-    try:
+    with BlockmigEnv(tmp_path_factory.mktemp("migrate") / "state") as env:  # always stops them
         env.up(ARRAYS)
         yield env
-    finally:
-        env.down()
 
 
 def make(
