@@ -11,6 +11,7 @@ unchanged, nothing in flight): I3.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,12 @@ EXTENT_WINDOW = 64 << 20
 MAP_SPAN = 8
 #: windows whose map is read ahead of the copy (a map costs a round trip to the source)
 READ_AHEAD = 2
+#: BLOCK_STATUS lengths are u32 (no extended headers): the widest map read asks this much
+MAX_MAP_BYTES = 0xFFFF_F000
+#: a map read that found at most this many runs makes the next one ask MAX_MAP_BYTES
+#: ahead first, for one extent (allocation_runs' ``wide``); more runs, a fragmented
+#: stretch, and the next asks only MAP_SPAN windows, as many extents as they hold
+FEW_RUNS = 8
 
 
 class TargetError(BackendError):
@@ -93,13 +100,23 @@ class _ExtentMap:
 
 
 async def allocation_runs(
-    backend: Backend, start: int, need: int, limit: int
+    backend: Backend, start: int, need: int, limit: int, wide: int = 0
 ) -> AsyncIterator[list[tuple[int, int, bool]]]:
     """``backend``'s allocation map from ``start`` as contiguous (offset, length,
     is_zero) runs, one list per answer, until ``need`` is covered (an answer may
     run on up to ``limit``). An answer that moves nowhere is not asked again: the
-    rest up to ``need`` comes as one run of data (never trusted to be a hole)."""
+    rest up to ``need`` comes as one run of data (never trusted to be a hole).
+
+    With ``wide`` (beyond ``limit``), the first ask reaches that far for one extent
+    only (REQ_ONE): a long hole comes in one descriptor, and a fragmented stretch
+    costs no bigger answer than at ``limit``; the walk goes on from where it ended."""
     pos = start
+    if wide > limit and pos < need:
+        e = await backend.first_extent(pos, wide - pos)
+        ln = min(e.length, wide - pos)
+        if ln > 0:
+            yield [(pos, ln, bool(e.flags & STATE_ZERO))]
+            pos += ln
     while pos < need:
         asked, runs = pos, []
         for e in await backend.extents(pos, limit - pos):
@@ -155,6 +172,11 @@ class Copier:
         self._maps: dict[int, _ExtentMap] = {}
         self._reading: dict[int, asyncio.Task[_ExtentMap]] = {}
         self._window = max(EXTENT_WINDOW, regions.region_size)  # a region never straddles two
+        #: windows the first ask of a map read covers (for one extent, past MAP_SPAN):
+        #: _max_span while the source's answers are sparse (a 16 TiB LUN took 32K
+        #: requests of 512 MiB), MAP_SPAN in a fragmented stretch (no ask is wasted)
+        self._span = MAP_SPAN
+        self._max_span = max(MAP_SPAN, MAX_MAP_BYTES // self._window)
         # One copy write at a time: ext4 serializes buffered writes to a file anyway,
         # and writers that run in executor threads at once spin on the inode lock
         # (bench/migration.py: 17% of the target array's CPU).
@@ -214,25 +236,46 @@ class Copier:
         try:
             end = min(regions.size, (w + 1) * win)
             # Ask up to MAP_SPAN windows ahead; window w needs only its own part.
+            # Where the source is sparse, first ask far ahead for one extent.
             span = min(regions.size, (w + MAP_SPAN) * win)
-            w0, w1 = start >> regions.shift, ((span - 1) >> regions.shift) + 1
+            wide = min(regions.size, (w + self._span) * win, start + MAX_MAP_BYTES)
+            reach = max(span, wide)
+            w0, w1 = start >> regions.shift, ((reach - 1) >> regions.shift) + 1
             gens = regions.gen[w0:w1].copy()
             # A write in flight may not have reached the source when the map is read:
             # never trust the map for its region (its generation can only match later).
             gens[regions.inflight[w0:w1] > 0] -= 1
             runs: list[tuple[int, int, bool]] = []
-            async for answer in allocation_runs(self.source, start, end, span):
-                runs.extend(answer)
+            try:
+                async for answer in allocation_runs(self.source, start, end, span, wide):
+                    runs.extend(answer)
+            except BackendError as e:
+                if wide > span:
+                    self._span = MAP_SPAN
+                    if e.errno in (errno.EINVAL, errno.EOVERFLOW):
+                        self._max_span = MAP_SPAN  # a source that refuses long asks
+                raise
+            self._span = self._max_span if len(runs) <= FEW_RUNS else MAP_SPAN
             pos = runs[-1][0] + runs[-1][1]
             starts = [o for o, _, _ in runs]
             c = self._install(w, start, end, runs, starts, gens)
-            # Later windows the answer covered whole came free.
+            # Later windows the answer covered whole came free: their holes are
+            # cleaned in one go, and only those still holding DIRTY regions (data)
+            # get a map (a wide answer covers 63 windows, mostly holes: a map and
+            # a clean each was most of a 16 TiB walk's CPU).
             covered = pos // win if pos < regions.size else -(-regions.size // win)
-            for nxt in range(w + 1, covered):
-                if nxt not in self._maps and nxt not in self._reading:
-                    ws = nxt * win
-                    rest = gens[(ws >> regions.shift) - w0 :]
-                    self._install(nxt, ws, min(regions.size, ws + win), runs, starts, rest)
+            lo, hi = (w + 1) * win, min(regions.size, covered * win)
+            if lo < hi:
+                shift = regions.shift
+                self._clean_holes(runs, gens[(lo >> shift) - w0 :], lo, hi)
+                r0, r1 = lo >> shift, ((hi - 1) >> shift) + 1
+                dirty = np.flatnonzero(regions.state[r0:r1] == DIRTY) // (win >> shift)
+                for i in np.unique(dirty).tolist():
+                    nxt = w + 1 + i
+                    if nxt not in self._maps and nxt not in self._reading:
+                        ws = nxt * win
+                        rest = gens[(ws >> shift) - w0 :]
+                        self._install(nxt, ws, min(regions.size, ws + win), runs, starts, rest)
             # Keep the maps from the lowest window a copy is in on: a map read
             # ahead must not evict the one the workers still copy from (each
             # window's map was read twice, the second behind the data in flight).
@@ -259,20 +302,26 @@ class Copier:
         w0, w1 = start >> shift, ((end - 1) >> shift) + 1
         mine = _clip(runs, starts, start, end)
         c = self._maps[w] = _ExtentMap(start, end, mine, gens[: w1 - w0].copy(), [o for o, _, _ in mine])
-        self._clean_holes(c, w0, w1)
+        self._clean_holes(mine, c.gens, start, end)
         return c
 
-    def _clean_holes(self, c: _ExtentMap, w0: int, w1: int) -> None:
-        """Mark clean at once the regions of [w0, w1) that the map shows all zero
-        where the target holds nothing: there is nothing to copy, and one vector
-        operation costs less than a copy_region each (a 10%-allocated LUN is 90%
-        such regions). Only if no write touched them since the map was read (I3)."""
+    def _clean_holes(
+        self, runs: list[tuple[int, int, bool]], gens: np.ndarray, start: int, end: int
+    ) -> None:
+        """Mark clean at once the regions of [start, end) that ``runs`` (covering it)
+        show all zero where the target holds nothing: there is nothing to copy, and
+        one vector operation costs less than a copy_region each (a 10%-allocated LUN
+        is 90% such regions). Only if no write touched them since the map was read
+        (I3): ``gens``, from ``start``'s region on."""
         regions = self.regions
-        has_data = np.zeros(w1 - w0, np.bool_)
         shift = regions.shift
-        for off, ln, zero in c.runs:
-            if not zero:
-                has_data[(off >> shift) - w0 : ((off + ln - 1) >> shift) + 1 - w0] = True
+        w0, w1 = start >> shift, ((end - 1) >> shift) + 1
+        has_data = np.zeros(w1 - w0, np.bool_)
+        for off, ln, zero in runs:
+            a, b = max(off, start), min(off + ln, end)
+            if not zero and a < b:
+                has_data[(a >> shift) - w0 : ((b - 1) >> shift) + 1 - w0] = True
+        gens = gens[: w1 - w0]
         span = slice(w0, w1)
         state = regions.state[span]
         ok = (
@@ -280,7 +329,7 @@ class Copier:
             & (state == DIRTY)
             & (regions.inflight[span] == 0)
             & ~regions.target_data[span]
-            & (regions.gen[span] == c.gens)
+            & (regions.gen[span] == gens)
         )
         n = int(np.count_nonzero(ok))
         if n:

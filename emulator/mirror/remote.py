@@ -331,6 +331,9 @@ class RemoteBackend(Backend):
     async def extents(self, offset: int, length: int) -> list[p.Extent]:
         return await self._call("block status", lambda c: c.extents(offset, length))
 
+    async def first_extent(self, offset: int, length: int) -> p.Extent:
+        return (await self._call("block status", lambda c: c.extents(offset, length, one=True)))[0]
+
     async def aclose(self, timeout: float = 5.0) -> None:
         """Close the connection, waiting up to ``timeout`` seconds for the requests in
         flight (a stopped source answers none), and end every task this remote LUN

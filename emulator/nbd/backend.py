@@ -118,6 +118,11 @@ class Backend(ABC):
         most ``length`` bytes (fewer is allowed). Default: all data."""
         return [Extent(length, 0)]
 
+    async def first_extent(self, offset: int, length: int) -> Extent:
+        """The first extent of :meth:`extents` (NBD's REQ_ONE): one descriptor
+        whatever the range holds, so a long ask costs no long answer."""
+        return (await self.extents(offset, length))[0]
+
     def zero_copy_fd(self, length: int) -> int | None:
         """A file descriptor whose bytes at every offset are what ``read``
         returns for a ``length``-byte read, so the server may sendfile(2)

@@ -31,6 +31,9 @@ log = logging.getLogger("blockmig.nbd.client")
 DEFAULT_PORT = 10809
 #: requests queued on the transport beyond this wait for it to drain
 WRITE_BUFFER_MAX = 4 << 20
+#: extents kept of one BLOCK_STATUS answer (the rest is asked again): a 4 GiB ask of
+#: 4 KiB runs could bring 1M, 100+ MB of objects; this many cover 512 MiB at 4 KiB
+MAX_EXTENTS = 1 << 17
 
 
 @dataclass(slots=True, frozen=True)
@@ -640,8 +643,9 @@ class NbdClient:
     async def flush(self) -> None:
         await self._submit(p.CMD_FLUSH, 0, 0)
 
-    async def extents(self, offset: int, length: int) -> list[p.Extent]:
-        """base:allocation extents from ``offset`` (may cover less than ``length``).
+    async def extents(self, offset: int, length: int, one: bool = False) -> list[p.Extent]:
+        """base:allocation extents from ``offset`` (may cover less than ``length``);
+        with ``one``, the server's first extent only (REQ_ONE).
 
         Without a negotiated context, the whole range is reported as data.
         """
@@ -649,8 +653,9 @@ class NbdClient:
         if self.allocation_context is None:
             return [p.Extent(length, 0)]
         length = min(length, 0xFFFF_F000)
-        result: list[p.Extent] = await self._submit(p.CMD_BLOCK_STATUS, offset, length)
-        return result
+        flags = p.CMD_FLAG_REQ_ONE if one else 0
+        result: list[p.Extent] = await self._submit(p.CMD_BLOCK_STATUS, offset, length, flags)
+        return result[:1] if one else result
 
     # ---- replies
     def _on_replies(self) -> None:
@@ -714,7 +719,7 @@ class NbdClient:
             pend.buf[start : start + n] = bytes(n)
             return
         if t == p.REPLY_TYPE_BLOCK_STATUS and pend.type == p.CMD_BLOCK_STATUS:
-            ctx, extents = p.parse_block_status_chunk(ch.payload)
+            ctx, extents = p.parse_block_status_chunk(ch.payload, MAX_EXTENTS)
             if ctx == self.allocation_context:
                 pend.extents = _within(extents, pend.length)
             return

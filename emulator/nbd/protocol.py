@@ -506,12 +506,14 @@ def parse_error_chunk(chunk: StructuredChunk) -> tuple[int, str, int | None]:
     return err, msg, off
 
 
-def parse_block_status_chunk(payload: bytes) -> tuple[int, list[Extent]]:
-    """``context_id:u32 (length:u32 flags:u32)*``."""
+def parse_block_status_chunk(payload: bytes, limit: int | None = None) -> tuple[int, list[Extent]]:
+    """``context_id:u32 (length:u32 flags:u32)*``; only the first ``limit`` extents
+    if given (an answer that covers less than asked is valid: the caller asks again)."""
     if len(payload) < 4 or (len(payload) - 4) % EXTENT.size:
         raise ProtocolError("block status chunk has a bad length")
     (ctx,) = U32.unpack_from(payload)
-    return ctx, [Extent(*t) for t in EXTENT.iter_unpack(memoryview(payload)[4:])]
+    end = len(payload) if limit is None else min(len(payload), 4 + limit * EXTENT.size)
+    return ctx, [Extent(*t) for t in EXTENT.iter_unpack(memoryview(payload)[4:end])]
 
 
 class ReplyDecoder(_Receiver[tuple[ReplyEvent, bytes | bytearray | None]]):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from emulator.mirror.copier import Copier
+from emulator.mirror.copier import EXTENT_WINDOW, MAP_SPAN, Copier
 from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.mirror.regions import CLEAN
 from emulator.nbd.backend import Backend, MemoryBackend
@@ -80,6 +80,90 @@ def test_a_pass_does_not_call_the_copier_for_each_hole_region(
         assert calls[0] <= 4 * len(data) + size // (64 * MiB), calls[0]
 
     asyncio.run(main())
+
+
+class Mapped(MemoryBackend):
+    """A source that answers BLOCK_STATUS as a server does: every extent of the
+    range asked (the first only for REQ_ONE); records each answer."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.answers: list[tuple[int, int, bool]] = []  # (length asked, extents, REQ_ONE)
+
+    def _map(self, offset: int, length: int, one: bool) -> list[Extent]:
+        pages, end = sorted(self._pages), offset + length
+        out: list[Extent] = []
+        pos, i = offset, bisect_left(pages, offset // self.PAGE)
+        while pos < end and not (one and out):
+            if i < len(pages) and pages[i] * self.PAGE <= pos:
+                n, flags = min(self.PAGE - pos % self.PAGE, end - pos), 0
+                i += 1
+            else:
+                nxt = pages[i] * self.PAGE if i < len(pages) else self.size
+                n, flags = min(nxt, end) - pos, STATE_HOLE | STATE_ZERO
+            if out and out[-1].flags == flags:
+                out[-1] = Extent(out[-1].length + n, flags)
+            else:
+                out.append(Extent(n, flags))
+            pos += n
+        self.answers.append((length, len(out), one))
+        return out
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return self._map(offset, length, False)
+
+    async def first_extent(self, offset: int, length: int) -> Extent:
+        return self._map(offset, length, True)[0]
+
+
+def _migrate(tmp_path: Path, src: Backend, size: int) -> MemoryBackend:
+    async def main() -> MemoryBackend:
+        target = MemoryBackend(size)
+        m = Migration(
+            "vol", "move:x:y", Lun(), target, tmp_path / "vol.progress",
+            MigrationConfig(), on_change=lambda m: None, source=src,
+        )
+        await m.start()
+        assert await m.wait(60) == "completed"
+        return target
+
+    return asyncio.run(main())
+
+
+def test_a_huge_sparse_lun_takes_few_block_status_requests(tmp_path: Path) -> None:
+    """Where the source's map is all holes, a map read asks ~4 GiB ahead (for one
+    extent): 256 GiB with 4 chunks of data takes ~70 requests, not one a 512 MiB."""
+    size = 256 * GiB
+    src = Mapped(size)
+    data = [5 * MiB, 70 * GiB + 4 * KiB, 200 * GiB + 3 * MiB, size - 4 * KiB]
+    for off in data:
+        asyncio.run(src.write(off, off.to_bytes(8, "little") * 512))
+    target = _migrate(tmp_path, src, size)
+    for off in data:
+        assert asyncio.run(target.read(off, 4 * KiB)) == off.to_bytes(8, "little") * 512
+    assert asyncio.run(target.read(100 * GiB, MiB)) == bytes(MiB)
+    # before: size / 512 MiB = 512 requests
+    assert len(src.answers) <= size // (2 * GiB), len(src.answers)
+
+
+def test_a_fragmented_stretch_after_a_long_hole_gets_no_longer_answers(tmp_path: Path) -> None:
+    """The wide ask over a sparse source is for one extent: where a fragmented
+    stretch follows, no answer holds more extents than a 512 MiB ask brings
+    (a 4 GiB ask would bring 2x here: 8192), and the stretch itself is asked
+    512 MiB at a time; the long hole before it still takes few requests."""
+    size, base = 72 * GiB, MAP_SPAN * EXTENT_WINDOW
+    src = Mapped(size)
+    frag = range(64 * GiB, 65 * GiB, 256 * KiB)  # 4 KiB of every 256 KiB
+    for off in frag:
+        asyncio.run(src.write(off, off.to_bytes(8, "little") * 512))
+    target = _migrate(tmp_path, src, size)
+    for off in frag[::97]:
+        assert asyncio.run(target.read(off, 8 * KiB)) == off.to_bytes(8, "little") * 512 + bytes(4 * KiB)
+    most = 2 * base // (256 * KiB)  # a 512 MiB ask: 2048 data and 2048 hole extents
+    assert max(n for _, n, _ in src.answers) <= most, max(n for _, n, _ in src.answers)
+    assert all(asked <= base for asked, n, one in src.answers if not one)
+    # before: one request a 512 MiB (144)
+    assert len(src.answers) <= 40, len(src.answers)
 
 
 class ThinCounted(Thin):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from emulator.nbd import protocol as p
-from emulator.nbd.client import Address, NbdClient, _within, list_exports
+from emulator.nbd.client import MAX_EXTENTS, Address, NbdClient, _within, list_exports
 from emulator.nbd.errors import DisconnectedError, OptionError, ProtocolError, RequestError
 from emulator.nbd.protocol import STATE_HOLE, STATE_ZERO, Extent
 from emulator.nbd.server import NbdServer
@@ -265,3 +265,26 @@ def test_a_block_status_descriptor_of_length_0_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="length 0"):
         _within([Extent(4096, 0), Extent(0, 0)], 8192)
     assert _within([Extent(4096, 0), Extent(4096, 3)], 4096) == [Extent(4096, 0)]
+
+
+def test_a_block_status_answer_keeps_at_most_max_extents_and_req_one_one() -> None:
+    """A long ask of a fragmented source may bring a huge answer: the client keeps
+    MAX_EXTENTS of it (the walk asks on from where they end), and REQ_ONE brings one."""
+    page, n = 4096, MAX_EXTENTS + 1000
+    answer = [Extent(page, 0 if i % 2 else STATE_HOLE | STATE_ZERO) for i in range(n)]
+
+    async def main() -> None:
+        server = NbdServer()
+        server.add_export("vol", FixedMap(n * page, answer))
+        host, port = await server.listen_tcp()
+        try:
+            c = await NbdClient.connect(f"nbd://{host}:{port}/vol")
+            try:
+                assert await c.extents(0, n * page) == answer[:MAX_EXTENTS]
+                assert await c.extents(0, n * page, one=True) == answer[:1]
+            finally:
+                await c.close()
+        finally:
+            await server.close(timeout=5)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
