@@ -42,6 +42,17 @@ _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE = 2
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # a file system that cannot sync a directory (as SQLite does)
+            raise
+    finally:
+        os.close(fd)
+
+
 def _backend_error(what: str, e: OSError) -> BackendError:
     return BackendError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")
 
@@ -70,6 +81,10 @@ class FileBackend(Backend):
             self._is_file = stat.S_ISREG(st.st_mode)
             if self._is_file and create_size is not None and flags & os.O_CREAT:
                 os.ftruncate(self._fd, create_size)
+                # A new file's name is durable only once its directory is fsync'ed (a
+                # flush fdatasyncs the file, never the directory): else a power cut
+                # could lose a LUN whose writes a host had flushed (tests/mirror/test_power_cut.py).
+                _fsync_dir(os.path.dirname(os.path.abspath(path)))
             self._size = os.lseek(self._fd, 0, os.SEEK_END)
             if create_size is not None and create_size != self._size:
                 raise ValueError(
