@@ -202,7 +202,15 @@ class VolumeManager:
                     # the call, so that every failure path lifts it.
                     mig["fenced"] = True
                     v = self.db.update(v.id, migration=mig)
-                    src_uri = sdrv.fence_for_takeover(v, f"volume {v.id}")
+                    try:
+                        src_uri = sdrv.fence_for_takeover(v, f"volume {v.id}")
+                    except ApiError as e:
+                        if e.status in (400, 404, 409):
+                            # refused before fencing anything: a fence there is another
+                            # holder's (409), whose takeover may still copy; not ours to lift
+                            mig["fenced"] = False
+                            v = self.db.update(v.id, migration=mig)
+                        raise
                 else:
                     src_uri = sdrv.connection_uri(v)
                 r2 = ddrv.migrate_volume_target(v, src_uri, dest.pool)
@@ -277,6 +285,19 @@ class VolumeManager:
         target = Volume(**v.__dict__)  # the same LUN name, on the target array
         ddrv.delete_volume(target)  # a partial copy left by an earlier try
         loc = ddrv.create_volume(target, dest.pool)
+        # Fence the source as a takeover does: a host still attached to it (an in-use
+        # volume) would write behind the copy, and lose the write when the source goes.
+        # The copy reads through the fence's alias; a failure lifts it (_fail).
+        mig["fenced"] = True
+        v = self.db.update(v.id, migration=mig)
+        try:
+            src_uri = sdrv.fence_for_takeover(v, f"volume {v.id}")
+        except ApiError as e:
+            if e.status in (400, 404, 409):  # refused before fencing: not ours to lift
+                mig["fenced"] = False
+                v = self.db.update(v.id, migration=mig)
+            ddrv.delete_volume(target)
+            raise
         try:
             self._inject("copy")
 
@@ -293,7 +314,7 @@ class VolumeManager:
                         }
                     )
 
-            asyncio.run(copy_volume(sdrv.connection_uri(v), ddrv.connection_uri(target), report))
+            asyncio.run(copy_volume(src_uri, ddrv.connection_uri(target), report))
         except BaseException:
             ddrv.delete_volume(target)
             raise
@@ -380,15 +401,15 @@ class VolumeManager:
             except (ApiError, VolumeError) as e:
                 mig["error"] += f"; cleanup on {dest.array}: {e} (done by the next migrate or delete)"
                 mig["target_leftover"] = True
-            if mig.get("fenced"):
-                # after the takeover is gone: hosts may write to the source again
-                try:
-                    self.driver(src.array).unfence(v)
-                    mig["fenced"] = False
-                except (ApiError, VolumeError) as e:
-                    mig["error"] += (
-                        f"; lifting the fence on {src.array}: {e} (done by the next migrate or delete)"
-                    )
+        if mig.get("fenced"):
+            # after the takeover (or the host copy) is gone: hosts may write to the source again
+            try:
+                self.driver(src.array).unfence(v)
+                mig["fenced"] = False
+            except (ApiError, VolumeError) as e:
+                mig["error"] += (
+                    f"; lifting the fence on {src.array}: {e} (done by the next migrate or delete)"
+                )
         host, loc = mig["source"], mig.get("source_location", {})
         if mig.get("phase") == "source" and dest.array == src.array:
             # A pool move, which the array runs by itself: stop it, else it ends in the new

@@ -29,7 +29,7 @@ from typing import Any
 from emulator.nbd.backend import Backend
 from emulator.nbd.server import NbdServer
 
-from .errors import Conflict, InvalidInput, NoSpace, NotFound
+from .errors import Busy, Conflict, InvalidInput, NoSpace, NotFound
 from .file_backend import FileBackend
 from .lun import Lun, LunBackend
 from .media import MediaBackend
@@ -259,22 +259,41 @@ class Array:
         if old is not None:
             if holder and old.holder and holder != old.holder:
                 raise Conflict(f"LUN {lun.name!r} is already fenced for {old.holder!r}")
+            # A second call (a retry, or one made while the first still waits): it too
+            # answers only once the hosts' writes accepted before the fence landed.
+            await self._drain(lun.name)
             return old, False
+        if lun.state != "ready":
+            # A migrating or remote LUN takes hosts' writes on to its source without a
+            # Task (start_write): the drain would not wait for them, and a write the
+            # holder's copy missed would be acknowledged after the fence answered.
+            raise Conflict(
+                f"LUN {lun.name!r} is {lun.state}: fence it once its migration has completed"
+            )
         fence = FenceRow(lun.name, secrets.token_hex(16), holder, time.time())
         self._db().insert_fence(fence)  # first: a crash from here on restarts fenced
         self.fences[lun.name] = fence
         if lun.name in self.server.exports:  # else export_lun fences it when it exports it
             self._export_alias(lun, fence)
-            inflight = self.server.set_read_only(lun.name, True)
-            if inflight:
-                _, pending = await asyncio.wait(inflight, timeout=FENCE_DRAIN_S)
-                if pending:
-                    log.warning(
-                        "array %s: fence of LUN %s: %d request(s) of hosts still in flight after %g s",
-                        self.name, lun.name, len(pending), FENCE_DRAIN_S,
-                    )
+            self.server.set_read_only(lun.name, True)
         log.info("array %s: LUN %s fenced for %s", self.name, lun.name, holder or "a takeover")
+        await self._drain(lun.name)
         return fence, True
+
+    async def _drain(self, name: str) -> None:
+        """Wait for the requests in flight on LUN ``name``'s export: those accepted
+        before its fence may be writes (those after are not). Still in flight after
+        FENCE_DRAIN_S: Busy, and the fence stays (the caller retries, or lifts it):
+        answering then let a write land after the holder may have copied its region."""
+        tasks = self.server.inflight(name) if name in self.server.exports else []
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=FENCE_DRAIN_S)
+        if pending:
+            raise Busy(
+                f"LUN {name!r} is fenced, but {len(pending)} request(s) of its hosts are still in "
+                f"flight after {FENCE_DRAIN_S:g} s: fence it again to wait for them, or lift the fence"
+            )
 
     async def unfence_lun(self, name: object) -> None:
         """Lift the fence of LUN ``name`` (idempotent): the holder's alias export goes,
@@ -289,7 +308,9 @@ class Array:
         # the holder goes first: it and the hosts never write side by side
         self.server.exports.pop(alias, None)
         await self.server.disconnect_export(alias)
-        if lun.name in self.server.exports:
+        # fenced again while its holder's connections closed (up to 5 s): the new fence
+        # keeps the export read-only (else hosts wrote behind the new holder's back)
+        if lun.name in self.server.exports and lun.name not in self.fences:
             self.server.set_read_only(lun.name, False)
         log.info("array %s: fence of LUN %s lifted", self.name, lun.name)
 

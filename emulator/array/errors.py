@@ -26,6 +26,12 @@ class Conflict(ArrayError):
     code, status = "conflict", 409
 
 
+class Busy(ArrayError):
+    """Try again: the array is still waiting for something (a fence for its hosts' writes)."""
+
+    code, status = "busy", 503
+
+
 class NoSpace(ArrayError):
     code, status = "no_space", 507
 

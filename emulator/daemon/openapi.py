@@ -38,6 +38,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         409: "conflict",
         500: "the array's own storage failed (the message says how)",
         501: "not supported by this array model",
+        503: "still waiting (a fence for its hosts' writes in flight): retry",
         507: "pool full",
     }
     return {str(c): _resp({"$ref": "#/components/schemas/Error"}, text[c]) for c in (401, *codes)}
@@ -308,7 +309,8 @@ SPEC: dict[str, Any] = {
                     "every host (connected ones get EPERM on writes; returns once their writes in "
                     "flight landed), and a secret alias export, unlisted, gives the holder full "
                     "access; kept across restarts. Idempotent: fencing again returns the same "
-                    "alias (200), or 409 if the body names another holder than the fence's"
+                    "alias (200), or 409 if the body names another holder than the fence's; 409 also "
+                    "for a LUN that migrates or is remote"
                 ),
                 "requestBody": {
                     "required": False,
@@ -319,7 +321,7 @@ SPEC: dict[str, Any] = {
                 "responses": {
                     "201": _resp({"$ref": "#/components/schemas/Fence"}, "fenced"),
                     "200": _resp({"$ref": "#/components/schemas/Fence"}, "already fenced"),
-                    **_errors(400, 404, 409),
+                    **_errors(400, 404, 409, 503),
                 },
             },
             "delete": {

@@ -145,6 +145,12 @@ class NbdServer:
                 tasks.extend(c._inflight)
         return tasks
 
+    def inflight(self, name: str) -> list[asyncio.Task[None]]:
+        """The requests in flight on the clients of export ``name``, as Tasks (not the
+        I/O begun with start_write: see :meth:`set_read_only`)."""
+        conns = [c for c in self.connections if c.export is not None and c.export.name == name]
+        return [t for c in conns for t in c._inflight]
+
     def remove_export(self, name: str) -> Export:
         """Stop offering ``name``; connected clients keep their Backend."""
         return self.exports.pop(name)

@@ -21,8 +21,8 @@ import pytest
 from control.api_client import ApiError
 from emulator.nbd.client import NbdClient, list_exports
 from emulator.nbd.errors import OptionError
-from tests.servers import ArrayDaemon, array_api, array_daemon
-from tests.tools import LibnbdShell
+from tests.servers import ArrayDaemon, array_api, array_daemon, nbdkit
+from tests.tools import LibnbdShell, need
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,3 +174,108 @@ def test_the_fence_returns_once_the_writes_in_flight_landed(tmp_path: Path) -> N
 
         took = asyncio.run(asyncio.wait_for(run(), IO_TIMEOUT))
         assert took > 0.2, took
+
+
+def test_a_second_fence_call_answers_once_the_first_drained_the_writes(tmp_path: Path) -> None:
+    """Two fence calls at once (a retry whose first try still runs): the second found the
+    fence and answered at once, while the first still waited for a host's write in flight;
+    its caller could copy the region before the write landed (lost). It waits too now."""
+    with array_daemon(tmp_path / "a", "A", "--media", "fixed:500") as d:
+        array_api(d).create_lun("vol", SIZE)
+        lun_file = d.data_dir / "pools" / "default" / "vol.img"
+
+        def landed() -> bool:
+            with open(lun_file, "rb") as fh:
+                fh.seek(MiB)
+                return fh.read(4096) == b"\xab" * 4096
+
+        async def run() -> None:
+            async with await NbdClient.connect(d.uri("vol")) as c:
+                write = asyncio.create_task(c.write(MiB, b"\xab" * 4096))
+                await asyncio.sleep(0.1)  # the write waits on the media (500 ms)
+                first = asyncio.create_task(asyncio.to_thread(post_fence, d, "vol", {"holder": "B"}))
+                while not array_api(d).get_lun("vol")["fenced"]:  # the first call is draining
+                    await asyncio.sleep(0.01)
+                status, f = await asyncio.to_thread(post_fence, d, "vol", {"holder": "B"})
+                assert status == 200, f
+                assert landed(), "the second fence call answered before the write in flight landed"
+                assert (await first)[0] == 201
+                await write
+
+        asyncio.run(asyncio.wait_for(run(), IO_TIMEOUT))
+
+
+def test_a_fence_while_the_last_one_is_lifted_keeps_the_export_read_only(tmp_path: Path) -> None:
+    """Lifting a fence waits for its holder's requests in flight; a new fence taken
+    meanwhile was undone when that wait ended: the export turned writable again while
+    fenced, and hosts wrote behind the new holder's back."""
+    with array_daemon(tmp_path / "a", "A", "--media", "fixed:500") as d:
+        api = array_api(d)
+        api.create_lun("vol", SIZE)
+        status, f = post_fence(d, "vol", {"holder": "B"})
+        assert status == 201, f
+
+        async def run() -> None:
+            async with await NbdClient.connect(str(f["uri"])) as holder:
+                read = asyncio.create_task(holder.read(0, 4096))  # 500 ms on the media
+                await asyncio.sleep(0.1)
+                lift = asyncio.create_task(asyncio.to_thread(api.unfence_lun, "vol"))
+                while api.get_lun("vol")["fenced"]:
+                    await asyncio.sleep(0.01)
+                assert not lift.done(), "the unfence did not wait for the holder's read"
+                status, f2 = await asyncio.to_thread(post_fence, d, "vol", {"holder": "B"})
+                assert status == 201 and f2["export"] != f["export"], f2
+                await lift
+                await read
+
+        asyncio.run(asyncio.wait_for(run(), IO_TIMEOUT))
+        assert api.get_lun("vol")["fenced"] is True
+        assert read_only(d.uri("vol")) is True, "fenced, but new hosts may write"
+        with LibnbdShell(d.uri("vol")) as host:
+            r = host.write(0, 0x22, 4096)
+            assert r[:2] == ["err", "EPERM"], r
+
+
+def test_a_migrating_lun_cannot_be_fenced(tmp_path: Path) -> None:
+    """A migrating (or remote) LUN sends hosts' writes on to its source without a Task the
+    fence could wait for: the fence answered 201 before such a write was acknowledged. It
+    answers 409 now (the control layer never fences one: the volume is migrating then)."""
+    need("nbdkit")
+    with nbdkit(tmp_path, "--filter=cow", "pattern", "64M") as src, array_daemon(tmp_path / "a", "A") as d:
+        api = array_api(d)
+        api.call("POST", "/api/v1/migrations", {"lun": "vol", "source": src.uri, "throttle": 1})
+        assert api.get_lun("vol")["state"] == "migrating"
+        status, err = post_fence(d, "vol", {"holder": "B"})
+        assert status == 409 and "migrating" in str(err), err
+        assert api.get_lun("vol")["fenced"] is False
+        assert read_only(d.uri("vol")) is False
+
+
+def test_a_fence_whose_writes_are_still_in_flight_after_its_drain_time_says_so(tmp_path: Path) -> None:
+    """A host's write still on its way to the media when the fence gave up waiting
+    (FENCE_DRAIN_S, 5 s; this media takes 6 s an I/O): the fence answered 201 with a
+    warning, and the write landed (acknowledged) after the holder may have copied its
+    region. It answers 503 now, fenced all the same; called again it waits for the write."""
+    with array_daemon(tmp_path / "a", "A", "--media", "fixed:6000") as d:
+        api = array_api(d)
+        api.create_lun("vol", SIZE)
+        lun_file = d.data_dir / "pools" / "default" / "vol.img"
+
+        def landed() -> bool:
+            with open(lun_file, "rb") as fh:
+                fh.seek(MiB)
+                return fh.read(4096) == b"\xab" * 4096
+
+        async def run() -> None:
+            async with await NbdClient.connect(d.uri("vol")) as c:
+                write = asyncio.create_task(c.write(MiB, b"\xab" * 4096))
+                await asyncio.sleep(0.2)  # the write waits on the media
+                status, err = await asyncio.to_thread(post_fence, d, "vol", {"holder": "B"})
+                assert status == 503 and not landed(), (status, err)
+                assert api.get_lun("vol")["fenced"] is True
+                status, f = await asyncio.to_thread(post_fence, d, "vol", {"holder": "B"})
+                assert status == 200, f
+                assert landed(), "the fence answered before the write in flight landed"
+                await write
+
+        asyncio.run(asyncio.wait_for(run(), IO_TIMEOUT + 10))

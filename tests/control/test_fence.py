@@ -167,3 +167,67 @@ def test_failed_takeover_lifts_the_fence(bm: BlockmigEnv, step: str) -> None:
         assert host.write(0, 0x44, BLOCK) == ["ok"]
         img.blocks[0] = b"\x44" * BLOCK
     assert_content(d["provider_location"]["uri"], img)
+
+
+def test_a_takeover_refused_by_another_holders_fence_leaves_that_fence(bm: BlockmigEnv) -> None:
+    """The source LUN is fenced for someone else (another array taking it over by hand):
+    the manager's fence is refused (409), and the failure path lifted the other holder's
+    fence, hosts writing again behind that takeover's back. It leaves it now."""
+    v, img = make(bm, "fenced-by-another")
+    lun = lun_of(v)
+    bm.api("A").fence_lun(lun, "array C by hand")
+    msg = bm.refused("migrate", v["id"], "B", "--wait")
+    assert "already fenced for 'array C by hand'" in msg, msg
+    d = bm.show(v["id"])
+    assert d["migration_status"] == "error" and d["host"].startswith("A@"), d
+    assert bm.api("A").get_lun(lun).get("fence", {}).get("holder") == "array C by hand"
+    with LibnbdShell(v["provider_location"]["uri"]) as host:
+        r = host.write(0, 0x55, BLOCK)
+        assert r[:2] == ["err", "EPERM"], r
+    bm.ok("list")  # nor does the next command's recovery lift it
+    assert bm.api("A").get_lun(lun)["fenced"] is True
+    # once its holder lifted it, the volume migrates
+    bm.api("A").unfence_lun(lun)
+    d2 = bm.ok("migrate", v["id"], "B", "--wait", timeout=120)
+    assert d2["migration_status"] == "success", d2
+    assert_content(d2["provider_location"]["uri"], img)
+
+
+def test_a_host_writing_to_the_source_through_a_host_copy_loses_nothing(tmp_path: Path) -> None:
+    """The generic host copy (here forced; the only way onto a `plain` or `pooled` array)
+    fenced nothing: a host still attached to the source (an in-use volume may migrate)
+    wrote behind the copy, was acknowledged, and lost its writes when the source LUN
+    went at the cleanup. The copy reads through a fence now, as a takeover does."""
+    size = 32 * MiB  # the source's media takes 5 ms an I/O: the copy takes a while
+    with BlockmigEnv(tmp_path / "state") as env:
+        env.up([ArraySpec("A", "unified", media="fixed:5"), ArraySpec("B", "unified")])
+        v = env.create("host-copied", size, "A")
+        img = fill(v["provider_location"]["uri"], size, seed=7, stride=BLOCK)
+        env.ok("attach", v["id"])  # in use: it may still migrate
+        log = tmp_path / "writer.log"
+        writer = libnbd_host(
+            _WRITER, v["provider_location"]["uri"], str(log), str(HOT), str(TAG), ready="ready", stdin=True
+        )
+        try:
+            d = env.ok("migrate", v["id"], "B", "--force-host-copy", "--wait", timeout=120)
+        finally:
+            assert writer.stdin is not None
+            if writer.poll() is None:
+                try:
+                    writer.stdin.write("stop\n")
+                    writer.stdin.flush()
+                    writer.wait(20)
+                except Exception:
+                    writer.kill()
+                    writer.wait(10)
+        assert d["migration_status"] == "success" and d["host"].startswith("B@"), d
+        outcomes = [line.split() for line in log.read_text().splitlines()]
+        acked = [(int(o), int(s)) for kind, o, s, *_ in outcomes if kind == "ack"]
+        errors = [(int(s), e) for kind, _, s, e in (x for x in outcomes if x[0] == "err")]
+        assert acked, "the host's writes before the migration were acknowledged"
+        if errors:
+            first_error = min(s for s, _ in errors)
+            assert max(s for _, s in acked) < first_error, "a write was acknowledged after one failed"
+        for off, seq in acked:
+            img.blocks[off] = struct.pack("<QQ", TAG, seq) * (BLOCK // 16)
+        assert_content(d["provider_location"]["uri"], img)
