@@ -9,14 +9,25 @@ RWF_DSYNC writes). Until then they live in a scratch copy WORK that serves
 reads. A power cut is SIGKILL of the crashfs process (plus a lazy unmount):
 DURABLE then holds exactly what was durable, and a new mount starts from it.
 
-The name of a new file is durable only once its directory is fsync'ed (POSIX:
-an fsync of the file does not make its directory entry durable): a power cut
-before that loses the file, whatever was fsync'ed into it.
+Names are durable only once their directory is fsync'ed (POSIX: an fsync of
+a file does not make its directory entry durable). A new file or directory
+(create, mkdir) is lost at a power cut before that, whatever was fsync'ed into
+it (a lost directory takes everything under it along). An unlink, rmdir or
+rename is undone at a cut unless its directory (both, for a rename) was
+fsync'ed since: the old name comes back with the data that was durable, and a
+file a rename replaced comes back too. DURABLE applies every change at once;
+the changes a cut must undo are logged beside CONTROL (``.state``; removed and
+replaced entries wait in ``.stash``), and the next mount undoes them, newest
+first.
 
 Simplifications (say so in a report):
-- Other metadata (mkdir, rename, unlink, rmdir, chmod) applies to DURABLE at
-  once, as if the directory were fsync'ed after each change (a renamed new file
-  stays new until its directory is fsync'ed).
+- chmod and utimens are not modelled (chmod applies to DURABLE at once).
+- Changes are durable per directory: an fsync of one makes its own changes
+  durable, never those of other directories made before them (ext4's journal
+  would commit them all); each change still pending is undone as far as it
+  still applies.
+- A cut in the middle of one operation (the crashfs process is killed while it
+  serves one) may leave that operation half applied or half recorded.
 - fallocate and lseek(SEEK_DATA/SEEK_HOLE) are not implemented, as on many
   FUSE and network file systems: callers get EOPNOTSUPP, and the kernel
   answers SEEK_DATA/SEEK_HOLE as if the whole file were data.
@@ -37,6 +48,7 @@ Run it as ``python -m tests.crashfs DURABLE WORK MOUNTPOINT CONTROL``
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -60,15 +72,36 @@ class CrashFS:
         self.work = work
         self.control = control  # a file naming the suffix to cut after (see the docstring)
         self.off = False
-        #: files created since their directory's last fsync: removed from DURABLE at the next mount
-        self.new_names: set[str] = set()
+        #: changes of names not yet durable, oldest first: {"op": create, mkdir, unlink,
+        #: rmdir or rename; "path" (a rename's new name; "old" its old one); "stash":
+        #: where the entry it removed or replaced waits, or ""; "dirs": the directories
+        #: still to fsync}
+        self.undo: list[dict[str, Any]] = []
+        self.stash = control + ".stash"
+        os.makedirs(self.stash, exist_ok=True)
+        self._stashed = 0
         self._lock = threading.Lock()
         #: path -> (smallest size since the last sync, [(offset, length)] written since)
         self._pending: dict[str, tuple[int, list[tuple[int, int]]]] = {}
 
     def _names_changed(self) -> None:
-        # On disk before the operation returns: the power may go right after it.
-        Path(self.control + ".names").write_text("".join(f"{p}\n" for p in sorted(self.new_names)))
+        # On disk before the operation returns (the power may go right after it), and
+        # atomically: the power may go while it is written.
+        state = json.dumps(self.undo)
+        tmp = self.control + ".state.tmp"
+        Path(tmp).write_text(state)
+        os.replace(tmp, self.control + ".state")
+
+    def _stash(self, path: str) -> str:
+        """Move DURABLE's ``path`` aside (a cut brings it back) and return where to."""
+        self._stashed += 1
+        where = f"{self.stash}/{self._stashed}"
+        os.rename(self._d(path), where)
+        return where
+
+    def _log(self, op: str, path: str, stash: str = "") -> None:
+        self.undo.append({"op": op, "path": path, "stash": stash, "dirs": [os.path.dirname(path)]})
+        self._names_changed()
 
     def _w(self, path: str) -> str:
         return self.work + path
@@ -103,35 +136,38 @@ class CrashFS:
 
     def mkdir(self, path: str, mode: int) -> int:
         os.mkdir(self._w(path), mode)
+        self._log("mkdir", path)
         os.mkdir(self._d(path), mode)
         return 0
 
+    # A removed entry waits in the stash (with what a cut must bring back) until its
+    # directory is fsync'ed; so does one a rename replaces.
     def rmdir(self, path: str) -> int:
         os.rmdir(self._w(path))
-        os.rmdir(self._d(path))
+        self._log("rmdir", path, self._stash(path))
         return 0
 
     def unlink(self, path: str) -> int:
         os.unlink(self._w(path))
-        os.unlink(self._d(path))
         with self._lock:
             self._pending.pop(path, None)
-        if path in self.new_names:
-            self.new_names.discard(path)
-            self._names_changed()
+        self._log("unlink", path, self._stash(path))
         return 0
 
     def rename(self, old: str, new: str) -> int:
         os.rename(self._w(old), self._w(new))
+        stash = self._stash(new) if os.path.lexists(self._d(new)) else ""
+        dirs = sorted({os.path.dirname(old), os.path.dirname(new)})
+        self.undo.append({"op": "rename", "old": old, "path": new, "stash": stash, "dirs": dirs})
+        self._names_changed()
         os.rename(self._d(old), self._d(new))
+
+        def moved(p: str) -> str:  # what was at or under ``old`` (a directory's files)
+            return new + p[len(old):] if p == old or p.startswith(old + "/") else p
+
         with self._lock:  # unsynced data moves with the name
             self._pending.pop(new, None)
-            if old in self._pending:
-                self._pending[new] = self._pending.pop(old)
-        if old in self.new_names:
-            self.new_names.discard(old)
-            self.new_names.add(new)
-            self._names_changed()
+            self._pending = {moved(p): v for p, v in self._pending.items()}
         return 0
 
     def chmod(self, path: str, mode: int) -> int:
@@ -148,11 +184,10 @@ class CrashFS:
 
     # ---- files
     def create(self, path: str, mode: int, fi: Any = None) -> int:
-        # The file exists in DURABLE (its synced data goes there) but is listed as new:
+        # The file exists in DURABLE (its synced data goes there) but is logged as new:
         # the next mount removes it unless its directory was fsync'ed meanwhile.
-        if not os.path.exists(self._d(path)):
-            self.new_names.add(path)
-            self._names_changed()
+        if not os.path.lexists(self._d(path)):
+            self._log("create", path)
         os.close(os.open(self._d(path), os.O_WRONLY | os.O_CREAT, mode))
         return os.open(self._w(path), os.O_RDWR | os.O_CREAT, mode)
 
@@ -219,10 +254,15 @@ class CrashFS:
         while self.off:
             time.sleep(1)
         parent = path if path == "/" else path.rstrip("/")
-        synced = {p for p in self.new_names if os.path.dirname(p) == parent}
+        synced = [u for u in self.undo if parent in u["dirs"]]
         if synced:
-            self.new_names -= synced
+            for u in synced:
+                u["dirs"].remove(parent)
+            self.undo = [u for u in self.undo if u["dirs"]]
             self._names_changed()
+            for u in synced:  # durable now: what it removed or replaced is gone for good
+                if not u["dirs"] and u["stash"]:
+                    _rm(u["stash"])
         return 0
 
     def opendir(self, path: str) -> int:
@@ -235,6 +275,36 @@ class CrashFS:
         if not os.access(self._w(path), amode):
             raise OSError(errno.EACCES, "access")
         return 0
+
+
+def _rm(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
+def _move_back(src: str, dst: str) -> None:
+    """Undo a move to ``src`` as far as it still applies (its directory may be gone)."""
+    if os.path.lexists(src) and not os.path.lexists(dst) and os.path.isdir(os.path.dirname(dst)):
+        os.rename(src, dst)
+
+
+def recover(durable: str, control: str) -> None:
+    """What a power cut leaves: undo the changes of names not yet durable, newest
+    first, and empty the stash."""
+    state = Path(control + ".state")
+    if state.exists():
+        for u in reversed(json.loads(state.read_text())):
+            path = durable + u["path"]
+            if u["op"] in ("create", "mkdir"):
+                _rm(path)  # a lost directory takes what is in it along
+            elif u["op"] == "rename":
+                _move_back(path, durable + u["old"])
+            if u["stash"]:
+                _move_back(u["stash"], path)
+        state.unlink()
+    shutil.rmtree(control + ".stash", ignore_errors=True)
 
 
 def serve(durable: str, work: str, mountpoint: str, control: str) -> None:
@@ -273,12 +343,7 @@ class CrashMount:
     def mount(self) -> Path:
         self.control.unlink(missing_ok=True)
         Path(f"{self.control}.off").unlink(missing_ok=True)
-        names = Path(f"{self.control}.names")
-        if names.exists():  # new files whose directory was never fsync'ed: gone
-            for p in names.read_text().split("\n"):
-                if p:
-                    Path(f"{self.durable}{p}").unlink(missing_ok=True)
-            names.unlink()
+        recover(str(self.durable), str(self.control))
         shutil.rmtree(self.work, ignore_errors=True)
         shutil.copytree(self.durable, self.work)  # a fresh boot sees what was durable
         root = Path(__file__).resolve().parent.parent

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from emulator import durable
 from emulator.nbd.backend import Backend
 from emulator.nbd.server import NbdServer
 
@@ -101,7 +102,9 @@ class Array:
 
     # ---- start and stop
     def open(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Durable names (emulator/durable.py), here and below: else a power cut could
+        # lose a new data dir or pool directory with the LUN files a host flushed in it.
+        durable.make_dir(self.data_dir)
         self._lock_fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -139,13 +142,14 @@ class Array:
         self.fences = {f.lun: f for f in meta.fences()}  # before the LUNs are exported
         for row in meta.pools():
             d = self.data_dir / "pools" / row.name
-            d.mkdir(parents=True, exist_ok=True)
+            durable.make_dir(d.parent)
+            durable.make_dir(d)
             self.pools[row.name] = Pool(row.name, row.capacity, d)
         for lrow in meta.luns():
             path = self._path(lrow.pool, lrow.name)
             if lrow.state in ("creating", "deleting"):
-                # Finish what a crash interrupted.
-                path.unlink(missing_ok=True)
+                # Finish what a crash interrupted (the row goes once the file is gone for good).
+                durable.unlink(path)
                 meta.delete_lun(lrow.name)  # and its fence
                 self.fences.pop(lrow.name, None)
                 log.warning("array %s: removed LUN %s left %s by a crash", self.name, lrow.name, lrow.state)
@@ -370,7 +374,7 @@ class Array:
             meta.update_lun(name, also, state=state)
         except BaseException:
             fb.close()
-            path.unlink(missing_ok=True)
+            durable.unlink(path)
             meta.delete_lun(name)
             raise
         return self._attach(name, p.name, state, row.created, fb)
@@ -437,7 +441,9 @@ class Array:
         del self.luns[lun.name]
         self.pools[lun.pool].files.pop(lun.name, None)
         lun.backend.close()
-        self._path(lun.pool, lun.name).unlink(missing_ok=True)
+        # The file goes for good before the row: else a power cut after the DELETE
+        # answered could bring the file back, owned by no LUN (its space used for good).
+        durable.unlink(self._path(lun.pool, lun.name))
         meta.delete_lun(lun.name)
 
     # ---- views

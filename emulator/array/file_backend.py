@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 
+from emulator.durable import fsync_dir
 from emulator.nbd.backend import Backend
 from emulator.nbd.errors import BackendError
 from emulator.nbd.protocol import STATE_HOLE, STATE_ZERO, Extent
@@ -40,17 +41,6 @@ _sync_file_range = _libc.sync_file_range
 _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE = 2
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # a file system that cannot sync a directory (as SQLite does)
-            raise
-    finally:
-        os.close(fd)
 
 
 def _backend_error(what: str, e: OSError) -> BackendError:
@@ -84,7 +74,7 @@ class FileBackend(Backend):
                 # A new file's name is durable only once its directory is fsync'ed (a
                 # flush fdatasyncs the file, never the directory): else a power cut
                 # could lose a LUN whose writes a host had flushed (tests/mirror/test_power_cut.py).
-                _fsync_dir(os.path.dirname(os.path.abspath(path)))
+                fsync_dir(os.path.dirname(os.path.abspath(path)))
             self._size = os.lseek(self._fd, 0, os.SEEK_END)
             if create_size is not None and create_size != self._size:
                 raise ValueError(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from emulator import durable
 from emulator.array.array import Array
 from emulator.array.errors import ArrayError
 from emulator.array.models import DEFAULT_MODEL, MODELS, get_model, parse_media
@@ -110,13 +111,21 @@ def load_token(data_dir: Path, given: str | None) -> str:
         return token
     path = data_dir / "token"
     try:
-        return path.read_text().strip()
+        token = path.read_text().strip()
+        if token:
+            return token
+        path.unlink()  # empty: a crash cut its writing short (an empty token lets anyone in)
     except FileNotFoundError:
         pass
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
+        # Durable (data, then name) before clients read it: else a power cut could
+        # leave the file empty, or gone, and the restarted array with another token.
+        f.flush()
+        os.fsync(f.fileno())
+    durable.fsync_dir(data_dir)
     return token
 
 
@@ -135,7 +144,7 @@ async def serve(args: argparse.Namespace) -> int:
     api_host, api_port = parse_hostport(args.api_listen)
     model = get_model(args.model).with_media(parse_media(args.media))
     data_dir: Path = args.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    durable.make_dir(data_dir)  # the token goes there first
     token = load_token(data_dir, args.token)
 
     server = NbdServer()

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from emulator import durable
 from emulator.array.array import Array, check_name
 from emulator.array.errors import ArrayError, Conflict, InvalidInput, NoSpace, NotFound, Unsupported
 from emulator.array.file_backend import FileBackend
@@ -240,7 +241,9 @@ class MigrationManager:
 
         def released(m: Migration) -> None:
             if m.state == "completed":
-                Path(old_path).unlink(missing_ok=True)
+                # for good (emulator/durable.py): a power cut must not bring back a file
+                # no LUN owns, its space used for good (the row names the new pool already)
+                durable.unlink(Path(old_path))
 
         m = Migration(
             lun.name, f"move:{old_pool}:{new_pool}", lun.backend, self.array.media_backend(fb),
@@ -424,7 +427,7 @@ class MigrationManager:
                 lun.backend.set_file(fb, self.array.pools[new_pool], m.local)
             elif move is not None:  # failed or cancelled: drop the new copy
                 move[1].close()
-                self.array.lun_path(move[0], lun.name).unlink(missing_ok=True)
+                durable.unlink(self.array.lun_path(move[0], lun.name))
 
     def _remote(
         self, name: str, source: str, retry_window: float, size: int, caps: dict[str, Any] | None

@@ -223,6 +223,19 @@ def test_the_api_token_is_enforced(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert ea.value.status == 401
 
 
+
+def test_an_empty_token_file_gets_a_new_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token file a crash left empty (older versions never fsync'ed it) is no empty
+    token: with one, 'Authorization: Bearer ' let anyone in."""
+    from emulator.daemon.main import load_token
+
+    monkeypatch.delenv("BLOCKMIG_TOKEN", raising=False)
+    (tmp_path / "token").write_text("\n")
+    token = load_token(tmp_path, None)
+    assert len(token) >= 20 and (tmp_path / "token").read_text() == token + "\n"
+    assert load_token(tmp_path, None) == token
+
+
 # --------------------------------------------------------------------------- LUNs through the CLI
 def test_lun_lifecycle_through_the_cli(tmp_path: Path) -> None:
     with array_daemon(tmp_path / "a", "arr-a", "--pool", "default=1G", "--pool", "gold=256M") as d:

@@ -38,6 +38,7 @@ from tests.mirror.test_faults import (
     RUNNING,
     Load,
     MiB,
+    Model,
     Running,
     api,
     brief,
@@ -51,6 +52,7 @@ from tests.mirror.test_faults import (
     start_migration,
     status,
     wait_final,
+    write_all,
 )
 from tests.servers import array_daemon
 
@@ -226,26 +228,127 @@ def test_power_cut_right_after_completion_keeps_the_whole_lun(tmp_path: Path) ->
         run(body(), 50)
 
 
+def fresh_data_dir(fs: CrashMount, tmp_path: Path) -> Path:
+    """A data dir the array makes on crashfs (its logs go beside the path given, off crashfs)."""
+    link = tmp_path / "b"
+    link.symlink_to(fs.mountpoint / "data")
+    return link
+
+
+#: (pool of the new LUN or None, the array's --pool options)
+NEW_LUN_CASES = [(None, ()), ("gold", ("--pool", "gold=64M"))]
+
+
 @pytest.mark.timeout(60)
-def test_power_cut_keeps_the_flushed_data_of_a_new_lun(tmp_path: Path) -> None:
-    """Regression (fixed): a LUN's file was created without an fsync of its pool's
-    directory, so its name was not durable (POSIX; a file's own fsync does not make
-    it so). A host wrote to a new LUN and FLUSHed, the power went: the file was
-    gone, and the array recreated the LUN empty (its row was in sqlite), silently
-    losing acknowledged, flushed data."""
+@pytest.mark.parametrize("pool,args", NEW_LUN_CASES, ids=["default-pool", "named-pool"])
+def test_power_cut_keeps_the_flushed_data_of_a_new_lun(
+    tmp_path: Path, pool: str | None, args: tuple[str, ...]
+) -> None:
+    """Regressions (fixed): the names a new array and LUN rely on were not durable
+    (POSIX: a name is durable once its directory is fsync'ed; a file's own fsync
+    does not make it so). A fresh array made its data dir and pools/POOL with no
+    fsync of their parents, and a LUN's file was created with none of its pool's
+    directory. A host wrote to a new LUN and FLUSHed, the power went: the file
+    (or the directory holding it) was gone, and the array recreated the LUN empty
+    (its row was in sqlite), silently losing acknowledged, flushed data."""
     data = make_data(31, 4 * MiB)
     with ExitStack() as stack:
         fs = stack.enter_context(CrashMount(tmp_path / "crashfs"))
-        b_dir = fs.mount()
-        b = stack.enter_context(array_daemon(b_dir, "B"))
+        fs.mount()
+        b_dir = fresh_data_dir(fs, tmp_path)
+        b = stack.enter_context(array_daemon(b_dir, "B", *args))
 
         async def body() -> None:
-            model = await new_source(b, data)  # written, then FLUSHed: durable from here on
+            await asyncio.to_thread(api(b).create_lun, LUN, len(data), pool)
+            await write_all(b.uri(LUN), data)  # written, then FLUSHed: durable from here on
+            await asyncio.to_thread(b.sigkill)
+            fs.power_cut()
+            await asyncio.to_thread(fs.mount)
+            b2 = await restart(stack, b_dir, "B", *args)
+            assert "has no file" not in b2.output(), b2.output()
+            lun = await asyncio.to_thread(api(b2).get_lun, LUN)
+            assert (lun["pool"], lun["state"]) == (pool or "default", "ready"), lun
+            Model(data).check(await read_all(b2.uri(LUN), len(data)), "a new LUN after FLUSH and a power cut")
+
+        run(body(), 40)
+
+
+@pytest.mark.timeout(60)
+def test_power_cut_after_a_lun_delete_leaves_no_half_lun(tmp_path: Path) -> None:
+    """Regression (fixed): a deleted LUN's file was unlinked, then its row deleted,
+    with no fsync of the pool's directory between: a power cut after the DELETE
+    was acknowledged brought the file back (POSIX: an unlink is durable once its
+    directory is fsync'ed) with no row, a file no LUN owns, its space used for
+    good. Deleted, the LUN must stay gone whole: no row, no file."""
+    with ExitStack() as stack:
+        fs = stack.enter_context(CrashMount(tmp_path / "crashfs"))
+        fs.mount()
+        b_dir = fresh_data_dir(fs, tmp_path)
+        b = stack.enter_context(array_daemon(b_dir, "B"))
+        img = b_dir / "pools" / "default" / f"{LUN}.img"
+
+        async def body() -> None:
+            await new_source(b, make_data(32, 4 * MiB))
+            assert img.exists()
+            await asyncio.to_thread(api(b).delete_lun, LUN)
             await asyncio.to_thread(b.sigkill)
             fs.power_cut()
             await asyncio.to_thread(fs.mount)
             b2 = await restart(stack, b_dir, "B")
-            assert "has no file" not in b2.output(), b2.output()
-            model.check(await read_all(b2.uri(LUN), len(data)), "a new LUN after FLUSH and a power cut")
+            assert await asyncio.to_thread(api(b2).list_luns) == []
+            assert not img.exists(), f"{img} came back after its LUN's DELETE was acknowledged"
+
+        run(body(), 40)
+
+
+@pytest.mark.timeout(60)
+def test_power_cut_keeps_the_generated_api_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (fixed): the API token a fresh array generates into DATA_DIR/token
+    (where clients read it) was never fsync'ed. The array's later fsync of the data
+    dir made its name durable, not its data: after a power cut the file was empty,
+    and the restarted array took the empty token, its API open to anyone sending
+    'Authorization: Bearer ' (and no longer to the clients holding the token)."""
+    monkeypatch.delenv("BLOCKMIG_TOKEN", raising=False)
+    with ExitStack() as stack:
+        fs = stack.enter_context(CrashMount(tmp_path / "crashfs"))
+        fs.mount()
+        b_dir = fresh_data_dir(fs, tmp_path)
+        b = stack.enter_context(array_daemon(b_dir, "B", token=None))
+        b.sigkill()
+        fs.power_cut()
+        fs.mount()
+        b2 = stack.enter_context(array_daemon(b_dir, "B", token=None))
+        assert (b2.token, len(b.token)) == (b.token, 43), "the API token changed at a power cut"
+        assert api(b2).list_luns() == []
+
+
+@pytest.mark.timeout(60)
+def test_power_cut_after_a_pool_move_leaves_no_old_file(tmp_path: Path) -> None:
+    """Regression (fixed): a completed move to another pool unlinked the LUN's old
+    file with no fsync of its directory: a power cut brought it back, a file no
+    LUN owns in the old pool (its space used for good). The LUN itself is whole
+    in its new pool."""
+    data = make_data(33, 4 * MiB)
+    args = ("--pool", "default=64M", "--pool", "gold=64M")
+    with ExitStack() as stack:
+        fs = stack.enter_context(CrashMount(tmp_path / "crashfs"))
+        fs.mount()
+        b_dir = fresh_data_dir(fs, tmp_path)
+        b = stack.enter_context(array_daemon(b_dir, "B", *args))
+
+        async def body() -> None:
+            model = await new_source(b, data)
+            await asyncio.to_thread(api(b).call, "POST", f"/api/v1/luns/{LUN}/move", {"pool": "gold"})
+            done = await wait_final(b, 30)
+            assert done["state"] == "completed", brief(done)
+            await asyncio.to_thread(b.sigkill)
+            fs.power_cut()
+            await asyncio.to_thread(fs.mount)
+            b2 = await restart(stack, b_dir, "B", *args)
+            lun = await asyncio.to_thread(api(b2).get_lun, LUN)
+            assert (lun["pool"], lun["state"]) == ("gold", "ready"), lun
+            model.check(await read_all(b2.uri(LUN), len(data)), "a LUN moved, then a power cut")
+            old = b_dir / "pools" / "default" / f"{LUN}.img"
+            assert not old.exists(), f"{old} came back after the move to pool gold completed"
 
         run(body(), 40)
