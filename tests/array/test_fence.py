@@ -59,6 +59,13 @@ def io(uri: str, offset: int, data: bytes | None = None) -> bytes:
     return asyncio.run(asyncio.wait_for(_io(uri, offset, data), IO_TIMEOUT))
 
 
+def landed(d: ArrayDaemon, offset: int = MiB, data: bytes = b"\xab" * 4096) -> bool:
+    """``data`` is at ``offset`` in LUN vol's file on ``d`` (the write reached the media)."""
+    with open(d.data_dir / "pools" / "default" / "vol.img", "rb") as fh:
+        fh.seek(offset)
+        return fh.read(len(data)) == data
+
+
 def read_only(uri: str) -> bool:
     async def ro() -> bool:
         async with await NbdClient.connect(uri) as c:
@@ -156,7 +163,6 @@ def test_the_fence_returns_once_the_writes_in_flight_landed(tmp_path: Path) -> N
     fence waits for it (the media takes 500 ms an I/O here)."""
     with array_daemon(tmp_path / "a", "A", "--media", "fixed:500") as d:
         array_api(d).create_lun("vol", SIZE)
-        lun_file = d.data_dir / "pools" / "default" / "vol.img"
 
         async def run() -> float:
             async with await NbdClient.connect(d.uri("vol")) as c:
@@ -166,9 +172,7 @@ def test_the_fence_returns_once_the_writes_in_flight_landed(tmp_path: Path) -> N
                 status, f = await asyncio.to_thread(post_fence, d, "vol", {"holder": "B"})
                 took = time.monotonic() - t0
                 assert status == 201, f
-                with open(lun_file, "rb") as fh:
-                    fh.seek(MiB)
-                    assert fh.read(4096) == b"\xab" * 4096, "the fence answered before the write landed"
+                assert landed(d), "the fence answered before the write landed"
                 await write  # accepted before the fence: acknowledged
                 return took
 
@@ -182,12 +186,6 @@ def test_a_second_fence_call_answers_once_the_first_drained_the_writes(tmp_path:
     its caller could copy the region before the write landed (lost). It waits too now."""
     with array_daemon(tmp_path / "a", "A", "--media", "fixed:500") as d:
         array_api(d).create_lun("vol", SIZE)
-        lun_file = d.data_dir / "pools" / "default" / "vol.img"
-
-        def landed() -> bool:
-            with open(lun_file, "rb") as fh:
-                fh.seek(MiB)
-                return fh.read(4096) == b"\xab" * 4096
 
         async def run() -> None:
             async with await NbdClient.connect(d.uri("vol")) as c:
@@ -198,7 +196,7 @@ def test_a_second_fence_call_answers_once_the_first_drained_the_writes(tmp_path:
                     await asyncio.sleep(0.01)
                 status, f = await asyncio.to_thread(post_fence, d, "vol", {"holder": "B"})
                 assert status == 200, f
-                assert landed(), "the second fence call answered before the write in flight landed"
+                assert landed(d), "the second fence call answered before the write in flight landed"
                 assert (await first)[0] == 201
                 await write
 
@@ -259,23 +257,17 @@ def test_a_fence_whose_writes_are_still_in_flight_after_its_drain_time_says_so(t
     with array_daemon(tmp_path / "a", "A", "--media", "fixed:6000") as d:
         api = array_api(d)
         api.create_lun("vol", SIZE)
-        lun_file = d.data_dir / "pools" / "default" / "vol.img"
-
-        def landed() -> bool:
-            with open(lun_file, "rb") as fh:
-                fh.seek(MiB)
-                return fh.read(4096) == b"\xab" * 4096
 
         async def run() -> None:
             async with await NbdClient.connect(d.uri("vol")) as c:
                 write = asyncio.create_task(c.write(MiB, b"\xab" * 4096))
                 await asyncio.sleep(0.2)  # the write waits on the media
                 status, err = await asyncio.to_thread(post_fence, d, "vol", {"holder": "B"})
-                assert status == 503 and not landed(), (status, err)
+                assert status == 503 and not landed(d), (status, err)
                 assert api.get_lun("vol")["fenced"] is True
                 status, f = await asyncio.to_thread(post_fence, d, "vol", {"holder": "B"})
                 assert status == 200, f
-                assert landed(), "the fence answered before the write in flight landed"
+                assert landed(d), "the fence answered before the write in flight landed"
                 await write
 
         asyncio.run(asyncio.wait_for(run(), IO_TIMEOUT + 10))

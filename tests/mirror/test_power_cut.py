@@ -228,11 +228,14 @@ def test_power_cut_right_after_completion_keeps_the_whole_lun(tmp_path: Path) ->
         run(body(), 50)
 
 
-def fresh_data_dir(fs: CrashMount, tmp_path: Path) -> Path:
-    """A data dir the array makes on crashfs (its logs go beside the path given, off crashfs)."""
+def fresh_data_dir(stack: ExitStack, tmp_path: Path) -> tuple[CrashMount, Path]:
+    """crashfs, mounted (and unmounted when ``stack`` closes), and a data dir the array
+    makes on it (its logs go beside the path given, off crashfs)."""
+    fs = stack.enter_context(CrashMount(tmp_path / "crashfs"))
+    fs.mount()
     link = tmp_path / "b"
     link.symlink_to(fs.mountpoint / "data")
-    return link
+    return fs, link
 
 
 #: (pool of the new LUN or None, the array's --pool options)
@@ -253,9 +256,7 @@ def test_power_cut_keeps_the_flushed_data_of_a_new_lun(
     (its row was in sqlite), silently losing acknowledged, flushed data."""
     data = make_data(31, 4 * MiB)
     with ExitStack() as stack:
-        fs = stack.enter_context(CrashMount(tmp_path / "crashfs"))
-        fs.mount()
-        b_dir = fresh_data_dir(fs, tmp_path)
+        fs, b_dir = fresh_data_dir(stack, tmp_path)
         b = stack.enter_context(array_daemon(b_dir, "B", *args))
 
         async def body() -> None:
@@ -281,9 +282,7 @@ def test_power_cut_after_a_lun_delete_leaves_no_half_lun(tmp_path: Path) -> None
     directory is fsync'ed) with no row, a file no LUN owns, its space used for
     good. Deleted, the LUN must stay gone whole: no row, no file."""
     with ExitStack() as stack:
-        fs = stack.enter_context(CrashMount(tmp_path / "crashfs"))
-        fs.mount()
-        b_dir = fresh_data_dir(fs, tmp_path)
+        fs, b_dir = fresh_data_dir(stack, tmp_path)
         b = stack.enter_context(array_daemon(b_dir, "B"))
         img = b_dir / "pools" / "default" / f"{LUN}.img"
 
@@ -310,9 +309,7 @@ def test_power_cut_keeps_the_generated_api_token(tmp_path: Path, monkeypatch: py
     'Authorization: Bearer ' (and no longer to the clients holding the token)."""
     monkeypatch.delenv("BLOCKMIG_TOKEN", raising=False)
     with ExitStack() as stack:
-        fs = stack.enter_context(CrashMount(tmp_path / "crashfs"))
-        fs.mount()
-        b_dir = fresh_data_dir(fs, tmp_path)
+        fs, b_dir = fresh_data_dir(stack, tmp_path)
         b = stack.enter_context(array_daemon(b_dir, "B", token=None))
         b.sigkill()
         fs.power_cut()
@@ -331,9 +328,7 @@ def test_power_cut_after_a_pool_move_leaves_no_old_file(tmp_path: Path) -> None:
     data = make_data(33, 4 * MiB)
     args = ("--pool", "default=64M", "--pool", "gold=64M")
     with ExitStack() as stack:
-        fs = stack.enter_context(CrashMount(tmp_path / "crashfs"))
-        fs.mount()
-        b_dir = fresh_data_dir(fs, tmp_path)
+        fs, b_dir = fresh_data_dir(stack, tmp_path)
         b = stack.enter_context(array_daemon(b_dir, "B", *args))
 
         async def body() -> None:
