@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -224,13 +223,6 @@ def main(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"array {args.name}: %(name)s: %(message)s",
     )
-    # Every proxied I/O allocates a few dozen short-lived objects (closures, tuples,
-    # futures): at the default gen-0 threshold (700) the cyclic GC ran hundreds of
-    # times a second and walked them all. Start-up objects are frozen out of its
-    # scans, and gen 0 is collected every 50K net allocations: 2-2.6 us less CPU per
-    # proxied I/O (~6%) in paired runs, for a few MB more garbage at a time.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
     loop = serve_forever_loop()
     try:
         return loop.run_until_complete(serve(args))
