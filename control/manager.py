@@ -196,21 +196,8 @@ class VolumeManager:
                 self._inject("target")
                 ddrv, sdrv = self.driver(dest.array), self.driver(src.array)
                 if isinstance(ddrv, RemoteTakeoverMixin):
-                    # Fence the source first: hosts still attached to it can no longer
-                    # write behind the target's back (the write would be lost at the
-                    # cutover); the target alone gets the fence's URI. Recorded before
-                    # the call, so that every failure path lifts it.
-                    mig["fenced"] = True
-                    v = self.db.update(v.id, migration=mig)
-                    try:
-                        src_uri = sdrv.fence_for_takeover(v, f"volume {v.id}")
-                    except ApiError as e:
-                        if e.status in (400, 404, 409):
-                            # refused before fencing anything: a fence there is another
-                            # holder's (409), whose takeover may still copy; not ours to lift
-                            mig["fenced"] = False
-                            v = self.db.update(v.id, migration=mig)
-                        raise
+                    # the target alone gets the fence's URI
+                    v, src_uri = self._fence_source(v, mig, sdrv)
                 else:
                     src_uri = sdrv.connection_uri(v)
                 r2 = ddrv.migrate_volume_target(v, src_uri, dest.pool)
@@ -285,17 +272,11 @@ class VolumeManager:
         target = Volume(**v.__dict__)  # the same LUN name, on the target array
         ddrv.delete_volume(target)  # a partial copy left by an earlier try
         loc = ddrv.create_volume(target, dest.pool)
-        # Fence the source as a takeover does: a host still attached to it (an in-use
-        # volume) would write behind the copy, and lose the write when the source goes.
-        # The copy reads through the fence's alias; a failure lifts it (_fail).
-        mig["fenced"] = True
-        v = self.db.update(v.id, migration=mig)
+        # Fenced as a takeover is (an in-use volume's hosts stay attached to the source);
+        # the copy reads through the fence's alias.
         try:
-            src_uri = sdrv.fence_for_takeover(v, f"volume {v.id}")
-        except ApiError as e:
-            if e.status in (400, 404, 409):  # refused before fencing: not ours to lift
-                mig["fenced"] = False
-                v = self.db.update(v.id, migration=mig)
+            v, src_uri = self._fence_source(v, mig, sdrv)
+        except ApiError:
             ddrv.delete_volume(target)
             raise
         try:
@@ -367,6 +348,22 @@ class VolumeManager:
                 f"has taken {written} write(s) since: it may hold data the source lacks. Keep one "
                 f"copy by hand (`blockmig lun delete --api URL {v.lun} --force` on the other), then retry"
             )
+
+    def _fence_source(self, v: Volume, mig: dict[str, Any], sdrv: VolumeDriver) -> tuple[Volume, str]:
+        """Fence the source LUN: a host still attached to it can no longer write behind
+        the copy (the write would be lost when the source goes). Returns the volume and
+        the URI the copy reads through. Recorded before the call, so that every failure
+        path (_fail) lifts it; a refusal (400/404/409) fenced nothing: a fence there is
+        another holder's, whose takeover may still copy, not ours to lift."""
+        mig["fenced"] = True
+        v = self.db.update(v.id, migration=mig)
+        try:
+            return v, sdrv.fence_for_takeover(v, f"volume {v.id}")
+        except ApiError as e:
+            if e.status in (400, 404, 409):
+                mig["fenced"] = False
+                self.db.update(v.id, migration=mig)
+            raise
 
     def _unfence(self, v: Volume, mig: dict[str, Any]) -> None:
         """Lift the source LUN's fence and record it (``mig`` is updated in place)."""

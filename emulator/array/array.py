@@ -140,9 +140,9 @@ class Array:
             free = shutil.disk_usage(self.data_dir).free
             meta.upsert_pool("default", max(SECTOR, free - free % SECTOR))
         self.fences = {f.lun: f for f in meta.fences()}  # before the LUNs are exported
+        durable.make_dir(self.data_dir / "pools")
         for row in meta.pools():
             d = self.data_dir / "pools" / row.name
-            durable.make_dir(d.parent)
             durable.make_dir(d)
             self.pools[row.name] = Pool(row.name, row.capacity, d)
         for lrow in meta.luns():

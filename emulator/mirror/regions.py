@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from emulator.durable import fsync_dir
+
 DIRTY = 0
 COPYING = 1
 CLEAN = 2
@@ -183,11 +185,7 @@ class ProgressFile:
         os.pwrite(fd, np.packbits(self.disk_clean).tobytes(), HEADER_SIZE)
         os.fsync(fd)
         os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.path.parent)
         self._fd = fd
 
     def load(self) -> dict[str, object]:

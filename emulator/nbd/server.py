@@ -130,26 +130,23 @@ class NbdServer:
         e = self.exports[name] = Export(name, backend, description, read_only, hidden)
         return e
 
-    def set_read_only(self, name: str, read_only: bool) -> list[asyncio.Task[None]]:
+    def _clients(self, name: str) -> list[_Connection]:
+        return [c for c in self.connections if c.export is not None and c.export.name == name]
+
+    def set_read_only(self, name: str, read_only: bool) -> None:
         """Make export ``name`` read-only (or writable again) for everyone, also for
         clients connected now: those negotiated writes, so from now on theirs fail
-        with EPERM (a client that negotiated READ_ONLY stays so). Returns the requests
-        in flight on those clients as Tasks: a write among them may still land. (I/O
-        begun with start_write, which only a remote LUN's Backend offers, is not
-        among them.)"""
+        with EPERM (a client that negotiated READ_ONLY stays so). Writes already in
+        flight may still land: see :meth:`inflight`."""
         self.exports[name].read_only = read_only
-        tasks: list[asyncio.Task[None]] = []
-        for c in self.connections:
-            if c.export is not None and c.export.name == name:
-                c.set_writable(not read_only)
-                tasks.extend(c._inflight)
-        return tasks
+        for c in self._clients(name):
+            c.set_writable(not read_only)
 
     def inflight(self, name: str) -> list[asyncio.Task[None]]:
-        """The requests in flight on the clients of export ``name``, as Tasks (not the
-        I/O begun with start_write: see :meth:`set_read_only`)."""
-        conns = [c for c in self.connections if c.export is not None and c.export.name == name]
-        return [t for c in conns for t in c._inflight]
+        """The requests in flight on the clients of export ``name``, as Tasks. (I/O
+        begun with start_write, which only a remote LUN's Backend offers, is not
+        among them.)"""
+        return [t for c in self._clients(name) for t in c._inflight]
 
     def remove_export(self, name: str) -> Export:
         """Stop offering ``name``; connected clients keep their Backend."""
@@ -157,11 +154,10 @@ class NbdServer:
 
     async def disconnect_export(self, name: str, timeout: float = 5.0) -> None:
         """Drop every client of export ``name`` (after a forced delete), as :meth:`close` does."""
-        conns = [c for c in self.connections if c.export is not None and c.export.name == name]
-        await _drop(conns, timeout, f"export {name} deleted")
+        await _drop(self._clients(name), timeout, f"export {name} deleted")
 
     def clients_of(self, name: str) -> int:
-        return sum(1 for c in self.connections if c.export is not None and c.export.name == name)
+        return len(self._clients(name))
 
     # ---- listening
     async def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:

@@ -10,6 +10,7 @@ On cancel or failure the source stays authoritative and the fence is lifted.
 from __future__ import annotations
 
 import struct
+import subprocess
 import time
 import zlib
 from collections.abc import Iterator
@@ -82,6 +83,33 @@ def wait_for(pred: Any, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def stop_writer(writer: subprocess.Popen[str]) -> None:
+    """Ask the _WRITER host to stop (a line on its stdin); kill it if it does not."""
+    assert writer.stdin is not None
+    if writer.poll() is None:
+        try:
+            writer.stdin.write("stop\n")
+            writer.stdin.flush()
+            writer.wait(20)
+        except Exception:
+            writer.kill()
+            writer.wait(10)
+
+
+def writer_outcomes(log: Path) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
+    """The _WRITER's log: (offset, seq) of each acknowledged write, (seq, errno) of each failed one."""
+    outcomes = [line.split() for line in log.read_text().splitlines()]
+    acked = [(int(o), int(s)) for kind, o, s, *_ in outcomes if kind == "ack"]
+    errors = [(int(s), e) for kind, _, s, e in (x for x in outcomes if x[0] == "err")]
+    return acked, errors
+
+
+def acked_into(img: Image, acked: list[tuple[int, int]]) -> None:
+    """Every acknowledged write must be on the target: the last one of each block wins."""
+    for off, seq in acked:
+        img.blocks[off] = struct.pack("<QQ", TAG, seq) * (BLOCK // 16)
+
+
 def test_a_host_writing_to_the_source_through_a_takeover_loses_nothing(
     bm: BlockmigEnv, tmp_path: Path
 ) -> None:
@@ -95,27 +123,16 @@ def test_a_host_writing_to_the_source_through_a_takeover_loses_nothing(
         # the host keeps writing to A while B copies (several seconds) and cuts over
         end = bm.wait_migration(v["id"], timeout=120)
     finally:
-        assert writer.stdin is not None
-        if writer.poll() is None:
-            writer.stdin.write("stop\n")
-            writer.stdin.flush()
-            try:
-                writer.wait(20)
-            except Exception:
-                writer.kill()
-                writer.wait(10)
+        stop_writer(writer)
     assert end["migration_status"] == "success" and end["host"].startswith("B@"), end
 
-    outcomes = [line.split() for line in log.read_text().splitlines()]
-    acked = [(int(o), int(s)) for kind, o, s, *_ in outcomes if kind == "ack"]
-    errors = [(int(s), e) for kind, _, s, e in (x for x in outcomes if x[0] == "err")]
+    acked, errors = writer_outcomes(log)
     eperm = [s for s, e in errors if e == "EPERM"]
     assert acked, "the host's writes before the migration were acknowledged"
-    assert eperm, f"no write of the host attached to the source failed with EPERM: {outcomes[-5:]}"
+    last = log.read_text().splitlines()[-5:]
+    assert eperm, f"no write of the host attached to the source failed with EPERM: {last}"
     assert max(s for _, s in acked) < min(eperm), "a write was acknowledged after the fence"
-    # every acknowledged write is on the target: the last one of each block wins
-    for off, seq in acked:
-        img.blocks[off] = struct.pack("<QQ", TAG, seq) * (BLOCK // 16)
+    acked_into(img, acked)
     assert_content(end["provider_location"]["uri"], img)
     assert lun_of(v) not in bm.luns("A")
 
@@ -211,23 +228,12 @@ def test_a_host_writing_to_the_source_through_a_host_copy_loses_nothing(tmp_path
         try:
             d = env.ok("migrate", v["id"], "B", "--force-host-copy", "--wait", timeout=120)
         finally:
-            assert writer.stdin is not None
-            if writer.poll() is None:
-                try:
-                    writer.stdin.write("stop\n")
-                    writer.stdin.flush()
-                    writer.wait(20)
-                except Exception:
-                    writer.kill()
-                    writer.wait(10)
+            stop_writer(writer)
         assert d["migration_status"] == "success" and d["host"].startswith("B@"), d
-        outcomes = [line.split() for line in log.read_text().splitlines()]
-        acked = [(int(o), int(s)) for kind, o, s, *_ in outcomes if kind == "ack"]
-        errors = [(int(s), e) for kind, _, s, e in (x for x in outcomes if x[0] == "err")]
+        acked, errors = writer_outcomes(log)
         assert acked, "the host's writes before the migration were acknowledged"
         if errors:
             first_error = min(s for s, _ in errors)
             assert max(s for _, s in acked) < first_error, "a write was acknowledged after one failed"
-        for off, seq in acked:
-            img.blocks[off] = struct.pack("<QQ", TAG, seq) * (BLOCK // 16)
+        acked_into(img, acked)
         assert_content(d["provider_location"]["uri"], img)
