@@ -26,6 +26,15 @@ ERROR = {
 }
 
 
+def _ref(schema: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{schema}"}
+
+
+def _body(schema: str, required: bool = True) -> dict[str, Any]:
+    """A JSON request body of components' ``schema``."""
+    return {"required": required, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
 def _resp(schema: Any, desc: str = "OK") -> dict[str, Any]:
     return {"description": desc, "content": {"application/json": {"schema": schema}}}
 
@@ -41,7 +50,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         503: "still waiting (a fence for its hosts' writes in flight): retry",
         507: "pool full",
     }
-    return {str(c): _resp({"$ref": "#/components/schemas/Error"}, text[c]) for c in (401, *codes)}
+    return {str(c): _resp(_ref("Error"), text[c]) for c in (401, *codes)}
 
 
 LUN_PATH = [{"name": "name", "in": "path", "required": True, "schema": NAME}]
@@ -81,7 +90,7 @@ SPEC: dict[str, Any] = {
                             "pool_migration": {"type": "boolean"},
                         },
                     },
-                    "pools": {"type": "array", "items": {"$ref": "#/components/schemas/Pool"}},
+                    "pools": {"type": "array", "items": _ref("Pool")},
                     "luns": {"type": "integer"},
                     "nbd": {"type": "object"},
                 },
@@ -222,26 +231,23 @@ SPEC: dict[str, Any] = {
             "get": {
                 "operationId": "getArray",
                 "summary": "array info: model, capabilities, pools with used and free bytes",
-                "responses": {"200": _resp({"$ref": "#/components/schemas/Array"}), **_errors()},
+                "responses": {"200": _resp(_ref("Array")), **_errors()},
             }
         },
         "/api/v1/luns": {
             "get": {
                 "operationId": "listLuns",
                 "responses": {
-                    "200": _resp({"type": "array", "items": {"$ref": "#/components/schemas/Lun"}}),
+                    "200": _resp({"type": "array", "items": _ref("Lun")}),
                     **_errors(),
                 },
             },
             "post": {
                 "operationId": "createLun",
                 "summary": "create a thin LUN (a sparse file) in a pool",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LunCreate"}}},
-                },
+                "requestBody": _body("LunCreate"),
                 "responses": {
-                    "201": _resp({"$ref": "#/components/schemas/Lun"}, "created"),
+                    "201": _resp(_ref("Lun"), "created"),
                     **_errors(400, 404, 409, 507),
                 },
             },
@@ -250,7 +256,7 @@ SPEC: dict[str, Any] = {
             "parameters": LUN_PATH,
             "get": {
                 "operationId": "getLun",
-                "responses": {"200": _resp({"$ref": "#/components/schemas/Lun"}), **_errors(400, 404)},
+                "responses": {"200": _resp(_ref("Lun")), **_errors(400, 404)},
             },
             "delete": {
                 "operationId": "deleteLun",
@@ -274,12 +280,9 @@ SPEC: dict[str, Any] = {
             "post": {
                 "operationId": "growLun",
                 "summary": "grow a ready LUN (409 while it migrates or serves a remote source)",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LunGrow"}}},
-                },
+                "requestBody": _body("LunGrow"),
                 "responses": {
-                    "200": _resp({"$ref": "#/components/schemas/Lun"}),
+                    "200": _resp(_ref("Lun")),
                     **_errors(400, 404, 409, 507),
                 },
             },
@@ -289,7 +292,7 @@ SPEC: dict[str, Any] = {
             "get": {
                 "operationId": "getLunConnection",
                 "summary": "how a host attaches the LUN over NBD",
-                "responses": {"200": _resp({"$ref": "#/components/schemas/Connection"}), **_errors(400, 404)},
+                "responses": {"200": _resp(_ref("Connection")), **_errors(400, 404)},
             },
         },
         "/api/v1/luns/{name}/stats": {
@@ -312,15 +315,10 @@ SPEC: dict[str, Any] = {
                     "alias (200), or 409 if the body names another holder than the fence's; 409 also "
                     "for a LUN that migrates or is remote"
                 ),
-                "requestBody": {
-                    "required": False,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/FenceRequest"}}
-                    },
-                },
+                "requestBody": _body("FenceRequest", required=False),
                 "responses": {
-                    "201": _resp({"$ref": "#/components/schemas/Fence"}, "fenced"),
-                    "200": _resp({"$ref": "#/components/schemas/Fence"}, "already fenced"),
+                    "201": _resp(_ref("Fence"), "fenced"),
+                    "200": _resp(_ref("Fence"), "already fenced"),
                     **_errors(400, 404, 409, 503),
                 },
             },
@@ -338,12 +336,9 @@ SPEC: dict[str, Any] = {
             "post": {
                 "operationId": "moveLun",
                 "summary": "move a LUN to another pool of this array, live (model with pool_migration)",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LunMove"}}},
-                },
+                "requestBody": _body("LunMove"),
                 "responses": {
-                    "202": _resp({"$ref": "#/components/schemas/Migration"}, "moving"),
+                    "202": _resp(_ref("Migration"), "moving"),
                     **_errors(400, 404, 409, 500, 501, 507),
                 },
             },
@@ -352,7 +347,7 @@ SPEC: dict[str, Any] = {
             "get": {
                 "operationId": "listMigrations",
                 "responses": {
-                    "200": _resp({"type": "array", "items": {"$ref": "#/components/schemas/Migration"}}),
+                    "200": _resp({"type": "array", "items": _ref("Migration")}),
                     **_errors(),
                 },
             },
@@ -360,14 +355,9 @@ SPEC: dict[str, Any] = {
                 "operationId": "startMigration",
                 "summary": "take a source LUN (nbd:// URI) over as a local LUN, attachable at once, "
                 "and migrate its data here",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/MigrationStart"}}
-                    },
-                },
+                "requestBody": _body("MigrationStart"),
                 "responses": {
-                    "201": _resp({"$ref": "#/components/schemas/Migration"}, "started"),
+                    "201": _resp(_ref("Migration"), "started"),
                     **_errors(400, 404, 409, 501, 507),
                 },
             },
@@ -387,20 +377,15 @@ SPEC: dict[str, Any] = {
                         "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S},
                     }
                 ],
-                "responses": {"200": _resp({"$ref": "#/components/schemas/Migration"}), **_errors(400, 404)},
+                "responses": {"200": _resp(_ref("Migration")), **_errors(400, 404)},
             },
             "patch": {
                 "operationId": "updateMigration",
                 "summary": "change a running migration's throttle (at once, also for copies waiting "
                 "on the old rate, and kept across restarts) or switch it to active mode",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/MigrationUpdate"}}
-                    },
-                },
+                "requestBody": _body("MigrationUpdate"),
                 "responses": {
-                    "200": _resp({"$ref": "#/components/schemas/Migration"}),
+                    "200": _resp(_ref("Migration")),
                     **_errors(400, 404, 409),
                 },
             },
@@ -419,7 +404,7 @@ SPEC: dict[str, Any] = {
                 "operationId": "migrationAction",
                 "summary": "pause, resume or cancel a migration (cancel: the LUN serves the source directly)",
                 "responses": {
-                    "200": _resp({"$ref": "#/components/schemas/Migration"}),
+                    "200": _resp(_ref("Migration")),
                     **_errors(400, 404, 409),
                 },
             },
