@@ -12,6 +12,12 @@ migrate_volume, "Async volume migration between backends":
 5. migration_status = success. Any failure -> error, and the volume stays usable on
    its authoritative side with its data intact.
 
+An in-use volume may migrate. Its attachment records follow it (what Cinder does
+through Nova's swap_volume, short of driving the hosts): wherever volume.host is
+written, the attachments are re-pointed at that host in the same transaction
+(:meth:`VolumeManager._switch_host`), so a record always names the array that serves
+the volume and the URI to use there, at every step and after a crash.
+
 Steps 1-3 run in the command that asked; steps 4-5 (and a host copy) in a
 follower: the same command with --wait, else a background process. A
 follower that died is restarted by the next command (``recover``), so no
@@ -39,10 +45,12 @@ from .config import Registry, pid_alive
 from .drivers import VolumeDriver, driver_for
 from .drivers.base import Host, RemoteTakeoverMixin
 from .hostcopy import copy_volume
-from .volumes import MIGRATING, Volume, VolumeError, VolumesDB
+from .volumes import MIGRATING, Conflict, Volume, VolumeError, VolumesDB
 
 log = logging.getLogger("blockmig.control")
 Progress = Callable[[dict[str, Any]], None]
+#: tries of a read-modify-write of a volume's attachments that another command raced
+RACE_TRIES = 20
 
 
 class VolumeManager:
@@ -106,38 +114,157 @@ class VolumeManager:
         self.db.delete(v.id)
 
     def attach(self, ref: str, connector: dict[str, Any] | None = None) -> dict[str, Any]:
-        v = self.db.get(ref)
-        if v.migration_status in ("starting", "migrating"):
-            raise VolumeError(
-                f"volume {v.name} ({v.id}) is {v.migration_status} and not attachable until the "
-                "migration ends (its target array does not serve it while copying)"
-            )
-        if v.status not in ("available", "in-use"):
-            raise VolumeError(f"volume {v.name} ({v.id}) is {v.status}; it can be attached when available")
         connector = connector or {"host": socket.gethostname()}
-        info = self.driver(Host.parse(v.host).array).initialize_connection(v, connector)
-        att = {
-            "id": uuid.uuid4().hex[:8],
-            "connector": connector,
-            "attached_at": time.time(),
-            "host": v.host,
-            "connection": info["data"],
-        }
-        self.db.update(v.id, status="in-use", attachments=[*v.attachments, att])
-        return {"attachment": att["id"], **info}
+        aid = uuid.uuid4().hex[:8]
+        v = self.db.get(ref)
+        for _ in range(RACE_TRIES):
+            if v.migration_status in ("starting", "migrating"):
+                raise VolumeError(
+                    f"volume {v.name} ({v.id}) is {v.migration_status} and not attachable until the "
+                    "migration ends (its target array does not serve it while copying)"
+                )
+            if v.status not in ("available", "in-use"):
+                raise VolumeError(
+                    f"volume {v.name} ({v.id}) is {v.status}; it can be attached when available"
+                )
+            info = self.driver(Host.parse(v.host).array).initialize_connection(v, connector)
+            att = {
+                "id": aid,
+                "connector": connector,
+                "attached_at": time.time(),
+                "host": v.host,
+                "connection": info["data"],
+            }
+            try:
+                # only if no migration moved the volume (and its records) meanwhile
+                self.db.update(
+                    v.id,
+                    expect={
+                        "host": v.host,
+                        "attachments": v.attachments,
+                        "migration_status": v.migration_status,
+                    },
+                    status="in-use",
+                    attachments=[*v.attachments, att],
+                )
+            except Conflict:
+                v = self.db.get(v.id)
+                continue
+            return {"attachment": aid, **info}
+        raise VolumeError(f"volume {v.name} ({v.id}) kept changing while attaching it; try again")
 
     def detach(self, ref: str, attachment: str | None = None) -> Volume:
+        """End one attachment (or all): terminate_connection on the array each record names
+        (a migration re-pointed it at the array that serves the volume now)."""
         v = self.db.get(ref)
-        keep = [a for a in v.attachments if attachment is not None and a["id"] != attachment]
-        if attachment is not None and len(keep) == len(v.attachments):
-            raise VolumeError(f"volume {v.name} has no attachment {attachment}")
+        for _ in range(RACE_TRIES):
+            keep = [a for a in v.attachments if attachment is not None and a["id"] != attachment]
+            if attachment is not None and len(keep) == len(v.attachments):
+                raise VolumeError(f"volume {v.name} has no attachment {attachment}")
+            for a in v.attachments:
+                if a not in keep:
+                    self._terminate(v, Host.parse(a["host"]).array, a)
+            try:
+                # only if no migration re-pointed the records kept meanwhile
+                return self.db.update(
+                    v.id,
+                    expect={"attachments": v.attachments},
+                    attachments=keep,
+                    status="in-use" if keep else "available",
+                )
+            except Conflict:
+                v = self.db.get(v.id)
+        raise VolumeError(f"volume {v.name} ({v.id}) kept changing while detaching it; try again")
+
+    # ------------------------------------------------------------------ attachments follow the volume
+    def _switch_host(self, vid: str, host: str, lenient: bool = False, **fields: Any) -> Volume:
+        """Write ``volume.host = host`` (and ``fields``) and re-point its attachment records
+        at ``host`` in the same transaction, then end their connections on the array they
+        left (best effort).
+
+        One transaction keeps every record true at every step: the records move when the
+        host does, at step 1 (a pool move), at step 3 (the takeover), at the end of a host
+        copy, and back to the source when a failure or a cancel leaves the volume there.
+        initialize_connection only reads connection info, so a crash before the commit
+        leaves both where they were (and a retried step does it again); a crash after it
+        leaves both moved. The array left behind drops its sessions anyway: its LUN is
+        deleted (step 4, or the cancelled takeover). ``lenient`` (the failure path, which
+        must not raise): an attachment whose new connection cannot be had is noted in the
+        migration's error and kept as it was."""
+        for _ in range(RACE_TRIES):
+            v = self.db.get(vid)
+            notes: list[str] = []
+            atts, left = self._repoint(v, host, notes if lenient else None)
+            f = dict(fields)
+            if notes and "migration" in f:
+                m = dict(f["migration"])
+                m["error"] = "; ".join([m.get("error") or "", *notes]).lstrip("; ")
+                f["migration"] = m
+            try:
+                v = self.db.update(
+                    vid, expect={"attachments": v.attachments}, host=host, attachments=atts, **f
+                )
+            except Conflict:
+                continue  # an attach or a detach meanwhile: again, with its records
+            for array, a in left:
+                self._terminate(v, array, a)
+            return v
+        raise VolumeError(f"volume {vid}: its attachments kept changing while it moved to {host}; try again")
+
+    def _repoint(
+        self, v: Volume, host: str, notes: list[str] | None
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
+        """The attachment records of ``v`` pointed at ``host`` (the same id and attached_at;
+        the connection initialize_connection gives there; moved_from and moved_at say
+        whence and when), and (array, record) of each connection to end on the array it
+        left. A move within one array keeps its connection (the export is the same)."""
+        to = Host.parse(host).array
+        out: list[dict[str, Any]] = []
+        left: list[tuple[str, dict[str, Any]]] = []
+        now = time.time()
         for a in v.attachments:
-            if a not in keep:
-                try:
-                    self.driver(Host.parse(a["host"]).array).terminate_connection(v, a["connector"])
-                except (ApiError, VolumeError) as e:
-                    log.warning("terminate_connection of %s: %s", v.id, e)
-        return self.db.update(v.id, attachments=keep, status="in-use" if keep else "available")
+            if a["host"] == host:
+                out.append(a)
+                continue
+            try:
+                conn = self.driver(to).initialize_connection(v, a["connector"])["data"]
+            except (ApiError, VolumeError) as e:
+                msg = (
+                    f"attachment {a['id']} of host {a['connector'].get('host')}: no connection "
+                    f"on array {to}: {e}"
+                )
+                if notes is None:
+                    raise VolumeError(msg) from None
+                prev = a.get("moved_from") or {}
+                if prev.get("host") and Host.parse(prev["host"]).array == to:
+                    conn = prev["connection"]  # moving back: it was this before
+                else:
+                    log.warning("%s; its record still names %s", msg, a["host"])
+                    notes.append(f"{msg}; its record still names {a['host']}")
+                    out.append(a)
+                    continue
+            out.append(
+                {
+                    **a,
+                    "host": host,
+                    "connection": conn,
+                    "moved_from": {"host": a["host"], "connection": a["connection"]},
+                    "moved_at": now,
+                }
+            )
+            old = Host.parse(a["host"]).array
+            if old != to:
+                left.append((old, a))
+        return out, left
+
+    def _terminate(self, v: Volume, array: str, a: dict[str, Any]) -> None:
+        """terminate_connection of one attachment on ``array``; best effort, logged."""
+        try:
+            self.driver(array).terminate_connection(v, a["connector"])
+        except (ApiError, VolumeError) as e:
+            log.warning(
+                "terminate_connection of volume %s (attachment %s) on %s: %s", v.id, a["id"], array, e
+            )
 
     # ------------------------------------------------------------------ migration, steps 1-3
     def migrate(
@@ -181,9 +308,9 @@ class VolumeManager:
                 self._inject("source")
                 r = self.driver(src.array).migrate_volume(v, dest, progress)
                 if r.moved:
-                    return self.db.update(
+                    return self._switch_host(
                         v.id,
-                        host=str(dest),
+                        str(dest),
                         provider_location=r.model_update or {},
                         migration_status="success",
                         migration={**mig, "phase": "done"},
@@ -215,9 +342,9 @@ class VolumeManager:
             self._inject("host")
             mig["phase"] = "complete"
             mig["async"] = r2.migration_async
-            return self.db.update(
+            return self._switch_host(
                 v.id,
-                host=str(dest),
+                str(dest),
                 provider_location=r2.model_update or {},
                 migration=mig,
                 migration_status="migrating_attachable" if r2.migration_async else "migrating",
@@ -299,7 +426,13 @@ class VolumeManager:
         except BaseException:
             ddrv.delete_volume(target)
             raise
-        v = self.db.update(v.id, host=str(dest), provider_location=loc, migration={**mig, "phase": "cleanup"})
+        try:
+            v = self._switch_host(
+                v.id, str(dest), provider_location=loc, migration={**mig, "phase": "cleanup"}
+            )
+        except VolumeError:
+            ddrv.delete_volume(target)  # nothing switched (it raises before its commit only)
+            raise
         return self._cleanup(v)
 
     def _remove_leftover(self, v: Volume) -> None:
@@ -387,7 +520,7 @@ class VolumeManager:
         if mig.get("phase") == "cleanup":
             # Only removing the source failed: the data lives on the target, keep it there.
             mig["error"] = f"{error}; the volume lives on {mig['target']}; its source LUN may remain"
-            self.db.update(vid, host=mig["target"], migration_status="error", migration=mig)
+            self._switch_host(vid, mig["target"], lenient=True, migration_status="error", migration=mig)
             return
         if mig.get("phase") in ("complete", "target") and dest.array != src.array:
             # The source stayed authoritative (I1): drop the takeover on the target.
@@ -419,9 +552,11 @@ class VolumeManager:
                 if pool != src.pool:
                     host = str(Host(src.array, src.backend, pool))
                     mig["error"] += f"; the array had already moved it: the volume is on {host}"
-        self.db.update(
+        # attachments moved to the target (or made there) follow the volume back
+        self._switch_host(
             vid,
-            host=host,
+            host,
+            lenient=True,
             provider_location=loc,
             migration_status="error",
             migration=mig,

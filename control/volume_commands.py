@@ -88,8 +88,10 @@ def _show_text(d: dict[str, Any]) -> str:
     if loc.get("uri"):
         lines.append(f"{'uri:':<19}{loc['uri']}")
     for a in d.get("attachments", []):
+        was = (a.get("moved_from") or {}).get("connection", {}).get("uri")
         lines.append(
             f"{'attachment:':<19}{a['id']} on {a['connector'].get('host')} via {a['connection']['uri']}"
+            + (f" (moved from {was})" if was and was != a["connection"]["uri"] else "")
         )
     mig = d.get("migration")
     if mig:
@@ -153,8 +155,44 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 m.spawn_follower(v.id)
         bar.status(v.migration_status or "")
     d = m.show(v.id)
-    _out(args, d, _show_text(d))
+    d["reattach"] = reattach_notices(d)
+    _out(args, d, "\n".join([_show_text(d), *(n["message"] for n in d["reattach"])]))
     return 0 if v.migration_status in ("success", "migrating", "migrating_attachable") else 1
+
+
+def reattach_notices(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each host attached to a migrating (or migrated) volume must do, as `show`'s
+    view ``d`` has it: a record this migration moved to another URI (the volume is served
+    there now) means the host must re-attach there; its writes to the old URI fail with
+    EPERM from the takeover (or the host copy) on, as the source is fenced, and that URI
+    goes away with the source LUN. Records no migration moved need nothing."""
+    mig = d.get("migration") or {}
+    started = float(mig.get("started") or 0.0)
+    out = []
+    for a in d.get("attachments", []):
+        who = a["connector"].get("host")
+        uri = a["connection"]["uri"]
+        was = (a.get("moved_from") or {}).get("connection", {}).get("uri")
+        if was and was != uri and float(a.get("moved_at") or 0.0) >= started:
+            if d["host"] == mig.get("source"):  # a failure or a cancel moved it back
+                why = f"the migration failed; the volume stays on {d['host']} and takes writes again"
+            elif d.get("migration_status") == "success":
+                why = f"writes to {was} failed with EPERM once the source was fenced; the source LUN is gone"
+            else:
+                why = (
+                    f"writes to {was} fail with EPERM from the takeover on (the source is fenced; "
+                    "reads still work until the migration completes)"
+                )
+            message = f"attachment {a['id']} (host {who}): the host must re-attach at {uri}: {why}"
+        elif d.get("migration_status") == "migrating" and mig.get("phase") == "host-copy":
+            message = (
+                f"attachment {a['id']} (host {who}): writes to {uri} fail with EPERM while the host copy "
+                "runs (the source is fenced); re-attach at the URI `blockmig show` gives once it succeeded"
+            )
+        else:
+            continue
+        out.append({"attachment": a["id"], "host": who, "uri": uri, "was": was, "message": message})
+    return out
 
 
 def cmd_follow(args: argparse.Namespace) -> int:

@@ -37,6 +37,10 @@ class VolumeError(Exception):
     """A volume operation was refused; the message says why and what to do."""
 
 
+class Conflict(VolumeError):
+    """An update's ``expect`` did not hold: another command changed the volume meanwhile."""
+
+
 @dataclass
 class Volume:
     id: str
@@ -159,7 +163,7 @@ class VolumesDB:
                 for k, want in expect.items():
                     ok = cur[k] in want if isinstance(want, tuple) else cur[k] == want
                     if not ok:
-                        raise VolumeError(f"volume {vid}: {k} is {cur[k]!r}, expected {want!r}")
+                        raise Conflict(f"volume {vid}: {k} is {cur[k]!r}, expected {want!r}")
             cols = ", ".join(f"{k}=?" for k in fields)
             cur_n = db.execute(f"UPDATE volumes SET {cols} WHERE id=?", (*fields.values(), vid)).rowcount
             if not cur_n:
