@@ -21,9 +21,10 @@ The story, as the proposal "Async volume migration between backends" tells it:
    region read from B over NBD has the recorded sha256; IOPS are compared with the
    baseline.
 
-The host moves its attachment instead of keeping one fio run across the migration: a
-write sent to A after B took the LUN over would bypass B's copy (invariant I3). A live
-path switch under one device needs device-mapper, which these machines lack.
+The host moves its attachment instead of keeping one fio run across the migration: from
+the takeover on, A's LUN is fenced and a write sent to it fails with EPERM (before fencing
+it bypassed B's copy and was lost). A live path switch under one device needs
+device-mapper, which these machines lack.
 
 Everything started is stopped in reverse order (fio, loop device, nbdfuse, arrays, work
 dir), on success, failure, Ctrl-C or SIGTERM; any failure exits non-zero.
@@ -456,8 +457,9 @@ def story(opts: Options, work: Path, stack: contextlib.ExitStack) -> Result:
         s.say(f"{_fmt(iops_before)} IOPS on A (the source, directly)")
 
     with s.step("Migrate the volume to B while fio runs"):
-        # The host lets go of A first: writes sent to A after B took the LUN over would
-        # bypass B's copy. Then steps 1-3 of migrate_volume; B serves the volume at once.
+        # The host lets go of A first: from the takeover on, A's LUN is fenced and fio's
+        # writes there would fail (EPERM). Then steps 1-3 of migrate_volume; B serves the
+        # volume at once.
         host_a.close()
         t_mig = time.time()
         vol = m.migrate(vol.id, "B")
