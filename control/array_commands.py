@@ -46,7 +46,7 @@ def _lun_rows(luns: list[dict[str, Any]]) -> str:
 
 
 def _show(lun: dict[str, Any]) -> str:
-    keys = ("name", "size", "allocated", "pool", "export", "uri", "state", "connected_hosts", "fence")
+    keys = ("name", "id", "size", "allocated", "pool", "export", "uri", "state", "connected_hosts", "fence")
     out = []
     for k in keys:
         v = lun.get(k)

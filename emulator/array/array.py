@@ -32,7 +32,7 @@ from emulator.nbd.server import NbdServer
 
 from .errors import Busy, Conflict, InvalidInput, NoSpace, NotFound
 from .file_backend import FileBackend
-from .lun import Lun, LunBackend
+from .lun import Lun, LunBackend, describe
 from .media import MediaBackend
 from .metadata import FenceRow, Metadata
 from .models import ArrayModel
@@ -160,7 +160,7 @@ class Array:
             if fb.size < lrow.size:  # a grow recorded but not yet applied
                 os.ftruncate(fb.fd, lrow.size)
                 fb.refresh_size()
-            self._attach(lrow.name, lrow.pool, lrow.state, lrow.created, fb)
+            self._attach(lrow.name, lrow.pool, lrow.state, lrow.created, fb, lrow.uuid)
         for pool in self.pools.values():
             pool.used()  # start the pool's accounting from what the files really hold
 
@@ -219,11 +219,11 @@ class Array:
     def lun_path(self, pool: str, lun: str) -> Path:
         return self._path(pool, lun)
 
-    def _attach(self, name: str, pool: str, state: str, created: float, fb: FileBackend) -> Lun:
+    def _attach(self, name: str, pool: str, state: str, created: float, fb: FileBackend, uuid: str) -> Lun:
         inner = self.media_backend(fb)
         p = self.pools[pool]
         lb = LunBackend(name, inner, p, fb)
-        lun = Lun(name, pool, fb.size, state, created, fb, lb, local=inner)
+        lun = Lun(name, pool, fb.size, state, created, fb, lb, local=inner, uuid=uuid)
         self.luns[name] = lun
         p.files[name] = fb
         if state == "ready":  # others are exported by whoever wires their Backend
@@ -233,7 +233,7 @@ class Array:
     def export_lun(self, name: str) -> None:
         lun = self.get_lun(name)
         fence = self.fences.get(name)
-        desc = f"array {self.name} pool {lun.pool}"
+        desc = describe(self.name, lun.pool, lun.uuid)
         self.server.add_export(name, lun.backend, description=desc, read_only=fence is not None)
         if fence is not None:
             self._export_alias(lun, fence)
@@ -242,7 +242,9 @@ class Array:
         self.server.add_export(
             fence_export(lun.name, fence.token),
             lun.backend,
-            description=f"array {self.name} pool {lun.pool}, fenced for {fence.holder or 'a takeover'}",
+            description=describe(
+                self.name, lun.pool, lun.uuid, f", fenced for {fence.holder or 'a takeover'}"
+            ),
             hidden=True,
         )
 
@@ -377,7 +379,7 @@ class Array:
             durable.unlink(path)
             meta.delete_lun(name)
             raise
-        return self._attach(name, p.name, state, row.created, fb)
+        return self._attach(name, p.name, state, row.created, fb, row.uuid)
 
     def grow_lun(self, name: object, size: object) -> Lun:
         lun = self.get_lun(check_name("LUN", name))
@@ -464,6 +466,7 @@ class Array:
             "export": lun.name,
             "state": lun.state,
             "created": lun.created,
+            "id": lun.uuid,
             "connected_hosts": self.connected_hosts(lun.name),
             "fenced": lun.name in self.fences,
         }

@@ -9,6 +9,7 @@ swapped atomically.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,22 @@ from emulator.nbd.protocol import Extent
 from .file_backend import FileBackend
 from .pool import Pool
 from .stats import LunStats
+
+_LUN_ID = re.compile(r"\bLUN id ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\b")
+
+
+def describe(array: str, pool: str, lun_id: str, more: str = "") -> str:
+    """A LUN's export description (NBD_INFO_DESCRIPTION, which nbdinfo shows). It
+    carries the LUN's id: NBD itself names an export only by address and name, so an
+    array that takes the LUN over (emulator/mirror/remote.py) tells by the id whether
+    it reconnected to the same LUN or to another one now behind that name."""
+    return f"array {array} pool {pool}, LUN id {lun_id}{more}"
+
+
+def lun_id_of(description: str) -> str:
+    """The LUN id in an export's description; "" when it gives none (any other server)."""
+    m = _LUN_ID.search(description)
+    return m.group(1) if m else ""
 
 
 class LunBackend(Backend):
@@ -175,6 +192,8 @@ class Lun:
     backend: LunBackend
     #: the LUN's own storage as hosts should see it (the file, with media latency if any)
     local: Backend | None = None
+    #: its identity (metadata.new_lun_id), advertised in its export's description
+    uuid: str = ""
 
     @property
     def allocated(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ CREATE TABLE IF NOT EXISTS luns (
     pool TEXT NOT NULL REFERENCES pools(name),
     size INTEGER NOT NULL CHECK (size > 0),
     state TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    uuid TEXT  -- the LUN's identity (new_lun_id), advertised to NBD clients
 );
 -- a LUN fenced for a takeover (Array.fence_lun); goes with its LUN
 CREATE TABLE IF NOT EXISTS fences (
@@ -59,6 +61,13 @@ class LunRow:
     size: int
     state: str  # creating, ready, deleting (and, later, migration states)
     created: float
+    #: the LUN's identity: made when it is created, never reused (another LUN of the
+    #: same name, made later or on another array, has another one)
+    uuid: str
+
+
+def new_lun_id() -> str:
+    return str(uuid.uuid4())
 
 
 class Metadata:
@@ -69,6 +78,11 @@ class Metadata:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        if "uuid" not in {r[1] for r in self.db.execute("PRAGMA table_info(luns)")}:
+            self.db.execute("ALTER TABLE luns ADD COLUMN uuid TEXT")  # a data dir from before ids
+        # LUNs of such a data dir get theirs now, once: kept from then on
+        for (name,) in self.db.execute("SELECT name FROM luns WHERE uuid IS NULL").fetchall():
+            self.update_lun(name, uuid=new_lun_id())
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -110,15 +124,15 @@ class Metadata:
     def luns(self) -> list[LunRow]:
         return [
             LunRow(*r)
-            for r in self.db.execute("SELECT name, pool, size, state, created FROM luns ORDER BY name")
+            for r in self.db.execute("SELECT name, pool, size, state, created, uuid FROM luns ORDER BY name")
         ]
 
     def insert_lun(self, name: str, pool: str, size: int, state: str) -> LunRow:
-        row = LunRow(name, pool, size, state, time.time())
+        row = LunRow(name, pool, size, state, time.time(), new_lun_id())
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO luns(name, pool, size, state, created) VALUES (?, ?, ?, ?, ?)",
-                (row.name, row.pool, row.size, row.state, row.created),
+                "INSERT INTO luns(name, pool, size, state, created, uuid) VALUES (?, ?, ?, ?, ?, ?)",
+                (row.name, row.pool, row.size, row.state, row.created, row.uuid),
             )
         return row
 

@@ -106,6 +106,10 @@ SPEC: dict[str, Any] = {
                     "export": {"type": "string"},
                     "state": {"type": "string"},
                     "created": {"type": "number"},
+                    "id": {
+                        "type": "string",
+                        "description": "the LUN's identity (a UUID), also in its export's NBD description",
+                    },
                     "connected_hosts": {"type": "array", "items": {"type": "string"}},
                     "uri": {"type": "string"},
                     "fenced": {"type": "boolean", "description": "fenced for a takeover: read-only to hosts"},
@@ -216,6 +220,11 @@ SPEC: dict[str, Any] = {
                     "region_size": {"type": "integer"},
                     "throttle": {"type": "number", "description": "bytes/s, 0 = unlimited"},
                     "last_error": {"type": "string"},
+                    "source_id": {
+                        "type": "string",
+                        "description": "the source LUN's id, if it gives one: a source that "
+                        "answers with another is refused",
+                    },
                 },
             },
             "LunGrow": {

@@ -3,7 +3,9 @@
 Migration records live in the array's SQLite database (table
 ``migrations``: the config, with the throttle as last set, and the
 capabilities the source offered when last connected, so that a restarted
-array advertises them before the source answers); region progress lives
+array advertises them before the source answers, and the id of the source's
+LUN, so that no connection, also after a restart, takes another LUN found at
+the source's address for it); region progress lives
 beside each LUN file (``POOL/LUN.progress``).
 LUN states on the array: ``migrating`` while the LUN is served through a
 MigratingBackend, ``remote`` when it serves the source directly (after a
@@ -47,7 +49,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     started REAL NOT NULL,
     finished REAL,
     status TEXT NOT NULL DEFAULT '{}',
-    caps TEXT  -- JSON: what the source offered (RemoteBackend.capabilities); NULL: not known
+    caps TEXT,  -- JSON: what the source offered (RemoteBackend.capabilities); NULL: not known
+    source_id TEXT  -- the source LUN's id (RemoteBackend.identity); NULL: none known yet
 );
 """
 
@@ -71,18 +74,22 @@ class MigrationManager:
         """Resume migrations and remote LUNs found in the array's database."""
         meta = self._db
         meta.db.executescript(SCHEMA)
-        if "caps" not in {r[1] for r in meta.db.execute("PRAGMA table_info(migrations)")}:
-            meta.db.execute("ALTER TABLE migrations ADD COLUMN caps TEXT")  # a data dir from before
+        columns = {r[1] for r in meta.db.execute("PRAGMA table_info(migrations)")}
+        for column in ("caps", "source_id"):  # a data dir from before them
+            if column not in columns:
+                meta.db.execute(f"ALTER TABLE migrations ADD COLUMN {column} TEXT")
         rows = meta.db.execute(
-            "SELECT lun, source, config, state, mode, status, caps FROM migrations"
+            "SELECT lun, source, config, state, mode, status, caps, source_id FROM migrations"
         ).fetchall()
-        for name, source, config, state, mode, status, caps in rows:
+        for name, source, config, state, mode, status, caps, source_id in rows:
             lun = self.array.luns.get(name)
             if lun is None:
                 continue
             # Hosts may connect before the source answers (it may be down): they
             # negotiate what it offered when last connected, not a Backend's defaults.
             known = json.loads(caps) if caps else None
+            # A row from before LUN ids has none: the first connection records it.
+            ident = source_id or ""
             if lun.state == "migrating" and state not in FINAL:
                 cfg = MigrationConfig(**json.loads(config))
                 cfg.mode = mode
@@ -91,7 +98,7 @@ class MigrationManager:
                     m = self._new_move(lun, source.split(":")[2], cfg, resume=True)
                 else:
                     m = self._new(lun, source, cfg)
-                    remote = self._remote(name, source, cfg.retry_window, lun.size, known)
+                    remote = self._remote(name, source, cfg.retry_window, lun.size, known, ident)
                 await m.start(resume=True, paused=state == "paused", connected=remote)
                 log.info(
                     "array %s: resumed migration of %s (%d regions to copy again)",
@@ -103,7 +110,7 @@ class MigrationManager:
             else:
                 self._final[name] = json.loads(status)
                 if lun.state == "remote":
-                    await self._serve_remote(lun, source, resume=True, capabilities=known)
+                    await self._serve_remote(lun, source, known, ident)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop every migration and remote LUN, all at once: each waits up to
@@ -178,7 +185,7 @@ class MigrationManager:
                 remote.size,
                 pool,
                 state="migrating",
-                also=self._record(name, source, cfg, remote.capabilities()),
+                also=self._record(name, source, cfg, remote.capabilities(), remote.identity),
             )
         except BaseException:
             await remote.aclose()
@@ -357,16 +364,21 @@ class MigrationManager:
 
     @staticmethod
     def _record(
-        name: str, source: str, cfg: MigrationConfig, caps: dict[str, Any] | None = None
+        name: str,
+        source: str,
+        cfg: MigrationConfig,
+        caps: dict[str, Any] | None = None,
+        source_id: str = "",
     ) -> Callable[[sqlite3.Connection], None]:
         """The migration's row, to insert in the transaction that makes its LUN
         ``migrating`` (one commit fewer, and no migrating LUN without it after a crash);
-        ``caps``: what a remote source offers."""
+        ``caps``: what a remote source offers, ``source_id``: the id of its LUN, if it
+        gives one."""
 
         def insert(db: sqlite3.Connection) -> None:
             db.execute(
-                "INSERT OR REPLACE INTO migrations(lun, source, config, state, mode, started, caps) "
-                "VALUES (?, ?, ?, 'copying', ?, ?, ?)",
+                "INSERT OR REPLACE INTO migrations(lun, source, config, state, mode, started, caps, "
+                "source_id) VALUES (?, ?, ?, 'copying', ?, ?, ?, ?)",
                 (
                     name,
                     source,
@@ -374,6 +386,7 @@ class MigrationManager:
                     cfg.mode,
                     time.time(),
                     None if caps is None else json.dumps(caps),
+                    source_id or None,
                 ),
             )
 
@@ -430,29 +443,42 @@ class MigrationManager:
                 durable.unlink(self.array.lun_path(move[0], lun.name))
 
     def _remote(
-        self, name: str, source: str, retry_window: float, size: int, caps: dict[str, Any] | None
+        self,
+        name: str,
+        source: str,
+        retry_window: float,
+        size: int,
+        caps: dict[str, Any] | None,
+        identity: str,
     ) -> RemoteBackend:
         """The source of LUN ``name`` after a restart, not connected yet: it offers the
         recorded ``caps`` until it connects (None, from a data dir of before: defaults
-        until then)."""
-        remote = RemoteBackend(source, retry_window=retry_window, size=size, capabilities=caps)
+        until then), and takes only the LUN of id ``identity`` for it ("": any, the
+        first connection records the id it finds)."""
+        remote = RemoteBackend(
+            source, retry_window=retry_window, size=size, capabilities=caps, identity=identity
+        )
         remote.on_capabilities = self._capabilities_changed(name)
         return remote
 
     def _capabilities_changed(self, name: str) -> Callable[[RemoteBackend, dict[str, Any]], None]:
         """A (re)connection found the source of LUN ``name`` offering other capabilities
-        than known (``before``; empty: none were recorded). They are recorded, and the
-        LUN advertises them to hosts that connect from now on. Hosts already connected
-        keep what they negotiated: a FUA the source lost is a write and a flush, TRIM
-        and CACHE are advice, and what the source now refuses (a write to a read-only
-        source, an unaligned request) fails with the source's error (EPERM, EINVAL)."""
+        than known (``before``; empty: none were recorded), or learnt its LUN's id. They
+        are recorded, and the LUN advertises them to hosts that connect from now on.
+        Hosts already connected keep what they negotiated: a FUA the source lost is a
+        write and a flush, TRIM and CACHE are advice, and what the source now refuses (a
+        write to a read-only source, an unaligned request) fails with the source's error
+        (EPERM, EINVAL)."""
 
         def changed(remote: RemoteBackend, before: dict[str, Any]) -> None:
             now = remote.capabilities()
             with self._db.transaction() as db:
-                db.execute("UPDATE migrations SET caps=? WHERE lun=?", (json.dumps(now), name))
-            if before:
-                diff = ", ".join(f"{k} {before[k]} -> {v}" for k, v in now.items() if before.get(k) != v)
+                db.execute(
+                    "UPDATE migrations SET caps=?, source_id=? WHERE lun=?",
+                    (json.dumps(now), remote.identity or None, name),
+                )
+            diff = ", ".join(f"{k} {v} -> {now.get(k)}" for k, v in before.items() if now.get(k) != v)
+            if diff:  # none: nothing was known, or only the id was learnt (a row from before ids)
                 log.warning("array %s: the source of LUN %s changed: %s", self.array.name, name, diff)
             m = self.migrations.get(name)
             if m is not None and m.backend is not None and m.source is remote:
@@ -464,9 +490,9 @@ class MigrationManager:
         return changed
 
     async def _serve_remote(
-        self, lun: Lun, source: str, resume: bool, capabilities: dict[str, Any] | None = None
+        self, lun: Lun, source: str, capabilities: dict[str, Any] | None, identity: str
     ) -> None:
-        remote = self._remote(lun.name, source, self.defaults.retry_window, lun.size, capabilities)
+        remote = self._remote(lun.name, source, self.defaults.retry_window, lun.size, capabilities, identity)
         self.remotes[lun.name] = remote
         lun.backend.swap(remote)
         self.array.export_lun(lun.name)

@@ -588,6 +588,8 @@ class Migration:
             "local_reads": self.backend.local_reads if self.backend else 0,
             "remote_reads": self.backend.remote_reads if self.backend else 0,
             "source_connected": getattr(self.source, "connected", self.source is not None),
+            #: the source LUN's id, where it gives one (emulator/array/lun.py lun_id_of)
+            "source_id": getattr(self.source, "identity", ""),
             "started": self.started,
             "finished": self.finished,
             "last_error": self.last_error,

@@ -5,6 +5,16 @@ reconnects with exponential backoff when it breaks. While the source is
 unreachable, each request that needs it waits up to ``retry_window``
 seconds, then fails with EIO (I6). NBD errors the source returns (EIO,
 ENOSPC, EPERM ...) pass through unchanged.
+
+A connection must find the same LUN as the first one did: the same size and,
+where the source names its LUN (our arrays put a LUN id in the export's
+description), the same id. NBD names an export only by address and name, and
+a LUN deleted and made again under that name, or another array started on the
+source's address, would otherwise be read from as if it were the LUN taken
+over. Such a source is refused like a size change: the connection is dropped
+and the requests that needed it fail with EIO, as do those of the next
+``backoff_max`` seconds without asking it again (a host's every request would
+make a connection to it otherwise).
 """
 
 from __future__ import annotations
@@ -15,8 +25,9 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+from emulator.array.lun import lun_id_of
 from emulator.nbd import protocol as p
 from emulator.nbd.backend import CAPABILITIES, Backend, Done
 from emulator.nbd.client import NbdClient
@@ -41,6 +52,7 @@ class RemoteBackend(Backend):
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         size: int = 0,
         capabilities: dict[str, Any] | None = None,
+        identity: str = "",
     ) -> None:
         self.uri = uri
         self.retry_window = retry_window
@@ -52,6 +64,9 @@ class RemoteBackend(Backend):
         self._client: NbdClient | None = None
         self._connecting: asyncio.Future[NbdClient] | None = None
         self._size = size  # known in advance when resuming: checked on every (re)connect
+        #: the id of the LUN taken over (lun_id_of), checked on every (re)connect; "" until a
+        #: connection finds one (a foreign server gives none: the size is all that is checked)
+        self.identity = identity
         self._closed = False
         self.reconnects = 0
         self._tokens = itertools.count()
@@ -59,12 +74,14 @@ class RemoteBackend(Backend):
         self._watchdog: asyncio.Future[None] | None = None
         self._retries: set[asyncio.Future[None]] = set()  # fast-path requests a broken link handed on
         self._closing: set[asyncio.Future[None]] = set()  # closes of connections dropped or refused
+        self._refused_until = float("-inf")  # a refused source is not asked again before
         self.last_error = ""
         self.connected = False
         #: the source's capabilities are known: from a connection, or recorded from one
         #: (a resume after a restart knows them before the source answers)
         self.known = False
-        #: called after a (re)connection found capabilities other than those known
+        #: called after a (re)connection found capabilities other than those known, or
+        #: learnt the source's identity
         self.on_capabilities: Callable[[RemoteBackend, dict[str, Any]], None] | None = None
         if capabilities:
             for cap in CAPABILITIES:
@@ -86,12 +103,22 @@ class RemoteBackend(Backend):
         return self
 
     def _adopt(self, c: NbdClient) -> None:
+        ident = lun_id_of(c.description)
+        if self.identity and ident != self.identity:
+            now = f"LUN id {ident}" if ident else "no LUN id"
+            self._refuse(
+                c,
+                f"{self.uri} is no longer the LUN taken over (LUN id {self.identity}): it answers "
+                f"with {now} (the LUN deleted and made again, or another array on its address); "
+                "I/O that needs the source fails until that LUN is back there",
+            )
         if self._size and c.size != self._size:
-            self._close_later(c)
-            raise BackendError(errno.EIO, f"{self.uri} changed size from {self._size} to {c.size}")
+            self._refuse(c, f"{self.uri} changed size from {self._size} to {c.size}")
         self._client = c
         self._size = c.size
         self.connected = True
+        learnt = bool(ident) and not self.identity
+        self.identity = ident or self.identity
         before, known = self.capabilities(), self.known
         self.read_only = c.read_only
         self.can_trim = c.can(p.FLAG_SEND_TRIM)
@@ -107,11 +134,18 @@ class RemoteBackend(Backend):
         mn = c.block_size.minimum
         self.min_block = mn if 1 <= mn <= 65536 and not mn & (mn - 1) else 1
         self.known = True
-        if (before != self.capabilities() or not known) and self.on_capabilities is not None:
+        if (before != self.capabilities() or not known or learnt) and self.on_capabilities is not None:
             try:
                 self.on_capabilities(self, before if known else {})
             except Exception:  # the connection serves all the same
                 log.exception("%s: recording the source's capabilities failed", self.uri)
+
+    def _refuse(self, c: NbdClient, why: str) -> NoReturn:
+        """``c`` reached another LUN than the one taken over: drop it, fail with EIO."""
+        self._close_later(c)
+        self.last_error = why
+        self._refused_until = self._clock() + self.backoff_max
+        raise BackendError(errno.EIO, why)
 
     @property
     def size(self) -> int:
@@ -119,6 +153,8 @@ class RemoteBackend(Backend):
 
     async def _reconnect(self, deadline: float) -> NbdClient:
         """Wait for a working connection (shared by all waiters) until ``deadline``."""
+        if self._clock() < self._refused_until:
+            raise BackendError(errno.EIO, self.last_error)
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(self._reconnect_loop())
         remaining = deadline - self._clock()
@@ -369,6 +405,7 @@ class RemoteBackend(Backend):
             "connected": self.connected,
             "reconnects": self.reconnects,
             "last_error": self.last_error,
+            "identity": self.identity,
         }
 
 

@@ -21,7 +21,7 @@ import pytest
 from emulator.array.array import MAX_LUN_SIZE, Array
 from emulator.array.errors import Conflict, InvalidInput, NotFound
 from emulator.array.file_backend import FileBackend
-from emulator.array.lun import LunBackend
+from emulator.array.lun import LunBackend, lun_id_of
 from emulator.array.metadata import Metadata
 from emulator.array.models import MODELS
 from emulator.array.pool import Pool
@@ -494,3 +494,38 @@ def test_restart_counts_existing_data(arr: ArrayFixture, block: int) -> None:
     with pytest.raises(BackendError) as e:
         run(b.get_lun("vol1").backend.write(MIB, b"x" * (128 * KIB)))
     assert e.value.errno == errno.ENOSPC
+
+
+def test_lun_ids_are_kept_advertised_and_never_reused(arr: ArrayFixture) -> None:
+    """A LUN's id survives a restart, is in its export's description (an array that
+    took the LUN over checks it on reconnection: emulator/mirror/remote.py), and a LUN
+    made again under the same name has another one. A data dir from before ids gives
+    its LUNs one when it opens, kept from then on."""
+    a = arr.array
+    first = a.create_lun("vol1", MIB).uuid
+    assert lun_id_of(arr.server.exports["vol1"].description) == first != ""
+    assert a.lun_info(a.get_lun("vol1"))["id"] == first
+    b = arr.reopen()
+    assert b.get_lun("vol1").uuid == first
+    assert lun_id_of(arr.server.exports["vol1"].description) == first
+    run(b.delete_lun("vol1"))
+    again = b.create_lun("vol1", MIB).uuid
+    assert again not in ("", first)
+    arr.close()
+    db = sqlite3.connect(arr.data_dir / "array.db")  # as an array of before ids left it
+    db.execute("ALTER TABLE luns DROP COLUMN uuid")
+    db.close()
+    arr.server = NbdServer()
+    c = arr.open()
+    given = c.get_lun("vol1").uuid
+    assert given not in ("", first, again)
+    assert lun_id_of(arr.server.exports["vol1"].description) == given
+    assert arr.reopen().get_lun("vol1").uuid == given
+
+
+def test_lun_id_of_an_export_description() -> None:
+    uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+    assert lun_id_of(f"array A pool default, LUN id {uid}") == uid
+    assert lun_id_of(f"array A pool p, LUN id {uid}, fenced for x") == uid
+    for other in ("", "array A pool default", "LUN 7 of pool gold", f"LUN id {uid[:-1]}", f"LUN id {uid}0"):
+        assert lun_id_of(other) == "", other

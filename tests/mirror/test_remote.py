@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 
+from emulator.array.lun import describe
 from emulator.mirror.remote import RemoteBackend
+from emulator.nbd.backend import MemoryBackend
+from emulator.nbd.client import NbdClient
 from emulator.nbd.errors import BackendError
 from emulator.nbd.server import NbdServer
 from tests.backends import StartedLater, started
@@ -115,5 +118,59 @@ def test_aclose_ends_what_it_started_and_fails_a_retry_waiting_for_the_source() 
         with pytest.raises(BackendError) as ei:
             await asyncio.wait_for(write, 1)
         assert ei.value.errno == errno.ESHUTDOWN
+
+    run(main())
+
+
+def test_a_source_that_is_another_lun_is_refused_and_not_asked_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The export the remote LUN took over is replaced by another LUN of the same
+    name and size (another LUN id in its description) and the link is cut. Reads
+    must fail with EIO, not return the other LUN's data; and one connection finds
+    that out: the requests of the next ``backoff_max`` seconds (on the injected
+    clock) fail without another (a host's every request made one). Once the LUN
+    taken over is back, the next request after that reconnects to it."""
+    old_id, new_id = "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "6fa459ea-ee8a-3ca4-894e-db77e160355e"
+    old, new = MemoryBackend(SIZE), MemoryBackend(SIZE)
+    connects = 0
+    real_connect = NbdClient.connect
+
+    async def counted(*args: Any, **kwargs: Any) -> NbdClient:
+        nonlocal connects
+        connects += 1
+        return await real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(NbdClient, "connect", counted)
+    now = [0.0]
+
+    async def main() -> None:
+        server = NbdServer()
+        server.add_export("src", old, description=describe("A", "p", old_id))
+        _, port = await server.listen_tcp("127.0.0.1", 0)
+        uri = f"nbd://127.0.0.1:{port}/src"
+        await old.write(0, b"o" * 4096)
+        await new.write(0, b"n" * 4096)
+        r = await RemoteBackend(uri, retry_window=5.0, backoff_max=1.0, clock=lambda: now[0]).connect()
+        try:
+            assert connects == 1
+            server.exports.pop("src")
+            server.add_export("src", new, description=describe("A", "p", new_id))
+            cut(server)
+            for _ in range(20):
+                with pytest.raises(BackendError) as ei:
+                    await r.read(0, 4096)
+                assert ei.value.errno == errno.EIO
+                assert "no longer the LUN taken over" in str(ei.value) and new_id in str(ei.value)
+            assert connects == 2, f"{connects - 1} connections to the other LUN for 20 reads"
+            assert r.identity == old_id and not r.connected
+            server.exports.pop("src")
+            server.add_export("src", old, description=describe("A", "p", old_id))
+            now[0] += 1.0
+            assert bytes(await r.read(0, 4096)) == b"o" * 4096
+            assert connects == 3 and r.reconnects == 1 and r.connected
+        finally:
+            await r.aclose()
+            await server.close()
 
     run(main())
