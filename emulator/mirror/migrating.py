@@ -180,6 +180,11 @@ class MigratingBackend(Backend):
         self._end_write(r0, r1)  # marked dirty for nothing: harmless, it is copied again
         return False
 
+    @property
+    def writing(self) -> bool:
+        """Host writes (or trims, or write_zeroes) are in flight."""
+        return self._writers > 0
+
     def _begin_write(self, r0: int, r1: int) -> None:
         """A host write to [r0, r1) is in flight: bump the regions, hold off cutover's drain."""
         self.regions.begin_write(r0, r1, self._clock())
