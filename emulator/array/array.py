@@ -74,6 +74,15 @@ def check_size(size: object, what: str = "size") -> int:
     return size
 
 
+def _close_lun(lun: Lun) -> None:
+    """Close what LUN ``lun`` serves and its own file. A remote LUN (a cancelled or
+    failed migration's) serves its source, not its file: closing only its Backend
+    left the file open, a descriptor and the deleted file's blocks held for as long
+    as the array runs, one more at every such LUN deleted."""
+    lun.backend.close()
+    lun.file.close()  # idempotent: closed already if the Backend was the file
+
+
 class Array:
     """Pools and LUNs of one array, wired to an NBD server."""
 
@@ -200,7 +209,7 @@ class Array:
             await self.flush_luns()
         luns = list(self.luns.values())
         for lun in luns:
-            lun.backend.close()
+            _close_lun(lun)
         self.luns.clear()
         self._release()
 
@@ -442,7 +451,7 @@ class Array:
         self.fences.pop(lun.name, None)  # its row goes with the LUN's (ON DELETE CASCADE)
         del self.luns[lun.name]
         self.pools[lun.pool].files.pop(lun.name, None)
-        lun.backend.close()
+        _close_lun(lun)
         # The file goes for good before the row: else a power cut after the DELETE
         # answered could bring the file back, owned by no LUN (its space used for good).
         durable.unlink(self._path(lun.pool, lun.name))

@@ -120,6 +120,8 @@ class Migration:
         self._samples: deque[tuple[float, int, int]] = deque(maxlen=64)
         self._last_checkpoint = 0.0
         self._checkpointing = False
+        #: (copied, zeroed, local reads, remote reads) once the maps are let go (_let_go)
+        self._ended_counts: tuple[int, int, int, int] | None = None
 
     # ------------------------------------------------------------------ start
     async def start(
@@ -404,9 +406,8 @@ class Migration:
     async def _checkpoint(self) -> None:
         """Make regions clean on disk: flush the target first, then commit the bits."""
         regions, progress = self.regions, self.progress
-        assert regions is not None and progress is not None
-        if self._checkpointing:
-            return
+        if regions is None or progress is None or self._checkpointing:
+            return  # None: ended (_let_go), and this is a worker its failed pass left running
         self._checkpointing = True
         try:
             now = self.clock()
@@ -532,6 +533,7 @@ class Migration:
         log.info("migration of %s completed; writes held %.2f ms", self.name, self.cutover_pause_s * 1e3)
         await self._release_source(remove_progress=True)
         self.on_change(self)  # the pause into the record (its state was durable before the swap)
+        self._let_go()
         self._done.set()
         return True
 
@@ -551,7 +553,31 @@ class Migration:
             await self.local.trim(0, self.local.size)
         except BackendError:
             pass
+        self._let_go()
         self._done.set()
+
+    def _counts(self) -> tuple[int, int, int, int]:
+        """(copied, zeroed, local reads, remote reads) bytes and reads, for the status."""
+        if self._ended_counts is not None:
+            return self._ended_counts
+        c, b = self.copier, self.backend
+        return (
+            c.copied_bytes if c else 0,
+            c.zeroed_bytes if c else 0,
+            b.local_reads if b else 0,
+            b.remote_reads if b else 0,
+        )
+
+    def _let_go(self) -> None:
+        """The migration has ended: keep the counts its status shows, let go of its
+        region maps (19 bytes a region, 19 MB for a 1 TiB LUN in 1 MiB regions, 304 MB
+        in 64 KiB ones), the MigratingBackend and the copier. Its manager keeps it for
+        as long as its LUN lives, and these were kept with it: memory that grew with
+        every migrated LUN an array kept, and that only a restart gave back (it then
+        keeps the status only). Requests still in the MigratingBackend hold it until
+        they finish."""
+        self._ended_counts = self._counts()
+        self.regions = self.progress = self.backend = self.copier = None
 
     async def _release_source(self, remove_progress: bool) -> None:
         if self.progress is not None:
@@ -608,12 +634,13 @@ class Migration:
         return (c1 - c0) / dt, (d1 - d0) / dt
 
     def status(self) -> dict[str, Any]:
-        regions, copier = self.regions, self.copier
+        regions = self.regions
         total = self.local.size
         dirty = regions.dirty_bytes() if regions is not None and self.state not in FINAL else 0
         if self.state == "completed":
             dirty = 0
         copy_rate, dirty_rate = self.rates()
+        copied, zeroed, local_reads, remote_reads = self._counts()
         net = copy_rate - dirty_rate
         eta = dirty / net if net > 0 and self.state in RUNNING else None
         return {
@@ -624,8 +651,8 @@ class Migration:
             "mode_reason": self.mode_reason,
             "total_bytes": total,
             "dirty_bytes": dirty if self.state != "completed" else 0,
-            "copied_bytes": copier.copied_bytes if copier else 0,
-            "zeroed_bytes": copier.zeroed_bytes if copier else 0,
+            "copied_bytes": copied,
+            "zeroed_bytes": zeroed,
             "clean_bytes": total - dirty if self.state not in ("failed", "cancelled") else 0,
             "copy_rate": round(copy_rate),
             "dirty_rate": round(dirty_rate),
@@ -636,8 +663,8 @@ class Migration:
             "recopied_regions_on_resume": self.recopied_regions,
             "cutover_pause_ms": round(self.cutover_pause_s * 1e3, 3) if self.cutover_pause_s else None,
             "cutover_steps": self.cutover_steps,
-            "local_reads": self.backend.local_reads if self.backend else 0,
-            "remote_reads": self.backend.remote_reads if self.backend else 0,
+            "local_reads": local_reads,
+            "remote_reads": remote_reads,
             "source_connected": getattr(self.source, "connected", self.source is not None),
             #: the source LUN's id, where it gives one (emulator/array/lun.py lun_id_of)
             "source_id": getattr(self.source, "identity", ""),
