@@ -88,7 +88,7 @@ def _show_text(d: dict[str, Any]) -> str:
     if loc.get("uri"):
         lines.append(f"{'uri:':<19}{loc['uri']}")
     for a in d.get("attachments", []):
-        was = (a.get("moved_from") or {}).get("connection", {}).get("uri")
+        was = _moved_from_uri(a)
         lines.append(
             f"{'attachment:':<19}{a['id']} on {a['connector'].get('host')} via {a['connection']['uri']}"
             + (f" (moved from {was})" if was and was != a["connection"]["uri"] else "")
@@ -160,6 +160,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0 if v.migration_status in ("success", "migrating", "migrating_attachable") else 1
 
 
+def _moved_from_uri(a: dict[str, Any]) -> str | None:
+    """The URI an attachment record named before a migration moved it, if one did."""
+    uri: str | None = (a.get("moved_from") or {}).get("connection", {}).get("uri")
+    return uri
+
+
 def reattach_notices(d: dict[str, Any]) -> list[dict[str, Any]]:
     """What each host attached to a migrating (or migrated) volume must do, as `show`'s
     view ``d`` has it: a record this migration moved to another URI (the volume is served
@@ -172,7 +178,7 @@ def reattach_notices(d: dict[str, Any]) -> list[dict[str, Any]]:
     for a in d.get("attachments", []):
         who = a["connector"].get("host")
         uri = a["connection"]["uri"]
-        was = (a.get("moved_from") or {}).get("connection", {}).get("uri")
+        was = _moved_from_uri(a)
         if was and was != uri and float(a.get("moved_at") or 0.0) >= started:
             if d["host"] == mig.get("source"):  # a failure or a cancel moved it back
                 why = f"the migration failed; the volume stays on {d['host']} and takes writes again"

@@ -147,6 +147,11 @@ def _clip(
     return out
 
 
+def _all_data(c: _ExtentMap | None, lo: int, hi: int) -> bool:
+    """Did map ``c`` find [lo, hi) all data (no zero run)?"""
+    return c is not None and c.start <= lo and not any(z for _, _, z in _clip(c.runs, c.starts, lo, hi))
+
+
 class Copier:
     def __init__(
         self,
@@ -193,17 +198,12 @@ class Copier:
         off, n = regions.region_bytes(r)
         w = off // self._window
         c = self._maps.get(w)
-        if c is not None and c.start <= off and not self._valid(c, r, off):
-            runs = _clip(c.runs, c.starts, off, off + n)
-            if not any(zero for _, _, zero in runs):
-                # All data when the map was read: a later write cannot make the copy
-                # wrong, as every byte is read from the source anyway (a zero run is
-                # what a write may make stale). Under a heavy write load every map is
-                # stale by the time a copy gets to its region, and reading it again
-                # queued behind the writes in flight: 1.6 s of 3.2 a region (bench/active_load.py).
-                self._read_ahead(w)
-                return runs
-        if not self._valid(c, r, off):
+        # A stale map that found the region all data serves as it is: a later write
+        # cannot make the copy wrong, as every byte is read from the source anyway (a
+        # zero run is what a write may make stale). Under a heavy write load every map
+        # is stale by the time a copy gets to its region, and reading it again queued
+        # behind the writes in flight: 1.6 s of 3.2 a region (bench/active_load.py).
+        if not self._valid(c, r, off) and not _all_data(c, off, off + n):
             t = self._reading.get(w)
             if t is not None:
                 await t  # another worker or the read-ahead is reading it: share it

@@ -62,6 +62,14 @@ def refused(st: dict[str, object]) -> bool:
     return CHANGED in str(st["last_error"]) or st["state"] in FINAL
 
 
+async def migrating(a: ArrayDaemon, b: ArrayDaemon, data: bytes, share: float) -> None:
+    """A's LUN holds ``data`` and migrates to B at 4 MB/s; returns once ``share`` of it is
+    clean on B (the rest is not copied yet)."""
+    await new_source(a, data)
+    await asyncio.to_thread(start_migration, b, a.uri(LUN), "--throttle", "4")
+    await poll(b, lambda s: clean_fraction(s) >= share, 20, f"{share:.0%} clean")
+
+
 async def regions_served(b: ArrayDaemon, old: bytes, new: bytes) -> tuple[int, int, int]:
     """Read B's LUN 1 MiB at a time: (regions with the old LUN's data, regions with
     the new LUN's data, regions that failed with EIO). Anything else fails."""
@@ -98,9 +106,7 @@ def test_source_lun_deleted_and_made_again_while_the_target_is_stopped(tmp_path:
         stack.callback(sigcont, b.proc)
 
         async def body() -> None:
-            await new_source(a, old)
-            await asyncio.to_thread(start_migration, b, a.uri(LUN), "--throttle", "4")
-            await poll(b, lambda s: clean_fraction(s) >= 0.25, 20, "25% clean")
+            await migrating(a, b, old, 0.25)
             b.proc.send_signal(signal.SIGSTOP)
             try:
                 await asyncio.to_thread(api(a).delete_lun, LUN, True)
@@ -142,10 +148,8 @@ def test_another_array_on_the_source_port_while_the_target_restarts(tmp_path: Pa
     with two_arrays(tmp_path) as (stack, a, b):
 
         async def body() -> None:
-            await new_source(a, old)
-            await asyncio.to_thread(start_migration, b, a.uri(LUN), "--throttle", "4")
             # past the first checkpoint (1 s): the resume believes part of the LUN clean
-            await poll(b, lambda s: clean_fraction(s) >= 0.5, 20, "half clean")
+            await migrating(a, b, old, 0.5)
             b.sigkill()
             a.sigkill()
             port = f"127.0.0.1:{a.nbd_port}"
@@ -176,9 +180,7 @@ def test_a_migration_recorded_without_the_source_id_resumes(tmp_path: Path) -> N
     with two_arrays(tmp_path) as (stack, a, b):
 
         async def body() -> None:
-            await new_source(a, old)
-            await asyncio.to_thread(start_migration, b, a.uri(LUN), "--throttle", "4")
-            await poll(b, lambda s: clean_fraction(s) >= 0.25, 20, "25% clean")
+            await migrating(a, b, old, 0.25)
             b.sigkill()
             with closing(sqlite3.connect(b.data_dir / "array.db")) as db:
                 assert db.execute("SELECT source_id FROM migrations").fetchone()[0]
