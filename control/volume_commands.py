@@ -297,7 +297,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _common(p)
     p.add_argument("volume", help="id, id prefix or name")
     p.set_defaults(func=_run(cmd_show))
-    p = sub.add_parser("migrate", help="migrate a volume to another array or pool")
+    p = sub.add_parser(
+        "migrate",
+        help="migrate a volume to another array or pool",
+        description="Migrate a volume to another array or pool. A move to another array fences the "
+        "source LUN first; "
+        "an attached volume's attachment records move with it, and for each attached host this "
+        "prints the URI it must re-attach at (its writes to the source fail with EPERM).",
+    )
     _common(p)
     p.add_argument("volume")
     p.add_argument("host", help="ARRAY, ARRAY#POOL or ARRAY@BACKEND#POOL")
