@@ -15,6 +15,7 @@ cancel or a failure), ``ready`` once cut over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -336,7 +337,8 @@ class MigrationManager:
         m = self.migrations.pop(name, None)
         if m is not None:
             if m.state not in FINAL:
-                await m.cancel()
+                with contextlib.suppress(ValueError):  # a cancel under way ended it meanwhile
+                    await m.cancel()
             await m.shutdown()
         r = self.remotes.pop(name, None)
         if r is not None:

@@ -112,6 +112,7 @@ class Migration:
         self.backend: MigratingBackend | None = None
         self.copier: Copier | None = None
         self._task: asyncio.Task[None] | None = None
+        self._cancelling: asyncio.Future[None] | None = None  # a cancel under way
         self._unpaused = asyncio.Event()
         self._unpaused.set()
         self._done = asyncio.Event()
@@ -237,10 +238,20 @@ class Migration:
             self._activate("requested")
 
     async def cancel(self) -> None:
+        """Serve the source directly from now on. A second cancel while one is under
+        way waits for it and is refused as one after it is: it would trim the local
+        copy again and report a success it did not make."""
+        while self._cancelling is not None:
+            await asyncio.shield(self._cancelling)
         if self.state in FINAL:
             raise ValueError(f"migration of {self.name} is already {self.state}")
-        await self._stop_task()
-        await self._to_remote("cancelled", "")
+        self._cancelling = done = asyncio.get_running_loop().create_future()
+        try:
+            await self._stop_task()
+            await self._to_remote("cancelled", "")
+        finally:
+            self._cancelling = None
+            done.set_result(None)
 
     async def wait(self, timeout: float | None = None) -> str:
         await asyncio.wait_for(self._done.wait(), timeout)
