@@ -79,6 +79,9 @@ from emulator.units import parse_size
 CLAIM_LOSS = 0.15  # the proposal: OLTP loses at most 15% while migrating
 POLL_S = 0.2
 PHASES = ("source", "migrating", "after")
+#: results (JSON, PNGs) without --out: relative, so under the current directory (the
+#: checkout's bench/results in `make bench`), never next to an installed bench/suite.py
+DEFAULT_OUT = "bench/results"
 
 
 @dataclass
@@ -456,7 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", help="volume size (default 256M, quick 64M)")
     ap.add_argument("--runtime", type=float, help="seconds per phase after the ramp (default 6, quick 1.5)")
     ap.add_argument("--rounds", type=int, help="episodes per profile and kind (default 2, quick 1)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where JSON and PNGs go")
+    ap.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help=f"where JSON and PNGs go (default: {DEFAULT_OUT}, under the current directory)",
+    )
     ap.add_argument("--workdir", help="where to put array data (default: $TMPDIR)")
     args = ap.parse_args(argv)
     cfg = config(args)

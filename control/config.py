@@ -38,6 +38,27 @@ from .api_client import ArrayApi
 
 STATE_ENV = "BLOCKMIG_STATE_DIR"
 START_TIMEOUT = 30.0
+#: where ``control`` and ``emulator`` are importable from (the repository, or site-packages)
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def python_module_command(module: str, *args: str) -> list[str]:
+    """``python -P -m MODULE ARGS`` with this interpreter, for the processes blockmig starts.
+
+    ``-m`` alone puts the current directory first on ``sys.path``: run from a directory
+    that holds a ``control`` or ``emulator`` package (or a ``json.py``), the child would
+    import that instead of blockmig. ``-P`` (Python 3.11) leaves it out; :func:`child_env`
+    says where blockmig is.
+    """
+    return [sys.executable, "-P", "-m", module, *args]
+
+
+def child_env() -> dict[str, str]:
+    """This environment, with :data:`PACKAGE_ROOT` first on ``PYTHONPATH`` (and no empty
+    entry, which would put the current directory back on ``sys.path``)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def default_state_dir() -> Path:
@@ -156,9 +177,7 @@ def start_array(cfg: ArrayConfig, state_dir: Path) -> ArrayRecord:
     logs.mkdir(parents=True, exist_ok=True)
     runtime = data_dir / "runtime.json"
     runtime.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
+    cmd = python_module_command(
         "control.cli",
         "array",
         "serve",
@@ -174,16 +193,14 @@ def start_array(cfg: ArrayConfig, state_dir: Path) -> ArrayRecord:
         cfg.model,
         "--media",
         cfg.media,
-    ]
+    )
     for pool, cap in cfg.pools.items():
         cmd += ["--pool", f"{pool}={cap}"]
     if cfg.migration_throttle:
         cmd += ["--migration-throttle", f"{float(cfg.migration_throttle):g}"]
     if cfg.token:
         cmd += ["--token", cfg.token]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     log = open(logs / f"{cfg.name}.log", "ab")
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env

@@ -31,7 +31,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from typing import Any
 from emulator.nbd.errors import NbdError
 
 from .api_client import FINAL, ApiError
-from .config import Registry, pid_alive
+from .config import Registry, child_env, pid_alive, python_module_command
 from .drivers import VolumeDriver, driver_for
 from .drivers.base import Host, RemoteTakeoverMixin
 from .hostcopy import copy_volume
@@ -605,12 +604,10 @@ class VolumeManager:
     def spawn_follower(self, vid: str) -> int:
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        env = child_env()
         with open(logs / f"follow-{vid}.log", "ab") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "control.cli", "_follow", "--state-dir", str(self.state_dir), vid],
+                python_module_command("control.cli", "_follow", "--state-dir", str(self.state_dir), vid),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
