@@ -9,11 +9,21 @@ import errno
 from collections.abc import Awaitable, Callable, Container, Coroutine
 from typing import Any, TypeVar
 
-from emulator.nbd.backend import Done, MemoryBackend
+from emulator.nbd.backend import Backend, Done, MemoryBackend
 from emulator.nbd.errors import BackendError
 from emulator.nbd.protocol import Extent
 
 T = TypeVar("T")
+
+
+class Lun:
+    """What a Migration needs of its LUN, in-process: one it swaps the Backend of."""
+
+    def __init__(self) -> None:
+        self.backend: Backend | None = None
+
+    def swap(self, backend: Backend) -> None:
+        self.backend = backend
 
 
 class FixedMap(MemoryBackend):

@@ -28,8 +28,9 @@ from emulator.mirror.copier import Copier, Throttle
 from emulator.mirror.migrating import MigratingBackend
 from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.mirror.regions import DIRTY, ProgressFile, RegionMap
-from emulator.nbd.backend import Backend, MemoryBackend
+from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.protocol import Extent
+from tests.backends import Lun
 
 REGION = 64 << 10
 COUNT = 256
@@ -69,14 +70,6 @@ class QueuedSource(MemoryBackend):
     async def extents(self, offset: int, length: int) -> list[Extent]:
         await self._turn()
         return await super().extents(offset, length)
-
-
-class Lun:
-    def __init__(self) -> None:
-        self.backend: Backend | None = None
-
-    def swap(self, backend: Backend) -> None:
-        self.backend = backend
 
 
 async def nap(seconds: float) -> None:

@@ -19,6 +19,7 @@ from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.mirror.regions import CLEAN
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.protocol import STATE_HOLE, STATE_ZERO, Extent
+from tests.backends import Lun
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -35,14 +36,6 @@ class Thin(MemoryBackend):
             return [Extent(n, 0)]
         nxt = pages[i] * self.PAGE if i < len(pages) else self.size
         return [Extent(min(nxt - offset, length), STATE_HOLE | STATE_ZERO)]
-
-
-class Lun:
-    def __init__(self) -> None:
-        self.backend: Backend | None = None
-
-    def swap(self, backend: Backend) -> None:
-        self.backend = backend
 
 
 def test_a_pass_does_not_call_the_copier_for_each_hole_region(

@@ -18,19 +18,12 @@ import pytest
 
 from control.api_client import ApiError
 from emulator.mirror.migration import Migration, MigrationConfig
-from emulator.nbd.backend import Backend, MemoryBackend
+from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.client import NbdClient
+from tests.backends import Lun
 from tests.servers import ArrayDaemon, array_api, array_daemon
 
 MiB = 1 << 20
-
-
-class Lun:
-    def __init__(self) -> None:
-        self.backend: Backend | None = None
-
-    def swap(self, backend: Backend) -> None:
-        self.backend = backend
 
 
 class HeldTrim(MemoryBackend):

@@ -51,7 +51,7 @@ from emulator.mirror.regions import CLEAN, RegionMap
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
 from emulator.nbd.protocol import STATE_ZERO, Extent
-from tests.backends import FixedMap
+from tests.backends import FixedMap, Lun
 from tests.servers import ArrayDaemon, array_api, array_daemon
 
 MiB = 1 << 20
@@ -381,14 +381,6 @@ def test_holes_are_cleaned_in_bulk_when_their_map_is_read() -> None:
         assert len(src.map_reads) == 1
 
     asyncio.run(main())
-
-
-class Lun:
-    def __init__(self) -> None:
-        self.backend: Backend | None = None
-
-    def swap(self, backend: Backend) -> None:
-        self.backend = backend
 
 
 def test_a_short_copy_flushes_at_the_end_of_its_pass_and_at_cutover_only(tmp_path: Path) -> None:

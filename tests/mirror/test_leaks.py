@@ -34,8 +34,9 @@ import pytest
 
 from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.mirror.regions import ProgressFile, RegionMap
-from emulator.nbd.backend import Backend, MemoryBackend
+from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.errors import BackendError
+from tests.backends import Lun
 from tests.mirror.test_faults import MiB, api, two_arrays, write_all
 from tests.mirror.test_faults import run as run_bounded
 from tests.servers import ArrayDaemon
@@ -127,14 +128,6 @@ def test_migration_cycles_leave_no_descriptor_file_or_row(tmp_path: Path) -> Non
 
 
 # --------------------------------------------------------------------------- in-process
-class Lun:
-    def __init__(self) -> None:
-        self.backend: Backend | None = None
-
-    def swap(self, backend: Backend) -> None:
-        self.backend = backend
-
-
 class Full(MemoryBackend):
     """A target whose pool is full: every write fails with ENOSPC."""
 
