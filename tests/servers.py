@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from control.api_client import ArrayApi
@@ -250,13 +252,18 @@ def array_api(d: ArrayDaemon, timeout: float | None = None) -> ArrayApi:
 
 
 def start_array(
-    data_dir: str | Path, name: str, *extra_args: str, token: str | None = "test-token"
+    data_dir: str | Path,
+    name: str,
+    *extra_args: str,
+    token: str | None = "test-token",
+    nofile: tuple[int, int] | None = None,
 ) -> ArrayDaemon:
     """Start `blockmig array serve` on 127.0.0.1 port 0 (NBD and API); return once it listens.
 
     The caller must stop it (``stop(d.proc)``); prefer :func:`array_daemon`.
     ``token=None`` passes no --token: the daemon then uses $BLOCKMIG_TOKEN or the
     token file it keeps in its data dir, which is read back into ``.token``.
+    ``nofile``: the (soft, hard) open-files limit it starts with.
     Output goes to files next to the data dir (never a pipe that could fill up).
     """
     data_dir = Path(data_dir)
@@ -273,7 +280,10 @@ def start_array(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=root, env=env)
+        limit = None if nofile is None else partial(resource.setrlimit, resource.RLIMIT_NOFILE, nofile)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=root, env=env, preexec_fn=limit
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT
         line = ""
@@ -306,7 +316,11 @@ def start_array(
 
 @contextmanager
 def array_daemon(
-    data_dir: str | Path, name: str, *extra_args: str, token: str | None = "test-token"
+    data_dir: str | Path,
+    name: str,
+    *extra_args: str,
+    token: str | None = "test-token",
+    nofile: tuple[int, int] | None = None,
 ) -> Iterator[ArrayDaemon]:
     """`blockmig array serve --name NAME --data-dir DIR ... --token TOKEN EXTRA...` as a subprocess.
 
@@ -316,7 +330,7 @@ def array_daemon(
     ``d.sigterm()``) inside the block and open a new ``array_daemon`` on the same
     data dir.
     """
-    d = start_array(data_dir, name, *extra_args, token=token)
+    d = start_array(data_dir, name, *extra_args, token=token, nofile=nofile)
     try:
         yield d
     except BaseException as e:

@@ -14,6 +14,7 @@ removed; a grow records the new size before the file is extended.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
@@ -36,6 +37,7 @@ from .lun import Lun, LunBackend, describe
 from .media import MediaBackend
 from .metadata import FenceRow, Metadata
 from .models import ArrayModel
+from .open_files import OutOfFiles, check_room
 from .pool import Pool
 
 log = logging.getLogger("blockmig.array")
@@ -165,7 +167,16 @@ class Array:
                 continue
             if not path.exists():
                 log.error("array %s: LUN %s has no file %s; recreating it empty", self.name, lrow.name, path)
-            fb = FileBackend(str(path), create_size=lrow.size if not path.exists() else None)
+            try:
+                fb = FileBackend(str(path), create_size=lrow.size if not path.exists() else None)
+            except OSError as e:
+                if e.errno != errno.EMFILE:
+                    raise
+                raise OutOfFiles(
+                    f"cannot open the file of LUN {lrow.name!r} ({len(self.luns)} of "
+                    f"{len(meta.luns())} open): too many open files; raise the open files "
+                    f"limit (ulimit -Hn, LimitNOFILE=) and start the array again"
+                ) from None
             if fb.size < lrow.size:  # a grow recorded but not yet applied
                 os.ftruncate(fb.fd, lrow.size)
                 fb.refresh_size()
@@ -372,6 +383,7 @@ class Array:
         p = self.get_pool(pool)  # type: ignore[arg-type]
         if name in self.luns:
             raise Conflict(f"LUN {name!r} already exists on array {self.name!r}")
+        check_room(f"the file of LUN {name!r}", self.name)
         meta = self._db()
         row = meta.insert_lun(name, p.name, size, "creating")
         path = self._path(p.name, name)

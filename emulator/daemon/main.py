@@ -23,6 +23,7 @@ from emulator import durable
 from emulator.array.array import Array
 from emulator.array.errors import ArrayError
 from emulator.array.models import DEFAULT_MODEL, MODELS, get_model, parse_media
+from emulator.array.open_files import raise_limit
 from emulator.mirror.manager import MigrationManager
 from emulator.mirror.migration import MigrationConfig
 from emulator.nbd.server import NbdServer, serve_forever_loop
@@ -147,6 +148,7 @@ async def serve(args: argparse.Namespace) -> int:
     durable.make_dir(data_dir)  # the token goes there first
     token = load_token(data_dir, args.token)
 
+    raise_limit()  # a file per LUN: 1024 would not hold a real array's LUNs
     server = NbdServer()
     array = Array(data_dir, args.name, model, server, _parse_pools(args.pool))
     array.open()

@@ -48,7 +48,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         500: "the array's own storage failed (the message says how)",
         501: "not supported by this array model",
         503: "still waiting (a fence for its hosts' writes in flight): retry",
-        507: "pool full",
+        507: "pool full, or no open file left for a LUN (code too_many_open_files)",
     }
     return {str(c): _resp(_ref("Error"), text[c]) for c in (401, *codes)}
 

@@ -30,6 +30,7 @@ from emulator.array.array import Array, check_name
 from emulator.array.errors import ArrayError, Conflict, InvalidInput, NoSpace, NotFound, Unsupported
 from emulator.array.file_backend import FileBackend
 from emulator.array.lun import Lun
+from emulator.array.open_files import check_room
 from emulator.nbd.client import Address
 from emulator.nbd.errors import BackendError
 from emulator.units import parse_rate
@@ -241,6 +242,7 @@ class MigrationManager:
     def _new_move(self, lun: Lun, new_pool: str, cfg: MigrationConfig, resume: bool) -> Migration:
         path = self.array.lun_path(new_pool, lun.name)
         if not resume:
+            check_room(f"the new file of LUN {lun.name!r}", self.array.name)
             path.unlink(missing_ok=True)
         fb = FileBackend(str(path), create_size=None if resume and path.exists() else lun.size)
         pool = self.array.pools[new_pool]
