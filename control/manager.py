@@ -27,13 +27,15 @@ volume stays stuck in a migrating state.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,10 @@ log = logging.getLogger("blockmig.control")
 Progress = Callable[[dict[str, Any]], None]
 #: tries of a read-modify-write of a volume's attachments that another command raced
 RACE_TRIES = 20
+#: seconds a command waits for another one to finish with the same volume (delete, the
+#: checks and the claim of migrate); and for a follower of its last migration to let go
+LOCK_WAIT = 60.0
+RUNNER_WAIT = 10.0
 
 
 class VolumeManager:
@@ -84,6 +90,48 @@ class VolumeManager:
         if self.fail_at == step:
             raise VolumeError(f"failure injected at step {step!r} (BLOCKMIG_FAIL_AT)")
 
+    # ------------------------------------------------------------------ locks between commands
+    # Each `blockmig` command is its own process; the volumes db's compare-and-set updates
+    # keep single rows consistent, but a check followed by work on the arrays needs more:
+    # - the volume lock: delete, and migrate's checks, leftover cleanup and claim, run one
+    #   at a time per volume (a delete never removes a LUN a migration just began to take
+    #   over; a second migrate never cleans up "leftovers" of the migration that won);
+    # - the runner lock: held by whoever runs a migration's steps (migrate for 1-3, then
+    #   one follower for 4-5), so that two commands restarting a dead follower at once
+    #   never run two (a second host copy deletes the target LUN the first writes to).
+    # flock(2): the kernel drops them with the process, also on kill -9.
+    def _try_lock(self, vid: str, kind: str) -> int | None:
+        d = self.state_dir / "locks"
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / f"{vid}.{kind}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _lock(self, vid: str, kind: str, wait: float) -> int | None:
+        deadline = time.monotonic() + wait
+        while True:
+            fd = self._try_lock(vid, kind)
+            if fd is not None or time.monotonic() >= deadline:
+                return fd
+            time.sleep(0.05)
+
+    @contextmanager
+    def _volume_lock(self, v: Volume, what: str) -> Iterator[None]:
+        fd = self._lock(v.id, "lock", LOCK_WAIT)
+        if fd is None:
+            raise VolumeError(
+                f"volume {v.name} ({v.id}): another command kept it busy for {LOCK_WAIT:.0f} s "
+                f"while {what}; try again"
+            )
+        try:
+            yield
+        finally:
+            os.close(fd)
+
     # ------------------------------------------------------------------ volumes
     def create(self, name: str, size: int, host_text: str) -> Volume:
         host = self.resolve_host(host_text)
@@ -97,20 +145,40 @@ class VolumeManager:
 
     def delete(self, ref: str) -> None:
         v = self.db.get(ref)
-        if v.attachments:
-            raise VolumeError(
-                f"volume {v.name} ({v.id}) is attached to {len(v.attachments)} host(s); detach first"
-            )
-        self._remove_leftover(v)
-        if v.migration_status in MIGRATING:
-            raise VolumeError(f"volume {v.name} ({v.id}) is migrating; wait for the migration to end")
-        self.db.update(v.id, status="deleting")
-        try:
-            self.driver(Host.parse(v.host).array).delete_volume(v)
-        except (ApiError, VolumeError) as e:
-            self.db.update(v.id, status="error")
-            raise VolumeError(f"deleting volume {v.name} failed: {e}") from None
-        self.db.delete(v.id)
+        with self._volume_lock(v, "deleting it"):
+            for _ in range(RACE_TRIES):
+                v = self.db.get(v.id)  # as it is now that no other delete or migrate runs
+                if v.attachments:
+                    raise VolumeError(
+                        f"volume {v.name} ({v.id}) is attached to {len(v.attachments)} host(s); detach first"
+                    )
+                self._remove_leftover(v)
+                if v.migration_status in MIGRATING:
+                    raise VolumeError(f"volume {v.name} ({v.id}) is migrating; wait for the migration to end")
+                try:
+                    # only if no attach came meanwhile (attach does not take the lock)
+                    self.db.update(
+                        v.id,
+                        expect={
+                            "attachments": [],
+                            "status": v.status,
+                            "migration_status": v.migration_status,
+                        },
+                        status="deleting",
+                    )
+                except Conflict:
+                    continue
+                break
+            else:
+                raise VolumeError(f"volume {v.name} ({v.id}) kept changing while deleting it; try again")
+            try:
+                self.driver(Host.parse(v.host).array).delete_volume(v)
+            except (ApiError, VolumeError) as e:
+                self.db.update(v.id, status="error")
+                raise VolumeError(f"deleting volume {v.name} failed: {e}") from None
+            self.db.delete(v.id)
+            for kind in ("lock", "follow"):  # a command waiting on them finds no volume
+                (self.state_dir / "locks" / f"{v.id}.{kind}").unlink(missing_ok=True)
 
     def attach(self, ref: str, connector: dict[str, Any] | None = None) -> dict[str, Any]:
         connector = connector or {"host": socket.gethostname()}
@@ -142,6 +210,7 @@ class VolumeManager:
                         "host": v.host,
                         "attachments": v.attachments,
                         "migration_status": v.migration_status,
+                        "status": v.status,  # not deleting meanwhile
                     },
                     status="in-use",
                     attachments=[*v.attachments, att],
@@ -277,30 +346,45 @@ class VolumeManager:
         """Steps 1-3. Afterwards call :meth:`follow` (or spawn a follower) for 4-5."""
         v = self.db.get(ref)
         dest = self.resolve_host(dest_text)
-        src = Host.parse(v.host)
-        if (dest.array, dest.pool) == (src.array, src.pool):
-            raise VolumeError(f"volume {v.name} is already on {v.host}")
-        mig = {
-            "phase": "source",
-            "source": v.host,
-            "target": str(dest),
-            "started": time.time(),
-            "source_location": v.provider_location,
-            "pid": os.getpid(),
-            "error": "",
-        }
-        self._remove_leftover(v)
-        if v.migration_status in MIGRATING:
-            raise VolumeError(
-                f"volume {v.name} ({v.id}) is already {v.migration_status}; wait for that migration "
-                "to end (`blockmig show` follows it)"
-            )
-        v = self.db.update(
-            v.id,
-            expect={"migration_status": (None, "success", "error"), "status": ("available", "in-use")},
-            migration_status="starting",
-            migration=mig,
-        )
+        with self._volume_lock(v, "migrating it"):
+            v = self.db.get(v.id)  # as it is now that no other delete or migrate runs
+            if v.migration_status in MIGRATING:
+                raise VolumeError(
+                    f"volume {v.name} ({v.id}) is already {v.migration_status}; wait for that migration "
+                    "to end (`blockmig show` follows it)"
+                )
+            src = Host.parse(v.host)
+            if (dest.array, dest.pool) == (src.array, src.pool):
+                raise VolumeError(f"volume {v.name} is already on {v.host}")
+            mig = {
+                "phase": "source",
+                "source": v.host,
+                "target": str(dest),
+                "started": time.time(),
+                "source_location": v.provider_location,
+                "pid": os.getpid(),
+                "error": "",
+            }
+            self._remove_leftover(v)
+            # a follower of the last migration may still be letting go of it
+            runner = self._lock(v.id, "follow", RUNNER_WAIT)
+            if runner is None:
+                raise VolumeError(
+                    f"volume {v.name} ({v.id}): a follower of its last migration still runs; try again"
+                )
+            try:
+                v = self.db.update(
+                    v.id,
+                    expect={
+                        "migration_status": (None, "success", "error"),
+                        "status": ("available", "in-use"),
+                    },
+                    migration_status="starting",
+                    migration=mig,
+                )
+            except BaseException:
+                os.close(runner)
+                raise
         try:
             # Step 1: the source driver first, unless told to copy or retype.
             if not force_host_copy and not new_type_id:
@@ -351,11 +435,36 @@ class VolumeManager:
         except (ApiError, VolumeError, OSError) as e:
             self._fail(v.id, f"step {mig['phase']}: {e}")
             raise VolumeError(f"migration of {v.name} failed at step {mig['phase']}: {e}") from None
+        finally:
+            os.close(runner)  # steps 4-5 are the follower's
 
     # ------------------------------------------------------------------ steps 4-5
-    def follow(self, ref: str, progress: Progress | None = None) -> Volume:
-        """Steps 4-5 (or the host copy), in this process. Idempotent: may run again after a crash."""
+    def follow(self, ref: str, progress: Progress | None = None, wait: bool = True) -> Volume:
+        """Steps 4-5 (or the host copy), in this process. Idempotent: may run again after a crash.
+
+        One follower at a time: while another process runs the migration's steps, wait for
+        it (``wait``) until the migration ends (or that process dies, and this one goes on),
+        else give up after a moment and return the volume as it is."""
         v = self.db.get(ref)
+        started = v.migration.get("started")
+        deadline = time.monotonic() + (float("inf") if wait else 2.0)
+        while (runner := self._try_lock(v.id, "follow")) is None:
+            v = self.db.get(v.id)
+            if (
+                v.migration_status not in MIGRATING
+                or v.migration.get("started") != started  # it ended and another one began
+                or time.monotonic() >= deadline
+            ):
+                log.info("volume %s: another process follows its migration", v.id)
+                return v
+            time.sleep(0.2)
+        try:
+            return self._follow(v.id, progress)
+        finally:
+            os.close(runner)
+
+    def _follow(self, vid: str, progress: Progress | None) -> Volume:
+        v = self.db.get(vid)
         mig = dict(v.migration)
         if v.migration_status not in MIGRATING:
             return v
@@ -597,6 +706,10 @@ class VolumeManager:
             pid = v.migration.get("pid", 0)
             if pid and pid != os.getpid() and pid_alive(pid):
                 continue
+            runner = self._try_lock(v.id, "follow")
+            if runner is None:
+                continue  # a follower runs, though not the one recorded (two were started at once)
+            os.close(runner)
             self.spawn_follower(v.id)
             started.append(v.id)
         return started
@@ -615,7 +728,10 @@ class VolumeManager:
                 env=env,
             )
         v = self.db.get(vid)
-        self.db.update(vid, migration={**v.migration, "pid": proc.pid})
+        try:  # unless the follower already got on with it (it records its own pid)
+            self.db.update(vid, expect={"migration": v.migration}, migration={**v.migration, "pid": proc.pid})
+        except Conflict:
+            pass
         return proc.pid
 
     # ------------------------------------------------------------------ views

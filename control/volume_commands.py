@@ -203,7 +203,7 @@ def reattach_notices(d: dict[str, Any]) -> list[dict[str, Any]]:
 
 def cmd_follow(args: argparse.Namespace) -> int:
     m = _manager(args, recover=False)
-    v = m.follow(args.volume)
+    v = m.follow(args.volume, wait=False)  # a follower started at the same time may have it
     print(f"volume {v.id}: migration {v.migration_status}")
     return 0 if v.migration_status == "success" else 1
 
