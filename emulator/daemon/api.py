@@ -15,11 +15,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
 
 from emulator.array.array import Array, check_name, fence_export
 from emulator.array.errors import ArrayError, Conflict, InvalidInput
-from emulator.array.stats import collector
+from emulator.array.stats import exposition
 from emulator.mirror.manager import MigrationManager
 from emulator.units import parse_size
 
@@ -50,10 +49,6 @@ class ApiContext:
         self.nbd_host = nbd_host
         self.nbd_port = nbd_port
         self.token = token
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(
-            collector(lambda: ((n, lun.backend.stats) for n, lun in array.luns.items()), array.name)
-        )
 
     def uri(self, export: str) -> str:
         host = f"[{self.nbd_host}]" if ":" in self.nbd_host else self.nbd_host
@@ -292,8 +287,10 @@ async def migration_action(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[CTX].registry)
-    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+    array = request.app[CTX].array
+    luns = [(n, lun.backend.stats) for n, lun in array.luns.items()]  # LUNs come and go meanwhile
+    body = await exposition(array.name, luns)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def openapi(request: web.Request) -> web.Response:

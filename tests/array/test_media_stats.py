@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.array.array import Array
@@ -37,7 +36,7 @@ from emulator.array.models import (
     get_model,
     parse_media,
 )
-from emulator.array.stats import BOUNDS, OPS, LunStats, OpStats, collector
+from emulator.array.stats import BOUNDS, OPS, LunStats, OpStats, exposition
 from emulator.array.timer import precise_sleep
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
@@ -513,9 +512,7 @@ def test_collector_prometheus_text() -> None:
     for _ in range(3):
         a.ops["write"].record(4096, 0.0003)
     a.ops["read"].record(512, 0.02, ok=False)
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(collector(lambda: [("lun-a", a), ("lun-b", b)], "arr9"))
-    text = generate_latest(reg).decode()
+    text = asyncio.run(exposition("arr9", [("lun-a", a), ("lun-b", b)])).decode()
     assert 'blockmig_lun_ops_total{array="arr9",lun="lun-a",op="write"} 3.0' in text.splitlines()
     s = _samples(text)
 
@@ -530,9 +527,11 @@ def test_collector_prometheus_text() -> None:
     assert s[key("blockmig_lun_latency_seconds_bucket", "lun-a", "write", le="+Inf")] == 3
     assert s[key("blockmig_lun_latency_seconds_count", "lun-a", "write")] == 3
     assert s[key("blockmig_lun_latency_seconds_sum", "lun-a", "write")] == pytest.approx(0.0009)
-    # every LUN has every op
+    # every LUN has every op's counters; a histogram only once the op was used
     luns_ops = {(dict(lbl)["lun"], dict(lbl)["op"]) for (n, lbl) in s if n == "blockmig_lun_ops_total"}
     assert luns_ops == {(lun, op) for lun in ("lun-a", "lun-b") for op in OPS}
+    hists = {(dict(lbl)["lun"], dict(lbl)["op"]) for (n, lbl) in s if n.startswith("blockmig_lun_latency")}
+    assert hists == {("lun-a", "write"), ("lun-a", "read")}
 
 
 # =========================================================================== end to end: NBD -> stats
@@ -548,9 +547,8 @@ async def _array_io(
         array.create_lun("vol2", MIB)
         async with await NbdClient.connect(f"nbd://127.0.0.1:{port}/vol1", timeout=5) as c:
             await work(c)
-        reg = CollectorRegistry(auto_describe=False)
-        reg.register(collector(lambda: ((n, lun.backend.stats) for n, lun in array.luns.items()), array.name))
-        return generate_latest(reg).decode(), array.get_lun("vol1").backend.stats.as_dict()
+        text = await exposition(array.name, [(n, lun.backend.stats) for n, lun in array.luns.items()])
+        return text.decode(), array.get_lun("vol1").backend.stats.as_dict()
     finally:
         await server.close()
         await array.close()
