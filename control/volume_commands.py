@@ -17,6 +17,8 @@ from .array_commands import table
 from .manager import VolumeManager
 from .volumes import MIGRATING, VolumeError
 
+#: how a command names a volume (VolumesDB.get)
+VOLUME_REF = "id, name, or id prefix (in that order)"
 
 def _state_dir(args: argparse.Namespace) -> Path:
     return Path(args.state_dir) if args.state_dir else config.default_state_dir()
@@ -295,7 +297,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_run(cmd_list))
     p = sub.add_parser("show", help="show a volume, with the progress of a running migration")
     _common(p)
-    p.add_argument("volume", help="id, id prefix or name")
+    p.add_argument("volume", help=VOLUME_REF)
     p.set_defaults(func=_run(cmd_show))
     p = sub.add_parser(
         "migrate",
@@ -306,7 +308,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "prints the URI it must re-attach at (its writes to the source fail with EPERM).",
     )
     _common(p)
-    p.add_argument("volume")
+    p.add_argument("volume", help=VOLUME_REF)
     p.add_argument("host", help="ARRAY, ARRAY#POOL or ARRAY@BACKEND#POOL")
     p.add_argument("--force-host-copy", action="store_true", help="skip the drivers: generic host copy")
     p.add_argument("--wait", action="store_true", help="follow the migration to its end here")
@@ -314,19 +316,19 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_run(cmd_migrate))
     p = sub.add_parser("attach", help="attach a volume: NBD connection info for a host")
     _common(p)
-    p.add_argument("volume")
+    p.add_argument("volume", help=VOLUME_REF)
     p.add_argument("--host-name", help="name of the host attaching (default: this machine)")
     p.set_defaults(func=_run(cmd_attach))
     p = sub.add_parser("detach", help="detach a volume (all attachments, or one)")
     _common(p)
-    p.add_argument("volume")
+    p.add_argument("volume", help=VOLUME_REF)
     p.add_argument("--attachment", help="attachment id (default: all)")
     p.set_defaults(func=_run(cmd_detach))
     p = sub.add_parser("delete", help="delete a volume")
     _common(p)
-    p.add_argument("volume")
+    p.add_argument("volume", help=VOLUME_REF)
     p.set_defaults(func=_run(cmd_delete))
     p = sub.add_parser("_follow")  # the background follower of a migration (not listed)
     _common(p)
-    p.add_argument("volume")
+    p.add_argument("volume", help=VOLUME_REF)
     p.set_defaults(func=_run(cmd_follow))

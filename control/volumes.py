@@ -130,12 +130,15 @@ class VolumesDB:
         return v
 
     def get(self, ref: str) -> Volume:
-        """By id, id prefix or name; a clear error when none or several match."""
-        rows = self.db.execute(f"SELECT {self._COLS} FROM volumes WHERE id=?", (ref,)).fetchall()
+        """By id, then name, then id prefix; a clear error when none or several match.
+        A name wins over an id prefix: a volume named ``c1`` stays reachable by its name
+        when another's id begins with c1 (both matched: "use the id")."""
+        q = f"SELECT {self._COLS} FROM volumes WHERE "
+        rows = self.db.execute(q + "id=?", (ref,)).fetchall()
         if not rows:
-            rows = self.db.execute(
-                f"SELECT {self._COLS} FROM volumes WHERE name=? OR id LIKE ?", (ref, ref + "%")
-            ).fetchall()
+            rows = self.db.execute(q + "name=?", (ref,)).fetchall()
+        if not rows and ref:  # a prefix as typed (LIKE would take % and _ as wildcards)
+            rows = self.db.execute(q + "substr(id, 1, ?)=?", (len(ref), ref)).fetchall()
         if not rows:
             raise VolumeError(f"no volume {ref!r} (see `blockmig list`)")
         if len(rows) > 1:
