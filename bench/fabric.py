@@ -90,6 +90,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from control.config import child_env
+
 log = logging.getLogger("bench.fabric")
 
 HOST = "host"  # the root namespace
@@ -824,7 +826,7 @@ class Fabric:
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,  # a Ctrl-C of the benchmark must not cut the links under its teardown
-            env=_child_env(),
+            env=child_env(),
         )
         line = _readline_timeout(self._wire, 20.0)
         if line.strip() != "ready":
@@ -873,13 +875,6 @@ class Fabric:
 
 def _drop_tca_rate(request: dict[str, Any]) -> None:
     request.pop("rate", None)
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def _readline_timeout(p: subprocess.Popen[str], timeout: float) -> str:
@@ -1153,7 +1148,7 @@ def measure_rtt(fabric: Fabric, src: str, dst: str, count: int = 20, timeout: fl
         [*py, "echo", "--listen", f"{fabric.addr(dst)}:0"],
         stdout=subprocess.PIPE,
         text=True,
-        env=_child_env(),
+        env=child_env(),
     )
     try:
         port = _readline_timeout(server, timeout).strip()
@@ -1164,7 +1159,7 @@ def measure_rtt(fabric: Fabric, src: str, dst: str, count: int = 20, timeout: fl
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=_child_env(),
+            env=child_env(),
             check=True,
         ).stdout
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])

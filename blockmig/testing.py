@@ -126,10 +126,11 @@ class BlockmigError(Exception):
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a ``blockmig`` subprocess: this one, without settings that would
     point it elsewhere (the state dir is always ``--state-dir``) or inject failures."""
-    env = dict(os.environ)
+    from control.config import child_env
+
+    env = child_env()
     for name in ("BLOCKMIG_FAIL_AT", "BLOCKMIG_STATE_DIR", "BLOCKMIG_TOKEN"):
         env.pop(name, None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
     env.update(extra or {})
     return env
 

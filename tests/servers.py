@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from control.api_client import ArrayApi
+from control.config import child_env
 
 START_TIMEOUT = 20.0
 
@@ -277,8 +278,7 @@ def start_array(
         cmd += ["--token", token]
     cmd += list(extra_args)
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    env = child_env()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         limit = None if nofile is None else partial(resource.setrlimit, resource.RLIMIT_NOFILE, nofile)
         proc = subprocess.Popen(
