@@ -301,6 +301,9 @@ _unpack_request = REQUEST.unpack_from  # bound once: this runs for every request
 WRITE_COPY_MAX = 16 * 1024
 #: a decoder moves its unparsed bytes to the front when less room than this is left
 _MIN_ROOM = 4096
+#: a decoder's receive buffer starts this small (an idle connection holds no more)
+#: and grows to its full ``buffer_size`` once a receive fills it (see :meth:`_Receiver.shrink`)
+INITIAL_BUFFER = 16 * 1024
 E = TypeVar("E")
 
 
@@ -308,11 +311,19 @@ class _Receiver(Generic[E]):
     """What both transmission-phase decoders share: a buffer the adapter
     receives into (:meth:`get_buffer`, then :meth:`buffer_updated`), parsed
     from ``_start`` to ``_end``; a payload received in place (``_into``)
-    while one is set; and no input at all after the first malformed frame."""
+    while one is set; and no input at all after the first malformed frame.
+
+    The buffer starts at ``INITIAL_BUFFER`` bytes and grows to ``buffer_size``
+    when a receive fills it (a client sending faster than small receives
+    drain); :meth:`shrink` gives the room back once the connection is idle.
+    Hundreds of hosts mostly idle then hold 16 KiB each, not 256 KiB."""
 
     def __init__(self, buffer_size: int) -> None:
-        self._buf = bytearray(buffer_size)
+        self._max_size = buffer_size
+        self._buf = bytearray(min(buffer_size, INITIAL_BUFFER))
         self._view = memoryview(self._buf)
+        #: the buffer has grown past its initial size (see :meth:`shrink`)
+        self.grown = False
         self._start = 0
         self._end = 0
         self._need = 0  # bytes the frame at _start needs in the buffer (0: it fits any)
@@ -338,6 +349,20 @@ class _Receiver(Generic[E]):
             self._into_got += nbytes
         else:
             self._end += nbytes
+            if self._end == len(self._buf) < self._max_size:
+                # this receive filled the buffer: more is coming than it holds
+                self._move_tail(self._max_size)
+
+    def shrink(self) -> bool:
+        """Give a grown buffer back (call it once the connection has been idle a
+        while): True if it is back to its initial size. Only when empty: nothing
+        unparsed and no payload being received."""
+        if self.grown and self._into is None and self._start == self._end:
+            self._buf = bytearray(min(self._max_size, INITIAL_BUFFER))
+            self._view = memoryview(self._buf)
+            self._start = self._end = 0
+            self.grown = False
+        return not self.grown
 
     def _move_tail(self, size: int, fresh: bool = False) -> None:
         """Move the unparsed bytes to the front: of a fresh buffer (``fresh``,
@@ -347,6 +372,7 @@ class _Receiver(Generic[E]):
             new = bytearray(max(size, len(self._buf)))
             new[:n] = self._view[self._start : self._end]
             self._buf, self._view = new, memoryview(new)
+            self.grown = len(new) > INITIAL_BUFFER
         elif self._start:
             self._buf[:n] = self._view[self._start : self._end]
         self._start, self._end = 0, n
