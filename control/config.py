@@ -21,18 +21,23 @@ commands read to find the arrays' APIs.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from emulator.units import parse_rate
+from emulator.units import parse_hostport, parse_rate
 
 from .api_client import ArrayApi
 
@@ -98,7 +103,9 @@ class ArrayRecord:
         return ArrayApi(self.api, self.token)
 
     def alive(self) -> bool:
-        return pid_alive(self.pid)
+        """True while this array runs: its pid is alive AND is still this array (after a
+        kill -9 or a reboot the pid may be another process's, never to be signalled)."""
+        return pid_alive(self.pid) and is_array_process(self.pid, self.name, self.data_dir)
 
 
 def pid_alive(pid: int) -> bool:
@@ -108,6 +115,40 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except OSError:
+        return []
+
+
+def is_array_process(pid: int, name: str, data_dir: str) -> bool:
+    """Does ``pid`` run `blockmig array serve --name NAME --data-dir DATA_DIR`?"""
+    args = _cmdline(pid)
+    if "serve" not in args:
+        return False
+
+    def value(opt: str) -> str | None:
+        for i, a in enumerate(args[:-1]):
+            if a == opt:
+                return args[i + 1]
+            if a.startswith(opt + "="):
+                return a.split("=", 1)[1]
+        return None
+
+    given = value("--data-dir")
+    if value("--name") != name or given is None:
+        return False
+    if given == data_dir:
+        return True
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        cwd = "/"
+    return os.path.realpath(os.path.join(cwd, given)) == os.path.realpath(data_dir)
 
 
 def load_config(path: Path | None) -> list[ArrayConfig]:
@@ -141,6 +182,10 @@ def load_config(path: Path | None) -> list[ArrayConfig]:
     return out
 
 
+class RegistryError(ValueError):
+    """STATE_DIR/arrays.json cannot be read."""
+
+
 class Registry:
     """STATE_DIR/arrays.json: the arrays this state dir knows."""
 
@@ -150,10 +195,19 @@ class Registry:
 
     def load(self) -> dict[str, ArrayRecord]:
         try:
-            raw = json.loads(self.path.read_text())
+            text = self.path.read_text()
         except FileNotFoundError:
             return {}
-        return {n: ArrayRecord(**r) for n, r in raw.items()}
+        try:
+            raw = json.loads(text)
+            return {n: ArrayRecord(**r) for n, r in raw.items()}
+        except (ValueError, TypeError, AttributeError) as e:
+            raise RegistryError(
+                f"the array registry {self.path} is damaged ({e}); blockmig leaves it as it is. The "
+                "arrays it recorded may still run: each data dir's runtime.json names its pid (default "
+                f"{self.state_dir / 'arrays' / 'NAME' / 'runtime.json'}); move the registry away and run "
+                "`blockmig up` again with the same config: it takes over the arrays still running"
+            ) from None
 
     def save(self, records: dict[str, ArrayRecord]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -171,11 +225,15 @@ class Registry:
 
 def start_array(cfg: ArrayConfig, state_dir: Path) -> ArrayRecord:
     """Start one array in the background and wait until it serves."""
-    data_dir = Path(cfg.data_dir or state_dir / "arrays" / cfg.name)
+    # absolute: the record must name it from any directory a later command runs in
+    data_dir = Path(cfg.data_dir or state_dir / "arrays" / cfg.name).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     runtime = data_dir / "runtime.json"
+    running = _running_array(cfg, data_dir)
+    if running is not None:
+        return running  # it still runs (the registry lost it): take it over, never start a second
     runtime.unlink(missing_ok=True)
     cmd = python_module_command(
         "control.cli",
@@ -220,31 +278,119 @@ def start_array(cfg: ArrayConfig, state_dir: Path) -> ArrayRecord:
     return ArrayRecord(cfg.name, cfg.model, info["api"], info["nbd"], token, str(data_dir), proc.pid)
 
 
+def _running_array(cfg: ArrayConfig, data_dir: Path) -> ArrayRecord | None:
+    """The array that serves ``data_dir`` now, as its runtime.json says, if it is ``cfg``'s."""
+    try:
+        info = json.loads((data_dir / "runtime.json").read_text())
+        pid = int(info["pid"])
+        if info.get("name") != cfg.name or not pid_alive(pid):
+            return None
+        if not is_array_process(pid, cfg.name, str(data_dir)):
+            return None
+        token = cfg.token or (data_dir / "token").read_text().strip()
+        return ArrayRecord(cfg.name, str(info["model"]), info["api"], info["nbd"], token, str(data_dir), pid)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _port_free(host: str, port: int, wait: float = 2.0) -> bool:
+    """Can the array bind ``port``? A process killed a moment ago may hold it a little
+    longer than its pid (the kernel closes its sockets as it exits): wait for that."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the array binds
+                s.bind((host, port))
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
+def _same_address(cfg: ArrayConfig, rec: ArrayRecord, state_dir: Path) -> ArrayConfig:
+    """``cfg`` to restart the array ``rec`` recorded (it died: kill -9, a crash, a reboot)
+    on the ports it had, where the config leaves them to the system (port 0) and they are
+    still free: the volumes' locations and attachments, and the hosts, name those (with
+    new ports every URI blockmig had given out would lead nowhere)."""
+    if Path(cfg.data_dir or state_dir / "arrays" / cfg.name).resolve() != Path(rec.data_dir).resolve():
+        return cfg
+    out = {"nbd": cfg.nbd, "api": cfg.api}
+    for key, url in (("nbd", rec.nbd), ("api", rec.api)):
+        host, port = parse_hostport(out[key])
+        try:
+            was = urllib.parse.urlsplit(url)
+            old_host, old_port = was.hostname, was.port
+        except ValueError:
+            continue
+        if port == 0 and old_host == host and old_port and _port_free(host, old_port):
+            out[key] = f"[{host}]:{old_port}" if ":" in host else f"{host}:{old_port}"
+    return replace(cfg, nbd=out["nbd"], api=out["api"])
+
+
+@contextmanager
+def registry_lock(state_dir: Path) -> Iterator[None]:
+    """One `up` or `down` of a state dir at a time: two at once each read the registry,
+    started or stopped arrays by it, and the last to save it dropped what the other did
+    (an array running that no registry named, which `down` then left running)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "arrays.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # dropped by the kernel with the process, also on kill -9
+        yield
+    finally:
+        os.close(fd)
+
+
 def up(state_dir: Path, config: Path | None) -> dict[str, ArrayRecord]:
+    with registry_lock(state_dir):
+        return _up(state_dir, config)
+
+
+def _up(state_dir: Path, config: Path | None) -> dict[str, ArrayRecord]:
     reg = Registry(state_dir)
     records = reg.load()
     for cfg in load_config(config):
         rec = records.get(cfg.name)
         if rec is not None and rec.alive():
             continue
-        records[cfg.name] = start_array(cfg, state_dir)
+        again = cfg if rec is None else _same_address(cfg, rec, state_dir)
+        try:
+            records[cfg.name] = start_array(again, state_dir)
+        except RuntimeError:
+            if again == cfg:
+                raise
+            # its old ports were taken between the check and the bind: any free ones
+            records[cfg.name] = start_array(cfg, state_dir)
         reg.save(records)
     return records
 
 
 def down(state_dir: Path, timeout: float = 15.0) -> list[str]:
+    with registry_lock(state_dir):
+        return _down(state_dir, timeout)
+
+
+def _down(state_dir: Path, timeout: float) -> list[str]:
     reg = Registry(state_dir)
     records = reg.load()
     stopped = []
     for rec in records.values():
         if rec.alive():
-            os.kill(rec.pid, signal.SIGTERM)
+            try:
+                os.kill(rec.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue  # it ended meanwhile
             stopped.append(rec.name)
     deadline = time.monotonic() + timeout
     for rec in records.values():
         while rec.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         if rec.alive():
-            os.kill(rec.pid, signal.SIGKILL)
+            try:
+                os.kill(rec.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     reg.path.unlink(missing_ok=True)
     return stopped

@@ -700,9 +700,7 @@ class VolumeManager:
     def recover(self) -> list[str]:
         """Find migrations whose follower is gone and start one again."""
         started = []
-        for v in self.db.list():
-            if v.migration_status not in MIGRATING:
-                continue
+        for v in self.db.migrating():
             pid = v.migration.get("pid", 0)
             if pid and pid != os.getpid() and pid_alive(pid):
                 continue

@@ -269,7 +269,10 @@ def _run(func: Any) -> Any:
             rc: int = func(args)
             return rc
         except (VolumeError, ApiError, ValueError, KeyError, RuntimeError, OSError) as e:
-            msg = getattr(e, "message", None) or (e.args[0] if e.args else str(e))
+            # an OSError's args[0] is its errno alone ("blockmig: 30"): str() names the file
+            msg = getattr(e, "message", None) or (
+                e.args[0] if e.args and not isinstance(e, OSError) else str(e)
+            )
             if args.json:
                 print(json.dumps({"error": str(msg)}))
             print(f"blockmig: {msg}", file=sys.stderr)

@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS volumes (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS volumes_name ON volumes(name);
+CREATE INDEX IF NOT EXISTS volumes_migration_status ON volumes(migration_status);
 """
 
 
@@ -39,6 +41,31 @@ class VolumeError(Exception):
 
 class Conflict(VolumeError):
     """An update's ``expect`` did not hold: another command changed the volume meanwhile."""
+
+
+class DatabaseError(VolumeError):
+    """The volumes database cannot be read or written (damaged, read-only, disk full, locked)."""
+
+
+def database_error(path: Path, e: sqlite3.Error) -> DatabaseError:
+    """What to tell the user about SQLite's error ``e`` on the volumes database ``path``."""
+    text = str(e)
+    if not isinstance(e, sqlite3.OperationalError) and isinstance(e, sqlite3.DatabaseError):
+        # "file is not a database", "database disk image is malformed"
+        return DatabaseError(
+            f"the volumes database {path} is damaged ({text}); blockmig leaves it as it is: restore "
+            "it from a backup (the arrays still hold every volume's LUN, named volume-ID)"
+        )
+    low = text.lower()
+    if "full" in low or "i/o error" in low:
+        hint = "its file system may be full or failing: free space there, then retry"
+    elif "readonly" in low or "read-only" in low or "unable to open" in low:
+        hint = f"the state dir {path.parent} and the files in it must be writable"
+    elif "locked" in low or "busy" in low:
+        hint = "another blockmig command kept it locked; retry"
+    else:
+        hint = "nothing else was changed by this step"
+    return DatabaseError(f"the volumes database {path}: {text} ({hint})")
 
 
 @dataclass
@@ -80,23 +107,45 @@ class VolumesDB:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self.db.executescript(SCHEMA)
+            except BaseException:
+                self.db.close()
+                raise
+        except sqlite3.Error as e:
+            raise database_error(path, e) from None
 
     def close(self) -> None:
         self.db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+    def _errors(self) -> Iterator[None]:
+        """SQLite's errors as a :class:`DatabaseError` that names the file and what to do."""
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            yield
+        except sqlite3.Error as e:
+            raise database_error(self.path, e) from None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._errors():
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                # SQLite may have rolled back by itself (a full disk): a ROLLBACK then would
+                # raise "no transaction is active" instead of the error that matters
+                if self.db.in_transaction:
+                    try:
+                        self.db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
 
     @staticmethod
     def _row(r: tuple[Any, ...]) -> Volume:
@@ -134,21 +183,33 @@ class VolumesDB:
         A name wins over an id prefix: a volume named ``c1`` stays reachable by its name
         when another's id begins with c1 (both matched: "use the id")."""
         q = f"SELECT {self._COLS} FROM volumes WHERE "
-        rows = self.db.execute(q + "id=?", (ref,)).fetchall()
-        if not rows:
-            rows = self.db.execute(q + "name=?", (ref,)).fetchall()
-        if not rows and ref:  # a prefix as typed (LIKE would take % and _ as wildcards)
-            rows = self.db.execute(q + "substr(id, 1, ?)=?", (len(ref), ref)).fetchall()
+        with self._errors():
+            rows = self.db.execute(q + "id=?", (ref,)).fetchall()
+            if not rows:
+                rows = self.db.execute(q + "name=?", (ref,)).fetchall()
+            if not rows and ref:  # a prefix as typed (LIKE would take % and _ as wildcards)
+                rows = self.db.execute(q + "substr(id, 1, ?)=?", (len(ref), ref)).fetchall()
         if not rows:
             raise VolumeError(f"no volume {ref!r} (see `blockmig list`)")
         if len(rows) > 1:
             raise VolumeError(f"{len(rows)} volumes match {ref!r}: use the id")
         return self._row(rows[0])
 
+    def migrating(self) -> list[Volume]:
+        """The volumes whose migration runs (what every command's recover() looks at: not
+        every volume, which made each command O(volumes))."""
+        marks = ", ".join("?" * len(MIGRATING))
+        with self._errors():
+            rows = self.db.execute(
+                f"SELECT {self._COLS} FROM volumes WHERE migration_status IN ({marks}) ORDER BY created_at",
+                MIGRATING,
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
     def list(self) -> list[Volume]:
-        return [
-            self._row(r) for r in self.db.execute(f"SELECT {self._COLS} FROM volumes ORDER BY created_at")
-        ]
+        with self._errors():
+            rows = self.db.execute(f"SELECT {self._COLS} FROM volumes ORDER BY created_at").fetchall()
+        return [self._row(r) for r in rows]
 
     def update(self, vid: str, expect: dict[str, Any] | None = None, **fields: Any) -> Volume:
         """Change fields in one transaction; with ``expect``, only if those columns still
