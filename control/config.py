@@ -102,6 +102,31 @@ class ArrayRecord:
     def client(self) -> ArrayApi:
         return ArrayApi(self.api, self.token)
 
+    def nbd_address(self) -> tuple[str, int]:
+        """(host, port) of its NBD server now (``nbd`` as runtime.json gives it: an IPv6
+        host may come without brackets)."""
+        host, _, port = self.nbd.removeprefix("nbd://").rstrip("/").rpartition(":")
+        return host.removeprefix("[").removesuffix("]"), int(port)
+
+    def connection(self, export: str) -> dict[str, Any]:
+        """How a host reaches ``export`` on this array now: the keys of the array's
+        ``GET /api/v1/luns/NAME/connection`` (host, port, export, uri, nbd_client).
+
+        The only place an address of a volume's LUN is made from: volumes.db records
+        which array and which export, and a URI stored with them (an old record's, or
+        what a host was given) is history once the array has moved (a restart on other
+        ports, a new ``nbd`` in the config): this registry is what `blockmig up` last
+        started it on."""
+        host, port = self.nbd_address()
+        named = f"[{host}]" if ":" in host else host
+        return {
+            "host": host,
+            "port": port,
+            "export": export,
+            "uri": f"nbd://{named}:{port}/{export}",
+            "nbd_client": f"nbd-client {host} {port} /dev/nbd0 -N {export}",
+        }
+
     def alive(self) -> bool:
         """True while this array runs: its pid is alive AND is still this array (after a
         kill -9 or a reboot the pid may be another process's, never to be signalled)."""

@@ -432,8 +432,9 @@ def story(opts: Options, work: Path, stack: contextlib.ExitStack) -> Result:
 
     with s.step(f"A volume of {format_size(size)} on A, random data written over NBD"):
         vol = m.create("demo-vol", size, "A")
-        sha = asyncio.run(_fill(vol.provider_location["uri"], known))
-        s.say(f"{vol.name} ({vol.id}) at {vol.provider_location['uri']}")
+        uri_a = m.view(vol)["provider_location"]["uri"]
+        sha = asyncio.run(_fill(uri_a, known))
+        s.say(f"{vol.name} ({vol.id}) at {uri_a}")
         s.say(f"known region 0-{format_size(known)}: sha256 {sha[:16]}… (nothing writes it from here on)")
 
     why_not = "--nbd-engine given" if opts.nbd_engine else loop_unavailable()
@@ -519,7 +520,7 @@ def story(opts: Options, work: Path, stack: contextlib.ExitStack) -> Result:
         s.say("fio: no verify error; it read its writes back as it went (crc32c, within 64 writes)")
         if vol.lun in {lun["name"] for lun in m.registry.get("A").client().list_luns()}:
             raise DemoError(f"the source LUN {vol.lun} is still on A")
-        uri_b = vol.provider_location["uri"]
+        uri_b = m.view(vol)["provider_location"]["uri"]
         sha_b = asyncio.run(_sha256(uri_b, known))
         if sha_b != sha:
             raise DemoError(f"known region on B: sha256 {sha_b}, expected {sha}")

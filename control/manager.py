@@ -42,7 +42,7 @@ from typing import Any
 from emulator.nbd.errors import NbdError
 
 from .api_client import FINAL, ApiError
-from .config import Registry, child_env, pid_alive, python_module_command
+from .config import ArrayRecord, Registry, child_env, pid_alive, python_module_command
 from .drivers import VolumeDriver, driver_for
 from .drivers.base import Host, RemoteTakeoverMixin
 from .hostcopy import copy_volume
@@ -733,9 +733,45 @@ class VolumeManager:
         return proc.pid
 
     # ------------------------------------------------------------------ views
+    def view(self, v: Volume, arrays: dict[str, ArrayRecord] | None = None) -> dict[str, Any]:
+        """``v`` as the commands print it, every address at its array's address NOW.
+
+        volumes.db keeps which array and which export (LUN) a location or an attachment
+        names; the URIs stored with them are what the array answered then. An array that
+        `blockmig up` started again on other ports (its old ones taken), or whose config
+        names another ``nbd`` address, serves the same exports elsewhere: so the location's
+        ``uri`` and each attachment's ``connection`` come from the registry
+        (:meth:`ArrayRecord.connection`), never from the stored row, which stays as it was
+        (old databases read as they are). An attachment whose stored URI is not the one
+        now keeps it as ``given_uri``: what its host was given and still holds, which no
+        record can fix (the array's connections ended when it stopped): the host must
+        re-attach. ``moved_from`` is history too, as recorded. A volume on an array the
+        registry does not name (arrays down: `blockmig down` forgets them) shows what was
+        recorded. ``arrays``: the registry, read once for many volumes."""
+        if arrays is None:
+            arrays = self.registry.load()
+        d = v.as_dict()
+        loc = dict(v.provider_location)
+        if loc:
+            rec = arrays.get(str(loc.get("array") or Host.parse(v.host).array))
+            if rec is not None:
+                loc["uri"] = rec.connection(str(loc.get("lun") or v.lun))["uri"]
+        d["provider_location"] = loc
+        atts = []
+        for a in v.attachments:
+            rec = arrays.get(Host.parse(a["host"]).array)
+            given = a.get("connection") or {}
+            if rec is not None:
+                a = {**a, "connection": {**given, **rec.connection(str(given.get("export") or v.lun))}}
+                if given.get("uri") and given["uri"] != a["connection"]["uri"]:
+                    a["given_uri"] = given["uri"]
+            atts.append(a)
+        d["attachments"] = atts
+        return d
+
     def show(self, ref: str) -> dict[str, Any]:
         v = self.db.get(ref)
-        d = v.as_dict()
+        d = self.view(v)
         d["attachable"] = v.migration_status not in ("starting", "migrating") and v.status in (
             "available",
             "in-use",

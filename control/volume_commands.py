@@ -14,6 +14,7 @@ from emulator.units import format_size, parse_size
 from . import config
 from .api_client import ApiError
 from .array_commands import table
+from .drivers.base import Host
 from .manager import VolumeManager
 from .volumes import MIGRATING, VolumeError
 
@@ -46,7 +47,17 @@ def _manager(args: argparse.Namespace, recover: bool = True) -> VolumeManager:
 
 # ---------------------------------------------------------------- arrays
 def cmd_up(args: argparse.Namespace) -> int:
+    before = config.Registry(_state_dir(args)).load()
     recs = config.up(_state_dir(args), Path(args.config) if args.config else None)
+    for name, r in recs.items():
+        was = before.get(name)
+        if was is not None and was.nbd != r.nbd:
+            print(
+                f"blockmig: array {name} serves NBD at {r.nbd} now, not {was.nbd} (its port was taken, or "
+                "its config changed): hosts attached to its volumes must re-attach at the URI "
+                "`blockmig show VOLUME` gives",
+                file=sys.stderr,
+            )
     rows = [(r.name, r.model, r.api, r.nbd, r.pid) for r in recs.values()]
     _out(args, {n: r.__dict__ for n, r in recs.items()}, table(rows, ("ARRAY", "MODEL", "API", "NBD", "PID")))
     return 0
@@ -68,7 +79,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     m = _manager(args)
-    vols = [v.as_dict() for v in m.db.list()]
+    arrays = m.registry.load()
+    vols = [m.view(v, arrays) for v in m.db.list()]
     rows = [
         (v["id"], v["name"], format_size(v["size"]), v["status"], v["host"], v["migration_status"] or "-")
         for v in vols
@@ -94,6 +106,7 @@ def _show_text(d: dict[str, Any]) -> str:
         lines.append(
             f"{'attachment:':<19}{a['id']} on {a['connector'].get('host')} via {a['connection']['uri']}"
             + (f" (moved from {was})" if was and was != a["connection"]["uri"] else "")
+            + (f" (given {a['given_uri']}: {_READDRESSED})" if a.get("given_uri") else "")
         )
     mig = d.get("migration")
     if mig:
@@ -132,7 +145,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 def cmd_detach(args: argparse.Namespace) -> int:
     m = _manager(args)
     v = m.detach(args.volume, args.attachment)
-    _out(args, v.as_dict(), f"detached; volume {v.name} is {v.status}")
+    _out(args, m.view(v), f"detached; volume {v.name} is {v.status}")
     return 0
 
 
@@ -162,6 +175,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0 if v.migration_status in ("success", "migrating", "migrating_attachable") else 1
 
 
+#: why an attachment given a URI before its array moved needs its host again (`show`)
+_READDRESSED = "its array serves at another address since; the host must re-attach"
+
+
 def _moved_from_uri(a: dict[str, Any]) -> str | None:
     """The URI an attachment record named before a migration moved it, if one did."""
     uri: str | None = (a.get("moved_from") or {}).get("connection", {}).get("uri")
@@ -173,7 +190,9 @@ def reattach_notices(d: dict[str, Any]) -> list[dict[str, Any]]:
     view ``d`` has it: a record this migration moved to another URI (the volume is served
     there now) means the host must re-attach there; its writes to the old URI fail with
     EPERM from the takeover (or the host copy) on, as the source is fenced, and that URI
-    goes away with the source LUN. Records no migration moved need nothing."""
+    goes away with the source LUN. A record whose host was given a URI of its array's
+    address before the array moved (``given_uri``, see VolumeManager.view) means the
+    host must re-attach too. Other records need nothing."""
     mig = d.get("migration") or {}
     started = float(mig.get("started") or 0.0)
     out = []
@@ -181,7 +200,13 @@ def reattach_notices(d: dict[str, Any]) -> list[dict[str, Any]]:
         who = a["connector"].get("host")
         uri = a["connection"]["uri"]
         was = _moved_from_uri(a)
-        if was and was != uri and float(a.get("moved_at") or 0.0) >= started:
+        array = Host.parse(a["host"]).array
+        given = a.get("given_uri")
+        moved = bool(was and was != uri and float(a.get("moved_at") or 0.0) >= started)
+        if moved and Host.parse(a["moved_from"]["host"]).array == array:
+            # a pool move keeps the export where it was: ``was`` differs as the array moved
+            moved, given = False, given or was
+        if moved:
             if d["host"] == mig.get("source"):  # a failure or a cancel moved it back
                 why = f"the migration failed; the volume stays on {d['host']} and takes writes again"
             elif d.get("migration_status") == "success":
@@ -192,6 +217,13 @@ def reattach_notices(d: dict[str, Any]) -> list[dict[str, Any]]:
                     "reads still work until the migration completes)"
                 )
             message = f"attachment {a['id']} (host {who}): the host must re-attach at {uri}: {why}"
+        elif given:
+            was = given
+            message = (
+                f"attachment {a['id']} (host {who}): the host must re-attach at {uri}: array {array} "
+                f"serves at another address than the {was} it was given (its connection ended when the "
+                "array stopped)"
+            )
         elif d.get("migration_status") == "migrating" and mig.get("phase") == "host-copy":
             message = (
                 f"attachment {a['id']} (host {who}): writes to {uri} fail with EPERM while the host copy "

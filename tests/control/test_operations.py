@@ -15,6 +15,10 @@ not as it left them.
 - an array killed -9 and started again by `blockmig up` got new ports (port 0 in the
   config), so every URI recorded and given out (volume locations, attachments) led nowhere;
   now it gets its old ports back while they are free;
+- ... and when they are not (another program took its NBD port), or its config names
+  another NBD address, `show` (and `list`, `detach`, `migrate`'s output) still gave the
+  URIs recorded before; now every URI is made from the array's address in the registry,
+  and an attachment whose host was given the old one says that host must re-attach;
 - two `blockmig up` at once left an array running that no registry named (`down` left it
   running); now `up` and `down` of a state dir take a lock;
 - every command's recover() decoded every volume of the db to find the migrating ones.
@@ -25,16 +29,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from control.config import pid_alive
+from blockmig.testing import NbdDevice
+from control.config import ArrayRecord, Registry, pid_alive
 from control.manager import VolumeManager
+from control.volume_commands import reattach_notices
 from control.volumes import VolumesDB
 
 from .blockmig_env import ArraySpec, BlockmigEnv
@@ -252,3 +260,170 @@ def test_up_run_twice_at_once_leaves_no_array_unrecorded(bm: BlockmigEnv) -> Non
     finally:
         for pid in _arrays_of(bm.state_dir):
             os.kill(pid, signal.SIGKILL)
+
+
+def _occupy(uri: str) -> socket.socket:
+    """A listening socket on the host and port of ``uri`` (another program took the port)."""
+    where = urllib.parse.urlsplit(uri)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the dead array's TIME_WAITs
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            s.bind((where.hostname, where.port))
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                s.close()
+                raise
+            time.sleep(0.1)
+    s.listen()
+    return s
+
+
+def _read(uri: str, length: int) -> bytes:
+    with NbdDevice(uri, timeout=10) as dev:
+        return dev.read(0, length)
+
+
+@pytest.mark.slow
+def test_an_array_restarted_on_other_ports_gives_its_volumes_uris_that_work(bm: BlockmigEnv) -> None:
+    """Its old NBD port taken by another program, `up` after a kill -9 starts the array on
+    new ports: `show` gave the location and attachments recorded before (the port now
+    another program's), so hosts were sent nowhere. The URIs are derived from the array's
+    address now; an attachment given the old URI says its host must re-attach."""
+    bm.up([ArraySpec("A"), ArraySpec("B")])
+    vol = bm.create_volume("v1", 1 << 20, "A")
+    data = os.urandom(1 << 20)
+    vol.write(0, data)
+    old = bm.ok("attach", "v1", "--host-name", "h1")["data"]["uri"]
+    pid = bm.array_pids()["A"]
+    os.kill(pid, signal.SIGKILL)
+    while pid_alive(pid):
+        time.sleep(0.05)
+    with _occupy(old):
+        r = bm.run("up", "--config", str(bm.state_dir / "arrays.toml"))
+        assert r.returncode == 0, r.stderr
+        nbd = json.loads((bm.state_dir / "arrays.json").read_text())["A"]["nbd"]
+        assert not old.startswith(nbd + "/"), "the array got its old (taken) port"
+        assert f"array A serves NBD at {nbd} now, not " in r.stderr and "must re-attach" in r.stderr
+        shown = bm.show("v1")
+        uri = shown["provider_location"]["uri"]
+        assert uri.startswith(nbd + "/") and uri != old
+        assert _read(uri, len(data)) == data
+        att = shown["attachments"][0]
+        assert att["connection"]["uri"] == uri and att["given_uri"] == old
+        port = int(nbd.rsplit(":", 1)[1])
+        assert (att["connection"]["port"], str(port)) == (port, att["connection"]["nbd_client"].split()[2])
+        text = bm.run("show", "v1").stdout
+        assert f"via {uri} (given {old}: " in text and "must re-attach" in text, text
+        again = bm.ok("attach", "v1", "--host-name", "h2")["data"]["uri"]
+        assert again == uri and _read(again, len(data)) == data
+        moved = bm.ok("migrate", "v1", "B", "--wait")  # attached: its records move to B
+        assert moved["migration_status"] == "success" and moved["host"].startswith("B@")
+        uri = moved["provider_location"]["uri"]
+        assert _read(uri, len(data)) == data
+        assert [n["uri"] for n in moved["reattach"]] == [uri, uri]
+        assert all("given_uri" not in a for a in moved["attachments"])
+
+
+@pytest.mark.slow
+def test_an_array_whose_config_changed_its_nbd_address_gives_uris_that_work(bm: BlockmigEnv) -> None:
+    """`down`, a new NBD port in the config, `up`: every volume on the array is reached at
+    the new address (the registry is the only record of an array's address)."""
+    bm.up([ArraySpec("A"), ArraySpec("B")])
+    vol = bm.create_volume("v1", 1 << 20, "A")
+    vol.write(0, b"kept" * 1024)
+    old = vol.uri
+    bm.ok("down")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = bm.state_dir / "arrays.toml"
+    text = cfg.read_text()
+    cfg.write_text(text.replace('nbd = "127.0.0.1:0"', f'nbd = "127.0.0.1:{port}"', 1))
+    bm.ok("up", "--config", str(cfg))
+    uri = bm.show("v1")["provider_location"]["uri"]
+    assert uri == f"nbd://127.0.0.1:{port}/{vol.info['provider_location']['lun']}" != old
+    assert _read(uri, 4096) == b"kept" * 1024
+    assert bm.ok("attach", "v1")["data"]["uri"] == uri
+
+
+def test_show_derives_uris_from_the_registry_for_rows_written_before(tmp_path: Path) -> None:
+    """A volumes.db written before (a location and an attachment with an address of the
+    past, no address at all, an array no longer in the registry) reads as it was, each
+    URI taken from the array's address now."""
+    reg = Registry(tmp_path)
+    rec = ArrayRecord("A", "unified", "http://127.0.0.1:1", "nbd://127.0.0.1:7000", "t", str(tmp_path), 1)
+    reg.save({"A": rec})
+    m = VolumeManager(tmp_path)
+    old = "nbd://127.0.0.1:6000/volume-x"
+    conn = {"host": "127.0.0.1", "port": 6000, "export": "volume-x", "uri": old, "nbd_client": "nbd-client"}
+    v = m.db.create("v1", 1 << 20, "A@unified#default")
+    m.db.update(
+        v.id,
+        status="in-use",
+        provider_location={"array": "A", "lun": "volume-x", "pool": "default", "uri": old},
+        attachments=[
+            {"id": "a1", "connector": {"host": "h1"}, "attached_at": 1.0, "host": v.host, "connection": conn},
+            {
+                "id": "a2",
+                "connector": {"host": "h2"},
+                "attached_at": 2.0,
+                "host": "C@plain#default",
+                "connection": {"uri": "nbd://10.0.0.9:10809/volume-x"},
+            },
+        ],
+    )
+    d = m.show("v1")
+    assert d["provider_location"]["uri"] == "nbd://127.0.0.1:7000/volume-x"
+    a1, a2 = d["attachments"]
+    assert a1["connection"] == {
+        "host": "127.0.0.1",
+        "port": 7000,
+        "export": "volume-x",
+        "uri": "nbd://127.0.0.1:7000/volume-x",
+        "nbd_client": "nbd-client 127.0.0.1 7000 /dev/nbd0 -N volume-x",
+    }
+    assert a1["given_uri"] == old
+    assert a2["connection"]["uri"] == "nbd://10.0.0.9:10809/volume-x" and "given_uri" not in a2
+    assert m.db.get(v.id).provider_location["uri"] == old  # nothing rewritten
+    m.close()
+
+
+def test_migrate_tells_hosts_given_an_old_address_to_re_attach() -> None:
+    """`migrate`'s notices: a host given a URI of its array's old address must re-attach,
+    also where a pool move re-pointed its record (the export stays on the array: the
+    old URI differs only as the array moved), and not for the fence's EPERM."""
+    new, old = "nbd://127.0.0.1:7000/volume-x", "nbd://127.0.0.1:6000/volume-x"
+    d = {
+        "host": "A@unified#fast",
+        "migration_status": "success",
+        "migration": {"source": "A@unified#default", "target": "A@unified#fast", "started": 5.0},
+        "attachments": [
+            {
+                "id": "a1",
+                "connector": {"host": "h1"},
+                "host": "A@unified#fast",
+                "connection": {"uri": new},
+                "given_uri": old,
+            },
+            {
+                "id": "a2",
+                "connector": {"host": "h2"},
+                "host": "A@unified#fast",
+                "connection": {"uri": new},
+                "moved_at": 6.0,
+                "moved_from": {"host": "A@unified#default", "connection": {"uri": old}},
+            },
+            {"id": "a3", "connector": {"host": "h3"}, "host": "A@unified#fast", "connection": {"uri": new}},
+        ],
+    }
+    notes = reattach_notices(d)
+    assert [(n["attachment"], n["uri"], n["was"]) for n in notes] == [("a1", new, old), ("a2", new, old)]
+    for n in notes:
+        assert (
+            f"the host must re-attach at {new}: array A serves at another address than the {old}"
+            in n["message"]
+        ), n
+        assert "EPERM" not in n["message"]
