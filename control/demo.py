@@ -659,6 +659,8 @@ def run(opts: Options) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """`blockmig demo`; its arguments are in control/cli.py, which loads this module only
+    when the command runs."""
     size = parse_size(args.size)
     if size < 16 * MiB or size % MiB:
         raise SystemExit("blockmig demo: --size must be a whole number of MiB, at least 16M")
@@ -673,36 +675,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
             nbd_engine=args.nbd_engine,
         )
     )
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="the live-migration story end to end: two arrays, fio on a real block device, a migration",
-        description="Start arrays A and B, make a volume with known data on A, attach it through "
-        "nbdfuse + a loop device, run fio with verify on it, migrate it to B while fio runs, check "
-        "the data (the known half's sha256 read from B, fio's verify) and compare IOPS before, "
-        "during and after. Cleans up everything it started, also on failure or Ctrl-C.",
-    )
-    p.add_argument("--size", default="512M", help="volume size (default %(default)s)")
-    p.add_argument(
-        "--fio-seconds",
-        type=float,
-        default=5.0,
-        help="length of the fio run on A and of the read-through run on B (default %(default)s)",
-    )
-    p.add_argument(
-        "--tail-seconds",
-        type=float,
-        default=2.0,
-        help="fio keeps running this long on B after the migration succeeded (default %(default)s)",
-    )
-    p.add_argument("--media", default="ssd", help="media model of both arrays (default %(default)s)")
-    p.add_argument("--keep", action="store_true", help="leave the arrays running and the work dir in place")
-    p.add_argument(
-        "--nbd-engine",
-        action="store_true",
-        help="fio talks NBD itself instead of using nbdfuse + a loop device (the fallback without them)",
-    )
-    p.add_argument("--work-dir", help="where state, logs and fio output go (default: a new temp dir)")
-    p.set_defaults(func=cmd_demo)

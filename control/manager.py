@@ -26,7 +26,6 @@ volume stays stuck in a migrating state.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import logging
 import os
@@ -45,7 +44,6 @@ from .api_client import FINAL, ApiError
 from .config import ArrayRecord, Registry, child_env, pid_alive, python_module_command
 from .drivers import VolumeDriver, driver_for
 from .drivers.base import Host, RemoteTakeoverMixin
-from .hostcopy import copy_volume
 from .volumes import MIGRATING, Conflict, Volume, VolumeError, VolumesDB
 
 log = logging.getLogger("blockmig.control")
@@ -501,6 +499,12 @@ class VolumeManager:
         )
 
     def _host_copy(self, v: Volume, progress: Progress | None) -> Volume:
+        # Imported here, not with the module: the NBD client and an event loop serve this
+        # copy alone, and every volume command loads this module (control/cli.py).
+        import asyncio
+
+        from .hostcopy import copy_volume
+
         mig = dict(v.migration)
         src, dest = Host.parse(mig["source"]), Host.parse(mig["target"])
         sdrv, ddrv = self.driver(src.array), self.driver(dest.array)

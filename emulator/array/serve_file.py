@@ -16,28 +16,6 @@ from emulator.units import parse_hostport, parse_size
 from .file_backend import FileBackend
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sp = sub.add_parser(
-        "serve-file",
-        help="export a file (or block device) over NBD",
-        description="Export PATH over NBD until SIGTERM/SIGINT. With --size, a missing "
-        "PATH is created as a sparse file of that size.",
-    )
-    sp.add_argument("path", metavar="PATH")
-    sp.add_argument(
-        "--listen",
-        default="127.0.0.1:10809",
-        metavar="HOST:PORT",
-        help="address to listen on (port 0 picks a free one; default %(default)s)",
-    )
-    sp.add_argument("--unix", metavar="SOCKET", help="also listen on this unix socket")
-    sp.add_argument("--export", default="", metavar="NAME", help="export name (default: empty)")
-    sp.add_argument("--description", default="", help="export description shown by nbdinfo")
-    sp.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
-    sp.add_argument("--size", metavar="SIZE", help="create PATH as a sparse file of SIZE (e.g. 1G)")
-    sp.set_defaults(func=main)
-
-
 async def _serve(args: argparse.Namespace) -> int:
     host, port = parse_hostport(args.listen)
     size = parse_size(args.size) if args.size else None
@@ -71,6 +49,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    """`blockmig serve-file`; its arguments are in control/cli.py, which loads this module
+    only when the command runs."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     loop = serve_forever_loop()
     try:

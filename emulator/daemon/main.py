@@ -22,12 +22,12 @@ from aiohttp import web
 from emulator import durable
 from emulator.array.array import Array
 from emulator.array.errors import ArrayError
-from emulator.array.models import DEFAULT_MODEL, MODELS, get_model, parse_media
+from emulator.array.models import get_model, parse_media
 from emulator.array.open_files import raise_limit
 from emulator.mirror.manager import MigrationManager
 from emulator.mirror.migration import MigrationConfig
 from emulator.nbd.server import NbdServer, serve_forever_loop
-from emulator.units import parse_hostport, parse_size, rate_arg
+from emulator.units import parse_hostport, parse_size
 
 from .api import ApiContext, make_app
 
@@ -40,70 +40,6 @@ STOP_GRACE = 5.0
 #: seconds each step after the first still gets once the grace is spent (by a stuck host,
 #: say): a source that answers does so in milliseconds
 STOP_STEP_MIN = 1.0
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sp = sub.add_parser(
-        "serve",
-        help="run an array in the foreground",
-        description="Run one emulated array: its LUNs as NBD exports (export name = LUN name) "
-        "and a management API (JSON over HTTP, bearer token) on its own port.",
-    )
-    sp.add_argument("--name", required=True, help="array name")
-    sp.add_argument("--data-dir", required=True, type=Path, help="where LUN files and metadata live")
-    sp.add_argument(
-        "--nbd-listen",
-        default="127.0.0.1:10809",
-        metavar="HOST:PORT",
-        help="NBD address (port 0 picks a free one; default %(default)s)",
-    )
-    sp.add_argument(
-        "--api-listen",
-        default="127.0.0.1:8701",
-        metavar="HOST:PORT",
-        help="management API address (port 0 picks a free one; default %(default)s)",
-    )
-    sp.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        choices=sorted(MODELS),
-        help="array model: what it supports (default %(default)s)",
-    )
-    sp.add_argument(
-        "--media",
-        default="none",
-        help="media latency model: none, ssd, hdd or fixed:MS (default %(default)s)",
-    )
-    sp.add_argument(
-        "--pool",
-        action="append",
-        default=[],
-        metavar="NAME=CAPACITY",
-        help="a pool and its capacity, e.g. gold=10G (repeatable; default: one pool "
-        "'default' as large as the free space of the data dir)",
-    )
-    sp.add_argument(
-        "--token",
-        help=f"API bearer token (default: ${TOKEN_ENV}, else generated into DATA_DIR/token at first start)",
-    )
-    sp.add_argument(
-        "--source-retry-window",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="how long I/O that needs an unreachable migration source waits before "
-        "failing with EIO (default %(default)s)",
-    )
-    sp.add_argument(
-        "--migration-throttle",
-        type=rate_arg,
-        default=0.0,
-        metavar="MBPS",
-        help="copy rate of migrations onto this array that name none, e.g. those of `blockmig "
-        "migrate` (MB/s; default %(default)s = unlimited)",
-    )
-    sp.add_argument("-v", "--verbose", action="store_true", help="log requests and connections")
-    sp.set_defaults(func=main)
 
 
 def load_token(data_dir: Path, given: str | None) -> str:
@@ -221,6 +157,8 @@ async def stop_array(
 
 
 def main(args: argparse.Namespace) -> int:
+    """`blockmig array serve`; its arguments are in control/cli.py, which loads this module
+    only when the command runs."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"array {args.name}: %(name)s: %(message)s",
