@@ -138,9 +138,9 @@ class MemoryExport:
 
 
 _SERVE_EXPORTS = r"""
-import asyncio, json, signal, sys
+import asyncio, json, sys
 from emulator.nbd.backend import MemoryBackend
-from emulator.nbd.server import NbdServer, serve_forever_loop
+from emulator.nbd.server import NbdServer, serve_forever_loop, until_stopped
 
 async def main(spec):
     server = NbdServer(default_export=spec["default"])
@@ -149,11 +149,7 @@ async def main(spec):
                           read_only=e["read_only"])
     host, port = await server.listen_tcp("127.0.0.1", 0)
     print(f"listening nbd://127.0.0.1:{port}/", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     await server.close()
 
 loop = serve_forever_loop()

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 
-from emulator.nbd.server import NbdServer, format_listen, serve_forever_loop
+from emulator.nbd.server import NbdServer, format_listen, serve_forever_loop, until_stopped
 from emulator.units import parse_hostport, parse_size
 
 from .file_backend import FileBackend
@@ -32,11 +30,7 @@ async def _serve(args: argparse.Namespace) -> int:
         )
         if args.unix:
             print(f"serving at nbd+unix:///{args.export}?socket={args.unix}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stopped()
         await server.close()
         if not args.read_only:
             await backend.flush()

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from emulator.array.models import get_model, parse_media
 from emulator.array.open_files import raise_limit
 from emulator.mirror.manager import MigrationManager
 from emulator.mirror.migration import MigrationConfig
-from emulator.nbd.server import NbdServer, serve_forever_loop
+from emulator.nbd.server import NbdServer, serve_forever_loop, until_stopped
 from emulator.units import parse_hostport, parse_size
 
 from .api import ApiContext, make_app
@@ -117,11 +116,7 @@ async def serve(args: argparse.Namespace) -> int:
             f"nbd {runtime['nbd']} api {runtime['api']} luns {len(array.luns)} data {data_dir}",
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stopped()
         log.info("array %s: stopping", array.name)
     finally:
         manager.end_long_polls()

@@ -13,6 +13,7 @@ import ctypes
 import functools
 import logging
 import os
+import signal
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -834,6 +835,15 @@ def serve_forever_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a dependency
         return asyncio.new_event_loop()
+
+
+async def until_stopped() -> None:
+    """Return once the process gets SIGTERM or SIGINT (a serving process's main wait)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 def format_listen(host: str, port: int) -> str:
