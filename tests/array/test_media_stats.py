@@ -42,6 +42,7 @@ from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
 from emulator.nbd.errors import BackendError, RequestError
 from emulator.nbd.server import NbdServer, serve_forever_loop
+from tests.loop_turns import loop_turns_during
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -356,22 +357,8 @@ def test_precise_sleep_longer_and_zero() -> None:
 
 def test_precise_sleep_lets_others_run() -> None:
     async def both() -> int:
-        ticks = 0
-        stop = False
-
-        async def other() -> None:
-            nonlocal ticks
-            while not stop:
-                ticks += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.create_task(other())
-        await asyncio.sleep(0)
-        before = ticks
-        await precise_sleep(0.0008)
-        stop = True
-        await task
-        return ticks - before
+        _, turns = await loop_turns_during(precise_sleep(0.0008))
+        return turns
 
     assert run(both()) > 0
 

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.array.stats import CHUNK, LunStats, exposition
 from emulator.nbd.client import NbdClient
+from tests.loop_turns import loop_turns_during
 from tests.servers import array_api, array_daemon
 
 LUNS = 1000
@@ -59,22 +60,8 @@ def test_the_loop_runs_between_chunks_of_luns() -> None:
         luns = [(f"l{i}", LunStats()) for i in range(10 * CHUNK)]
         for _, st in luns:
             st.ops["read"].record(4096, 0.0002)
-        turns = 0
-        done = False
-
-        async def other() -> None:
-            nonlocal turns
-            while not done:
-                turns += 1
-                await asyncio.sleep(0)
-
-        t = asyncio.ensure_future(other())
-        await asyncio.sleep(0)
-        before = turns
-        text = await exposition("A", luns)
-        done = True
-        await t
-        assert turns - before >= 9
+        text, turns = await loop_turns_during(exposition("A", luns))
+        assert turns >= 9
         assert text.count(b'op="read",le="+Inf"} 1.0') == 10 * CHUNK
 
     asyncio.run(main())
