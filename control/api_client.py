@@ -128,15 +128,18 @@ class ArrayApi:
         return result
 
     def update_migration(
-        self, name: str, throttle: float | None = None, mode: str | None = None
+        self, name: str, throttle: float | None = None, mode: str | None = None, source: str | None = None
     ) -> dict[str, Any]:
         """Change a running migration: its throttle in MB/s (0 = unlimited), at once and
-        kept across restarts, and/or ``mode="active"``; its status after."""
+        kept across restarts, ``mode="active"``, and/or ``source``, the URI its source LUN
+        is served at now (409 if it serves another LUN, 400 if unreachable); its status after."""
         body: dict[str, Any] = {}
         if throttle is not None:
             body["throttle"] = throttle
         if mode is not None:
             body["mode"] = mode
+        if source is not None:
+            body["source"] = source
         q = urllib.parse.quote(name, safe="")
         result: dict[str, Any] = self.call("PATCH", f"/api/v1/migrations/{q}", body)
         return result

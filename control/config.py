@@ -16,7 +16,11 @@ A TOML config names the arrays::
 
 Without a config, `blockmig up` starts two arrays, A and B, of the unified
 model. What was started is recorded in STATE_DIR/arrays.json, which later
-commands read to find the arrays' APIs.
+commands read to find the arrays' APIs; a record there means "started by `up`"
+(an array killed since is restarted by the next `up`). `blockmig down` removes
+it and keeps what the arrays were, their addresses first, in STATE_DIR/stopped.json,
+so that the next `up` brings each back at the addresses it had (port 0 in the
+config) and migration followers know the arrays were stopped on purpose.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import subprocess
 import sys
 import time
 import tomllib
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -105,8 +108,7 @@ class ArrayRecord:
     def nbd_address(self) -> tuple[str, int]:
         """(host, port) of its NBD server now (``nbd`` as runtime.json gives it: an IPv6
         host may come without brackets)."""
-        host, _, port = self.nbd.removeprefix("nbd://").rstrip("/").rpartition(":")
-        return host.removeprefix("[").removesuffix("]"), int(port)
+        return url_address(self.nbd)
 
     def connection(self, export: str) -> dict[str, Any]:
         """How a host reaches ``export`` on this array now: the keys of the array's
@@ -240,6 +242,29 @@ class Registry:
         tmp.write_text(json.dumps({n: asdict(r) for n, r in records.items()}, indent=2))
         tmp.replace(self.path)
 
+    @property
+    def stopped_path(self) -> Path:
+        return self.state_dir / "stopped.json"
+
+    def load_stopped(self) -> dict[str, ArrayRecord]:
+        """The arrays `blockmig down` stopped and `up` has not started again: their records
+        as they were (addresses, data dir). A hint only: missing or damaged, it is empty
+        (the next `up` then picks ports as the config says)."""
+        try:
+            raw = json.loads(self.stopped_path.read_text())
+            return {n: ArrayRecord(**r) for n, r in raw.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
+    def save_stopped(self, records: dict[str, ArrayRecord]) -> None:
+        if not records:
+            self.stopped_path.unlink(missing_ok=True)
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.stopped_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({n: asdict(r) for n, r in records.items()}, indent=2))
+        tmp.replace(self.stopped_path)
+
     def get(self, name: str) -> ArrayRecord:
         records = self.load()
         if name not in records:
@@ -345,13 +370,23 @@ def _same_address(cfg: ArrayConfig, rec: ArrayRecord, state_dir: Path) -> ArrayC
     for key, url in (("nbd", rec.nbd), ("api", rec.api)):
         host, port = parse_hostport(out[key])
         try:
-            was = urllib.parse.urlsplit(url)
-            old_host, old_port = was.hostname, was.port
+            old_host, old_port = url_address(url)
         except ValueError:
             continue
         if port == 0 and old_host == host and old_port and _port_free(host, old_port):
             out[key] = f"[{host}]:{old_port}" if ":" in host else f"{host}:{old_port}"
     return replace(cfg, nbd=out["nbd"], api=out["api"])
+
+
+def url_address(url: str) -> tuple[str, int]:
+    """(host, port) of ``nbd://HOST:PORT`` or ``http://HOST:PORT``, an IPv6 host with or
+    without brackets: runtime.json wrote them without before (``nbd://::1:10809``), which
+    urlsplit reads as host ``:`` (or refuses). ValueError if there is no port."""
+    rest = url.split("://", 1)[-1].split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"no HOST:PORT in {url!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 @contextmanager
@@ -376,11 +411,14 @@ def up(state_dir: Path, config: Path | None) -> dict[str, ArrayRecord]:
 def _up(state_dir: Path, config: Path | None) -> dict[str, ArrayRecord]:
     reg = Registry(state_dir)
     records = reg.load()
+    stopped = reg.load_stopped()
     for cfg in load_config(config):
         rec = records.get(cfg.name)
         if rec is not None and rec.alive():
             continue
-        again = cfg if rec is None else _same_address(cfg, rec, state_dir)
+        # died (kill -9, a reboot: still in the registry) or stopped by `down`: where it was
+        was = rec or stopped.get(cfg.name)
+        again = cfg if was is None else _same_address(cfg, was, state_dir)
         try:
             records[cfg.name] = start_array(again, state_dir)
         except RuntimeError:
@@ -389,6 +427,8 @@ def _up(state_dir: Path, config: Path | None) -> dict[str, ArrayRecord]:
             # its old ports were taken between the check and the bind: any free ones
             records[cfg.name] = start_array(cfg, state_dir)
         reg.save(records)
+        if stopped.pop(cfg.name, None) is not None:
+            reg.save_stopped(stopped)
     return records
 
 
@@ -400,6 +440,14 @@ def down(state_dir: Path, timeout: float = 15.0) -> list[str]:
 def _down(state_dir: Path, timeout: float) -> list[str]:
     reg = Registry(state_dir)
     records = reg.load()
+    # Before any signal: a migration follower that finds an array gone reads it here, as
+    # stopped on purpose (it leaves the migration to the next `up`), and `up` brings the
+    # arrays back at these addresses (a takeover's target dials its source's).
+    if records:
+        try:
+            reg.save_stopped({**reg.load_stopped(), **records})
+        except OSError as e:  # a hint: the arrays stop all the same
+            print(f"blockmig: cannot keep the arrays' addresses in {reg.stopped_path}: {e}", file=sys.stderr)
     stopped = []
     for rec in records.values():
         if rec.alive():

@@ -32,11 +32,12 @@ import os
 import socket
 import subprocess
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from emulator.nbd.errors import NbdError
 
@@ -54,6 +55,29 @@ RACE_TRIES = 20
 #: checks and the claim of migrate); and for a follower of its last migration to let go
 LOCK_WAIT = 60.0
 RUNNER_WAIT = 10.0
+
+
+class SourceNote(NamedTuple):
+    """What :meth:`VolumeManager.update_sources` did for one volume (``ok``) or could not."""
+
+    volume: str
+    ok: bool
+    message: str
+
+
+def _readdressed(given: str, srec: ArrayRecord) -> str | None:
+    """``given`` (an nbd:// URI of an export of the array ``srec``) at that array's address
+    now; None if it is no nbd:// URI of a TCP address."""
+    if not given.startswith("nbd://"):
+        return None
+    rest = given.removeprefix("nbd://")
+    if "/" not in rest:
+        return None
+    export = urllib.parse.unquote(rest.split("/", 1)[1])
+    if not export:
+        return None
+    uri: str = srec.connection(export)["uri"]
+    return uri
 
 
 class VolumeManager:
@@ -408,6 +432,8 @@ class VolumeManager:
                     v, src_uri = self._fence_source(v, mig, sdrv)
                 else:
                     src_uri = sdrv.connection_uri(v)
+                # what the target dials: told again if the source array moves (update_sources)
+                mig["source_uri"] = src_uri
                 r2 = ddrv.migrate_volume_target(v, src_uri, dest.pool)
             if r2 is None or not r2.moved:
                 if mig.get("fenced"):  # a generic host copy, the volume unusable meanwhile
@@ -479,6 +505,19 @@ class VolumeManager:
             raise VolumeError(f"interrupted during step {mig['phase']}; the volume stays on {mig['source']}")
         except (ApiError, VolumeError, OSError, ValueError, NbdError) as e:
             # NbdError: the host copy's NBD I/O failed (ENOSPC on the target, an array gone)
+            stopped = self._stopped_arrays(mig)
+            if stopped:
+                # `blockmig down` stopped them, on purpose: no failure (a takeover's target
+                # resumes its copy when started again); the next command after `up` restarts
+                # a follower (recover)
+                log.warning(
+                    "volume %s: array(s) %s stopped (`blockmig down`) while it migrated (%s); its "
+                    "migration goes on after `blockmig up`",
+                    v.id,
+                    ", ".join(stopped),
+                    e,
+                )
+                return self.db.get(v.id)
             self._fail(v.id, str(e))
             raise VolumeError(f"migration of {v.name} failed: {e}") from None
 
@@ -701,13 +740,30 @@ class VolumeManager:
         return bool(st.get("state") == "completed")
 
     # ------------------------------------------------------------------ restart
-    def recover(self) -> list[str]:
-        """Find migrations whose follower is gone and start one again."""
+    def _stopped_arrays(self, mig: dict[str, Any]) -> list[str]:
+        """The arrays of migration ``mig`` (source, target) that `blockmig down` stopped
+        and `blockmig up` has not started again."""
+        stopped = self.registry.load_stopped()
+        if not stopped or not mig.get("source") or not mig.get("target"):
+            return []
+        return sorted({Host.parse(mig[k]).array for k in ("source", "target")} & set(stopped))
+
+    def recover(self, sources: bool = True) -> list[str]:
+        """Find migrations whose follower is gone and start one again (not while an array
+        they need is stopped by `blockmig down`); first tell takeovers where their source
+        is served now (:meth:`update_sources`), unless ``sources`` is False."""
+        migrating = self.db.migrating()
+        if sources:
+            for note in self.update_sources(volumes=migrating):
+                if not note.ok:
+                    log.warning("%s", note.message)
         started = []
-        for v in self.db.migrating():
+        for v in migrating:
             pid = v.migration.get("pid", 0)
             if pid and pid != os.getpid() and pid_alive(pid):
                 continue
+            if self._stopped_arrays(v.migration):
+                continue  # `blockmig up` first: the follower would find them gone
             runner = self._try_lock(v.id, "follow")
             if runner is None:
                 continue  # a follower runs, though not the one recorded (two were started at once)
@@ -715,6 +771,107 @@ class VolumeManager:
             self.spawn_follower(v.id)
             started.append(v.id)
         return started
+
+    def update_sources(self, wait: float = 0.0, volumes: list[Volume] | None = None) -> list[SourceNote]:
+        """Tell each takeover's target where its source is served now.
+
+        The target array dials the source URI it was given (the fence alias's, on the
+        source array's NBD address then), kept with its migration in its own database. An
+        array that `blockmig up` started again at another address (its old port taken; a
+        new ``nbd`` in its config) serves the alias there, while the target keeps dialing
+        the old address: host I/O that needs the source would fail with EIO and the copy
+        never resume. So for each volume whose takeover runs (phase ``complete``), the URI
+        recorded as given (``source_uri``) is compared with the alias at the source array's
+        address in the registry, and where they differ the target is told the new one
+        (`PATCH /api/v1/migrations/NAME {"source": URI}`: it checks that the URI serves the
+        same LUN), under the volume's lock (``wait`` seconds at most; a volume busy with
+        another command is left to the next one), and it is recorded. Cheap when nothing
+        moved: no array is asked (a migration recorded before ``source_uri`` asks its
+        target once). Returns what it did and what failed; failures change nothing and
+        the next command tries again. ``volumes``: the migrating ones, if read already."""
+        notes: list[SourceNote] = []
+        arrays: dict[str, ArrayRecord] | None = None
+        for v in self.db.migrating() if volumes is None else volumes:
+            mig = v.migration
+            if mig.get("phase") != "complete" or not mig.get("source") or not mig.get("target"):
+                continue
+            src, dest = Host.parse(mig["source"]).array, Host.parse(mig["target"]).array
+            if src == dest:
+                continue
+            if arrays is None:
+                arrays = self.registry.load()
+            if src not in arrays or dest not in arrays:
+                continue  # not started (down): `up` comes first
+            try:
+                note = self._update_source(v, arrays[src], dest, wait)
+            except (ApiError, VolumeError, OSError) as e:
+                note = SourceNote(v.id, False, f"volume {v.name} ({v.id}): finding where its source is: {e}")
+            if note is not None:
+                notes.append(note)
+        return notes
+
+    def _update_source(self, v: Volume, srec: ArrayRecord, dest: str, wait: float) -> SourceNote | None:
+        given = v.migration.get("source_uri")
+        if not given:  # a migration from before source_uri: what its target dials
+            d = self.driver(dest)
+            if not isinstance(d, RemoteTakeoverMixin):
+                return None
+            try:
+                given = str(d.api.migration(v.lun)["source"])
+            except (ApiError, KeyError):
+                return None  # the target is not up (yet), or its migration gone: the follower's
+            self._record_source(v.id, v.migration, given)
+        now = _readdressed(given, srec)
+        if now is None or now == given:
+            return None
+        fd = self._lock(v.id, "lock", wait)
+        if fd is None:
+            return SourceNote(
+                v.id,
+                False,
+                f"volume {v.name} ({v.id}): busy with another command; its source is told "
+                f"to move to {now} by the next one",
+            )
+        try:
+            v = self.db.get(v.id)  # as it is now, under the lock
+            mig = v.migration
+            if v.migration_status not in MIGRATING or mig.get("phase") != "complete":
+                return None
+            d = self.driver(dest)
+            if not isinstance(d, RemoteTakeoverMixin):
+                return None
+            try:
+                d.set_migration_source(v, now)
+            except ApiError as e:
+                return SourceNote(
+                    v.id,
+                    False,
+                    f"volume {v.name} ({v.id}): array {dest} could not be told that its "
+                    f"migration's source is at {now} now (was {given}): {e}",
+                )
+            self._record_source(v.id, mig, now)
+            return SourceNote(
+                v.id,
+                True,
+                f"volume {v.name} ({v.id}): array {dest} reaches its migration's source at "
+                f"{now} now (was {given})",
+            )
+        finally:
+            os.close(fd)
+
+    def _record_source(self, vid: str, mig: dict[str, Any], uri: str) -> None:
+        """Record ``source_uri`` in the volume's migration unless the migration changed
+        meanwhile (its follower records its pid, a failure its error: read again)."""
+        started = mig.get("started")
+        for _ in range(RACE_TRIES):
+            try:
+                self.db.update(vid, expect={"migration": mig}, migration={**mig, "source_uri": uri})
+                return
+            except Conflict:
+                mig = self.db.get(vid).migration
+                if mig.get("started") != started:
+                    return  # another migration now
+        log.warning("volume %s: its migration kept changing; source_uri %s not recorded", vid, uri)
 
     def spawn_follower(self, vid: str) -> int:
         logs = self.state_dir / "logs"

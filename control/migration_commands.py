@@ -64,10 +64,10 @@ def cmd_start(args: argparse.Namespace, api: ArrayApi) -> int:
 
 
 def cmd_set(args: argparse.Namespace, api: ArrayApi) -> int:
-    if args.throttle is None and args.mode is None:
-        print("blockmig: migration set: give --throttle and/or --mode", file=sys.stderr)
+    if args.throttle is None and args.mode is None and args.source is None:
+        print("blockmig: migration set: give --throttle, --mode and/or --source", file=sys.stderr)
         return 2
-    st = api.update_migration(args.lun, args.throttle, args.mode)
+    st = api.update_migration(args.lun, args.throttle, args.mode, args.source)
     _emit(args, st, format_status(st))
     return 0
 
@@ -143,7 +143,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=run_api_command(cmd_start))
     p = msub.add_parser(
         "set",
-        help="change a running migration: its throttle (at once, kept across restarts) or mode",
+        help="change a running migration: its throttle (at once, kept across restarts), mode, or "
+        "the URI of its source",
     )
     _api_args(p)
     p.add_argument("lun", metavar="NAME")
@@ -154,6 +155,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--mode",
         choices=("active",),
         help="go active now: writes go to both sides (there is no way back to background)",
+    )
+    p.add_argument(
+        "--source",
+        metavar="URI",
+        help="where the source LUN is served now, nbd://HOST:PORT/EXPORT (its array came back at "
+        "another address): it must serve the same LUN (refused otherwise, and when unreachable); "
+        "kept across restarts, and I/O waiting for the source goes on through it at once",
     )
     p.set_defaults(func=run_api_command(cmd_set))
     for name, helptext, func in (

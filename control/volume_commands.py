@@ -18,8 +18,12 @@ from .drivers.base import Host
 from .manager import VolumeManager
 from .volumes import MIGRATING, VolumeError
 
+#: seconds `up` waits for a volume another command keeps busy before leaving its source's
+#: new address to the next command
+UP_LOCK_WAIT = 10.0
 #: how a command names a volume (VolumesDB.get)
 VOLUME_REF = "id, name, or id prefix (in that order)"
+
 
 def _state_dir(args: argparse.Namespace) -> Path:
     return Path(args.state_dir) if args.state_dir else config.default_state_dir()
@@ -47,8 +51,10 @@ def _manager(args: argparse.Namespace, recover: bool = True) -> VolumeManager:
 
 # ---------------------------------------------------------------- arrays
 def cmd_up(args: argparse.Namespace) -> int:
-    before = config.Registry(_state_dir(args)).load()
-    recs = config.up(_state_dir(args), Path(args.config) if args.config else None)
+    state_dir = _state_dir(args)
+    reg = config.Registry(state_dir)
+    before = {**reg.load_stopped(), **reg.load()}  # stopped by `down`, or died
+    recs = config.up(state_dir, Path(args.config) if args.config else None)
     for name, r in recs.items():
         was = before.get(name)
         if was is not None and was.nbd != r.nbd:
@@ -57,6 +63,19 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "its config changed): hosts attached to its volumes must re-attach at the URI "
                 "`blockmig show VOLUME` gives",
                 file=sys.stderr,
+            )
+    if (state_dir / "volumes.db").exists():
+        # Takeovers whose source array moved dial its new address from now on, and the
+        # migrations `down` interrupted go on (their followers). Reported, never fatal:
+        # the arrays run, and every later command tries again.
+        try:
+            m = VolumeManager(state_dir)
+            for note in m.update_sources(wait=UP_LOCK_WAIT):
+                print(f"blockmig: {note.message}", file=sys.stderr)
+            m.recover(sources=False)
+        except (VolumeError, ApiError, OSError) as e:
+            print(
+                f"blockmig: the arrays run; resuming their volumes' migrations failed: {e}", file=sys.stderr
             )
     rows = [(r.name, r.model, r.api, r.nbd, r.pid) for r in recs.values()]
     _out(args, {n: r.__dict__ for n, r in recs.items()}, table(rows, ("ARRAY", "MODEL", "API", "NBD", "PID")))
@@ -166,6 +185,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if v.migration_status in MIGRATING:
             if args.wait:
                 v = m.follow(v.id, progress=bar.update)
+                if v.migration_status in MIGRATING:
+                    print(
+                        f"blockmig: the migration of {v.name} stopped with its arrays (`blockmig down`); "
+                        "it goes on after `blockmig up`",
+                        file=sys.stderr,
+                    )
             else:
                 m.spawn_follower(v.id)
         bar.status(v.migration_status or "")

@@ -184,6 +184,12 @@ class RemoteTakeoverMixin(VolumeDriver):
         self._follow(volume.lun, progress)
         return self._location(self.api.get_lun(volume.lun))
 
+    def set_migration_source(self, volume: Volume, source_uri: str) -> None:
+        """Tell the array where the source of its takeover of ``volume`` is served now (its
+        array came back at another address). The array refuses a URI that serves another
+        LUN (409) or that it cannot reach (400), and keeps its migration as it was."""
+        self.api.update_migration(volume.lun, source=source_uri)
+
     def cancel_migration_target(self, volume: Volume) -> None:
         """Give up a takeover: cancel the array's migration and drop the remote LUN."""
         try:

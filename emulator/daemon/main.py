@@ -65,6 +65,11 @@ def load_token(data_dir: Path, given: str | None) -> str:
     return token
 
 
+def _url_host(host: str) -> str:
+    """``host`` as a URL names it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def _parse_pools(specs: list[str]) -> dict[str, int]:
     pools = {}
     for spec in specs:
@@ -104,8 +109,9 @@ async def serve(args: argparse.Namespace) -> int:
             "name": array.name,
             "model": model.name,
             "pid": os.getpid(),
-            "nbd": f"nbd://{nbd_host}:{nbd_port}",
-            "api": f"http://{api_host}:{api_port}",
+            # an IPv6 host in brackets, as in any URL (ArrayApi's http:// would not parse otherwise)
+            "nbd": f"nbd://{_url_host(nbd_host)}:{nbd_port}",
+            "api": f"http://{_url_host(api_host)}:{api_port}",
             "data_dir": str(data_dir),
         }
         tmp = data_dir / "runtime.json.tmp"

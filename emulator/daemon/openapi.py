@@ -190,6 +190,13 @@ SPEC: dict[str, Any] = {
                         "enum": ["active"],
                         "description": "go active now (background -> active only)",
                     },
+                    "source": {
+                        "type": "string",
+                        "example": "nbd://127.0.0.1:10810/vol",
+                        "description": "where the source LUN is served now (its array came back at "
+                        "another address): it must serve the same LUN (id and size; 409 if not, 400 if "
+                        "unreachable); kept across restarts, waiting I/O goes on through it at once",
+                    },
                 },
             },
             "Migration": {
@@ -391,7 +398,8 @@ SPEC: dict[str, Any] = {
             "patch": {
                 "operationId": "updateMigration",
                 "summary": "change a running migration's throttle (at once, also for copies waiting "
-                "on the old rate, and kept across restarts) or switch it to active mode",
+                "on the old rate, and kept across restarts), switch it to active mode, or give "
+                "the address its source LUN is served at now",
                 "requestBody": _body("MigrationUpdate"),
                 "responses": {
                     "200": _resp(_ref("Migration")),

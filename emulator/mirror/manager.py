@@ -36,7 +36,7 @@ from emulator.nbd.errors import BackendError
 from emulator.units import parse_rate
 
 from .migration import FINAL, Migration, MigrationConfig
-from .remote import RemoteBackend
+from .remote import OtherLun, RemoteBackend
 
 log = logging.getLogger("blockmig.mirror.manager")
 
@@ -65,6 +65,7 @@ class MigrationManager:
         self.remotes: dict[str, RemoteBackend] = {}  # remote LUNs served without a migration
         self._final: dict[str, dict[str, Any]] = {}  # status of migrations that ended before a restart
         self._stopping = asyncio.Event()  # the array is stopping: long polls answer now
+        self._switching: dict[str, asyncio.Lock] = {}  # one change of a migration's source at a time
 
     @property
     def _db(self) -> Any:
@@ -276,14 +277,17 @@ class MigrationManager:
             raise NotFound(f"no migration of LUN {name!r} on array {self.array.name!r}")
         return m
 
-    def update(self, name: str, changes: dict[str, Any]) -> Migration:
-        """Change a running migration: ``throttle`` (MB/s, 0 = unlimited) and/or
-        ``mode`` ("active" only). All is checked before anything changes."""
+    async def update(self, name: str, changes: dict[str, Any]) -> Migration:
+        """Change a running migration: ``throttle`` (MB/s, 0 = unlimited), ``mode``
+        ("active" only) and/or ``source`` (a URI where its source LUN is served now, see
+        :meth:`_set_source`). All is checked before anything changes."""
         m = self.get(name)
         if m.state in FINAL:
             raise Conflict(f"migration of {name} is {m.state}")
         if not changes:
-            raise InvalidInput("nothing to change: give throttle (MB/s) and/or mode ('active')")
+            raise InvalidInput(
+                "nothing to change: give throttle (MB/s), mode ('active') and/or source (an nbd:// URI)"
+            )
         rate = None
         if "throttle" in changes:
             try:
@@ -296,11 +300,57 @@ class MigrationManager:
             raise InvalidInput(
                 f"mode can only be set to 'active' (background -> active), not {changes['mode']!r}"
             )
+        if "source" in changes:
+            await self._set_source(m, changes["source"])  # the last check: it connects
         if rate is not None:
             m.set_throttle(rate)  # persisted with the config by _changed
         if "mode" in changes:
             m.go_active()
         return m
+
+    async def _set_source(self, m: Migration, uri: object) -> None:
+        """Reach the source of migration ``m`` at ``uri`` from now on: its array came back
+        at another address (restarted on other ports), and the recorded URI leads nowhere
+        (or to another program). ``uri`` must serve the same LUN (its id, where the source
+        gives one, and its size: :meth:`RemoteBackend.probe`), else 409; one that cannot be
+        reached is a 400; either way the migration goes on as it was. Recorded before it is
+        used, so a restart of this array dials it too; requests waiting for the source,
+        and the copier, go on through it at once."""
+        if not isinstance(uri, str) or not uri.startswith(("nbd://", "nbd+unix://")):
+            raise InvalidInput(f"source must be an nbd:// or nbd+unix:// URI, not {uri!r}")
+        try:
+            Address.parse(uri)
+        except ValueError as e:
+            raise InvalidInput(f"source is not a valid NBD URI: {e}") from None
+        remote = m.source
+        if not isinstance(remote, RemoteBackend):
+            raise Conflict(f"migration of {m.name} has no source URI (it moves the LUN between pools)")
+        if uri == remote.uri:
+            return
+        async with self._switching.setdefault(m.name, asyncio.Lock()):
+            try:
+                c = await remote.probe(uri)
+            except OtherLun as e:
+                raise Conflict(f"cannot take the source of LUN {m.name!r} from {uri}: {e}") from None
+            except BackendError as e:
+                raise InvalidInput(f"cannot take the source of LUN {m.name!r} from {uri}: {e}") from None
+            try:
+                if m.state in FINAL or m.source is not remote:
+                    raise Conflict(f"migration of {m.name} is {m.state}")
+                with self._db.transaction() as db:
+                    db.execute("UPDATE migrations SET source=? WHERE lun=?", (uri, m.name))
+            except BaseException:
+                await c.close()
+                raise
+            log.warning(
+                "array %s: the source of LUN %s is reached at %s from now on, not %s",
+                self.array.name,
+                m.name,
+                uri,
+                remote.uri,
+            )
+            m.source_uri = uri
+            remote.switch(uri, c)
 
     def status(self, name: str) -> dict[str, Any]:
         if name in self.migrations:

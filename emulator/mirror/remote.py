@@ -15,12 +15,18 @@ over. Such a source is refused like a size change: the connection is dropped
 and the requests that needed it fail with EIO, as do those of the next
 ``backoff_max`` seconds without asking it again (a host's every request would
 make a connection to it otherwise).
+
+The source's array may come back at another address (restarted on other ports):
+:meth:`RemoteBackend.probe` connects to the new URI and checks it serves the same
+LUN, and :meth:`RemoteBackend.switch` makes it the source's address from then on;
+requests waiting for a reconnection go on through that connection at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import itertools
 import logging
 import time
@@ -35,6 +41,10 @@ from emulator.nbd.errors import BackendError, DisconnectedError, NbdError, Reque
 
 log = logging.getLogger("blockmig.mirror.remote")
 T = TypeVar("T")
+
+
+class OtherLun(Exception):
+    """An address given for the source serves another LUN (or another size)."""
 
 
 class RemoteBackend(Backend):
@@ -62,7 +72,10 @@ class RemoteBackend(Backend):
         self._clock = clock
         self._sleep = sleep
         self._client: NbdClient | None = None
+        #: what the requests waiting for a reconnection wait on; ``_dialing`` resolves it, or
+        #: :meth:`switch` does with a connection to the source's new address
         self._connecting: asyncio.Future[NbdClient] | None = None
+        self._dialing: asyncio.Task[NbdClient] | None = None
         self._size = size  # known in advance when resuming: checked on every (re)connect
         #: the id of the LUN taken over (lun_id_of), checked on every (re)connect; "" until a
         #: connection finds one (a foreign server gives none: the size is all that is checked)
@@ -73,7 +86,7 @@ class RemoteBackend(Backend):
         self._started: dict[int, float] = {}  # requests in flight: when each began
         self._watchdog: asyncio.Future[None] | None = None
         self._retries: set[asyncio.Future[None]] = set()  # fast-path requests a broken link handed on
-        self._closing: set[asyncio.Future[None]] = set()  # closes of connections dropped or refused
+        self._closing: set[asyncio.Future[Any]] = set()  # closes of connections dropped or refused
         self._refused_until = float("-inf")  # a refused source is not asked again before
         self.last_error = ""
         self.connected = False
@@ -101,6 +114,52 @@ class RemoteBackend(Backend):
             raise BackendError(errno.EIO, f"cannot take over {self.uri}: {e}") from None
         self._adopt(c)
         return self
+
+    async def probe(self, uri: str) -> NbdClient:
+        """A connection to ``uri`` that serves the LUN this one reaches (the same id, where
+        the source names its LUN, and the same size), for :meth:`switch`. Raises
+        :class:`OtherLun` if it serves another, BackendError (EIO) if it cannot be reached;
+        nothing changes either way."""
+        try:
+            c = await NbdClient.connect(uri, timeout=self.connect_timeout)
+        except (NbdError, OSError) as e:
+            raise BackendError(errno.EIO, f"cannot reach {uri}: {e}") from None
+        ident = lun_id_of(c.description)
+        why = ""
+        if self.identity and ident != self.identity:
+            now = f"LUN id {ident}" if ident else "no LUN id"
+            why = f"{uri} serves another LUN ({now}), not the one taken over (LUN id {self.identity})"
+        elif self._size and c.size != self._size:
+            why = f"{uri} is {c.size} bytes, the LUN taken over {self._size}"
+        if why:
+            await c.close()
+            raise OtherLun(why)
+        return c
+
+    def switch(self, uri: str, c: NbdClient) -> None:
+        """Reach the source at ``uri`` from now on, through ``c`` (from :meth:`probe`): its
+        array came back at another address. Requests waiting for a reconnection go on
+        through ``c`` at once, new ones and retries too; the old connection, if any, closes
+        after the requests in flight on it (it serves the same LUN, or is broken)."""
+        if self._closed:
+            self._close_later(c)
+            raise BackendError(errno.ESHUTDOWN, f"remote LUN {self.uri} is closed")
+        old, self._client = self._client, None
+        was, self.uri = self.uri, uri
+        self._refused_until = float("-inf")
+        self.last_error = ""
+        self._adopt(c)  # checked by probe: the same LUN, so it is taken
+        waiting, dialing = self._connecting, self._dialing
+        self._connecting = self._dialing = None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(c)
+        if dialing is not None and not dialing.done():
+            dialing.cancel()  # it dials the old address; its waiters have their connection
+            self._closing.add(dialing)
+            dialing.add_done_callback(self._closing.discard)
+        if old is not None:
+            self._close_later(old)
+        log.info("source %s is now reached at %s", was, uri)
 
     def _adopt(self, c: NbdClient) -> None:
         ident = lun_id_of(c.description)
@@ -156,7 +215,10 @@ class RemoteBackend(Backend):
         if self._clock() < self._refused_until:
             raise BackendError(errno.EIO, self.last_error)
         if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(self._reconnect_loop())
+            self._connecting = fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(_retrieve)
+            self._dialing = asyncio.ensure_future(self._dial())
+            self._dialing.add_done_callback(functools.partial(_hand_over, fut))
         remaining = deadline - self._clock()
         if remaining <= 0:
             raise BackendError(errno.EIO, f"source {self.uri} unreachable: {self.last_error}")
@@ -175,7 +237,8 @@ class RemoteBackend(Backend):
                 raise BackendError(errno.ESHUTDOWN, f"remote LUN {self.uri} is closed") from None
             raise
 
-    async def _reconnect_loop(self) -> NbdClient:
+    async def _dial(self) -> NbdClient:
+        """Dial until connected (the requests waiting get the connection: _hand_over)."""
         delay = self.backoff_min
         while not self._closed:
             try:
@@ -379,7 +442,7 @@ class RemoteBackend(Backend):
         ("Task was destroyed but it is pending!")."""
         self._closed = True
         self.connected = False
-        started = [t for t in (self._watchdog, self._connecting) if t is not None and not t.done()]
+        started = [t for t in (self._watchdog, self._dialing) if t is not None and not t.done()]
         for t in started:
             t.cancel()
         c, self._client = self._client, None
@@ -392,7 +455,7 @@ class RemoteBackend(Backend):
     def close(self) -> None:
         """Close without waiting: for owners that cannot await; prefer :meth:`aclose`."""
         self._closed = True
-        for t in (self._watchdog, self._connecting):
+        for t in (self._watchdog, self._dialing):
             if t is not None:
                 t.cancel()
         c, self._client = self._client, None
@@ -407,6 +470,27 @@ class RemoteBackend(Backend):
             "last_error": self.last_error,
             "identity": self.identity,
         }
+
+
+def _hand_over(fut: asyncio.Future[NbdClient], dialing: asyncio.Task[NbdClient]) -> None:
+    """The outcome of a reconnection to the requests waiting on ``fut`` (a :meth:`switch`
+    to another address may have answered them already, and cancelled it). A callback,
+    not code in the task: a task cancelled before it ran runs none of its code."""
+    if fut.done():
+        return
+    if dialing.cancelled():
+        fut.cancel()
+    elif (e := dialing.exception()) is not None:
+        fut.set_exception(e)
+    else:
+        fut.set_result(dialing.result())
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark the outcome of a reconnection as seen: the requests that waited for it may
+    all have given up (their retry window ran out) before it came."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _fua(c: NbdClient, fua: bool, send: Callable[[bool], Awaitable[None]]) -> Awaitable[None]:

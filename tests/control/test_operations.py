@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from blockmig.testing import NbdDevice
-from control.config import ArrayRecord, Registry, pid_alive
+from control.config import ArrayConfig, ArrayRecord, Registry, _same_address, down, pid_alive, url_address
 from control.manager import VolumeManager
 from control.volume_commands import reattach_notices
 from control.volumes import VolumesDB
@@ -427,3 +427,114 @@ def test_migrate_tells_hosts_given_an_old_address_to_re_attach() -> None:
             in n["message"]
         ), n
         assert "EPERM" not in n["message"]
+
+
+def test_same_address_reads_ipv6_records_with_or_without_brackets(tmp_path: Path) -> None:
+    """runtime.json wrote an IPv6 address without brackets (``nbd://::1:PORT``), which
+    urlsplit reads as no port at all: `up` restarted such an array on new ports. Both forms
+    are read now, and runtime.json writes brackets (ArrayApi needs them in its http://)."""
+    try:
+        probes = [socket.socket(socket.AF_INET6) for _ in range(2)]
+    except OSError:
+        pytest.skip("no IPv6 here")
+    try:
+        for s in probes:
+            s.bind(("::1", 0))
+        nbd_port, api_port = (s.getsockname()[1] for s in probes)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    finally:
+        for s in probes:
+            s.close()
+    cfg = ArrayConfig("A", nbd="[::1]:0", api="[::1]:0", data_dir=str(tmp_path / "A"))
+    for nbd, api in (
+        (f"nbd://::1:{nbd_port}", f"http://::1:{api_port}"),
+        (f"nbd://[::1]:{nbd_port}", f"http://[::1]:{api_port}"),
+    ):
+        rec = ArrayRecord("A", "unified", api, nbd, "t", str(tmp_path / "A"), 0)
+        again = _same_address(cfg, rec, tmp_path)
+        assert (again.nbd, again.api) == (f"[::1]:{nbd_port}", f"[::1]:{api_port}"), (nbd, again)
+        assert rec.nbd_address() == ("::1", nbd_port)
+        assert rec.connection("vol")["uri"] == f"nbd://[::1]:{nbd_port}/vol"
+    assert url_address("http://127.0.0.1:8701") == ("127.0.0.1", 8701)
+    with pytest.raises(ValueError):
+        url_address("nbd://localhost/vol")
+
+
+def test_down_keeps_the_addresses_up_needs_and_up_forgets_them(tmp_path: Path) -> None:
+    """`down` removed arrays.json, so `up` with port 0 gave every array new ports (a
+    takeover's target then dialed its source's old address for good). It keeps them in
+    stopped.json now, which `up` reads (and empties) and nothing takes for running arrays."""
+    reg = Registry(tmp_path)
+    rec = ArrayRecord("A", "unified", "http://127.0.0.1:1", "nbd://127.0.0.1:2", "t", str(tmp_path), 0)
+    reg.save({"A": rec})
+    assert down(tmp_path, timeout=1) == []  # pid 0: not running
+    assert not reg.path.exists() and reg.load() == {}
+    assert reg.load_stopped() == {"A": rec}
+    reg.stopped_path.write_text("{damaged")
+    assert reg.load_stopped() == {}  # a hint only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("port_taken", [False, True], ids=["same-port", "port-taken"])
+def test_a_takeover_goes_on_across_down_and_up(bm: BlockmigEnv, port_taken: bool) -> None:
+    """A volume migrating_attachable (B takes it over from A through the fence alias),
+    `blockmig down`, `blockmig up`. Before: `up` gave A new ports (`down` forgot them), B
+    kept dialing A's old address (host I/O that needed A failed with EIO, the copy never
+    resumed), and the follower `down` cut off ended the migration in error. Now `up`
+    gives A its ports back; where another program took A's NBD port meanwhile, `up` tells
+    B the alias's new URI; the follower leaves a migration stopped by `down` to `up`."""
+    bm.up([ArraySpec("A"), ArraySpec("B", migration_throttle=1)])  # 16 MiB: 16 s to copy
+    size = 16 << 20
+    vol = bm.create_volume("v1", size, "A")
+    data = bytearray(os.urandom(size))
+    vol.write(0, data)
+    d = bm.ok("migrate", "v1", "B")
+    assert d["migration_status"] == "migrating_attachable", d
+    lun = d["provider_location"]["lun"]
+    given = bm.db_row("v1")[1]["source_uri"]
+    assert given.startswith(Registry(bm.state_dir).get("A").nbd + "/") and "~fence-" in given
+    old = Registry(bm.state_dir).load()
+    bm.ok("down")
+    assert not (bm.state_dir / "arrays.json").exists()
+    time.sleep(1.5)  # a follower would have polled B by now: it must leave the migration be
+    status, mig = bm.db_row("v1")
+    assert status == "migrating_attachable" and not mig.get("error"), (status, mig)
+    assert not pid_alive(int(mig.get("pid") or 0)) or not bm.is_follower(int(mig["pid"]))
+    with _occupy(given) if port_taken else _nothing():
+        r = bm.run("up", "--config", str(bm.state_dir / "arrays.toml"))
+        assert r.returncode == 0, r.stderr
+        now = Registry(bm.state_dir).load()
+        assert now["B"].api == old["B"].api and now["B"].nbd == old["B"].nbd
+        if port_taken:
+            assert now["A"].nbd != old["A"].nbd
+            new = now["A"].connection(given.rsplit("/", 1)[1])["uri"]
+            assert f"reaches its migration's source at {new} now (was {given})" in r.stderr, r.stderr
+            assert bm.db_row("v1")[1]["source_uri"] == new
+        else:
+            assert (now["A"].nbd, now["A"].api) == (old["A"].nbd, old["A"].api), r.stderr
+            new = given
+        assert bm.api("B").migration(lun)["source"] == new
+        # host I/O on B that needs the source (not copied yet: the end of the LUN)
+        tail = os.urandom(4096)
+        uri = bm.show("v1")["provider_location"]["uri"]
+        with NbdDevice(uri, timeout=20) as dev:
+            assert dev.read(size - (1 << 20), 4096) == data[size - (1 << 20) : size - (1 << 20) + 4096]
+            dev.write(size - 4096, tail)
+            dev.flush()
+        data[size - 4096 :] = tail
+        bm.api("B").update_migration(lun, throttle=0)
+        end = bm.wait_migration("v1", timeout=60)
+    assert end["migration_status"] == "success", end
+    assert end["host"].startswith("B@") and not end["migration"]["error"], end
+    uri = end["provider_location"]["uri"]
+    assert uri == now["B"].connection(lun)["uri"]
+    assert _read(uri, size) == data
+    assert lun not in bm.luns("A")
+    text = bm.run("show", "v1").stdout
+    assert "migration_status:  success" in text and f"uri:               {uri}" in text, text
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

@@ -181,7 +181,7 @@ def test_the_cli_sets_the_throttle(tmp_path: Path) -> None:
         for args, why in (
             (["vol", "--throttle", "inf"], "--throttle: a rate in MB/s >= 0"),
             (["vol", "--mode", "background"], "invalid choice"),
-            (["vol"], "give --throttle and/or --mode"),
+            (["vol"], "give --throttle, --mode and/or --source"),
         ):
             p = cli(b, *args)
             assert p.returncode == 2 and why in p.stderr, (args, p.stderr)
