@@ -33,6 +33,7 @@ test: install
 
 lint: venv
 	$(VENV)/bin/ruff check emulator control bench blockmig tests
+	$(VENV)/bin/ruff format --check emulator control bench blockmig tests
 	$(VENV)/bin/mypy
 
 bench-nbd: install

@@ -102,15 +102,23 @@ def main(argv: list[str] | None = None) -> None:
                     for inline in (True, False):
                         prepare: Callable[[], None] = (
                             (lambda: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED))
-                            if cache == "cold" else (lambda: None)
+                            if cache == "cold"
+                            else (lambda: None)
                         )
                         prepare()
                         r = uvloop.run(_run(fd, file_size, bs, write, inline, seconds))
-                        row = {"op": "write" if write else "read", "size": bs, "cache": cache,
-                               "mode": "inline" if inline else "thread", **r}
+                        row = {
+                            "op": "write" if write else "read",
+                            "size": bs,
+                            "cache": cache,
+                            "mode": "inline" if inline else "thread",
+                            **r,
+                        }
                         results.append(row)
-                        print(f"{row['op']:5} {bs // 1024:>5}K {cache:5} {row['mode']:6} {r['mb_s']:8.0f} "
-                              f"{r['mean_us']:9.0f} {r['max_stall_ms']:13.2f}")
+                        print(
+                            f"{row['op']:5} {bs // 1024:>5}K {cache:5} {row['mode']:6} {r['mb_s']:8.0f} "
+                            f"{r['mean_us']:9.0f} {r['max_stall_ms']:13.2f}"
+                        )
     # Recommend the largest size where inline is not slower on hot reads and writes
     # and its worst stall stays under 5 ms.
     best = 0

@@ -73,8 +73,7 @@ class Result:
 # ---------------------------------------------------------------- servers
 @contextmanager
 def serve_ours(path: Path) -> Iterator[str]:
-    cmd = [sys.executable, "-m", "control.cli", "serve-file", str(path),
-           "--listen", "127.0.0.1:0"]
+    cmd = [sys.executable, "-m", "control.cli", "serve-file", str(path), "--listen", "127.0.0.1:0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
@@ -91,8 +90,7 @@ def serve_ours(path: Path) -> Iterator[str]:
 def serve_nbdkit(path: Path, workdir: Path) -> Iterator[str]:
     port = free_port()
     pidfile = workdir / f"nbdkit-{port}.pid"
-    cmd = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-P", str(pidfile),
-           "file", str(path)]
+    cmd = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-P", str(pidfile), "file", str(path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -107,12 +105,23 @@ def serve_nbdkit(path: Path, workdir: Path) -> Iterator[str]:
 
 # ---------------------------------------------------------------- fio
 def run_fio(uri: str, job: Job, runtime: float, out: Path) -> Result:
-    cmd = ["fio", f"--name={job.key}", "--ioengine=nbd", f"--uri={uri}", f"--rw={job.rw}",
-           f"--bs={job.bs}", f"--iodepth={job.iodepth}", "--time_based",
-           f"--runtime={int(runtime * 1000)}ms", f"--ramp_time={int(RAMP_S * 1000)}ms",
-           "--output-format=json", f"--output={out}"]
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          timeout=runtime + RAMP_S + 60)
+    cmd = [
+        "fio",
+        f"--name={job.key}",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--rw={job.rw}",
+        f"--bs={job.bs}",
+        f"--iodepth={job.iodepth}",
+        "--time_based",
+        f"--runtime={int(runtime * 1000)}ms",
+        f"--ramp_time={int(RAMP_S * 1000)}ms",
+        "--output-format=json",
+        f"--output={out}",
+    ]
+    proc = subprocess.run(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=runtime + RAMP_S + 60
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"fio {job.key} on {uri} failed: {proc.stderr.decode().strip()}")
     fio_job = json.loads(out.read_text())["jobs"][0]
@@ -137,8 +146,7 @@ def make_backing_file(path: Path, size: int) -> None:
 
 
 def _median(results: list[Result]) -> Result:
-    return Result(*(statistics.median(getattr(r, f) for r in results)
-                    for f in ("iops", "mbps", "p99_us")))
+    return Result(*(statistics.median(getattr(r, f) for r in results) for f in ("iops", "mbps", "p99_us")))
 
 
 def _print_table(job: Job, med: dict[str, Result], rounds: int) -> float:
@@ -157,8 +165,11 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.nbd_server", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.nbd_server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="small file, short runs (< 60 s)")
     ap.add_argument("--size", help="backing file size (default 1G, 256M with --quick)")
     ap.add_argument("--runtime", type=float, help="seconds per fio run (default 10, 1.5 quick)")
@@ -179,40 +190,49 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     signal.signal(signal.SIGTERM, _sigterm)
 
-    results: dict[str, dict[str, list[Result]]] = {
-        j.key: {s: [] for s in SERVERS} for j in jobs
-    }
+    results: dict[str, dict[str, list[Result]]] = {j.key: {s: [] for s in SERVERS} for j in jobs}
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="blockmig-bench-", dir=args.dir) as tmp:
         work = Path(tmp)
         backing = work / "disk.img"
         make_backing_file(backing, size)
-        print(f"backing file {backing}: {size} bytes of random data; "
-              f"{rounds} rounds x {len(jobs)} jobs x {runtime:g} s (+{RAMP_S:g} s ramp); "
-              f"{os.cpu_count()} CPUs shared by fio and the server; "
-              f"load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"backing file {backing}: {size} bytes of random data; "
+            f"{rounds} rounds x {len(jobs)} jobs x {runtime:g} s (+{RAMP_S:g} s ramp); "
+            f"{os.cpu_count()} CPUs shared by fio and the server; "
+            f"load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         for rnd in range(rounds):
             order = SERVERS if rnd % 2 == 0 else SERVERS[::-1]
             with ExitStack() as stack:
-                uris = {"ours": stack.enter_context(serve_ours(backing)),
-                        "nbdkit": stack.enter_context(serve_nbdkit(backing, work))}
+                uris = {
+                    "ours": stack.enter_context(serve_ours(backing)),
+                    "nbdkit": stack.enter_context(serve_nbdkit(backing, work)),
+                }
                 for job in jobs:
                     for name in order:
                         r = run_fio(uris[name], job, runtime, work / "fio.json")
                         results[job.key][name].append(r)
-                        print(f"round {rnd + 1} {job.key:<18} {name:<6} {r.iops:>9.0f} IOPS "
-                              f"{r.mbps:>8.1f} MB/s p99 {r.p99_us:>7.0f} us", flush=True)
+                        print(
+                            f"round {rnd + 1} {job.key:<18} {name:<6} {r.iops:>9.0f} IOPS "
+                            f"{r.mbps:>8.1f} MB/s p99 {r.p99_us:>7.0f} us",
+                            flush=True,
+                        )
 
     ratios: dict[str, float] = {}
     raw: dict[str, dict[str, object]] = {}
     for job in jobs:
         med = {s: _median(results[job.key][s]) for s in SERVERS}
         ratios[job.key] = round(_print_table(job, med, rounds), 3)
-        raw[job.key] = {s: {"median": asdict(med[s]),
-                            "runs": [asdict(r) for r in results[job.key][s]]} for s in SERVERS}
+        raw[job.key] = {
+            s: {"median": asdict(med[s]), "runs": [asdict(r) for r in results[job.key][s]]} for s in SERVERS
+        }
     load = os.getloadavg()[0]
-    print(f"\ntotal {time.monotonic() - t0:.1f} s; load average {load:.2f} (fio + server "
-          f"alone make about 2: more means other work competed and the numbers are noisy)")
+    print(
+        f"\ntotal {time.monotonic() - t0:.1f} s; load average {load:.2f} (fio + server "
+        f"alone make about 2: more means other work competed and the numbers are noisy)"
+    )
     doc = {**ratios, "raw": raw}
     emit_json(doc, args.json_out)
     return 0

@@ -119,8 +119,17 @@ class CrashFS:
     # ---- metadata: both trees at once
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         st = os.lstat(self._w(path))
-        keys = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks",
-                "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
+        keys = (
+            "st_mode",
+            "st_nlink",
+            "st_uid",
+            "st_gid",
+            "st_size",
+            "st_blocks",
+            "st_atime_ns",
+            "st_mtime_ns",
+            "st_ctime_ns",
+        )
         out = {k: getattr(st, k) for k in keys}
         for k in ("st_atime", "st_mtime", "st_ctime"):
             out[k] = out.pop(k + "_ns")
@@ -131,8 +140,21 @@ class CrashFS:
 
     def statfs(self, path: str) -> dict[str, int]:
         s = os.statvfs(self._w(path))
-        return {k: getattr(s, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
-                                           "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax")}
+        return {
+            k: getattr(s, k)
+            for k in (
+                "f_bsize",
+                "f_frsize",
+                "f_blocks",
+                "f_bfree",
+                "f_bavail",
+                "f_files",
+                "f_ffree",
+                "f_favail",
+                "f_flag",
+                "f_namemax",
+            )
+        }
 
     def mkdir(self, path: str, mode: int) -> int:
         os.mkdir(self._w(path), mode)
@@ -163,7 +185,7 @@ class CrashFS:
         os.rename(self._d(old), self._d(new))
 
         def moved(p: str) -> str:  # what was at or under ``old`` (a directory's files)
-            return new + p[len(old):] if p == old or p.startswith(old + "/") else p
+            return new + p[len(old) :] if p == old or p.startswith(old + "/") else p
 
         with self._lock:  # unsynced data moves with the name
             self._pending.pop(new, None)
@@ -350,9 +372,20 @@ class CrashMount:
         env = dict(os.environ, PYTHONPATH=str(root))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.crashfs", str(self.durable), str(self.work),
-                 str(self.mountpoint), str(self.control)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=root, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.crashfs",
+                    str(self.durable),
+                    str(self.work),
+                    str(self.mountpoint),
+                    str(self.control),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=root,
+                env=env,
             )
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not _mounted(self.mountpoint):

@@ -70,8 +70,18 @@ def _wait_for_unix(path: str, proc: subprocess.Popen[str]) -> None:
 @contextmanager
 def serve_file(path: str | Path, *args: str, export: str = "") -> Iterator[Server]:
     """`blockmig serve-file PATH --listen 127.0.0.1:0 ...` as a subprocess."""
-    cmd = [sys.executable, "-m", "control.cli", "serve-file", str(path),
-           "--listen", "127.0.0.1:0", "--export", export, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "control.cli",
+        "serve-file",
+        str(path),
+        "--listen",
+        "127.0.0.1:0",
+        "--export",
+        export,
+        *args,
+    ]
     err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
@@ -102,8 +112,9 @@ def nbdkit(
         sock = tmp / f"nbdkit-{os.getpid()}-{time.monotonic_ns()}.sock"
     Path(sock).unlink(missing_ok=True)
     sock = str(sock)
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, plugin, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "-U", sock, plugin, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait_for_unix(sock, proc)
         yield Server(proc, f"nbd+unix:///{export}?socket={sock}", export=export, socket=sock)
@@ -118,8 +129,7 @@ def qemu_nbd(tmp: Path, image: str | Path, *args: str, export: str = "") -> Iter
     cmd = ["qemu-nbd", "-k", sock, "-f", "raw", "--persistent", "--shared=8", *args]
     if export:
         cmd += ["-x", export]
-    proc = subprocess.Popen([*cmd, str(image)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cmd, str(image)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_unix(sock, proc)
         yield Server(proc, f"nbd+unix:///{export}?socket={sock}", export=export, socket=sock)
@@ -170,8 +180,7 @@ def serve_exports(*exports: MemoryExport, default: str | None = None) -> Iterato
     spec = {
         "default": default,
         "exports": [
-            {"name": e.name, "size": e.size, "description": e.description,
-             "read_only": e.read_only}
+            {"name": e.name, "size": e.size, "description": e.description, "read_only": e.read_only}
             for e in exports
         ],
     }
@@ -183,8 +192,9 @@ def serve_exports(*exports: MemoryExport, default: str | None = None) -> Iterato
         m = re.search(r"nbd://127\.0\.0\.1:(\d+)/", line)
         if not m:
             proc.kill()
-            raise RuntimeError(f"serve_exports did not start: {line!r} "
-                               f"{proc.stderr.read() if proc.stderr else ''}")
+            raise RuntimeError(
+                f"serve_exports did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
+            )
         port = int(m.group(1))
         yield Server(proc, f"nbd://127.0.0.1:{port}/", port=port, export=default or "")
     finally:
@@ -223,10 +233,7 @@ class ArrayDaemon:
 
     def output(self) -> str:
         """Everything the daemon wrote so far, stdout then stderr (for failure messages)."""
-        return (
-            self.stdout_path.read_text(errors="replace")
-            + self.stderr_path.read_text(errors="replace")
-        )
+        return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(errors="replace")
 
     def sigkill(self) -> None:
         """kill -9 the daemon and reap it: a crash, nothing flushed or closed by it."""
@@ -268,8 +275,21 @@ def start_array(
     tag = f"{data_dir.name}-{time.monotonic_ns()}"
     out_path = data_dir.parent / f"array-{tag}.out"
     err_path = data_dir.parent / f"array-{tag}.err"
-    cmd = [sys.executable, "-m", "control.cli", "array", "serve", "--name", name,
-           "--data-dir", str(data_dir), "--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "control.cli",
+        "array",
+        "serve",
+        "--name",
+        name,
+        "--data-dir",
+        str(data_dir),
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+    ]
     if token is not None:
         cmd += ["--token", token]
     cmd += list(extra_args)
@@ -301,9 +321,19 @@ def start_array(
         if token is None:
             token = os.environ.get("BLOCKMIG_TOKEN") or (data_dir / "token").read_text().strip()
         return ArrayDaemon(
-            proc=proc, name=m["name"], data_dir=Path(m["data"]), model=m["model"], media=m["media"],
-            nbd_host=m["nbd_host"], nbd_port=int(m["nbd_port"]), api=m["api"], token=token,
-            luns_at_start=int(m["luns"]), banner=line, stdout_path=out_path, stderr_path=err_path,
+            proc=proc,
+            name=m["name"],
+            data_dir=Path(m["data"]),
+            model=m["model"],
+            media=m["media"],
+            nbd_host=m["nbd_host"],
+            nbd_port=int(m["nbd_port"]),
+            api=m["api"],
+            token=token,
+            luns_at_start=int(m["luns"]),
+            banner=line,
+            stdout_path=out_path,
+            stderr_path=err_path,
         )
     except BaseException:
         stop(proc)  # type: ignore[arg-type]

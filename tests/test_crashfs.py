@@ -26,9 +26,7 @@ def write(path: Path, data: bytes) -> None:
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
-    return {
-        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))
-    }
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.timeout(30)
@@ -59,7 +57,11 @@ def test_names_are_durable_only_once_their_directory_is_fsynced(tmp_path: Path) 
         m = fs.mount()
         after = tree(m)
         assert after == {
-            "kept": None, "kept/sub": None, "kept/sub/f": b"f", "kept/old": b"old", "kept/gone": b"gone",
+            "kept": None,
+            "kept/sub": None,
+            "kept/sub/f": b"f",
+            "kept/old": b"old",
+            "kept/gone": b"gone",
             "lost": None,
         }, (before, after)
         # the same changes, now fsync'ed: durable

@@ -36,7 +36,9 @@ def libnbd_host(script: str, *args: str, ready: str, stdin: bool = False) -> sub
     proc = subprocess.Popen(
         [LIBNBD_PYTHON, "-c", script, *args],
         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -67,8 +69,7 @@ def run(
     )
     if check and p.returncode != 0:
         pytest.fail(
-            f"{shlex.join(cmd)} exited {p.returncode}\n"
-            f"stdout: {p.stdout[-3000:]}\nstderr: {p.stderr[-3000:]}"
+            f"{shlex.join(cmd)} exited {p.returncode}\nstdout: {p.stdout[-3000:]}\nstderr: {p.stderr[-3000:]}"
         )
     return p
 

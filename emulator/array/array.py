@@ -203,7 +203,9 @@ class Array:
                 log.log(
                     logging.WARNING if remote else logging.ERROR,
                     "array %s: flush of LUN %s did not finish in %.3g s; closing it anyway%s",
-                    self.name, lun.name, limit,
+                    self.name,
+                    lun.name,
+                    limit,
                     " (its writes were acknowledged once its source had them)" if remote else "",
                 )
             except Exception as e:  # keep closing the others
@@ -293,9 +295,7 @@ class Array:
             # A migrating or remote LUN takes hosts' writes on to its source without a
             # Task (start_write): the drain would not wait for them, and a write the
             # holder's copy missed would be acknowledged after the fence answered.
-            raise Conflict(
-                f"LUN {lun.name!r} is {lun.state}: fence it once its migration has completed"
-            )
+            raise Conflict(f"LUN {lun.name!r} is {lun.state}: fence it once its migration has completed")
         fence = FenceRow(lun.name, secrets.token_hex(16), holder, time.time())
         self._db().insert_fence(fence)  # first: a crash from here on restarts fenced
         self.fences[lun.name] = fence

@@ -128,9 +128,7 @@ class FileBackend(Backend):
         try:
             if length <= self.inline_max:
                 return self._pread(offset, length)
-            return await asyncio.get_running_loop().run_in_executor(
-                None, self._pread, offset, length
-            )
+            return await asyncio.get_running_loop().run_in_executor(None, self._pread, offset, length)
         except OSError as e:
             raise _backend_error(f"{self.path}: read at {offset}", e) from None
 
@@ -152,9 +150,7 @@ class FileBackend(Backend):
             if len(data) <= self.inline_max:
                 self._pwrite(offset, data, fua)
             else:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, self._pwrite, offset, data, fua
-                )
+                await asyncio.get_running_loop().run_in_executor(None, self._pwrite, offset, data, fua)
         except OSError as e:
             raise _backend_error(f"{self.path}: write at {offset}", e) from None
 
@@ -162,9 +158,7 @@ class FileBackend(Backend):
         self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
         if self._is_file:
-            mode = (
-                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_trim else FALLOC_FL_ZERO_RANGE
-            )
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_trim else FALLOC_FL_ZERO_RANGE
             try:
                 fallocate(self._fd, mode, offset, length)
                 if fua:

@@ -315,9 +315,7 @@ class Copier:
         self._clean_holes(mine, c.gens, start, end)
         return c
 
-    def _clean_holes(
-        self, runs: list[tuple[int, int, bool]], gens: np.ndarray, start: int, end: int
-    ) -> None:
+    def _clean_holes(self, runs: list[tuple[int, int, bool]], gens: np.ndarray, start: int, end: int) -> None:
         """Mark clean at once the regions of [start, end) that ``runs`` (covering it)
         show all zero where the target holds nothing: there is nothing to copy, and
         one vector operation costs less than a copy_region each (a 10%-allocated LUN

@@ -257,10 +257,16 @@ class MigrationManager:
                 durable.unlink(Path(old_path))
 
         m = Migration(
-            lun.name, f"move:{old_pool}:{new_pool}", lun.backend, self.array.media_backend(fb),
-            path.with_suffix(".progress"), cfg, self._changed,
+            lun.name,
+            f"move:{old_pool}:{new_pool}",
+            lun.backend,
+            self.array.media_backend(fb),
+            path.with_suffix(".progress"),
+            cfg,
+            self._changed,
             reserve=lambda off, n: pool.reserve(fb, lun.name, off, n),
-            source=lun.local, on_released=released,
+            source=lun.local,
+            on_released=released,
         )
         m.move_to = (new_pool, fb)  # type: ignore[attr-defined]
         self.migrations[lun.name] = m
@@ -464,8 +470,7 @@ class MigrationManager:
         st = m.status()
         with self._db.transaction() as db:
             db.execute(
-                "UPDATE migrations SET state=?, mode=?, config=?, error=?, finished=?, status=? "
-                "WHERE lun=?",
+                "UPDATE migrations SET state=?, mode=?, config=?, error=?, finished=?, status=? WHERE lun=?",
                 (
                     m.state,
                     m.mode,

@@ -223,7 +223,6 @@ def test_the_api_token_is_enforced(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert ea.value.status == 401
 
 
-
 def test_an_empty_token_file_gets_a_new_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A token file a crash left empty (older versions never fsync'ed it) is no empty
     token: with one, 'Authorization: Bearer ' let anyone in."""
@@ -261,7 +260,11 @@ def test_lun_lifecycle_through_the_cli(tmp_path: Path) -> None:
         shown = cli_json("lun", "show", *a, "l2")
         assert LUN_FIELDS <= set(shown)
         assert (shown["size"], shown["pool"], shown["export"], shown["uri"]) == (
-            32 * MiB, "gold", "l2", d.uri("l2"))
+            32 * MiB,
+            "gold",
+            "l2",
+            d.uri("l2"),
+        )
         human = cli("lun", "show", *a, "l1").stdout
         assert re.search(r"^name:\s+l1$", human, re.M)
         assert re.search(r"^size:\s+67108864 \(64M\)$", human, re.M)
@@ -301,8 +304,9 @@ def test_cli_errors_exit_1_with_a_clear_message(tmp_path: Path) -> None:
         assert "not a size" in cli_error("lun", "create", *a, "l2", "--size", "12Q")
         assert "multiple of 512" in cli_error("lun", "create", *a, "l2", "--size", "1000")
         assert "multiple of 512" in cli_error("lun", "create", *a, "l2", "--size", "0")
-        assert "pool 'nope' does not exist" in cli_error("lun", "create", *a, "l2", "--size", "1M",
-                                                         "--pool", "nope")
+        assert "pool 'nope' does not exist" in cli_error(
+            "lun", "create", *a, "l2", "--size", "1M", "--pool", "nope"
+        )
         assert "shrinking" in cli_error("lun", "grow", *a, "l1", "--size", "8M")
         assert "bearer token" in cli_error("lun", "list", *a, token="wrong-token")
         assert "bearer token" in cli_error("lun", "list", *a, token=None)  # none at all
@@ -343,12 +347,27 @@ def test_nbdinfo_qemu_img_and_fio_verify_on_luns(tmp_path: Path) -> None:
         assert run(cmp, check=False).returncode == 1
         # fio: random writes at iodepth 16 with crc32c verify
         out = tmp_path / "fio.json"
-        p = run(["fio", "--name=v", "--ioengine=nbd", f"--uri={d.uri('fio')}", "--rw=randwrite",
-                 "--bs=4k", "--iodepth=16", "--size=32M", "--verify=crc32c", "--verify_fatal=1",
-                 "--do_verify=1", "--output-format=json", f"--output={out}"],
-                check=False, cwd=tmp_path)
+        p = run(
+            [
+                "fio",
+                "--name=v",
+                "--ioengine=nbd",
+                f"--uri={d.uri('fio')}",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=32M",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--output-format=json",
+                f"--output={out}",
+            ],
+            check=False,
+            cwd=tmp_path,
+        )
         text = out.read_text()
-        job = json.loads(text[text.index("{"):])["jobs"][0]
+        job = json.loads(text[text.index("{") :])["jobs"][0]
         assert (p.returncode, job["error"]) == (0, 0), p.stderr[-2000:]
         assert job["write"]["io_bytes"] == 32 * MiB
         assert job["read"]["io_bytes"] == 32 * MiB  # the verify pass read everything back
@@ -389,8 +408,17 @@ def test_trim_write_zeroes_and_block_status_show_the_files_real_holes(tmp_path: 
         assert m == file_map(path)
 
         # the bytes agree with the map, and the untouched data is intact
-        qemu_io(uri, "read -P 0xab 0 1M", "read -P 0 1M 2M", "read -P 0xab 3M 1M", "read -P 0 4M 1M",
-                "read -P 0xab 5M 1M", "read -P 0 6M 1M", "read -P 0xab 7M 1M", "read -P 0 8M 8M")
+        qemu_io(
+            uri,
+            "read -P 0xab 0 1M",
+            "read -P 0 1M 2M",
+            "read -P 0xab 3M 1M",
+            "read -P 0 4M 1M",
+            "read -P 0xab 5M 1M",
+            "read -P 0 6M 1M",
+            "read -P 0xab 7M 1M",
+            "read -P 0 8M 8M",
+        )
         # TRIM of the whole LUN gives everything back
         qemu_io(uri, "discard 0 16M")
         assert nbd_map(uri) == [(0, 16 * MiB, 3)]
@@ -411,8 +439,7 @@ def test_sigkill_restart_keeps_every_lun_and_flushed_byte(tmp_path: Path) -> Non
         az.create_lun("rnd", "16M", "gold")
         az.create_lun("empty", "8M")
         az.create_lun("grown", "8M", "gold")
-        qemu_io(d.uri("pat"), "write -P 0x11 0 1M", "write -P 0x22 17M 3M", "write -P 0x33 63M 1M",
-                "flush")
+        qemu_io(d.uri("pat"), "write -P 0x11 0 1M", "write -P 0x22 17M 3M", "write -P 0x33 63M 1M", "flush")
         run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), d.uri("rnd")])
         az.grow_lun("grown", "24M")
         qemu_io(d.uri("grown"), "write -P 0x44 20M 1M", "flush")
@@ -432,10 +459,18 @@ def test_sigkill_restart_keeps_every_lun_and_flushed_byte(tmp_path: Path) -> Non
         assert after["grown"]["size"] == 24 * MiB
         runtime = json.loads((d.data_dir / "runtime.json").read_text())
         assert runtime["pid"] == d.proc.pid  # the stale file was replaced
-        qemu_io(d.uri("pat"), "read -P 0x11 0 1M", "read -P 0 1M 16M", "read -P 0x22 17M 3M",
-                "read -P 0 20M 43M", "read -P 0x33 63M 1M")
-        assert "identical" in run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src),
-                                   d.uri("rnd")]).stdout
+        qemu_io(
+            d.uri("pat"),
+            "read -P 0x11 0 1M",
+            "read -P 0 1M 16M",
+            "read -P 0x22 17M 3M",
+            "read -P 0 20M 43M",
+            "read -P 0x33 63M 1M",
+        )
+        assert (
+            "identical"
+            in run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), d.uri("rnd")]).stdout
+        )
         qemu_io(d.uri("empty"), "read -P 0 0 8M")
         qemu_io(d.uri("grown"), "read -P 0 0 20M", "read -P 0x44 20M 1M", "read -P 0 21M 3M")
         assert int(run(["nbdinfo", "--size", d.uri("grown")]).stdout) == 24 * MiB
@@ -494,8 +529,9 @@ def test_grow_keeps_data_and_survives_restart(tmp_path: Path) -> None:
     with array_daemon(data, "arr-a") as d:
         assert api(d).get_lun("l1")["size"] == 48 * MiB
         assert int(run(["nbdinfo", "--size", d.uri("l1")]).stdout) == 48 * MiB
-        qemu_io(d.uri("l1"), "read -P 0 0 15M", "read -P 0x77 15M 1M", "read -P 0 16M 31M",
-                "read -P 0x78 47M 1M")
+        qemu_io(
+            d.uri("l1"), "read -P 0 0 15M", "read -P 0x77 15M 1M", "read -P 0 16M 31M", "read -P 0x78 47M 1M"
+        )
 
 
 # --------------------------------------------------------------------------- delete with a host
@@ -582,10 +618,22 @@ def test_enospc_on_a_full_pool_keeps_the_lun_consistent(tmp_path: Path) -> None:
         p = qemu_io(d.uri("s2"), "write -P 0x78 12M 1M", check=False)  # full again
         assert "No space left on device" in p.stdout + p.stderr
         # the final contents are exactly what was acknowledged
-        qemu_io(d.uri("s1"), "read -P 0x55 0 1M", "read -P 0 1M 3M", "read -P 0x11 4M 1M",
-                "read -P 0x56 5M 1M", "read -P 0 6M 58M")
-        qemu_io(d.uri("s2"), "read -P 0x33 0 1M", "read -P 0x57 1M 1M", "read -P 0 2M 6M",
-                "read -P 0x77 8M 3M", "read -P 0 11M 5M")
+        qemu_io(
+            d.uri("s1"),
+            "read -P 0x55 0 1M",
+            "read -P 0 1M 3M",
+            "read -P 0x11 4M 1M",
+            "read -P 0x56 5M 1M",
+            "read -P 0 6M 58M",
+        )
+        qemu_io(
+            d.uri("s2"),
+            "read -P 0x33 0 1M",
+            "read -P 0x57 1M 1M",
+            "read -P 0 2M 6M",
+            "read -P 0x77 8M 3M",
+            "read -P 0 11M 5M",
+        )
         assert int(run(["nbdinfo", "--size", d.uri("s1")]).stdout) == 64 * MiB
 
 
@@ -641,8 +689,10 @@ def test_a_full_pool_accepts_overwrites_of_allocated_blocks_of_a_fragmented_lun(
 def test_two_arrays_side_by_side_copy_a_lun_with_nbdcopy(tmp_path: Path) -> None:
     need("nbdcopy", "qemu-img", "qemu-io")
     src = random_file(tmp_path / "src.img", 8 * MiB, seed=3)
-    with array_daemon(tmp_path / "a", "arr-a", "--model", "unified") as a, \
-            array_daemon(tmp_path / "b", "arr-b", "--model", "plain") as b:
+    with (
+        array_daemon(tmp_path / "a", "arr-a", "--model", "unified") as a,
+        array_daemon(tmp_path / "b", "arr-b", "--model", "plain") as b,
+    ):
         assert len({a.nbd_port, b.nbd_port, a.api, b.api}) == 4
         # the same LUN name on both arrays: two independent LUNs
         cli("lun", "create", "--api", a.api, "vol", "--size", "32M")
@@ -651,10 +701,14 @@ def test_two_arrays_side_by_side_copy_a_lun_with_nbdcopy(tmp_path: Path) -> None
         run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), a.uri("vol")])
         qemu_io(b.uri("vol"), "read -P 0 0 8M")  # untouched by the write to arr-a
         run(["nbdcopy", a.uri("vol"), b.uri("vol")])
-        assert "identical" in run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a.uri("vol"),
-                                   b.uri("vol")]).stdout
-        assert "identical" in run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src),
-                                   b.uri("vol")]).stdout
+        assert (
+            "identical"
+            in run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a.uri("vol"), b.uri("vol")]).stdout
+        )
+        assert (
+            "identical"
+            in run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), b.uri("vol")]).stdout
+        )
         # the holes were not filled in on the copy
         assert api(b).get_lun("vol")["allocated"] < 12 * MiB
         for d, model in ((a, "unified"), (b, "plain")):
@@ -667,8 +721,10 @@ def test_two_arrays_side_by_side_copy_a_lun_with_nbdcopy(tmp_path: Path) -> None
         # deleting on one array leaves the other alone
         cli("lun", "delete", "--api", a.api, "vol")
         assert [x["name"] for x in api(b).list_luns()] == ["vol"]
-        assert "identical" in run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src),
-                                   b.uri("vol")]).stdout
+        assert (
+            "identical"
+            in run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), b.uri("vol")]).stdout
+        )
 
 
 def test_a_second_daemon_on_a_data_dir_in_use_is_refused(tmp_path: Path) -> None:

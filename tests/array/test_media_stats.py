@@ -623,6 +623,7 @@ def test_precise_sleep_many_sleepers_in_order_and_cancelled() -> None:
 def test_precise_sleep_does_not_spin() -> None:
     """Waiting for an SSD's 0.25 ms must not burn a core: that CPU is what the
     host and the other array need (bench/migration's read-through)."""
+
     async def main() -> tuple[float, float]:
         w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(400):

@@ -387,9 +387,7 @@ class HostModel:
     """A host's 4K writes (FUA) and reads, each worker owning its own blocks so the model
     knows every block's content exactly; a failed write makes its block uncertain."""
 
-    def __init__(
-        self, img: Image, workers: int, seed: int, think: float = 0.0, span: int = 0
-    ) -> None:
+    def __init__(self, img: Image, workers: int, seed: int, think: float = 0.0, span: int = 0) -> None:
         self.img = img
         self.span = span  # I/O only to the first ``span`` bytes (0: the whole volume)
         self.workers = workers
@@ -503,8 +501,7 @@ def test_migration_converges_under_a_steady_random_write_load(bm: BlockmigEnv) -
         st = bm.array_migration("T", lun_of(v)) or {}
         keys = ("state", "mode", "mode_reason", "passes", "dirty_bytes", "copy_rate", "dirty_rate")
         raise AssertionError(
-            f"{e}; after {model.writes} host writes the array says "
-            f"{ {k: st.get(k) for k in keys} }"
+            f"{e}; after {model.writes} host writes the array says { {k: st.get(k) for k in keys} }"
         ) from None
     assert model.failed is None, repr(model.failed)
     assert_content(uri, img)

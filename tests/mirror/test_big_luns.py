@@ -60,8 +60,14 @@ def test_a_pass_does_not_call_the_copier_for_each_hole_region(
             await src.write(off, off.to_bytes(8, "little") * 512)
         target = MemoryBackend(size)
         m = Migration(
-            "vol", "move:x:y", Lun(), target, tmp_path / "vol.progress",
-            MigrationConfig(region_size=region), on_change=lambda m: None, source=src,
+            "vol",
+            "move:x:y",
+            Lun(),
+            target,
+            tmp_path / "vol.progress",
+            MigrationConfig(region_size=region),
+            on_change=lambda m: None,
+            source=src,
         )
         await m.start()
         assert await m.wait(30) == "completed"
@@ -113,8 +119,14 @@ def _migrate(tmp_path: Path, src: Backend, size: int) -> MemoryBackend:
     async def main() -> MemoryBackend:
         target = MemoryBackend(size)
         m = Migration(
-            "vol", "move:x:y", Lun(), target, tmp_path / "vol.progress",
-            MigrationConfig(), on_change=lambda m: None, source=src,
+            "vol",
+            "move:x:y",
+            Lun(),
+            target,
+            tmp_path / "vol.progress",
+            MigrationConfig(),
+            on_change=lambda m: None,
+            source=src,
         )
         await m.start()
         assert await m.wait(60) == "completed"
@@ -189,8 +201,14 @@ def test_a_resumed_migration_cleans_the_holes_of_its_local_copy_in_bulk(tmp_path
 
         def migration() -> Migration:
             return Migration(
-                "vol", "move:x:y", Lun(), target, tmp_path / "vol.progress",
-                MigrationConfig(region_size=region), on_change=lambda m: None, source=src,
+                "vol",
+                "move:x:y",
+                Lun(),
+                target,
+                tmp_path / "vol.progress",
+                MigrationConfig(region_size=region),
+                on_change=lambda m: None,
+                source=src,
             )
 
         first = migration()
@@ -231,8 +249,14 @@ def test_a_checkpoint_reads_the_wide_arrays_only_at_its_candidates(tmp_path: Pat
         target = MemoryBackend(size)
         now = [1000.0]
         m = Migration(
-            "vol", "move:x:y", Lun(), target, tmp_path / "vol.progress",
-            MigrationConfig(region_size=region), on_change=lambda m: None, source=src,
+            "vol",
+            "move:x:y",
+            Lun(),
+            target,
+            tmp_path / "vol.progress",
+            MigrationConfig(region_size=region),
+            on_change=lambda m: None,
+            source=src,
             clock=lambda: now[0],
         )
         await m.start(paused=True)

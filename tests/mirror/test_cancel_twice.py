@@ -46,8 +46,13 @@ def test_a_second_cancel_waits_for_the_first_and_is_refused(tmp_path: Path) -> N
         source, target = MemoryBackend(size), HeldTrim(size)
         await source.write(0, b"s" * size)
         m = Migration(
-            "vol", "move:x:y", Lun(), target, tmp_path / "vol.progress",
-            MigrationConfig(region_size=MiB, throttle=0.5e6), on_change=lambda m: None,
+            "vol",
+            "move:x:y",
+            Lun(),
+            target,
+            tmp_path / "vol.progress",
+            MigrationConfig(region_size=MiB, throttle=0.5e6),
+            on_change=lambda m: None,
             source=source,
         )
         await m.start()

@@ -75,14 +75,30 @@ def cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return subprocess.run(
         [sys.executable, "-m", "control.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
     )
 
 
 def start_migration(b: ArrayDaemon, source: str, *extra: str) -> dict[str, Any]:
     """`blockmig migration start` on B; the JSON status it prints."""
-    r = cli("migration", "start", "--api", b.api, "--token", TOKEN, "--source", source,
-            "--lun", LUN, "--json", *extra)
+    r = cli(
+        "migration",
+        "start",
+        "--api",
+        b.api,
+        "--token",
+        TOKEN,
+        "--source",
+        source,
+        "--lun",
+        LUN,
+        "--json",
+        *extra,
+    )
     assert r.returncode == 0, f"migration start failed ({r.returncode}): {r.stdout}\n{r.stderr}"
     st: dict[str, Any] = json.loads(r.stdout)
     return st
@@ -109,13 +125,24 @@ def clean_fraction(st: dict[str, Any]) -> float:
 
 
 def brief(st: dict[str, Any]) -> str:
-    keys = ("state", "mode", "dirty_bytes", "copied_bytes", "passes", "source_connected",
-            "recopied_regions_on_resume", "last_error")
+    keys = (
+        "state",
+        "mode",
+        "dirty_bytes",
+        "copied_bytes",
+        "passes",
+        "source_connected",
+        "recopied_regions_on_resume",
+        "last_error",
+    )
     return json.dumps({k: st.get(k) for k in keys})
 
 
 async def poll(
-    d: ArrayDaemon, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str,
+    d: ArrayDaemon,
+    pred: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    what: str,
     interval: float = 0.05,
 ) -> dict[str, Any]:
     """Poll the migration status of B until ``pred`` holds; fail after ``timeout`` seconds."""
@@ -143,7 +170,7 @@ def run(coro: Awaitable[None], timeout: float) -> None:
 async def write_all(uri: str, data: bytes | bytearray | memoryview, chunk: int = 8 * MiB) -> None:
     async with await NbdClient.connect(uri) as c:
         view = memoryview(data)
-        await asyncio.gather(*(c.write(o, view[o:o + chunk]) for o in range(0, len(data), chunk)))
+        await asyncio.gather(*(c.write(o, view[o : o + chunk]) for o in range(0, len(data), chunk)))
         await c.flush()
 
 
@@ -152,7 +179,7 @@ async def read_all(uri: str, size: int, chunk: int = 8 * MiB) -> bytearray:
     view = memoryview(buf)
     async with await NbdClient.connect(uri) as c:
         assert c.size == size, f"{uri} is {c.size} bytes, expected {size}"
-        await asyncio.gather(*(c.read_into(o, view[o:o + chunk]) for o in range(0, size, chunk)))
+        await asyncio.gather(*(c.read_into(o, view[o : o + chunk]) for o in range(0, size, chunk)))
     return buf
 
 
@@ -178,15 +205,15 @@ class Model:
         self.maybe.setdefault(off // BLOCK, []).append(bytes(data))
 
     def ack(self, off: int, data: bytes) -> None:
-        self.base[off:off + len(data)] = data
+        self.base[off : off + len(data)] = data
         for blk in range(off // BLOCK, (off + len(data)) // BLOCK):
             self.maybe.pop(blk, None)
 
     def accepts(self, off: int, data: bytes | bytearray) -> bool:
         for i in range(0, len(data), BLOCK):
-            got = bytes(data[i:i + BLOCK])
+            got = bytes(data[i : i + BLOCK])
             blk = (off + i) // BLOCK
-            if got != self.base[off + i:off + i + BLOCK] and got not in self.maybe.get(blk, ()):
+            if got != self.base[off + i : off + i + BLOCK] and got not in self.maybe.get(blk, ()):
                 return False
         return True
 
@@ -266,9 +293,11 @@ class Load:
                 await c.close()
 
     def summary(self) -> str:
-        return (f"acked writes {self.acked}, failed writes {dict(self.write_errors)}, reads ok "
-                f"{self.reads_ok}, failed reads {dict(self.read_errors)}, disconnects {self.disconnects}, "
-                f"max latency {self.max_latency:.2f} s")
+        return (
+            f"acked writes {self.acked}, failed writes {dict(self.write_errors)}, reads ok "
+            f"{self.reads_ok}, failed reads {dict(self.read_errors)}, disconnects {self.disconnects}, "
+            f"max latency {self.max_latency:.2f} s"
+        )
 
 
 class Running:
@@ -336,8 +365,12 @@ def test_kill_9_of_the_target_mid_copy_resumes_and_recopies_little(
             await asyncio.to_thread(start_migration, b, a.uri(LUN), "--throttle", str(throttle))
             load = Load(model, rng, interval=0.2)
             run1 = Running(load, b.uri(LUN))
-            before = await poll(b, lambda s: clean_fraction(s) >= at or s["state"] not in RUNNING,
-                                30, f"{at:.0%} of the LUN clean")
+            before = await poll(
+                b,
+                lambda s: clean_fraction(s) >= at or s["state"] not in RUNNING,
+                30,
+                f"{at:.0%} of the LUN clean",
+            )
             assert before["state"] in RUNNING, f"the migration ended before the kill: {brief(before)}"
             b.sigkill()
             t_kill = time.monotonic() - t0
@@ -459,8 +492,10 @@ def test_sigstop_of_the_source_for_2s_loses_nothing_and_completes(tmp_path: Path
             assert done["state"] == "completed", brief(done)
             assert not load.write_errors and not load.read_errors, load.summary()
             model.check(await read_all(b.uri(LUN), size), "B after the source was stopped for 2 s")
-            print(f"\n[sigstop-source] read needing the source waited {far_s:.2f} s, clean read "
-                  f"{near_s * 1e3:.1f} ms; {load.summary()}")
+            print(
+                f"\n[sigstop-source] read needing the source waited {far_s:.2f} s, clean read "
+                f"{near_s * 1e3:.1f} ms; {load.summary()}"
+            )
 
         run(body(), 50)
 
@@ -537,14 +572,18 @@ def test_source_gone_longer_than_the_retry_window_fails_reads_with_eio(tmp_path:
                 try:
                     got = await asyncio.wait_for(h.read(size - BLOCK, BLOCK), 8)
                 except TimeoutError:
-                    pytest.fail(f"source {how}: a read of a not-yet-copied region hung for 8 s; "
-                                "expected EIO within about the 1 s retry window (I6)")
+                    pytest.fail(
+                        f"source {how}: a read of a not-yet-copied region hung for 8 s; "
+                        "expected EIO within about the 1 s retry window (I6)"
+                    )
                 except RequestError as e:
                     far_s = time.monotonic() - t1
                     assert e.error == EIO, e
                 else:
-                    pytest.fail(f"source {how}: read of a not-yet-copied region succeeded "
-                                f"({model.accepts(size - BLOCK, got)=})")
+                    pytest.fail(
+                        f"source {how}: read of a not-yet-copied region succeeded "
+                        f"({model.accepts(size - BLOCK, got)=})"
+                    )
                 assert 0.5 <= far_s < 8, f"EIO after {far_s:.2f} s with a 1 s retry window"
                 # A write needs the source too (I1): it must fail, not be acknowledged.
                 data = os.urandom(BLOCK)
@@ -566,8 +605,10 @@ def test_source_gone_longer_than_the_retry_window_fails_reads_with_eio(tmp_path:
                 got = await h.read(size - BLOCK, BLOCK)
                 assert model.accepts(size - BLOCK, got)
             model.check(await read_all(b.uri(LUN), size), f"B after the source was {how}")
-            print(f"\n[source {how} > window] clean read {near_s * 1e3:.1f} ms, EIO read after "
-                  f"{far_s:.2f} s, EIO write after {write_s:.2f} s")
+            print(
+                f"\n[source {how} > window] clean read {near_s * 1e3:.1f} ms, EIO read after "
+                f"{far_s:.2f} s, EIO write after {write_s:.2f} s"
+            )
 
         run(body(), 50)
 
@@ -602,8 +643,19 @@ def fabric(tmp_path: Path, upstream: str, *params: str) -> Iterator[Fabric]:
     sock = str(tmp_path / "fabric.sock")
     ctl = str(tmp_path / "fabric.ctl")
     err = tmp_path / "fabric.err"
-    cmd = ["nbdkit", "-f", "-U", sock, "--filter=pause", "--filter=error", "--filter=delay",
-           "nbd", f"uri={upstream}", f"pause-control={ctl}", *params]
+    cmd = [
+        "nbdkit",
+        "-f",
+        "-U",
+        sock,
+        "--filter=pause",
+        "--filter=error",
+        "--filter=delay",
+        "nbd",
+        f"uri={upstream}",
+        f"pause-control={ctl}",
+        *params,
+    ]
     with open(err, "wb") as ef:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=ef, stdin=subprocess.DEVNULL)
     try:
@@ -631,10 +683,19 @@ def test_faulty_fabric_errors_delays_and_a_pause_lose_nothing(tmp_path: Path) ->
 
         async def body() -> None:
             model = await new_source(a, make_data(23, size))
-            fab = stack.enter_context(fabric(
-                tmp_path, a.uri(LUN), "error=EIO", f"error-file={trigger}", "error-pread-rate=15%",
-                "error-pwrite-rate=5%", "error-extents-rate=10%", "rdelay=2ms", "wdelay=2ms",
-            ))
+            fab = stack.enter_context(
+                fabric(
+                    tmp_path,
+                    a.uri(LUN),
+                    "error=EIO",
+                    f"error-file={trigger}",
+                    "error-pread-rate=15%",
+                    "error-pwrite-rate=5%",
+                    "error-extents-rate=10%",
+                    "rdelay=2ms",
+                    "wdelay=2ms",
+                )
+            )
             await asyncio.to_thread(start_migration, b, fab.uri, "--throttle", "8")
             load = Load(model, rng, interval=0.03)
             run1 = Running(load, b.uri(LUN))
@@ -645,13 +706,15 @@ def test_faulty_fabric_errors_delays_and_a_pause_lose_nothing(tmp_path: Path) ->
             await asyncio.sleep(1.0)
             assert await asyncio.to_thread(fab.command, b"r") == b"R"
             t_paused = time.monotonic() - t_pause
-            await poll(b, lambda s: clean_fraction(s) >= 0.5 or s["state"] not in ("copying",),
-                       40, "50% clean")
+            await poll(
+                b, lambda s: clean_fraction(s) >= 0.5 or s["state"] not in ("copying",), 40, "50% clean"
+            )
             trigger.unlink()
             await run1.stop()
             st = await status(b)
             assert st["state"] in RUNNING and st["state"] != "cutover", (
-                f"test set-up: the writes must all be made before the cutover: {brief(st)}")
+                f"test set-up: the writes must all be made before the cutover: {brief(st)}"
+            )
             # I1: every acknowledged write is on the source already.
             model.check(await read_all(a.uri(LUN), size), "A (direct) after the writes through B")
             done = await wait_final(b, 60)
@@ -661,8 +724,10 @@ def test_faulty_fabric_errors_delays_and_a_pause_lose_nothing(tmp_path: Path) ->
             model.check(on_b, "B after a migration over a faulty fabric")
             assert on_a == on_b, "B's copy differs from A's (something was marked clean on a failed copy)"
             injected = fab.injected()
-            print(f"\n[faulty fabric] injected {dict(injected)}; paused {t_paused:.2f} s "
-                  f"(migration {paused['state']}); passes {done['passes']}; {load.summary()}")
+            print(
+                f"\n[faulty fabric] injected {dict(injected)}; paused {t_paused:.2f} s "
+                f"(migration {paused['state']}); passes {done['passes']}; {load.summary()}"
+            )
             assert injected["pread"] >= 1, f"no read error was injected: {dict(injected)}"
             assert load.acked > 20, load.summary()
 
@@ -734,8 +799,9 @@ def test_a_remote_lun_takes_writes_when_its_pool_is_full(tmp_path: Path) -> None
         async def body() -> None:
             model = await new_source(a, make_data(31, size, 8 * MiB), 8 * MiB)
             await asyncio.to_thread(start_migration, b, a.uri(LUN), "--throttle", "1")
-            r = await asyncio.to_thread(cli, "migration", "cancel", "--api", b.api, "--token", TOKEN,
-                                        LUN, "--json")
+            r = await asyncio.to_thread(
+                cli, "migration", "cancel", "--api", b.api, "--token", TOKEN, LUN, "--json"
+            )
             assert r.returncode == 0, r.stdout + r.stderr
             assert json.loads(r.stdout)["state"] == "cancelled"
             lun = await asyncio.to_thread(api(b).get_lun, LUN)
@@ -757,7 +823,8 @@ def test_a_remote_lun_takes_writes_when_its_pool_is_full(tmp_path: Path) -> None
             print(f"\n[remote LUN, full pool] {pool}; {load.summary()}")
             model.check(await read_all(a.uri(LUN), size), "A after writes through B's remote LUN")
             assert load.acked > 0 and not load.write_errors, (
-                f"writes to a remote LUN were refused: {load.summary()}")
+                f"writes to a remote LUN were refused: {load.summary()}"
+            )
 
         run(body(), 50)
 
@@ -799,13 +866,16 @@ def test_concurrent_writes_never_overfill_a_pool(tmp_path: Path) -> None:
                     ok = sum(x is None for x in results)
                     errors = Counter(getattr(x, "error", repr(x)) for x in results if x is not None)
                     after = (await asyncio.to_thread(api(b).array_info))["pools"][0]
-                    print(f"\n[pool race] round {r}: free before {free >> 10} KiB; 16 concurrent 1 MiB "
-                          f"writes: {ok} ok, errors {dict(errors)}; used after {after['used']}")
+                    print(
+                        f"\n[pool race] round {r}: free before {free >> 10} KiB; 16 concurrent 1 MiB "
+                        f"writes: {ok} ok, errors {dict(errors)}; used after {after['used']}"
+                    )
                     assert set(errors) <= {28}, errors
                     # A file system block or two of extent metadata may show in st_blocks.
                     assert after["used"] <= after["capacity"] + 64 * 1024, (
                         f"round {r}: the pool holds {after['used']} bytes, over its capacity of "
                         f"{after['capacity']}: {ok} concurrent 1 MiB writes were accepted with "
-                        f"{free} bytes free")
+                        f"{free} bytes free"
+                    )
 
         run(body(), 50)

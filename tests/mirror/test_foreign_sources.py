@@ -147,9 +147,21 @@ def test_a_source_that_needs_aligned_requests(tmp_path: Path) -> None:
             assert asyncio.run(fill_and_block_size(b.uri(lun))) == 4096, lun
             off = 5 * MiB + 1 if lun == "mig" else 9 * MiB + 1
             p = subprocess.run(
-                ["qemu-io", "-f", "raw", "-c", f"write -P 0xab {off} 1", "-c", f"read -P 0xab {off} 1",
-                 "-c", f"read {off - 2} 513", b.uri(lun)],
-                capture_output=True, text=True, timeout=30,
+                [
+                    "qemu-io",
+                    "-f",
+                    "raw",
+                    "-c",
+                    f"write -P 0xab {off} 1",
+                    "-c",
+                    f"read -P 0xab {off} 1",
+                    "-c",
+                    f"read {off - 2} 513",
+                    b.uri(lun),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
             )
             assert p.returncode == 0 and "failed" not in p.stdout + p.stderr, p.stdout + p.stderr
         api.call("POST", "/api/v1/migrations/mig/resume")

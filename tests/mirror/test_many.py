@@ -112,9 +112,14 @@ def test_six_migrations_with_pauses_cancels_and_a_kill_9_of_the_target(tmp_path:
             throttles = [1, 2, 4, 8, 2, 1]
             await asyncio.gather(*(migrate(b, n, a.uri(n), t) for n, t in zip(names, throttles, strict=True)))
             loads = {
-                (n, k): Load(models[n], random.Random(rng.random()), interval=0.02,
-                             span=(k * size // 2, (k + 1) * size // 2))
-                for n in names for k in range(2)
+                (n, k): Load(
+                    models[n],
+                    random.Random(rng.random()),
+                    interval=0.02,
+                    span=(k * size // 2, (k + 1) * size // 2),
+                )
+                for n in names
+                for k in range(2)
             }
 
             def hosts(d: ArrayDaemon) -> list[Running]:
@@ -180,8 +185,11 @@ def test_regression_actions_on_a_migration_that_ended_before_a_restart_are_409(t
             await migrate(b, "d", a.uri("d"), 0)
             assert (await call(b, "POST", "/api/v1/migrations/c/cancel"))[0] == 200
             assert (await wait_end(b, "d"))["state"] == "completed"
-            before = {(n, act): await call(b, "POST", f"/api/v1/migrations/{n}/{act}")
-                      for n in ("c", "d") for act in ACTIONS}
+            before = {
+                (n, act): await call(b, "POST", f"/api/v1/migrations/{n}/{act}")
+                for n in ("c", "d")
+                for act in ACTIONS
+            }
             b.sigkill()
             b = await restart(stack, b.data_dir, "B")
             for (n, act), was in before.items():
@@ -264,7 +272,8 @@ def test_regression_concurrent_deletes_of_a_migrating_lun(tmp_path: Path) -> Non
                 host = Running(Load(models[n], random.Random(2), interval=0.005), b.uri(n))
                 await asyncio.sleep(0.1)
                 codes = sorted(
-                    code for code, _ in await asyncio.gather(
+                    code
+                    for code, _ in await asyncio.gather(
                         *(call(b, "DELETE", f"/api/v1/luns/{n}", force="true") for _ in range(3))
                     )
                 )

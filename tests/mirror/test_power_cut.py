@@ -105,8 +105,15 @@ def test_power_cut_of_the_target_mid_copy_loses_no_acknowledged_write(
             model = await new_source(a, make_data(seed, SIZE, data_mib * MiB), data_mib * MiB)
             t0 = time.monotonic()
             await asyncio.to_thread(
-                start_migration, b, a.uri(LUN), "--throttle", str(THROTTLE), "--mode", mode,
-                "--region-size", str(REGION),
+                start_migration,
+                b,
+                a.uri(LUN),
+                "--throttle",
+                str(THROTTLE),
+                "--mode",
+                mode,
+                "--region-size",
+                str(REGION),
             )
             t_started = time.monotonic()
             load = Load(model, rng, interval=0.03, read_share=0.2)

@@ -192,6 +192,8 @@ def test_the_cli_sets_the_throttle(tmp_path: Path) -> None:
         assert api(b).wait_migration("vol", timeout=60)["state"] == "completed"
         help_text = subprocess.run(
             [sys.executable, "-m", "control.cli", "migration", "set", "--help"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         ).stdout
         assert "--throttle MBPS" in help_text and "0 = unlimited" in help_text, help_text

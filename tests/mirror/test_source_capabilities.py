@@ -33,12 +33,19 @@ KiB, MiB = 1 << 10, 1 << 20
 SIZE = 16 * MiB
 #: nbdkit's file plugin offering no FUA and refusing what is not 4 KiB-aligned
 ALIGNED_NO_FUA = (
-    "--filter=fua", "--filter=blocksize-policy", "file",
-    "blocksize-minimum=4096", "blocksize-error-policy=error",
+    "--filter=fua",
+    "--filter=blocksize-policy",
+    "file",
+    "blocksize-minimum=4096",
+    "blocksize-error-policy=error",
 )
 FLAGS = {
-    "read-only": p.FLAG_READ_ONLY, "fua": p.FLAG_SEND_FUA, "trim": p.FLAG_SEND_TRIM,
-    "zero": p.FLAG_SEND_WRITE_ZEROES, "flush": p.FLAG_SEND_FLUSH, "cache": p.FLAG_SEND_CACHE,
+    "read-only": p.FLAG_READ_ONLY,
+    "fua": p.FLAG_SEND_FUA,
+    "trim": p.FLAG_SEND_TRIM,
+    "zero": p.FLAG_SEND_WRITE_ZEROES,
+    "flush": p.FLAG_SEND_FLUSH,
+    "cache": p.FLAG_SEND_CACHE,
 }
 
 pytestmark = pytest.mark.skipif(
@@ -145,8 +152,9 @@ def test_a_restarted_target_advertises_what_its_source_offers(tmp_path: Path, at
                 if at_restart == "gone":
                     src = stack.enter_context(source(tmp_path, sock, *ALIGNED_NO_FUA, str(img)))
                 for lun, off in (("mig", 5 * MiB + 1), ("rem", 9 * MiB + 1)):
-                    qemu_io(b.uri(lun), f"write -P 0xab {off} 1", f"read -P 0xab {off} 1",
-                            f"read {off - 2} 513")
+                    qemu_io(
+                        b.uri(lun), f"write -P 0xab {off} 1", f"read -P 0xab {off} 1", f"read {off - 2} 513"
+                    )
                     assert negotiated(b.uri(lun)) == want, lun  # the source connected: the same
                 complete_and_compare(b, src.uri, tmp_path)
         data = (tmp_path / "want").read_bytes()

@@ -88,8 +88,9 @@ def test_a_busy_host_grows_its_buffer_and_gives_it_back_when_idle(
                 assert not dec.grown, "the buffer was not given back after the host went idle"
                 # and grows again, and every byte still lands where it should
                 big = os.urandom(p.MAX_BLOCK)
-                await asyncio.gather(c.write(0, big), *(c.write(p.MAX_BLOCK + k * 4096, data[:4096])
-                                                        for k in range(64)))
+                await asyncio.gather(
+                    c.write(0, big), *(c.write(p.MAX_BLOCK + k * 4096, data[:4096]) for k in range(64))
+                )
                 assert await c.read(0, p.MAX_BLOCK) == big
                 assert await c.read(p.MAX_BLOCK + 63 * 4096, 4096) == data[:4096]
         finally:

@@ -61,8 +61,7 @@ def expected_map(size: int, writes: Iterable[tuple[int, int]], block: int) -> li
     for off, n in writes:
         blocks.update(range(off // block, (off + n - 1) // block + 1))
     runs = [
-        (b * block, min(block, size - b * block), b in blocks)
-        for b in range((size + block - 1) // block)
+        (b * block, min(block, size - b * block), b in blocks) for b in range((size + block - 1) // block)
     ]
     return merge(runs)
 
@@ -163,7 +162,7 @@ def libnbd(
     p = run([LIBNBD_PYTHON, "-c", script, uri, config], env=env)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, f"libnbd script printed no result: {p.stdout!r} {p.stderr[-2000:]!r}"
-    return json.loads(line[-1][len("RESULT "):]), p.stderr
+    return json.loads(line[-1][len("RESULT ") :]), p.stderr
 
 
 def parse_nbddump(text: str, size: int) -> bytes:
@@ -223,7 +222,9 @@ def test_nbdinfo_json_describes_the_export(tmp_path: Path, size: int) -> None:
         "can_zero": True,
     }
     assert (e["block_size_minimum"], e["block_size_preferred"], e["block_size_maximum"]) == (
-        1, 4096, 33554432,
+        1,
+        4096,
+        33554432,
     )
 
 
@@ -249,20 +250,27 @@ def test_read_only_export_refuses_every_write(tmp_path: Path) -> None:
         [e] = nbdinfo_json(srv.uri)["exports"]
         assert e["is_read_only"] is True
         assert (e["can_trim"], e["can_zero"], e["can_fast_zero"], e["can_fua"]) == (
-            False, False, False, False,
+            False,
+            False,
+            False,
+            False,
         )
         # Clients refuse by themselves...
         assert run(["nbdcopy", str(src), srv.uri], check=False).returncode != 0
         assert qemu_io(srv.uri, "write -P 0x55 0 4096", check=False).returncode != 0
         # ... and a client that sends the writes anyway gets EPERM from the server.
-        out, _ = libnbd(srv.uri, """
+        out, _ = libnbd(
+            srv.uri,
+            """
 out["write"] = err(h.pwrite, b"x" * 4096, 0)
 out["write_fua"] = err(h.pwrite, b"x" * 512, 4096, nbd.CMD_FLAG_FUA)
 out["trim"] = err(h.trim, 65536, 1048576)
 out["zero"] = err(h.zero, 65536, 0)
 out["read"] = sha(h.pread(65536, 1048576))
 out["flush"] = err(h.flush)
-""", strict=False)
+""",
+            strict=False,
+        )
     assert out["write"] == "EPERM"
     assert out["write_fua"] == "EPERM"
     assert out["trim"] == "EPERM"
@@ -347,8 +355,7 @@ def test_qemu_img_compare_local_file_and_export(tmp_path: Path) -> None:
     local = tmp_path / "local.raw"
     shutil.copyfile(img, local)
     with serve_file(img, "--read-only") as srv:
-        same = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(local), srv.uri],
-                   check=False)
+        same = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(local), srv.uri], check=False)
         assert same.returncode == 0, same.stdout + same.stderr
         assert "identical" in same.stdout
         # One flipped byte in the local copy must be found through the export.
@@ -357,8 +364,7 @@ def test_qemu_img_compare_local_file_and_export(tmp_path: Path) -> None:
             b = f.read(1)
             f.seek(5 * MiB + 50_176)
             f.write(bytes([b[0] ^ 0xFF]))
-        diff = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(local), srv.uri],
-                   check=False)
+        diff = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(local), srv.uri], check=False)
     assert diff.returncode == 1, diff.stdout + diff.stderr
     assert f"offset {5 * MiB + 50_176}" in diff.stdout
 
@@ -402,8 +408,11 @@ def test_qemu_img_convert_from_export_to_qcow2_and_raw(tmp_path: Path) -> None:
     img = sparse_file(
         tmp_path / "disk.img",
         size,
-        [(0, random.randbytes(2 * MiB)), (7 * MiB + 3, random.randbytes(1_000_001)),
-         (size - 512, random.randbytes(512))],
+        [
+            (0, random.randbytes(2 * MiB)),
+            (7 * MiB + 3, random.randbytes(1_000_001)),
+            (size - 512, random.randbytes(512)),
+        ],
     )
     qcow = tmp_path / "out.qcow2"
     raw = tmp_path / "out.raw"
@@ -439,14 +448,24 @@ def test_qemu_img_convert_from_local_file_into_export(tmp_path: Path) -> None:
 def _fio(tmp_path: Path, uri: str, tag: str, *extra: str) -> tuple[int, dict[str, Any]]:
     out = tmp_path / f"fio-{tag}.json"
     cmd = [
-        "fio", "--name=v", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
-        "--iodepth=32", "--size=32M", "--verify=crc32c", "--verify_fatal=1",
-        "--output-format=json", f"--output={out}", *extra,
+        "fio",
+        "--name=v",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=32M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--output-format=json",
+        f"--output={out}",
+        *extra,
     ]
     p = run(cmd, check=False, cwd=tmp_path)  # cwd: fio drops a verify state file there
     text = out.read_text()
     assert "{" in text, f"fio wrote no JSON: {p.stdout} {p.stderr}"
-    return p.returncode, json.loads(text[text.index("{"):])["jobs"][0]
+    return p.returncode, json.loads(text[text.index("{") :])["jobs"][0]
 
 
 def test_fio_randwrite_with_crc32c_verify_at_iodepth_32(tmp_path: Path) -> None:
@@ -475,12 +494,16 @@ def test_fio_randwrite_with_crc32c_verify_at_iodepth_32(tmp_path: Path) -> None:
 def test_nbddump_shows_the_files_bytes(tmp_path: Path) -> None:
     need("nbddump")
     size = MiB
-    img = sparse_file(tmp_path / "disk.img", size, [
-        (0x100, b"hello, blockmig"),
-        (0x8003, random.randbytes(40)),
-        (0x20000, bytes(range(256)) * 64),  # 16 KiB of a repeating line: squashed
-        (size - 1, b"\xff"),
-    ])
+    img = sparse_file(
+        tmp_path / "disk.img",
+        size,
+        [
+            (0x100, b"hello, blockmig"),
+            (0x8003, random.randbytes(40)),
+            (0x20000, bytes(range(256)) * 64),  # 16 KiB of a repeating line: squashed
+            (size - 1, b"\xff"),
+        ],
+    )
     with serve_file(img, "--read-only") as srv:
         text = run(["nbddump", srv.uri]).stdout
     assert "68 65 6c 6c 6f" in text  # "hello"
@@ -490,12 +513,18 @@ def test_nbddump_shows_the_files_bytes(tmp_path: Path) -> None:
 def test_libnbd_reads_known_bytes_over_tcp_and_unix_socket(tmp_path: Path) -> None:
     need_libnbd()
     size = 8 * MiB
-    writes = [(0, random.randbytes(12345)), (3 * MiB - 1, random.randbytes(2 * MiB + 2)),
-              (size - 3, b"END")]
+    writes = [(0, random.randbytes(12345)), (3 * MiB - 1, random.randbytes(2 * MiB + 2)), (size - 3, b"END")]
     img = sparse_file(tmp_path / "disk.img", size, writes)
     sock = tmp_path / "nbd.sock"
-    ranges = [(0, 12345), (1, 100), (3 * MiB - 1, 2 * MiB + 2), (2 * MiB, 4 * MiB),
-              (size - 3, 3), (0, size // 2), (size - 4 * MiB, 4 * MiB)]
+    ranges = [
+        (0, 12345),
+        (1, 100),
+        (3 * MiB - 1, 2 * MiB + 2),
+        (2 * MiB, 4 * MiB),
+        (size - 3, 3),
+        (0, size // 2),
+        (size - 4 * MiB, 4 * MiB),
+    ]
     body = f"""
 out["size"] = h.get_size()
 out["reads"] = [sha(h.pread(n, o)) for o, n in {ranges!r}]
@@ -506,9 +535,7 @@ out["structured"] = h.get_structured_replies_negotiated()
             out, _ = libnbd(uri, body)
             assert out["size"] == size
             assert out["structured"] is True
-            assert out["reads"] == [
-                hashlib.sha256(read_at(img, o, n)).hexdigest() for o, n in ranges
-            ], uri
+            assert out["reads"] == [hashlib.sha256(read_at(img, o, n)).hexdigest() for o, n in ranges], uri
         # Without structured replies every read comes back as a simple reply.
         out, _ = libnbd(srv.uri, body, structured=False)
         assert out["structured"] is False
@@ -522,7 +549,9 @@ def test_libnbd_trim_zero_flush_cache_and_block_status_reach_the_file(tmp_path: 
     allocated_before = os.stat(img).st_blocks * 512
     assert allocated_before >= 6 * MiB
     with serve_file(img) as srv:
-        out, _ = libnbd(srv.uri, """
+        out, _ = libnbd(
+            srv.uri,
+            """
 out["trim"] = err(h.trim, 1048576, 1048576)                       # [1M, 2M) -> hole
 out["zero"] = err(h.zero, 1048576, 3 * 1048576)                   # [3M, 4M) may trim
 out["zero_no_hole"] = err(h.zero, 262144, 4 * 1048576, nbd.CMD_FLAG_NO_HOLE)
@@ -544,17 +573,34 @@ def one(ctx, o, entries, e):
 h.block_status(h.get_size(), 0, one, nbd.CMD_FLAG_REQ_ONE)
 out["can"] = [h.can_trim(), h.can_zero(), h.can_fast_zero(), h.can_flush(), h.can_cache(),
               h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)]
-""")
+""",
+        )
         fmap = file_map(img)
     assert out["can"] == [True] * 6
-    for op in ("trim", "zero", "zero_no_hole", "zero_fast", "zero_fua", "trim_fua",
-               "write_hole", "write_fua", "flush", "cache"):
+    for op in (
+        "trim",
+        "zero",
+        "zero_no_hole",
+        "zero_fast",
+        "zero_fua",
+        "trim_fua",
+        "write_hole",
+        "write_fua",
+        "flush",
+        "cache",
+    ):
         assert out[op] is None, f"{op} failed: {out[op]}"
     assert all(out["zeroed_reads"]), out["zeroed_reads"]
     # The file: zeroes where the client zeroed, the write landed in the old hole.
     content = img.read_bytes()
-    for o, n in [(MiB, MiB), (3 * MiB, MiB), (4 * MiB, 256 * 1024), (5 * MiB, 128 * 1024),
-                 (5 * MiB + 512 * 1024, 4096), (5 * MiB + 640 * 1024, 65536)]:
+    for o, n in [
+        (MiB, MiB),
+        (3 * MiB, MiB),
+        (4 * MiB, 256 * 1024),
+        (5 * MiB, 128 * 1024),
+        (5 * MiB + 512 * 1024, 4096),
+        (5 * MiB + 640 * 1024, 65536),
+    ]:
         assert content[o : o + n] == bytes(n), f"[{o}, +{n}) is not zero in the file"
     assert content[7 * MiB + 3 : 7 * MiB + 14] == b"in the hole"
     assert content[6 * MiB + 8192 : 6 * MiB + 16384] == b"F" * 8192
@@ -570,8 +616,7 @@ out["can"] = [h.can_trim(), h.can_zero(), h.can_fast_zero(), h.can_flush(), h.ca
     want_after = allocated_before - punched + written
     # (ext4 may add an extent-tree block or a few as the file fragments.)
     assert want_after <= allocated_after <= want_after + 64 * 1024, (
-        f"allocated {allocated_after}, expected about {want_after}: "
-        "did NO_HOLE punch, or a trim not punch?"
+        f"allocated {allocated_after}, expected about {want_after}: did NO_HOLE punch, or a trim not punch?"
     )
     # block_status reports exactly the file's map; REQ_ONE gives a single extent.
     got = merge((o, n, not f & 1) for o, n, f in out["extents"])
@@ -586,7 +631,9 @@ def test_bad_requests_fail_alone_and_the_server_keeps_serving(tmp_path: Path) ->
     size = 4 * MiB
     img = sparse_file(tmp_path / "disk.img", size, [(size - 4096, random.randbytes(4096))])
     with serve_file(img) as srv:
-        out, _ = libnbd(srv.uri, f"""
+        out, _ = libnbd(
+            srv.uri,
+            f"""
 S = {size}
 out["read_past_end"] = err(h.pread, 4096, S - 100)
 out["write_past_end"] = err(h.pwrite, b"x" * 4096, S - 100)
@@ -596,7 +643,9 @@ out["zero_length_read"] = err(h.pread, 0, 0)
 out["bs_past_end"] = err(h.block_status, 10, S, lambda *a: 0)
 out["read_too_big"] = err(h.pread, 32 * 1048576 + 1, 0)
 out["tail"] = sha(h.pread(4096, S - 4096))
-""", strict=False)
+""",
+            strict=False,
+        )
         # A second, fresh connection works too.
         again, _ = libnbd(srv.uri, f'out["tail"] = sha(h.pread(4096, {size} - 4096))')
     assert out["read_past_end"] == "EINVAL"
@@ -639,11 +688,16 @@ def test_structured_reads_send_holes_as_hole_chunks(tmp_path: Path) -> None:
     single data chunk. Either way the bytes are the file's."""
     need_libnbd()
     size = 2 * MiB
-    writes = [(64 * 1024, random.randbytes(64 * 1024)), (512 * 1024 + 100, random.randbytes(5000)),
-              (size - 4096, random.randbytes(4096))]
+    writes = [
+        (64 * 1024, random.randbytes(64 * 1024)),
+        (512 * 1024 + 100, random.randbytes(5000)),
+        (size - 4096, random.randbytes(4096)),
+    ]
     img = sparse_file(tmp_path / "disk.img", size, writes)
     with serve_file(img, "--read-only") as srv:
-        out, _ = libnbd(srv.uri, """
+        out, _ = libnbd(
+            srv.uri,
+            """
 def chunks(flags):
     got = []
     def cb(buf, off, status, error):
@@ -654,7 +708,8 @@ def chunks(flags):
 out["plain"] = chunks(0)
 out["df"] = chunks(nbd.CMD_FLAG_DF)
 out["READ_DATA"], out["READ_HOLE"] = nbd.READ_DATA, nbd.READ_HOLE
-""")
+""",
+        )
     want_sha = hashlib.sha256(read_at(img, 0, MiB)).hexdigest()
     fmap = [(o, min(n, MiB - o), d) for o, n, d in file_map(img) if o < MiB]
     for name in ("plain", "df"):

@@ -48,8 +48,7 @@ def _skip_reason() -> str | None:
 
 
 def run(cmd: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run(list(cmd), capture_output=True, text=True, errors="replace",
-                       timeout=CMD_TIMEOUT)
+    p = subprocess.run(list(cmd), capture_output=True, text=True, errors="replace", timeout=CMD_TIMEOUT)
     if check and p.returncode != 0:
         raise AssertionError(
             f"{shlex.join(cmd)} exited {p.returncode}: {p.stdout[-2000:]} {p.stderr[-2000:]}"
@@ -78,8 +77,12 @@ def nbdfuse_loop(uri: str, work: Path) -> Iterator[str]:
     logpath = work / "nbdfuse.log"
     errors: list[str] = []
     with open(logpath, "wb") as log:
-        proc = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(fusedir), uri],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["nbdfuse", "-P", str(pidfile), str(fusedir), uri],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     loop = ""
     try:
         deadline = time.monotonic() + 15
@@ -89,8 +92,7 @@ def nbdfuse_loop(uri: str, work: Path) -> Iterator[str]:
                     f"nbdfuse did not come up (exit {proc.returncode}): {logpath.read_text()}"
                 )
             time.sleep(0.02)
-        loop = run(["losetup", "--show", "-f", "--direct-io=on", str(fusedir / "nbd")]
-                   ).stdout.strip()
+        loop = run(["losetup", "--show", "-f", "--direct-io=on", str(fusedir / "nbd")]).stdout.strip()
         assert loop.startswith("/dev/loop"), loop
         yield loop
     finally:
@@ -153,8 +155,7 @@ def test_ext4_on_a_loop_device_over_our_nbd_export(tmp_path: Path) -> None:
     if reason:
         print(f"SKIP loop-device test: {reason}")
         pytest.skip(reason)
-    for tool in ("losetup", "fusermount3", "mkfs.ext4", "mount", "umount", "blockdev", "e2fsck",
-                 "debugfs"):
+    for tool in ("losetup", "fusermount3", "mkfs.ext4", "mount", "umount", "blockdev", "e2fsck", "debugfs"):
         assert shutil.which(tool), f"{tool} is not installed (run `make install`)"
 
     size = 128 * MiB
@@ -177,14 +178,34 @@ def test_ext4_on_a_loop_device_over_our_nbd_export(tmp_path: Path) -> None:
         # 1. Raw block I/O with O_DIRECT lands in the server's file at once.
         pat = tmp_path / "pattern.bin"
         pat.write_bytes(pattern)
-        run(["dd", f"if={pat}", f"of={dev}", "bs=4096", "seek=1000", "oflag=direct",
-             "conv=fsync,notrunc", "status=none"])
+        run(
+            [
+                "dd",
+                f"if={pat}",
+                f"of={dev}",
+                "bs=4096",
+                "seek=1000",
+                "oflag=direct",
+                "conv=fsync,notrunc",
+                "status=none",
+            ]
+        )
         with open(img, "rb") as f:
             f.seek(1000 * 4096)
             assert f.read(len(pattern)) == pattern, "raw write did not reach the backing file"
         back = tmp_path / "pattern.back"
-        run(["dd", f"if={dev}", f"of={back}", "bs=4096", "skip=1000", "count=16",
-             "iflag=direct", "status=none"])
+        run(
+            [
+                "dd",
+                f"if={dev}",
+                f"of={back}",
+                "bs=4096",
+                "skip=1000",
+                "count=16",
+                "iflag=direct",
+                "status=none",
+            ]
+        )
         assert back.read_bytes() == pattern
 
         # 2. A file system: make, mount, fill, sync, unmount.

@@ -184,14 +184,9 @@ def test_client_start_read_and_write_against_real_servers(peer: Server) -> None:
             blocks = rng.sample(range(SIZE // BLOCK), 64)
             data = {b: rng.randbytes(BLOCK) for b in blocks}
             await asyncio.gather(
-                *(
-                    started(partial(c.start_write, b * BLOCK, data[b], b % 2 == 0))
-                    for b in blocks
-                )
+                *(started(partial(c.start_write, b * BLOCK, data[b], b % 2 == 0)) for b in blocks)
             )
-            got = await asyncio.gather(
-                *(started(partial(c.start_read, b * BLOCK, BLOCK)) for b in blocks)
-            )
+            got = await asyncio.gather(*(started(partial(c.start_read, b * BLOCK, BLOCK)) for b in blocks))
             assert [bytes(g) for g in got] == [data[b] for b in blocks]
             # What it does not take, the coroutine API does (and refuses with a reason).
             never: Done = lambda r, e: pytest.fail("done ran for a declined request")  # noqa: E731
@@ -225,9 +220,7 @@ def test_client_started_requests_fail_when_the_server_is_killed(tmp_path: Path) 
     async def main(s: Server) -> None:
         c = await NbdClient.connect(s.uri)
         os.kill(s.proc.pid, signal.SIGSTOP)  # requests stay in flight
-        futs = [
-            asyncio.ensure_future(started(partial(c.start_read, i * 4096, 4096))) for i in range(16)
-        ]
+        futs = [asyncio.ensure_future(started(partial(c.start_read, i * 4096, 4096))) for i in range(16)]
         futs += [
             asyncio.ensure_future(started(partial(c.start_write, i * 4096, b"k" * 4096, False)))
             for i in range(16, 32)
