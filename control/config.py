@@ -381,12 +381,11 @@ def _same_address(cfg: ArrayConfig, rec: ArrayRecord, state_dir: Path) -> ArrayC
 def url_address(url: str) -> tuple[str, int]:
     """(host, port) of ``nbd://HOST:PORT`` or ``http://HOST:PORT``, an IPv6 host with or
     without brackets: runtime.json wrote them without before (``nbd://::1:10809``), which
-    urlsplit reads as host ``:`` (or refuses). ValueError if there is no port."""
-    rest = url.split("://", 1)[-1].split("/", 1)[0]
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    urlsplit reads as host ``:`` (or refuses). ValueError if there is no host or port."""
+    host, port = parse_hostport(url.split("://", 1)[-1].split("/", 1)[0], default_host="")
+    if not host:
         raise ValueError(f"no HOST:PORT in {url!r}")
-    return host.removeprefix("[").removesuffix("]"), int(port)
+    return host, port
 
 
 @contextmanager

@@ -740,10 +740,14 @@ class VolumeManager:
         return bool(st.get("state") == "completed")
 
     # ------------------------------------------------------------------ restart
-    def _stopped_arrays(self, mig: dict[str, Any]) -> list[str]:
+    def _stopped_arrays(
+        self, mig: dict[str, Any], stopped: dict[str, ArrayRecord] | None = None
+    ) -> list[str]:
         """The arrays of migration ``mig`` (source, target) that `blockmig down` stopped
-        and `blockmig up` has not started again."""
-        stopped = self.registry.load_stopped()
+        and `blockmig up` has not started again (``stopped``: STATE_DIR/stopped.json, if
+        read already)."""
+        if stopped is None:
+            stopped = self.registry.load_stopped()
         if not stopped or not mig.get("source") or not mig.get("target"):
             return []
         return sorted({Host.parse(mig[k]).array for k in ("source", "target")} & set(stopped))
@@ -758,11 +762,12 @@ class VolumeManager:
                 if not note.ok:
                     log.warning("%s", note.message)
         started = []
+        stopped = self.registry.load_stopped() if migrating else {}
         for v in migrating:
             pid = v.migration.get("pid", 0)
             if pid and pid != os.getpid() and pid_alive(pid):
                 continue
-            if self._stopped_arrays(v.migration):
+            if self._stopped_arrays(v.migration, stopped):
                 continue  # `blockmig up` first: the follower would find them gone
             runner = self._try_lock(v.id, "follow")
             if runner is None:

@@ -57,6 +57,17 @@ CREATE TABLE IF NOT EXISTS migrations (
 """
 
 
+def _source_uri(value: object) -> str:
+    """``value`` if it is an NBD URI a migration can take its source from, else InvalidInput."""
+    if not isinstance(value, str) or not value.startswith(("nbd://", "nbd+unix://")):
+        raise InvalidInput(f"source must be an nbd:// or nbd+unix:// URI, not {value!r}")
+    try:
+        Address.parse(value)
+    except ValueError as e:
+        raise InvalidInput(f"source is not a valid NBD URI: {e}") from None
+    return value
+
+
 class MigrationManager:
     def __init__(self, array: Array, defaults: MigrationConfig | None = None) -> None:
         self.array = array
@@ -145,12 +156,7 @@ class MigrationManager:
                 "use a generic host copy"
             )
         name = check_name("LUN", lun_name)
-        if not isinstance(source, str) or not source.startswith(("nbd://", "nbd+unix://")):
-            raise InvalidInput(f"source must be an nbd:// or nbd+unix:// URI, not {source!r}")
-        try:
-            Address.parse(source)
-        except ValueError as e:
-            raise InvalidInput(f"source is not a valid NBD URI: {e}") from None
+        source = _source_uri(source)
         cfg = MigrationConfig(**self.defaults.as_dict())
         if mode is not None:
             if mode not in ("background", "active"):
@@ -322,12 +328,7 @@ class MigrationManager:
         reached is a 400; either way the migration goes on as it was. Recorded before it is
         used, so a restart of this array dials it too; requests waiting for the source,
         and the copier, go on through it at once."""
-        if not isinstance(uri, str) or not uri.startswith(("nbd://", "nbd+unix://")):
-            raise InvalidInput(f"source must be an nbd:// or nbd+unix:// URI, not {uri!r}")
-        try:
-            Address.parse(uri)
-        except ValueError as e:
-            raise InvalidInput(f"source is not a valid NBD URI: {e}") from None
+        uri = _source_uri(uri)
         remote = m.source
         if not isinstance(remote, RemoteBackend):
             raise Conflict(f"migration of {m.name} has no source URI (it moves the LUN between pools)")
