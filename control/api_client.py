@@ -132,7 +132,8 @@ class ArrayApi:
     ) -> dict[str, Any]:
         """Change a running migration: its throttle in MB/s (0 = unlimited), at once and
         kept across restarts, ``mode="active"``, and/or ``source``, the URI its source LUN
-        is served at now (409 if it serves another LUN, 400 if unreachable); its status after."""
+        is served at now (409 if it serves another LUN, 400 if unreachable; the one change an
+        ended migration whose LUN serves its source directly takes); its status after."""
         body: dict[str, Any] = {}
         if throttle is not None:
             body["throttle"] = throttle

@@ -20,7 +20,8 @@ commands read to find the arrays' APIs; a record there means "started by `up`"
 (an array killed since is restarted by the next `up`). `blockmig down` removes
 it and keeps what the arrays were, their addresses first, in STATE_DIR/stopped.json,
 so that the next `up` brings each back at the addresses it had (port 0 in the
-config) and migration followers know the arrays were stopped on purpose.
+config) and migration followers know the arrays were stopped on purpose. `up`
+forgets the record of a stopped array its config no longer names, and says so.
 """
 
 from __future__ import annotations
@@ -411,7 +412,24 @@ def _up(state_dir: Path, config: Path | None) -> dict[str, ArrayRecord]:
     reg = Registry(state_dir)
     records = reg.load()
     stopped = reg.load_stopped()
-    for cfg in load_config(config):
+    configs = load_config(config)
+    # An array `down` stopped that the config no longer names is not started again: its
+    # record would stay for good, and a migration involving it would wait for it with no
+    # word why. Forgotten here, said so; its data dir stays (a config naming it again
+    # starts it there, on the ports that config gives).
+    names = {cfg.name for cfg in configs}
+    gone = {n: r for n, r in stopped.items() if n not in names}
+    if gone:
+        for n, r in sorted(gone.items()):
+            print(
+                f"blockmig: array {n} (stopped by `blockmig down`) is not in the config: not started, "
+                f"its addresses ({r.nbd}, {r.api}) forgotten; its data dir {r.data_dir} is kept, and "
+                "migrations involving it wait until a config names it again (`blockmig show`)",
+                file=sys.stderr,
+            )
+        stopped = {n: r for n, r in stopped.items() if n in names}
+        reg.save_stopped(stopped)
+    for cfg in configs:
         rec = records.get(cfg.name)
         if rec is not None and rec.alive():
             continue

@@ -505,18 +505,13 @@ class VolumeManager:
             raise VolumeError(f"interrupted during step {mig['phase']}; the volume stays on {mig['source']}")
         except (ApiError, VolumeError, OSError, ValueError, NbdError) as e:
             # NbdError: the host copy's NBD I/O failed (ENOSPC on the target, an array gone)
-            stopped = self._stopped_arrays(mig)
-            if stopped:
-                # `blockmig down` stopped them, on purpose: no failure (a takeover's target
-                # resumes its copy when started again); the next command after `up` restarts
-                # a follower (recover)
-                log.warning(
-                    "volume %s: array(s) %s stopped (`blockmig down`) while it migrated (%s); its "
-                    "migration goes on after `blockmig up`",
-                    v.id,
-                    ", ".join(stopped),
-                    e,
-                )
+            why = self.waiting_for(mig)
+            if why:
+                # `blockmig down` stopped them, on purpose, or they are no longer configured:
+                # no failure (a takeover's target resumes its copy when started again, and
+                # which side holds the data is not known without it); the next command after
+                # `up` restarts a follower (recover)
+                log.warning("volume %s: its migration waits (%s): %s", v.id, e, why)
                 return self.db.get(v.id)
             self._fail(v.id, str(e))
             raise VolumeError(f"migration of {v.name} failed: {e}") from None
@@ -740,22 +735,42 @@ class VolumeManager:
         return bool(st.get("state") == "completed")
 
     # ------------------------------------------------------------------ restart
-    def _stopped_arrays(
-        self, mig: dict[str, Any], stopped: dict[str, ArrayRecord] | None = None
-    ) -> list[str]:
-        """The arrays of migration ``mig`` (source, target) that `blockmig down` stopped
-        and `blockmig up` has not started again (``stopped``: STATE_DIR/stopped.json, if
-        read already)."""
+    def waiting_for(
+        self,
+        mig: dict[str, Any],
+        stopped: dict[str, ArrayRecord] | None = None,
+        known: dict[str, ArrayRecord] | None = None,
+    ) -> str:
+        """Why migration ``mig`` waits for `blockmig up` instead of going on ("": it need
+        not): an array of it (source, target) that `blockmig down` stopped (``stopped``:
+        STATE_DIR/stopped.json), or one that is neither in the registry (``known``) nor
+        stopped: `up` left it out, its config no longer names it. No follower runs it
+        meanwhile (it would find the array gone and fail the migration, not knowing which
+        side holds the data); `show` and `up` say why it waits."""
+        if not mig.get("source") or not mig.get("target"):
+            return ""
+        arrays = sorted({Host.parse(mig[k]).array for k in ("source", "target")})
         if stopped is None:
             stopped = self.registry.load_stopped()
-        if not stopped or not mig.get("source") or not mig.get("target"):
-            return []
-        return sorted({Host.parse(mig[k]).array for k in ("source", "target")} & set(stopped))
+        down = [a for a in arrays if a in stopped]
+        if down:
+            return f"array(s) {', '.join(down)} stopped by `blockmig down`; it goes on after `blockmig up`"
+        if known is None:
+            known = self.registry.load()
+        gone = [a for a in arrays if a not in known]
+        if gone:
+            return (
+                f"array(s) {', '.join(gone)}: not running, and not stopped by `blockmig down` (the config "
+                "`blockmig up` last started names no such array); it goes on once a config names it "
+                "again and `blockmig up` starts it"
+            )
+        return ""
 
     def recover(self, sources: bool = True) -> list[str]:
         """Find migrations whose follower is gone and start one again (not while an array
-        they need is stopped by `blockmig down`); first tell takeovers where their source
-        is served now (:meth:`update_sources`), unless ``sources`` is False."""
+        they need is stopped by `blockmig down`, or not known at all: :meth:`waiting_for`);
+        first tell takeovers where their source is served now (:meth:`update_sources`),
+        unless ``sources`` is False."""
         migrating = self.db.migrating()
         if sources:
             for note in self.update_sources(volumes=migrating):
@@ -763,11 +778,12 @@ class VolumeManager:
                     log.warning("%s", note.message)
         started = []
         stopped = self.registry.load_stopped() if migrating else {}
+        known = self.registry.load() if migrating else {}
         for v in migrating:
             pid = v.migration.get("pid", 0)
             if pid and pid != os.getpid() and pid_alive(pid):
                 continue
-            if self._stopped_arrays(v.migration, stopped):
+            if self.waiting_for(v.migration, stopped, known):
                 continue  # `blockmig up` first: the follower would find them gone
             runner = self._try_lock(v.id, "follow")
             if runner is None:
@@ -946,6 +962,7 @@ class VolumeManager:
             m = {k: v.migration.get(k) for k in ("phase", "source", "target", "started", "finished", "error")}
             if v.migration_status in MIGRATING:
                 m["progress"] = self._progress(v)
+                m["waiting"] = self.waiting_for(v.migration)
             d["migration"] = m
         return d
 

@@ -144,7 +144,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = msub.add_parser(
         "set",
         help="change a running migration: its throttle (at once, kept across restarts), mode, or "
-        "the URI of its source",
+        "the URI of its source (that also once it ended with its LUN serving the source directly)",
     )
     _api_args(p)
     p.add_argument("lun", metavar="NAME")
@@ -161,7 +161,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="URI",
         help="where the source LUN is served now, nbd://HOST:PORT/EXPORT (its array came back at "
         "another address): it must serve the same LUN (refused otherwise, and when unreachable); "
-        "kept across restarts, and I/O waiting for the source goes on through it at once",
+        "kept across restarts, and I/O waiting for the source goes on through it at once; also "
+        "for a LUN left serving the source directly after a cancel or a failure",
     )
     p.set_defaults(func=run_api_command(cmd_set))
     for name, helptext, func in (

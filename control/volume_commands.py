@@ -73,6 +73,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             for note in m.update_sources(wait=UP_LOCK_WAIT):
                 print(f"blockmig: {note.message}", file=sys.stderr)
             m.recover(sources=False)
+            for v in m.db.migrating():  # what `up` could not bring back
+                why = m.waiting_for(v.migration)
+                if why:
+                    print(f"blockmig: the migration of {v.name} ({v.id}) waits: {why}", file=sys.stderr)
         except (VolumeError, ApiError, OSError) as e:
             print(
                 f"blockmig: the arrays run; resuming their volumes' migrations failed: {e}", file=sys.stderr
@@ -135,6 +139,8 @@ def _show_text(d: dict[str, Any]) -> str:
             total = p.get("total_bytes") or 1
             clean = p.get("clean_bytes", total - p.get("dirty_bytes", total))
             lines.append(f"{'progress:':<19}{100 * clean / total:.1f}% ({p.get('state')})")
+        if mig.get("waiting"):
+            lines.append(f"{'waiting:':<19}{mig['waiting']}")
         if mig.get("error"):
             lines.append(f"{'error:':<19}{mig['error']}")
     return "\n".join(lines)
@@ -186,11 +192,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if args.wait:
                 v = m.follow(v.id, progress=bar.update)
                 if v.migration_status in MIGRATING:
-                    print(
-                        f"blockmig: the migration of {v.name} stopped with its arrays (`blockmig down`); "
-                        "it goes on after `blockmig up`",
-                        file=sys.stderr,
-                    )
+                    why = m.waiting_for(v.migration) or "its arrays stopped; it goes on after `blockmig up`"
+                    print(f"blockmig: the migration of {v.name} waits: {why}", file=sys.stderr)
             else:
                 m.spawn_follower(v.id)
         bar.status(v.migration_status or "")

@@ -262,11 +262,11 @@ async def get_migration(request: web.Request) -> web.Response:
 
 
 async def update_migration(request: web.Request) -> web.Response:
-    """Change a running migration's throttle, mode and/or source URI: applied at once, persisted."""
+    """Change a running migration's throttle, mode and/or source URI (only the source of one
+    that ended with its LUN serving the source directly): applied at once, persisted."""
     mgr = request.app[CTX].migrations
     body = await _json_body(request, {"throttle", "mode", "source"}, set())
-    m = await mgr.update(request.match_info["name"], body)
-    return web.json_response(m.status())
+    return web.json_response(await mgr.update(request.match_info["name"], body))
 
 
 async def migration_action(request: web.Request) -> web.Response:

@@ -195,7 +195,9 @@ SPEC: dict[str, Any] = {
                         "example": "nbd://127.0.0.1:10810/vol",
                         "description": "where the source LUN is served now (its array came back at "
                         "another address): it must serve the same LUN (id and size; 409 if not, 400 if "
-                        "unreachable); kept across restarts, waiting I/O goes on through it at once",
+                        "unreachable); kept across restarts, waiting I/O goes on through it at once. "
+                        "The only change a migration that ended with its LUN serving the source "
+                        "directly (cancelled or failed: LUN state remote) takes",
                     },
                 },
             },
@@ -399,7 +401,8 @@ SPEC: dict[str, Any] = {
                 "operationId": "updateMigration",
                 "summary": "change a running migration's throttle (at once, also for copies waiting "
                 "on the old rate, and kept across restarts), switch it to active mode, or give "
-                "the address its source LUN is served at now",
+                "the address its source LUN is served at now (also of a migration that ended "
+                "with its LUN serving the source directly; anything else of an ended one is a 409)",
                 "requestBody": _body("MigrationUpdate"),
                 "responses": {
                     "200": _resp(_ref("Migration")),

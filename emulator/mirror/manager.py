@@ -289,13 +289,18 @@ class MigrationManager:
             raise NotFound(f"no migration of LUN {name!r} on array {self.array.name!r}")
         return m
 
-    async def update(self, name: str, changes: dict[str, Any]) -> Migration:
+    async def update(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Change a running migration: ``throttle`` (MB/s, 0 = unlimited), ``mode``
         ("active" only) and/or ``source`` (a URI where its source LUN is served now, see
-        :meth:`_set_source`). All is checked before anything changes."""
-        m = self.get(name)
-        if m.state in FINAL:
-            raise Conflict(f"migration of {name} is {m.state}")
+        :meth:`_set_source`); its status after. Of a migration that ended with its LUN
+        serving the source directly (``remote``, after a cancel or a failure) only the
+        source can change. All is checked before anything changes."""
+        m = self.migrations.get(name)
+        running = m is not None and m.state not in FINAL
+        if not running and not (name in self.remotes and changes.keys() <= {"source"}):
+            state = self.status(name).get("state", "over")  # 404 if there is no migration
+            also = "; only its source can change, the LUN serves it directly" if name in self.remotes else ""
+            raise Conflict(f"migration of {name} is {state}{also}")
         if not changes:
             raise InvalidInput(
                 "nothing to change: give throttle (MB/s), mode ('active') and/or source (an nbd:// URI)"
@@ -312,51 +317,72 @@ class MigrationManager:
             raise InvalidInput(
                 f"mode can only be set to 'active' (background -> active), not {changes['mode']!r}"
             )
-        if "source" in changes:
-            await self._set_source(m, changes["source"])  # the last check: it connects
-        if rate is not None:
+        if "source" in changes:  # the last check: it connects
+            await self._set_source(name, changes["source"], running=changes.keys() != {"source"})
+        if m is not None and rate is not None:
             m.set_throttle(rate)  # persisted with the config by _changed
-        if "mode" in changes:
+        if m is not None and "mode" in changes:
             m.go_active()
-        return m
+        return self.status(name)
 
-    async def _set_source(self, m: Migration, uri: object) -> None:
-        """Reach the source of migration ``m`` at ``uri`` from now on: its array came back
-        at another address (restarted on other ports), and the recorded URI leads nowhere
-        (or to another program). ``uri`` must serve the same LUN (its id, where the source
-        gives one, and its size: :meth:`RemoteBackend.probe`), else 409; one that cannot be
-        reached is a 400; either way the migration goes on as it was. Recorded before it is
-        used, so a restart of this array dials it too; requests waiting for the source,
-        and the copier, go on through it at once."""
+    def _source_of(self, name: str) -> RemoteBackend:
+        """What reaches the source of LUN ``name``: its running migration's source, or, once
+        the migration ended, the remote LUN's (the same object when it ended in this run)."""
+        m = self.migrations.get(name)
+        if m is not None and m.state not in FINAL:
+            if not isinstance(m.source, RemoteBackend):
+                raise Conflict(f"migration of {name} has no source URI (it moves the LUN between pools)")
+            return m.source
+        remote = self.remotes.get(name)
+        if remote is None:
+            raise Conflict(f"migration of {name} is {self.status(name).get('state', 'over')}")
+        return remote
+
+    async def _set_source(self, name: str, uri: object, running: bool) -> None:
+        """Reach the source of LUN ``name`` (migrating, or ``remote``) at ``uri`` from now
+        on: its array came back at another address (restarted on other ports), and the
+        recorded URI leads nowhere (or to another program). ``uri`` must serve the same
+        LUN (its id, where the source gives one, and its size: :meth:`RemoteBackend.probe`),
+        else 409; one that cannot be reached is a 400; either way nothing changes. Recorded
+        before it is used, so a restart of this array dials it too; requests waiting for
+        the source, and the copier, go on through it at once. ``running``: other changes
+        wait on it, so the migration must still be running after the probe."""
         uri = _source_uri(uri)
-        remote = m.source
-        if not isinstance(remote, RemoteBackend):
-            raise Conflict(f"migration of {m.name} has no source URI (it moves the LUN between pools)")
+        remote = self._source_of(name)
         if uri == remote.uri:
             return
-        async with self._switching.setdefault(m.name, asyncio.Lock()):
+        async with self._switching.setdefault(name, asyncio.Lock()):
             try:
                 c = await remote.probe(uri)
             except OtherLun as e:
-                raise Conflict(f"cannot take the source of LUN {m.name!r} from {uri}: {e}") from None
+                raise Conflict(f"cannot take the source of LUN {name!r} from {uri}: {e}") from None
             except BackendError as e:
-                raise InvalidInput(f"cannot take the source of LUN {m.name!r} from {uri}: {e}") from None
+                raise InvalidInput(f"cannot take the source of LUN {name!r} from {uri}: {e}") from None
+            m = self.migrations.get(name)
             try:
-                if m.state in FINAL or m.source is not remote:
-                    raise Conflict(f"migration of {m.name} is {m.state}")
+                # the migration may have ended, or the LUN gone, while the probe connected
+                if self._source_of(name) is not remote or (running and (m is None or m.state in FINAL)):
+                    raise Conflict(f"migration of {name} is {self.status(name).get('state', 'over')}")
+                # the status kept for a migration that ended (shown, and read back at start-up)
+                st = None if m is not None and m.state not in FINAL else dict(self.status(name), source=uri)
                 with self._db.transaction() as db:
-                    db.execute("UPDATE migrations SET source=? WHERE lun=?", (uri, m.name))
+                    db.execute("UPDATE migrations SET source=? WHERE lun=?", (uri, name))
+                    if st is not None:
+                        db.execute("UPDATE migrations SET status=? WHERE lun=?", (json.dumps(st), name))
             except BaseException:
                 await c.close()
                 raise
             log.warning(
                 "array %s: the source of LUN %s is reached at %s from now on, not %s",
                 self.array.name,
-                m.name,
+                name,
                 uri,
                 remote.uri,
             )
-            m.source_uri = uri
+            if m is not None:
+                m.source_uri = uri
+            if name in self._final:
+                self._final[name]["source"] = uri
             remote.switch(uri, c)
 
     def status(self, name: str) -> dict[str, Any]:

@@ -538,3 +538,50 @@ def test_a_takeover_goes_on_across_down_and_up(bm: BlockmigEnv, port_taken: bool
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+@pytest.mark.slow
+def test_up_forgets_a_stopped_array_no_longer_configured_and_its_migration_says_why_it_waits(
+    bm: BlockmigEnv,
+) -> None:
+    """A volume migrating_attachable from A to B, `blockmig down`, then `up` with a config
+    that names A only. Before: B's record stayed in stopped.json for good, and the migration
+    waited for it with no word why (recover started no follower, `show` said nothing). Now
+    `up` drops that record and says so on stderr, names the migration that waits for B, and
+    `show` says why it waits; no follower runs it meanwhile (none fails it: which side holds
+    the data is not known without B), and once a config names B again it goes on."""
+    bm.up([ArraySpec("A"), ArraySpec("B", migration_throttle=1)])  # 16 MiB: 16 s to copy
+    size = 16 << 20
+    vol = bm.create_volume("v1", size, "A")
+    data = os.urandom(size)
+    vol.write(0, data)
+    d = bm.ok("migrate", "v1", "B")
+    assert d["migration_status"] == "migrating_attachable", d
+    lun = d["provider_location"]["lun"]
+    bm.ok("down")
+    only_a = bm.state_dir / "only-a.toml"
+    only_a.write_text(ArraySpec("A").toml())
+    r = bm.run("up", "--config", str(only_a))
+    assert r.returncode == 0, r.stderr
+    reg = Registry(bm.state_dir)
+    assert set(reg.load()) == {"A"} and reg.load_stopped() == {}, r.stderr
+    assert "array B (stopped by `blockmig down`) is not in the config" in r.stderr, r.stderr
+    assert "the migration of v1" in r.stderr and "waits: array(s) B: not running" in r.stderr, r.stderr
+    r = bm.run("show", "v1")  # every command runs recover(): it must start no follower
+    assert r.returncode == 0, r.stderr
+    assert "\nwaiting:           array(s) B: not running" in r.stdout, r.stdout
+    assert bm.show("v1")["migration"]["waiting"].startswith("array(s) B: not running")
+    time.sleep(1.0)  # a follower would have failed the migration by now ("unknown array B")
+    status, mig = bm.db_row("v1")
+    assert status == "migrating_attachable" and not mig.get("error"), (status, mig)
+    assert not pid_alive(int(mig.get("pid") or 0)) or not bm.is_follower(int(mig["pid"]))
+    # B named again: it starts (on ports its config gives: its old ones were forgotten), and
+    # the migration goes on
+    r = bm.run("up", "--config", str(bm.state_dir / "arrays.toml"))
+    assert r.returncode == 0, r.stderr
+    assert "waits" not in r.stderr, r.stderr
+    assert "waiting" not in bm.run("show", "v1").stdout
+    bm.api("B").update_migration(lun, throttle=0)
+    end = bm.wait_migration("v1", timeout=60)
+    assert end["migration_status"] == "success" and end["host"].startswith("B@"), end
+    assert _read(end["provider_location"]["uri"], size) == data

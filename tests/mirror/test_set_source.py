@@ -149,3 +149,63 @@ def test_a_uri_serving_another_lun_or_none_is_refused_and_the_migration_goes_on(
             assert ei.value.status == 409 and time.monotonic() - t0 < 5, ei.value
 
         run(body(), 100)
+
+
+def test_a_remote_lun_left_by_a_cancel_follows_its_source_to_another_port(tmp_path: Path) -> None:
+    """3. A cancelled migration leaves its LUN `remote` on B, serving the source directly, for
+    as long as the LUN lives: its source's new URI is taken as for a running migration (same
+    checks, recorded first, a waiting read completes through it, a restart of B dials it),
+    while throttle and mode stay 409 (the migration has ended).
+
+    Regression (fixed): MigrationManager.update refused every change of an ended migration
+    with 409, so a remote LUN whose source array came back on other ports dialed the dead
+    address for good, and host I/O on it failed with EIO."""
+    with two_arrays(tmp_path) as (stack, a, b):
+
+        async def body() -> None:
+            model = await new_source(a, make_data(37, SIZE))
+            await asyncio.to_thread(start_migration, b, a.uri(LUN), "--throttle", "4")
+            r = await asyncio.to_thread(cli, "migration", "cancel", "--api", b.api, "--token", TOKEN, LUN)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert (await asyncio.to_thread(api(b).get_lun, LUN))["state"] == "remote"
+            old_uri = a.uri(LUN)
+            a.sigkill()
+            a2 = await restart(stack, a.data_dir, "A")  # port 0: another port
+            assert a2.nbd_port != a.nbd_port
+            await asyncio.to_thread(api(a2).create_lun, "other", SIZE)  # same size, another id
+            async with await NbdClient.connect(b.uri(LUN)) as h:
+                # a remote LUN reads everything from its source: this read waits (30 s window)
+                waiting = asyncio.ensure_future(h.read(SIZE - BLOCK, BLOCK))
+                await asyncio.sleep(0.5)
+                assert not waiting.done(), "a read of the remote LUN did not wait for its source"
+                for throttle, mode, uri, code, text in (
+                    (5, None, None, 409, "only its source can change"),
+                    (None, "active", None, 409, "only its source can change"),
+                    (5, None, a2.uri(LUN), 409, "cancelled"),  # nothing of it changes
+                    (None, None, a2.uri("other"), 409, "serves another LUN"),
+                    (None, None, "nbd://127.0.0.1:1/vol", 400, "cannot reach"),
+                ):
+                    with pytest.raises(ApiError) as ei:
+                        await asyncio.to_thread(api(b).update_migration, LUN, throttle, mode, uri)
+                    assert (ei.value.status, text in ei.value.message) == (code, True), ei.value.message
+                    assert recorded_source(b.data_dir) == old_uri
+                assert not waiting.done()
+                code, st = await asyncio.to_thread(set_source, b.api, a2.uri(LUN))
+                assert code == 0, st
+                assert isinstance(st, dict) and st["source"] == a2.uri(LUN), st
+                assert st["state"] == "cancelled", st
+                got = await asyncio.wait_for(waiting, 10)
+                assert model.accepts(SIZE - BLOCK, got), "the waiting read got wrong data"
+                assert recorded_source(b.data_dir) == a2.uri(LUN)
+                off, data = MiB, os.urandom(BLOCK)  # a write reaches the source at its new address
+                await asyncio.wait_for(h.write(off, data, fua=True), 10)
+                model.ack(off, data)
+            # a restart of B dials the new URI (the old one would make reads wait, then EIO)
+            b.sigkill()
+            b2 = await restart(stack, b.data_dir, "B")
+            model.check(await asyncio.wait_for(read_all(b2.uri(LUN), SIZE), 20), "B's remote LUN")
+            st2 = await status(b2)
+            assert (st2["state"], st2["source"]) == ("cancelled", a2.uri(LUN)), brief(st2)
+            model.check(await read_all(a2.uri(LUN), SIZE), "A at its new address")
+
+        run(body(), 100)
