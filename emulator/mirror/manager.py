@@ -254,7 +254,8 @@ class MigrationManager:
         fb = FileBackend(str(path), create_size=None if resume and path.exists() else lun.size)
         pool = self.array.pools[new_pool]
         assert lun.local is not None
-        old_path, old_pool = lun.file.path, lun.pool
+        old_path, old_pool, old_file = lun.file.path, lun.pool, lun.file
+        old = self.array.pools[old_pool]
 
         def released(m: Migration) -> None:
             if m.state == "completed":
@@ -273,6 +274,8 @@ class MigrationManager:
             reserve=lambda off, n: pool.reserve(fb, lun.name, off, n),
             source=lun.local,
             on_released=released,
+            # host writes land in the old file until the move completes: its pool's room
+            reserve_source=lambda off, n: old.reserve(old_file, lun.name, off, n),
         )
         m.move_to = (new_pool, fb)  # type: ignore[attr-defined]
         self.migrations[lun.name] = m

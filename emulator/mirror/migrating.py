@@ -13,6 +13,9 @@
   durably (I4).
 - During cutover writes are held at a gate; once the LUN has switched to its
   local copy, held writes are forwarded there.
+- Host I/O in flight on either side is counted: a side is trimmed or closed
+  only once none is left on it (:meth:`side_idle`), or a read of a clean region
+  that a cancel overtook would answer with the zeroes of the trimmed copy.
 """
 
 from __future__ import annotations
@@ -41,12 +44,16 @@ class MigratingBackend(Backend):
         progress: ProgressFile,
         reserve: Callable[[int, int], AbstractContextManager[None]] = lambda off, n: nullcontext(),
         clock: Callable[[], float] = time.monotonic,
+        reserve_source: Callable[[int, int], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.source = source
         self.target = target
         self.regions = regions
         self.progress = progress
         self.reserve = reserve  # pool room for writes that land on the target
+        #: pool room for writes that land on the source, where it is a file of this array
+        #: (a move between pools: the LUN's pool is full as it was before the move began)
+        self.reserve_source = reserve_source
         self.active = False
         self._clock = clock
         self._gate = asyncio.Event()
@@ -58,6 +65,12 @@ class MigratingBackend(Backend):
         self.dirtied_bytes = 0  # bytes of regions host writes made dirty again (the dirty rate)
         self.local_reads = 0
         self.remote_reads = 0
+        #: host I/O not yet done: reads on the source [0] (begun with read / read_into: a
+        #: remote source's started reads are its own, its aclose waits), reads and writes
+        #: on the target [1] (writes to the source are the cutover's: hold_writes)
+        self._io = [0, 0]
+        self._idle: asyncio.Event | None = None  # set when a side's count falls to 0
+        self._local_off = False  # stop_local_io: host I/O goes to the source alone
         #: a target flush that failed under a host FLUSH (the migration must not complete)
         self.target_error: BaseException | None = None
         self.refresh_capabilities()
@@ -79,24 +92,67 @@ class MigratingBackend(Backend):
         return self.regions.size
 
     # ---- reads
-    def _reader(self, offset: int, length: int) -> Backend:
-        if self._forward is not None:
-            return self._forward
+    def _is_local(self, offset: int, length: int) -> bool:
+        """Read [offset, offset+length) from the target: every region of it is clean."""
         r0, r1 = self.regions.span(offset, length)
-        if self.regions.all_clean(r0, r1):
-            self.local_reads += 1
-            return self.target
-        self.remote_reads += 1
-        return self.source
+        return not self._local_off and self.regions.all_clean(r0, r1)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        return await self._reader(offset, length).read(offset, length)
+        if self._forward is not None:
+            return await self._forward.read(offset, length)
+        local = self._is_local(offset, length)
+        self._begin_read(local)
+        try:
+            return await (self.target if local else self.source).read(offset, length)
+        finally:
+            self._end_io(local)
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
-        await self._reader(offset, len(buf)).read_into(offset, buf)
+        if self._forward is not None:
+            await self._forward.read_into(offset, buf)
+            return
+        local = self._is_local(offset, len(buf))
+        self._begin_read(local)
+        try:
+            await (self.target if local else self.source).read_into(offset, buf)
+        finally:
+            self._end_io(local)
 
     def start_read(self, offset: int, length: int, done: Done) -> bool:
-        return self._reader(offset, length).start_read(offset, length, done)
+        if self._forward is not None:
+            return self._forward.start_read(offset, length, done)
+        if self._is_local(offset, length):
+            return False  # read() takes it, counted in flight (local storage starts none)
+        if self.source.start_read(offset, length, done):
+            self.remote_reads += 1
+            return True
+        return False
+
+    def _begin_read(self, local: bool) -> None:
+        if local:
+            self.local_reads += 1
+        else:
+            self.remote_reads += 1
+        self._io[local] += 1
+
+    def _end_io(self, local: bool) -> None:
+        self._io[local] -= 1
+        if not self._io[local] and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    def stop_local_io(self) -> None:
+        """Host I/O goes to the source alone from now on (reads of clean regions, writes
+        to them in active mode): the local copy is let go."""
+        self._local_off = True
+
+    async def side_idle(self, local: bool) -> None:
+        """Return once no host I/O is in flight on the target (``local``: reads and
+        writes) or on the source (reads): before that side is trimmed or closed."""
+        while self._io[local]:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            await self._idle.wait()
 
     # ---- writes
     async def _modify(
@@ -105,6 +161,7 @@ class MigratingBackend(Backend):
         length: int,
         on_source: Callable[[Backend], Awaitable[None]],
         both_sides: bool,
+        allocates: bool,
     ) -> None:
         regions = self.regions
         r0, r1 = regions.span(offset, length)
@@ -112,7 +169,8 @@ class MigratingBackend(Backend):
             if not self._gate.is_set():
                 await self._gate.wait()
             if self._forward is not None:  # cut over while we waited
-                await on_source(self._forward)
+                with self._room(self._forward, offset, length, allocates):
+                    await on_source(self._forward)
                 return
             if not self.active:
                 break
@@ -128,25 +186,64 @@ class MigratingBackend(Backend):
         try:
             if self.progress.any_clean(r0, r1):
                 await self.progress.ensure_dirty(r0, r1)
-            if both_sides and self.active and regions.all_clean(r0, r1):
-                await self._write_both(offset, length, r0, r1, on_source)
+            if both_sides and self.active and not self._local_off and regions.all_clean(r0, r1):
+                await self._write_both(offset, length, r0, r1, on_source, allocates)
             else:
                 self.dirtied_bytes += regions.mark_dirty(r0, r1)
-                await on_source(self.source)
+                with self._room(self.source, offset, length, allocates):
+                    await on_source(self.source)
         finally:
             self._end_write(r0, r1)
 
-    async def _write_both(
-        self, offset: int, length: int, r0: int, r1: int, op: Callable[[Backend], Awaitable[None]]
-    ) -> None:
-        async def on_target() -> None:
-            # The target may hold data here from now on: a later copy of a zero run
-            # must zero it rather than trust it is a hole.
-            self.regions.target_data[r0:r1] = True
-            with self.reserve(offset, length):
-                await op(self.target)
+    def _room(self, b: Backend, offset: int, length: int, allocates: bool) -> AbstractContextManager[None]:
+        """Pool room for a write to ``b`` (the source, the target, or where the LUN went)
+        that may allocate ``length`` bytes at ``offset``: ENOSPC when the pool is full."""
+        if not allocates:
+            return nullcontext()
+        if b is self.target:
+            return self.reserve(offset, length)
+        if b is self.source and self.reserve_source is not None:
+            return self.reserve_source(offset, length)
+        return nullcontext()
 
-        src, tgt = await asyncio.gather(op(self.source), on_target(), return_exceptions=True)
+    async def _write_both(
+        self,
+        offset: int,
+        length: int,
+        r0: int,
+        r1: int,
+        op: Callable[[Backend], Awaitable[None]],
+        allocates: bool,
+    ) -> None:
+        # In flight on the target from now, not from when the gather starts on_target
+        # (side_idle must not miss it), until on_target ends (not the source's write).
+        self._io[True] += 1
+        on_target_ended = False
+
+        def target_ended() -> None:
+            nonlocal on_target_ended
+            if not on_target_ended:
+                on_target_ended = True
+                self._end_io(True)
+
+        async def on_target() -> None:
+            try:
+                # The target may hold data here from now on: a later copy of a zero run
+                # must zero it rather than trust it is a hole.
+                self.regions.target_data[r0:r1] = True
+                with self.reserve(offset, length):
+                    await op(self.target)
+            finally:
+                target_ended()
+
+        async def on_source() -> None:
+            with self._room(self.source, offset, length, allocates):
+                await op(self.source)
+
+        try:
+            src, tgt = await asyncio.gather(on_source(), on_target(), return_exceptions=True)
+        finally:
+            target_ended()  # cancelled before on_target began
         if isinstance(tgt, BaseException) or isinstance(src, BaseException):
             # The sides may differ now: copy the region again later.
             self.dirtied_bytes += self.regions.mark_dirty(r0, r1)
@@ -163,7 +260,8 @@ class MigratingBackend(Backend):
         regions = self.regions
         r0, r1 = regions.span(offset, len(data))
         if (
-            not self._gate.is_set()
+            self.reserve_source is not None  # write() charges the source's pool
+            or not self._gate.is_set()
             or self.progress.any_clean(r0, r1)
             or (self.active and (regions.all_clean(r0, r1) or regions.being_copied(r0, r1)))
         ):
@@ -199,18 +297,18 @@ class MigratingBackend(Backend):
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         data = bytes(data)  # the caller's buffer may be reused while we wait
-        await self._modify(offset, len(data), lambda b: b.write(offset, data, fua), True)
+        await self._modify(offset, len(data), lambda b: b.write(offset, data, fua), True, True)
 
     async def write_zeroes(
         self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
         await self._modify(
-            offset, length, lambda b: b.write_zeroes(offset, length, may_trim, fast, fua), True
+            offset, length, lambda b: b.write_zeroes(offset, length, may_trim, fast, fua), True, not may_trim
         )
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         # What a trimmed range reads as is up to each side: always copy it again.
-        await self._modify(offset, length, lambda b: b.trim(offset, length, fua), False)
+        await self._modify(offset, length, lambda b: b.trim(offset, length, fua), False, False)
 
     async def flush(self) -> None:
         if self._forward is not None:

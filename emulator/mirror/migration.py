@@ -82,6 +82,7 @@ class Migration:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         source: Backend | None = None,
         on_released: Callable[[Migration], None] | None = None,
+        reserve_source: Callable[[int, int], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.name = name
         #: a local source (a move between pools of one array) instead of source_uri
@@ -96,6 +97,8 @@ class Migration:
         self.mode_reason = "requested" if config.mode == "active" else ""
         self.on_change = on_change
         self.reserve = reserve
+        #: pool room for host writes to a local ``source`` (see MigratingBackend)
+        self.reserve_source = reserve_source
         self.clock = clock
         self.sleep = sleep
         self.state = "copying"
@@ -162,7 +165,9 @@ class Migration:
             progress.create()
             if not resume:
                 regions.target_data[:] = False  # a fresh LUN file is all holes
-        self.backend = MigratingBackend(src, self.local, regions, progress, self.reserve, self.clock)
+        self.backend = MigratingBackend(
+            src, self.local, regions, progress, self.reserve, self.clock, self.reserve_source
+        )
         self.backend.active = self.mode == "active"
         backend = self.backend
         self.copier = Copier(
@@ -542,6 +547,10 @@ class Migration:
         self.cutover_pause_s = time.perf_counter() - t0
         self.ended.set()  # long polls answer from memory, not after the record below
         log.info("migration of %s completed; writes held %.2f ms", self.name, self.cutover_pause_s * 1e3)
+        if self.source is not None and not self.source.remote:
+            # A pool move's source is the old file, closed and unlinked below: wait out
+            # the reads begun on it (a remote source's aclose waits for its own).
+            await backend.side_idle(local=False)
         await self._release_source(remove_progress=True)
         self.on_change(self)  # the pause into the record (its state was durable before the swap)
         self._let_go()
@@ -550,6 +559,14 @@ class Migration:
 
     async def _to_remote(self, state: str, error: str) -> None:
         """Serve the source directly from now on (cancel, failure)."""
+        if self.backend is not None:
+            # The local copy is trimmed below (a pool move's closed by on_change): a
+            # read of a clean region still in flight on it (a media's latency, a big
+            # read in a thread) would answer zeroes or EBADF, a write to it land after
+            # the trim (pool room the LUN keeps). Host I/O goes to the source alone
+            # from now on; wait out what was begun: local storage, soon done.
+            self.backend.stop_local_io()
+            await self.backend.side_idle(local=True)
         self.state = state
         self.last_error = error or self.last_error
         self.finished = time.time()
