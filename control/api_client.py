@@ -6,6 +6,7 @@ files or internals.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -31,6 +32,17 @@ class ApiError(Exception):
         self.message = message
 
 
+def _http_url(url: str) -> bool:
+    """Is ``url`` an http(s)://HOST[:PORT] URL (which urllib would take, or fail on with a
+    traceback rather than a reason)?"""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018  (raises ValueError on a port that is no number, or too big)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 class ArrayApi:
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
         self.url = url.rstrip("/")
@@ -38,6 +50,8 @@ class ArrayApi:
         self.timeout = timeout
 
     def call(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None) -> Any:
+        if not _http_url(self.url):
+            raise ApiError(0, "bad_url", f"not an array API URL: {self.url!r} (try http://127.0.0.1:8701)")
         url = self.url + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
@@ -60,6 +74,13 @@ class ArrayApi:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ApiError(0, "unreachable", f"cannot reach the array API at {self.url}: {reason}") from None
+        except http.client.HTTPException as e:  # something listens there, but speaks no HTTP
+            raise ApiError(
+                0,
+                "not_http",
+                f"{self.url} does not answer HTTP ({type(e).__name__}): is it the array's API address, "
+                "not its NBD one?",
+            ) from None
         if not raw:
             return None
         if "json" in ctype:

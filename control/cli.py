@@ -11,12 +11,14 @@ command runs. `--help`, the volume commands and the array API commands never loa
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from emulator.array.models import DEFAULT_MODEL, MODELS
-from emulator.units import rate_arg
+from emulator.units import rate_arg, size_arg
 
 from . import array_commands, migration_commands, volume_commands
 from .api_client import TOKEN_ENV
@@ -41,8 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    rc: int = args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        rc: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`blockmig ... | head`): stop quietly, and point stdout at
+        # /dev/null so that the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return rc
 
 
@@ -133,7 +142,7 @@ def _add_array_serve(array_sub: argparse._SubParsersAction[argparse.ArgumentPars
     )
     sp.add_argument(
         "--source-retry-window",
-        type=float,
+        type=_seconds_arg(positive=False),
         default=30.0,
         metavar="SECONDS",
         help="how long I/O that needs an unreachable migration source waits before "
@@ -151,6 +160,21 @@ def _add_array_serve(array_sub: argparse._SubParsersAction[argparse.ArgumentPars
     sp.set_defaults(func=_array_serve)
 
 
+def _seconds_arg(positive: bool) -> Callable[[str], float]:
+    """A finite number of seconds, > 0 (``positive``) or >= 0, for argparse."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if not (0 < v < math.inf if positive else 0 <= v < math.inf):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"seconds {'> 0' if positive else '>= 0'}, not {text!r}")
+        return v
+
+    return parse
+
+
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
@@ -160,16 +184,16 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "the data (the known half's sha256 read from B, fio's verify) and compare IOPS before, "
         "during and after. Cleans up everything it started, also on failure or Ctrl-C.",
     )
-    p.add_argument("--size", default="512M", help="volume size (default %(default)s)")
+    p.add_argument("--size", default="512M", type=size_arg, help="volume size (default %(default)s)")
     p.add_argument(
         "--fio-seconds",
-        type=float,
+        type=_seconds_arg(positive=True),
         default=5.0,
         help="length of the fio run on A and of the read-through run on B (default %(default)s)",
     )
     p.add_argument(
         "--tail-seconds",
-        type=float,
+        type=_seconds_arg(positive=False),
         default=2.0,
         help="fio keeps running this long on B after the migration succeeded (default %(default)s)",
     )

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from emulator.array.models import MODELS
 from emulator.units import parse_hostport, parse_rate
 
 from .api_client import ArrayApi
@@ -183,7 +184,10 @@ def load_config(path: Path | None) -> list[ArrayConfig]:
     if path is None:
         return [ArrayConfig("A"), ArrayConfig("B")]
     with open(path, "rb") as f:
-        raw = tomllib.load(f)
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
     arrays = raw.get("array")
     if not isinstance(arrays, list) or not arrays:
         raise ValueError(f"{path}: needs at least one [[array]] table")
@@ -195,6 +199,11 @@ def load_config(path: Path | None) -> list[ArrayConfig]:
             raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} in [[array]]")
         if "name" not in a:
             raise ValueError(f"{path}: an [[array]] has no name")
+        if a.get("model", ArrayConfig.model) not in MODELS:
+            raise ValueError(
+                f"{path}: model of array {a['name']!r} must be one of {', '.join(sorted(MODELS))}, "
+                f"not {a['model']!r}"
+            )
         rate = a.get("migration_throttle", 0)
         try:
             parse_rate(rate)
@@ -311,6 +320,7 @@ def start_array(cfg: ArrayConfig, state_dir: Path) -> ArrayRecord:
         cmd += ["--token", cfg.token]
     env = child_env()
     log = open(logs / f"{cfg.name}.log", "ab")
+    logged = log.seek(0, os.SEEK_END)  # what earlier runs wrote: not this start's failure
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
     )
@@ -318,7 +328,9 @@ def start_array(cfg: ArrayConfig, state_dir: Path) -> ArrayRecord:
     deadline = time.monotonic() + START_TIMEOUT
     while not runtime.exists():
         if proc.poll() is not None:
-            tail = (logs / f"{cfg.name}.log").read_text()[-2000:]
+            with open(logs / f"{cfg.name}.log", "rb") as f:
+                f.seek(logged)
+                tail = f.read().decode(errors="replace")[-2000:]
             raise RuntimeError(f"array {cfg.name} failed to start:\n{tail}")
         if time.monotonic() > deadline:
             proc.kill()

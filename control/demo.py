@@ -54,7 +54,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from emulator.nbd.client import NbdClient
-from emulator.units import format_size, parse_size
+from emulator.units import format_size
 
 from . import config
 from .api_client import ApiError, ArrayApi
@@ -661,7 +661,7 @@ def run(opts: Options) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """`blockmig demo`; its arguments are in control/cli.py, which loads this module only
     when the command runs."""
-    size = parse_size(args.size)
+    size: int = args.size
     if size < 16 * MiB or size % MiB:
         raise SystemExit("blockmig demo: --size must be a whole number of MiB, at least 16M")
     return run(

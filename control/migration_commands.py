@@ -8,7 +8,7 @@ import sys
 import urllib.parse
 from typing import Any
 
-from emulator.units import format_size, parse_size, rate_arg
+from emulator.units import format_size, rate_arg, size_arg
 
 from .api_client import FINAL, ArrayApi
 from .array_commands import _api_args, run_api_command, table
@@ -22,14 +22,17 @@ def _path(name: str, action: str = "") -> str:
 def format_status(st: dict[str, Any]) -> str:
     total = st["total_bytes"] or 1
     pct = 100.0 * (total - st["dirty_bytes"]) / total
+    progress = f"{pct:.1f}% clean, {format_size(st['dirty_bytes'])} dirty of {format_size(st['total_bytes'])}"
+    if st["state"] in ("cancelled", "failed"):
+        # its copy was dropped (dirty_bytes 0, clean_bytes 0): not "100% clean"
+        progress = f"none kept of {format_size(st['total_bytes'])}: the LUN serves its source directly"
     eta = st.get("eta_seconds")
     lines = [
         f"lun:          {st['lun']}",
         f"source:       {st['source']}",
         f"state:        {st['state']}",
         f"mode:         {st['mode']}" + (f" ({st['mode_reason']})" if st.get("mode_reason") else ""),
-        f"progress:     {pct:.1f}% clean, {format_size(st['dirty_bytes'])} dirty of "
-        f"{format_size(st['total_bytes'])}",
+        f"progress:     {progress}",
         f"copied:       {format_size(st['copied_bytes'])} data, "
         f"{format_size(st.get('zeroed_bytes', 0))} zeroed",
         f"rates:        copy {st['copy_rate'] / 1e6:.1f} MB/s, dirty {st['dirty_rate'] / 1e6:.1f} MB/s",
@@ -56,8 +59,8 @@ def cmd_start(args: argparse.Namespace, api: ArrayApi) -> int:
         body["pool"] = args.pool
     if args.throttle is not None:
         body["throttle"] = args.throttle
-    if args.region_size:
-        body["region_size"] = parse_size(args.region_size)
+    if args.region_size is not None:
+        body["region_size"] = args.region_size
     st = api.call("POST", "/api/v1/migrations", body)
     _emit(args, st, f"migration of {st['lun']} started; the LUN is attachable now\n" + format_status(st))
     return 0
@@ -139,7 +142,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument(
         "--throttle", type=rate_arg, metavar="MBPS", help="copy rate limit in MB/s (0 = unlimited)"
     )
-    p.add_argument("--region-size", metavar="SIZE", help="region size, a power of two (default 1M)")
+    p.add_argument(
+        "--region-size", type=size_arg, metavar="SIZE", help="region size, a power of two (default 1M)"
+    )
     p.set_defaults(func=run_api_command(cmd_start))
     p = msub.add_parser(
         "set",

@@ -328,6 +328,8 @@ def _run(func: Any) -> Any:
         try:
             rc: int = func(args)
             return rc
+        except BrokenPipeError:
+            raise  # the reader of stdout went away: control.cli.main ends quietly
         except (VolumeError, ApiError, ValueError, KeyError, RuntimeError, OSError) as e:
             # an OSError's args[0] is its errno alone ("blockmig: 30"): str() names the file
             msg = getattr(e, "message", None) or (

@@ -25,6 +25,14 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def size_arg(text: str) -> int:
+    """:func:`parse_size` for argparse, which shows this message only from ArgumentTypeError."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def format_size(n: int) -> str:
     for unit in ("P", "T", "G", "M", "K"):
         u = _UNITS[unit]

@@ -23,7 +23,10 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         host, port = await server.listen_tcp(host, port)
         if args.unix:
-            await server.listen_unix(args.unix)
+            try:
+                await server.listen_unix(args.unix)
+            except OSError as e:  # its own message names no path
+                raise OSError(e.errno, f"cannot listen on {args.unix}: {e.strerror}") from None
         print(
             f"serving {args.path} ({backend.size} bytes) at {format_listen(host, port)}/{args.export}",
             flush=True,

@@ -1,0 +1,179 @@
+"""Wrong input to `blockmig` gets a clear error, never a traceback: what a user walking
+through the README tried (a URL that is no array API, a size that is no size, a number of
+seconds that is none, `| head`), and what the CLI prints of a migration that ended.
+
+Each command runs in-process through ``control.cli.main`` where no array is needed, and
+in a child process where what matters is what the user sees on a pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from control import config
+from control.cli import main
+from control.config import ArrayConfig, load_config
+from control.migration_commands import format_status
+from tests.servers import serve_file
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """``main(argv)``: its exit code (argparse's too) and what it wrote to stderr."""
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = int(e.code or 0)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+@pytest.fixture
+def not_http(tmp_path: Path) -> Iterator[str]:
+    """http://127.0.0.1:PORT of a real NBD server (`blockmig serve-file`): the address a
+    user takes for the API when they copy an array's NBD one."""
+    with serve_file(tmp_path / "f.img", "--size", "1M") as srv:
+        yield f"http://127.0.0.1:{srv.port}"
+
+
+@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:8701", "ftp://127.0.0.1:8701", "http://127.0.0.1:abc"])
+def test_an_api_url_that_is_no_http_url_is_refused(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    rc, err = run(capsys, "lun", "list", "--api", url, "--token", "t")
+    assert rc == 1
+    assert f"not an array API URL: {url!r} (try http://127.0.0.1:8701)" in err
+
+
+def test_an_api_url_of_something_that_speaks_no_http_is_named(
+    capsys: pytest.CaptureFixture[str], not_http: str
+) -> None:
+    rc, err = run(capsys, "array", "info", "--api", not_http, "--token", "t")
+    assert rc == 1
+    assert f"{not_http} does not answer HTTP" in err and "not its NBD one" in err
+
+
+def test_a_region_size_that_is_no_size_is_refused_before_any_call(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = run(
+        capsys,
+        "migration",
+        "start",
+        "--api",
+        "http://127.0.0.1:1",
+        "--source",
+        "nbd://127.0.0.1:1/x",
+        "--lun",
+        "x",
+        "--region-size",
+        "abc",
+    )
+    assert rc == 2
+    assert "argument --region-size: not a size: 'abc'" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (("--size", "abc"), "argument --size: not a size: 'abc'"),
+        (("--fio-seconds", "-1"), "argument --fio-seconds: seconds > 0, not '-1'"),
+        (("--fio-seconds", "0"), "argument --fio-seconds: seconds > 0, not '0'"),
+        (("--tail-seconds", "nan"), "argument --tail-seconds: seconds >= 0, not 'nan'"),
+    ],
+)
+def test_demo_refuses_bad_arguments_before_it_starts_anything(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...], msg: str
+) -> None:
+    rc, err = run(capsys, "demo", *args)
+    assert rc == 2 and msg in err
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "soon"])
+def test_array_serve_refuses_a_source_retry_window_that_is_no_number_of_seconds(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, bad: str
+) -> None:
+    argv = ["array", "serve", "--name", "A", "--data-dir", str(tmp_path), "--source-retry-window", bad]
+    rc, err = run(capsys, *argv)
+    assert rc == 2 and f"argument --source-retry-window: seconds >= 0, not '{bad}'" in err
+    assert list(tmp_path.iterdir()) == []  # nothing started
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
+    """`blockmig list | head -1`: the pipe's reader is gone before blockmig writes."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "control.cli", "list", "--state-dir", str(tmp_path)],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=config.child_env(),
+        )
+    finally:
+        os.close(w)
+    assert p.returncode == 1
+    assert p.stderr == ""
+
+
+@pytest.mark.parametrize("state", ["cancelled", "failed"])
+def test_the_status_of_a_migration_that_dropped_its_copy_is_not_100_percent_clean(state: str) -> None:
+    st = {
+        "lun": "m",
+        "source": "nbd://127.0.0.1:1/m",
+        "state": state,
+        "mode": "background",
+        "total_bytes": 32 << 20,
+        "dirty_bytes": 0,  # as the array reports an ended migration
+        "clean_bytes": 0,
+        "copied_bytes": 8 << 20,
+        "copy_rate": 0,
+        "dirty_rate": 0,
+        "eta_seconds": None,
+        "passes": 0,
+    }
+    text = format_status(st)
+    assert "100.0% clean" not in text
+    assert "progress:     none kept of 32M: the LUN serves its source directly" in text
+
+
+def test_a_config_that_is_no_toml_is_named(tmp_path: Path) -> None:
+    p = tmp_path / "arrays.toml"
+    p.write_text('[[array]\nname = "A"\n')
+    with pytest.raises(ValueError, match=rf"^{p}: not valid TOML: "):
+        load_config(p)
+
+
+def test_an_unknown_model_in_a_config_is_refused_with_its_array_named(tmp_path: Path) -> None:
+    p = tmp_path / "arrays.toml"
+    p.write_text('[[array]]\nname = "A"\nmodel = "nosuch"\n')
+    with pytest.raises(ValueError, match=r"model of array 'A' must be one of plain, pooled, .*not 'nosuch'"):
+        load_config(p)
+
+
+def test_an_array_that_fails_to_start_shows_its_own_log_not_an_earlier_one(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "A.log").write_text("blockmig array serve: an error of an earlier run\n")
+    with pytest.raises(RuntimeError) as e:
+        config.start_array(ArrayConfig("A", media="floppy"), tmp_path)
+    assert "unknown media 'floppy'" in str(e.value)
+    assert "earlier run" not in str(e.value)
+
+
+def test_serve_file_names_the_unix_socket_it_cannot_listen_on(tmp_path: Path) -> None:
+    sock = tmp_path / "no-such-dir" / "s.sock"
+    p = subprocess.run(
+        [sys.executable, "-m", "control.cli", "serve-file", str(tmp_path / "f.img"), "--size", "1M"]
+        + ["--listen", "127.0.0.1:0", "--unix", str(sock)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=config.child_env(),
+    )
+    assert p.returncode == 1
+    assert f"cannot listen on {sock}: No such file or directory" in p.stderr
