@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,32 +77,31 @@ def read_while_cancelled(b: ArrayDaemon, lun: str) -> None:
     assert st["local_reads"] == 1, f"the read did not go to the local copy, or counted twice: {st}"
 
 
-@pytest.mark.timeout(60)
-def test_a_read_in_flight_on_the_local_copy_at_a_cancel_gets_the_data(tmp_path: Path) -> None:
+@contextmanager
+def migrating(tmp_path: Path, mode: str = "background") -> Iterator[ArrayDaemon]:
+    """Array B (slow media) migrating LUN v of array A, its region 0 clean already."""
     with (
         array_daemon(tmp_path / "A", "A") as a,
         array_daemon(tmp_path / "B", "B", "--media", SLOW) as b,
     ):
         array_api(a).create_lun("v", SIZE)
         asyncio.run(fill(a.uri("v")))
-        array_api(b).call("POST", "/api/v1/migrations", {"lun": "v", "source": a.uri("v"), "throttle": 1})
+        start = {"lun": "v", "source": a.uri("v"), "throttle": 1, "mode": mode}
+        array_api(b).call("POST", "/api/v1/migrations", start)
         wait_clean(b, "v")
+        yield b
+
+
+@pytest.mark.timeout(60)
+def test_a_read_in_flight_on_the_local_copy_at_a_cancel_gets_the_data(tmp_path: Path) -> None:
+    with migrating(tmp_path) as b:
         read_while_cancelled(b, "v")
 
 
 @pytest.mark.timeout(60)
 def test_a_write_in_flight_on_the_local_copy_at_a_cancel_leaves_it_empty(tmp_path: Path) -> None:
-    with (
-        array_daemon(tmp_path / "A", "A") as a,
-        array_daemon(tmp_path / "B", "B", "--media", SLOW) as b,
-    ):
-        array_api(a).create_lun("v", SIZE)
-        asyncio.run(fill(a.uri("v")))
+    with migrating(tmp_path, "active") as b:
         api = array_api(b)
-        api.call(
-            "POST", "/api/v1/migrations", {"lun": "v", "source": a.uri("v"), "throttle": 1, "mode": "active"}
-        )
-        wait_clean(b, "v")
 
         async def main() -> dict[str, Any]:
             loop = asyncio.get_running_loop()
