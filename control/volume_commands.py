@@ -118,7 +118,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _show_text(d: dict[str, Any]) -> str:
     lines = [
-        f"{k + ':':<19}{d[k]}"
+        f"{k + ':':<19}{'-' if d[k] is None else d[k]}"  # never migrated: "-", as `list` says
         for k in ("id", "name", "size", "status", "host", "migration_status", "attachable")
     ]
     loc = d.get("provider_location") or {}

@@ -317,6 +317,7 @@ def test_an_array_restarted_on_other_ports_gives_its_volumes_uris_that_work(bm: 
         assert (att["connection"]["port"], str(port)) == (port, att["connection"]["nbd_client"].split()[2])
         text = bm.run("show", "v1").stdout
         assert f"via {uri} (given {old}: " in text and "must re-attach" in text, text
+        assert "\nmigration_status:  -\n" in text, text  # never migrated: as `list` says, not None
         again = bm.ok("attach", "v1", "--host-name", "h2")["data"]["uri"]
         assert again == uri and _read(again, len(data)) == data
         moved = bm.ok("migrate", "v1", "B", "--wait")  # attached: its records move to B
