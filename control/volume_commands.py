@@ -116,6 +116,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `show`'s words for the step a migration is at (its JSON keeps the short name)
+_PHASES = {
+    "source": "step 1: the source array is asked to move it",
+    "target": "step 2: the target array takes it over",
+    "host-copy": "a host copy, the volume unusable until done",
+    "complete": "step 4: the target copies it, then cuts over",
+    "cleanup": "step 5: removing the source LUN",
+    "done": "done",
+}
+
+
 def _show_text(d: dict[str, Any]) -> str:
     lines = [
         f"{k + ':':<19}{'-' if d[k] is None else d[k]}"  # never migrated: "-", as `list` says
@@ -133,7 +144,8 @@ def _show_text(d: dict[str, Any]) -> str:
         )
     mig = d.get("migration")
     if mig:
-        lines.append(f"{'migration:':<19}{mig.get('source')} -> {mig.get('target')} ({mig.get('phase')})")
+        phase = _PHASES.get(mig.get("phase") or "", mig.get("phase"))
+        lines.append(f"{'migration:':<19}{mig.get('source')} -> {mig.get('target')} ({phase})")
         p = mig.get("progress")
         if p:
             total = p.get("total_bytes") or 1

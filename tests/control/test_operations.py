@@ -571,6 +571,7 @@ def test_up_forgets_a_stopped_array_no_longer_configured_and_its_migration_says_
     r = bm.run("show", "v1")  # every command runs recover(): it must start no follower
     assert r.returncode == 0, r.stderr
     assert "\nwaiting:           array(s) B: not running" in r.stdout, r.stdout
+    assert "(step 4: the target copies it, then cuts over)\n" in r.stdout, r.stdout  # not "(complete)"
     assert bm.show("v1")["migration"]["waiting"].startswith("array(s) B: not running")
     time.sleep(1.0)  # a follower would have failed the migration by now ("unknown array B")
     status, mig = bm.db_row("v1")
