@@ -301,9 +301,8 @@ class MigrationManager:
         m = self.migrations.get(name)
         running = m is not None and m.state not in FINAL
         if not running and not (name in self.remotes and changes.keys() <= {"source"}):
-            state = self.status(name).get("state", "over")  # 404 if there is no migration
             also = "; only its source can change, the LUN serves it directly" if name in self.remotes else ""
-            raise Conflict(f"migration of {name} is {state}{also}")
+            raise self._ended(name, also)
         if not changes:
             raise InvalidInput(
                 "nothing to change: give throttle (MB/s), mode ('active') and/or source (an nbd:// URI)"
@@ -338,8 +337,13 @@ class MigrationManager:
             return m.source
         remote = self.remotes.get(name)
         if remote is None:
-            raise Conflict(f"migration of {name} is {self.status(name).get('state', 'over')}")
+            raise self._ended(name)
         return remote
+
+    def _ended(self, name: str, also: str = "") -> Conflict:
+        """The 409 for a change to the migration of ``name``, which has ended (a 404 raised
+        here if there is none)."""
+        return Conflict(f"migration of {name} is {self.status(name).get('state', 'over')}{also}")
 
     async def _set_source(self, name: str, uri: object, running: bool) -> None:
         """Reach the source of LUN ``name`` (migrating, or ``remote``) at ``uri`` from now
@@ -365,7 +369,7 @@ class MigrationManager:
             try:
                 # the migration may have ended, or the LUN gone, while the probe connected
                 if self._source_of(name) is not remote or (running and (m is None or m.state in FINAL)):
-                    raise Conflict(f"migration of {name} is {self.status(name).get('state', 'over')}")
+                    raise self._ended(name)
                 # the status kept for a migration that ended (shown, and read back at start-up)
                 st = None if m is not None and m.state not in FINAL else dict(self.status(name), source=uri)
                 with self._db.transaction() as db:
