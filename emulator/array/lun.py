@@ -177,6 +177,10 @@ class LunBackend(Backend):
         result: list[Extent] = await self._timed("extents", 0, self.inner.extents(offset, length))
         return result
 
+    async def first_extent(self, offset: int, length: int) -> Extent:
+        result: Extent = await self._timed("extents", 0, self.inner.first_extent(offset, length))
+        return result
+
     def close(self) -> None:
         self.inner.close()
 

@@ -91,5 +91,8 @@ class MediaBackend(Backend):
     async def extents(self, offset: int, length: int) -> list[Extent]:
         return await self.inner.extents(offset, length)
 
+    async def first_extent(self, offset: int, length: int) -> Extent:
+        return await self.inner.first_extent(offset, length)
+
     def close(self) -> None:
         self.inner.close()

@@ -343,6 +343,9 @@ class MigratingBackend(Backend):
     async def extents(self, offset: int, length: int) -> list[Extent]:
         return await (self._forward or self.source).extents(offset, length)
 
+    async def first_extent(self, offset: int, length: int) -> Extent:
+        return await (self._forward or self.source).first_extent(offset, length)
+
     # ---- cutover support
     async def hold_writes(self) -> None:
         """Close the gate for new writes and wait for those in flight."""

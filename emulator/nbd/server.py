@@ -723,9 +723,10 @@ class _Connection(asyncio.BufferedProtocol):
     async def _block_status(self, req: p.Request) -> None:
         backend = self._backend
         assert backend is not None and self._alloc_ctx is not None
-        extents = await backend.extents(req.offset, req.length)
-        if req.flags & p.CMD_FLAG_REQ_ONE:
-            extents = extents[:1]
+        if req.flags & p.CMD_FLAG_REQ_ONE:  # a remote source is asked for one only
+            extents = [await backend.first_extent(req.offset, req.length)]
+        else:
+            extents = await backend.extents(req.offset, req.length)
         # Lengths on the wire are u32: split what is longer.
         out: list[p.Extent] = []
         limit = 0xFFFFF000

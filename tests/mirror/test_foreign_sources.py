@@ -173,3 +173,34 @@ def test_a_source_that_needs_aligned_requests(tmp_path: Path) -> None:
         assert filecmp.cmp(want, got, shallow=False)
         data = want.read_bytes()
         assert data[5 * MiB : 5 * MiB + 2] == b"\x06\xab" and data[9 * MiB + 1] == 0xAB
+
+
+@pytest.mark.timeout(120)
+def test_a_host_req_one_block_status_asks_the_source_for_one_extent(tmp_path: Path) -> None:
+    """Regression: a host's BLOCK_STATUS with REQ_ONE on a migrating (and on a remote)
+    LUN went to the source without the flag, so a fragmented source answered every
+    extent of the range asked and the target threw all but the first away. nbdkit's
+    log filter shows the flag each request reached the source with."""
+    if not shutil.which("nbdkit"):
+        pytest.skip("nbdkit is needed (make install)")
+    size, log = 64 * MiB, tmp_path / "source.log"
+    sparse = ("sparse-random", f"size={size}", "seed=5", "percent=50", "runlength=8192")
+    with (
+        nbdkit(tmp_path, "--filter=log", *sparse, f"logfile={log}") as src,
+        array_daemon(tmp_path / "B", "B") as b,
+    ):
+        api = array_api(b)
+
+        async def first_extent(uri: str) -> tuple[int, int]:
+            async with await NbdClient.connect(uri) as c:
+                [e] = await c.extents(0, size, one=True)
+                return e.length, e.flags
+
+        want = asyncio.run(first_extent(src.uri))
+        for lun, action in (("mig", "pause"), ("rem", "cancel")):
+            api.call("POST", "/api/v1/migrations", {"lun": lun, "source": src.uri, "throttle": 1})
+            api.call("POST", f"/api/v1/migrations/{lun}/{action}")
+            asked = log.read_text().count(" Extents id=")
+            assert asyncio.run(first_extent(b.uri(lun))) == want, lun
+            new = [ln for ln in log.read_text().splitlines() if " Extents id=" in ln][asked:]
+            assert new and all("req_one=1" in ln for ln in new), (lun, new)
