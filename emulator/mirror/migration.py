@@ -484,8 +484,7 @@ class Migration:
         except TargetError:
             raise
         except BackendError as e:  # the source went away: try again later
-            backend.active = self.mode == "active"
-            self.state = "converging"
+            self._postponed()
             self.last_error = str(e)
             return False
         t0 = time.perf_counter()
@@ -531,17 +530,15 @@ class Migration:
             step("swap_ms")
             self.cutover_steps = steps
         except _Retry as e:
-            backend.active = self.mode == "active"
+            self._postponed()
             backend.release_writes()
-            self.state = "converging"
             log.info("cutover of %s postponed: %s", self.name, e)
             return False
         except BackendError as e:
-            backend.active = self.mode == "active"
+            self._postponed()
             backend.release_writes()
             if isinstance(e, TargetError):
                 raise
-            self.state = "converging"
             self.last_error = str(e)
             return False
         self.cutover_pause_s = time.perf_counter() - t0
@@ -556,6 +553,14 @@ class Migration:
         self._let_go()
         self._done.set()
         return True
+
+    def _postponed(self) -> None:
+        """A cutover put off: back to the mode asked for, and to converging, or to
+        paused if a pause came meanwhile (it closed the gate the copy loop waits
+        on; "converging" would hide that, and resume() would find nothing to undo)."""
+        assert self.backend is not None
+        self.backend.active = self.mode == "active"
+        self.state = "converging" if self._unpaused.is_set() else "paused"
 
     async def _to_remote(self, state: str, error: str) -> None:
         """Serve the source directly from now on (cancel, failure)."""

@@ -1,0 +1,87 @@
+"""A pause that comes while a cutover runs, and a cutover then put off.
+
+pause() cleared the gate and said "paused"; the cutover, put off by a source error
+while writes were held, then set "converging" over it. The copy loop waited on the
+gate, resume() saw no "paused" to undo and did nothing: the migration stayed in
+"converging" for good, its LUN proxied to the source. Now a put-off cutover goes
+back to "paused" when a pause came meanwhile, and resume() finishes the migration.
+In-process, a source that fails its reads on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from pathlib import Path
+
+from emulator.mirror.migration import Migration, MigrationConfig
+from emulator.nbd.backend import MemoryBackend
+from emulator.nbd.errors import BackendError
+from tests.backends import Lun
+
+MiB = 1 << 20
+
+
+class FailingReads(MemoryBackend):
+    """Reads raise EIO while ``fail`` is set."""
+
+    fail = False
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        if self.fail:
+            raise BackendError(errno.EIO, "source read failed (test)")
+        return await super().read(offset, length)
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        if self.fail:
+            raise BackendError(errno.EIO, "source read failed (test)")
+        await super().read_into(offset, buf)
+
+
+def test_a_pause_during_a_cutover_that_is_put_off_can_be_resumed(tmp_path: Path) -> None:
+    async def main() -> None:
+        size = 4 * MiB
+        source, target = FailingReads(size), MemoryBackend(size)
+        await source.write(0, b"s" * size)
+        m = Migration(
+            "vol",
+            "move:x:y",
+            Lun(),
+            target,
+            tmp_path / "vol.progress",
+            MigrationConfig(region_size=MiB),
+            on_change=lambda m: None,
+            source=source,
+        )
+        await m.start()
+        backend = m.backend
+        assert backend is not None
+        hold = backend.hold_writes
+        held = asyncio.Event()
+
+        async def pause_then_hold() -> None:
+            # A host trim leaves a region dirty for the held copy (a write would go
+            # to both sides); the pause comes now, the source fails that copy: the
+            # cutover is put off.
+            await backend.trim(0, 4096)
+            m.pause()
+            source.fail = True
+            held.set()
+            await hold()
+
+        backend.hold_writes = pause_then_hold  # type: ignore[method-assign]
+        await asyncio.wait_for(held.wait(), 10)
+        for _ in range(100):  # the put-off cutover returns to the loop
+            if "source read failed" in m.last_error:
+                break
+            await asyncio.sleep(0.01)
+        assert "source read failed" in m.last_error
+        assert m.state == "paused"  # was "converging", and nothing could resume it
+        backend.hold_writes = hold  # type: ignore[method-assign]
+        source.fail = False
+        m.resume()
+        assert await m.wait(10) == "completed"
+        assert bytes(await target.read(0, 4096)) == bytes(4096)
+        assert bytes(await target.read(4096, size - 4096)) == b"s" * (size - 4096)
+
+    asyncio.run(main())
