@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable, Container, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
+from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.nbd.backend import Backend, Done, MemoryBackend
 from emulator.nbd.errors import BackendError
 from emulator.nbd.protocol import Extent
@@ -24,6 +26,29 @@ class Lun:
 
     def swap(self, backend: Backend) -> None:
         self.backend = backend
+
+
+def local_migration(
+    source: Backend,
+    target: Backend,
+    tmp_path: Path,
+    config: MigrationConfig | None = None,
+    lun: Lun | None = None,
+    **kw: Any,
+) -> Migration:
+    """An in-process migration "vol" of ``source`` to ``target`` with no NBD between
+    them (as a move between pools of one array is), its progress in ``tmp_path``."""
+    return Migration(
+        "vol",
+        "move:x:y",
+        lun or Lun(),
+        target,
+        tmp_path / "vol.progress",
+        config or MigrationConfig(),
+        on_change=lambda m: None,
+        source=source,
+        **kw,
+    )
 
 
 class FixedMap(MemoryBackend):

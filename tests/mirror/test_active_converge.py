@@ -26,11 +26,11 @@ from pathlib import Path
 
 from emulator.mirror.copier import Copier, Throttle
 from emulator.mirror.migrating import MigratingBackend
-from emulator.mirror.migration import Migration, MigrationConfig
+from emulator.mirror.migration import MigrationConfig
 from emulator.mirror.regions import DIRTY, ProgressFile, RegionMap
 from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.protocol import Extent
-from tests.backends import Lun
+from tests.backends import Lun, local_migration
 
 REGION = 64 << 10
 COUNT = 256
@@ -82,17 +82,14 @@ def test_active_mode_converges_in_few_host_writes_a_region(tmp_path: Path) -> No
         model = bytearray(random.Random(1).randbytes(SIZE))
         await MemoryBackend.write(source, 0, model)  # all allocated
         lun = Lun()
-        m = Migration(
-            "vol",
-            "move:x:y",
-            lun,
+        m = local_migration(
+            source,
             target,
-            tmp_path / "vol.progress",
+            tmp_path,
             MigrationConfig(region_size=REGION, mode="active", checkpoint_interval=1e9),
-            on_change=lambda m: None,
             clock=lambda: 0.0,
             sleep=nap,
-            source=source,
+            lun=lun,
         )
         await m.start(paused=True)
         copier = m.copier  # an ended migration lets go of it (Migration._let_go)

@@ -19,7 +19,7 @@ from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.mirror.regions import CLEAN
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.protocol import STATE_HOLE, STATE_ZERO, Extent
-from tests.backends import Lun
+from tests.backends import local_migration
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -59,16 +59,7 @@ def test_a_pass_does_not_call_the_copier_for_each_hole_region(
         for off in data:
             await src.write(off, off.to_bytes(8, "little") * 512)
         target = MemoryBackend(size)
-        m = Migration(
-            "vol",
-            "move:x:y",
-            Lun(),
-            target,
-            tmp_path / "vol.progress",
-            MigrationConfig(region_size=region),
-            on_change=lambda m: None,
-            source=src,
-        )
+        m = local_migration(src, target, tmp_path, MigrationConfig(region_size=region))
         await m.start()
         assert await m.wait(30) == "completed"
         for off in data:
@@ -118,16 +109,7 @@ class Mapped(MemoryBackend):
 def _migrate(tmp_path: Path, src: Backend, size: int) -> MemoryBackend:
     async def main() -> MemoryBackend:
         target = MemoryBackend(size)
-        m = Migration(
-            "vol",
-            "move:x:y",
-            Lun(),
-            target,
-            tmp_path / "vol.progress",
-            MigrationConfig(),
-            on_change=lambda m: None,
-            source=src,
-        )
+        m = local_migration(src, target, tmp_path)
         await m.start()
         assert await m.wait(60) == "completed"
         return target
@@ -200,16 +182,7 @@ def test_a_resumed_migration_cleans_the_holes_of_its_local_copy_in_bulk(tmp_path
         await target.write(stale, b"\xee" * 8 * KiB)
 
         def migration() -> Migration:
-            return Migration(
-                "vol",
-                "move:x:y",
-                Lun(),
-                target,
-                tmp_path / "vol.progress",
-                MigrationConfig(region_size=region),
-                on_change=lambda m: None,
-                source=src,
-            )
+            return local_migration(src, target, tmp_path, MigrationConfig(region_size=region))
 
         first = migration()
         await first.start(paused=True)  # the progress file: nothing clean yet
@@ -248,17 +221,7 @@ def test_a_checkpoint_reads_the_wide_arrays_only_at_its_candidates(tmp_path: Pat
         src = Thin(size)
         target = MemoryBackend(size)
         now = [1000.0]
-        m = Migration(
-            "vol",
-            "move:x:y",
-            Lun(),
-            target,
-            tmp_path / "vol.progress",
-            MigrationConfig(region_size=region),
-            on_change=lambda m: None,
-            source=src,
-            clock=lambda: now[0],
-        )
+        m = local_migration(src, target, tmp_path, MigrationConfig(region_size=region), clock=lambda: now[0])
         await m.start(paused=True)
         regions, progress = m.regions, m.progress
         assert regions is not None and progress is not None

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from control.api_client import ApiError
-from emulator.mirror.migration import Migration, MigrationConfig
+from emulator.mirror.migration import MigrationConfig
 from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.client import NbdClient
-from tests.backends import Lun
+from tests.backends import local_migration
 from tests.servers import ArrayDaemon, array_api, array_daemon
 
 MiB = 1 << 20
@@ -45,16 +45,7 @@ def test_a_second_cancel_waits_for_the_first_and_is_refused(tmp_path: Path) -> N
         size = 8 * MiB
         source, target = MemoryBackend(size), HeldTrim(size)
         await source.write(0, b"s" * size)
-        m = Migration(
-            "vol",
-            "move:x:y",
-            Lun(),
-            target,
-            tmp_path / "vol.progress",
-            MigrationConfig(region_size=MiB, throttle=0.5e6),
-            on_change=lambda m: None,
-            source=source,
-        )
+        m = local_migration(source, target, tmp_path, MigrationConfig(region_size=MiB, throttle=0.5e6))
         await m.start()
         first = asyncio.ensure_future(m.cancel())
         while target.trims == 0:

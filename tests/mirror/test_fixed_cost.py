@@ -46,12 +46,12 @@ from emulator.array.file_backend import FileBackend
 from emulator.array.media import MediaBackend
 from emulator.array.models import MEDIA
 from emulator.mirror.copier import EXTENT_WINDOW, MAP_SPAN, Copier, Throttle, _clip
-from emulator.mirror.migration import Migration, MigrationConfig
+from emulator.mirror.migration import MigrationConfig
 from emulator.mirror.regions import CLEAN, RegionMap
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
 from emulator.nbd.protocol import STATE_ZERO, Extent
-from tests.backends import FixedMap, Lun
+from tests.backends import FixedMap, local_migration
 from tests.servers import ArrayDaemon, array_api, array_daemon
 
 MiB = 1 << 20
@@ -391,17 +391,7 @@ def test_a_short_copy_flushes_at_the_end_of_its_pass_and_at_cutover_only(tmp_pat
             await src.write(off, bytes([off // MiB + 1]) * MiB)
         target = MemoryBackend(size)  # counts its flushes
         now = [1000.0]  # injected time: never a whole checkpoint interval after the start
-        m = Migration(
-            "vol",
-            "move:x:y",
-            Lun(),
-            target,
-            tmp_path / "vol.progress",
-            MigrationConfig(region_size=MiB),
-            on_change=lambda m: None,
-            clock=lambda: now[0],
-            source=src,
-        )
+        m = local_migration(src, target, tmp_path, MigrationConfig(region_size=MiB), clock=lambda: now[0])
         await m.start()
         assert await m.wait(10) == "completed"
         # the checkpoint after the pass, the settle before cutover; none at the first region

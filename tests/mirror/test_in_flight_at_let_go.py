@@ -27,7 +27,7 @@ from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.mirror.regions import CLEAN
 from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.client import NbdClient
-from tests.backends import Lun
+from tests.backends import local_migration
 from tests.servers import ArrayDaemon, array_api, array_daemon
 
 MiB = 1 << 20
@@ -163,16 +163,7 @@ class HeldReads(MemoryBackend):
 
 
 def migration(tmp_path: Path, source: MemoryBackend, target: MemoryBackend, throttle: float) -> Migration:
-    return Migration(
-        "vol",
-        "move:p1:p2",
-        Lun(),
-        target,
-        tmp_path / "vol.progress",
-        MigrationConfig(region_size=MiB, throttle=throttle),
-        on_change=lambda m: None,
-        source=source,
-    )
+    return local_migration(source, target, tmp_path, MigrationConfig(region_size=MiB, throttle=throttle))
 
 
 async def until(cond: Callable[[], object], timeout: float = 10.0) -> None:

@@ -14,10 +14,10 @@ import asyncio
 import errno
 from pathlib import Path
 
-from emulator.mirror.migration import Migration, MigrationConfig
+from emulator.mirror.migration import MigrationConfig
 from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.errors import BackendError
-from tests.backends import Lun
+from tests.backends import local_migration
 
 MiB = 1 << 20
 
@@ -43,16 +43,7 @@ def test_a_pause_during_a_cutover_that_is_put_off_can_be_resumed(tmp_path: Path)
         size = 4 * MiB
         source, target = FailingReads(size), MemoryBackend(size)
         await source.write(0, b"s" * size)
-        m = Migration(
-            "vol",
-            "move:x:y",
-            Lun(),
-            target,
-            tmp_path / "vol.progress",
-            MigrationConfig(region_size=MiB),
-            on_change=lambda m: None,
-            source=source,
-        )
+        m = local_migration(source, target, tmp_path, MigrationConfig(region_size=MiB))
         await m.start()
         backend = m.backend
         assert backend is not None
