@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from emulator.units import format_size
@@ -17,6 +17,19 @@ def _api_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", required=True, metavar="URL", help="array API, e.g. http://127.0.0.1:8701")
     p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def name_arg(kind: str) -> Callable[[str], str]:
+    """A name (LUN, pool, host) for argparse: an empty one would name no LUN (``lun show ''``
+    asked for ``/api/v1/luns/``, "Not Found") or quietly a default (``--pool ''``: the default
+    pool; ``attach --host-name ''``: this machine)."""
+
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"a {kind} name, not an empty one")
+        return text
+
+    return parse
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -146,33 +159,33 @@ def add_parsers(
     lsub = lun.add_subparsers(dest="lun_command", metavar="ACTION", required=True)
     p = lsub.add_parser("create", help="create a thin LUN")
     _api_args(p)
-    p.add_argument("name")
+    p.add_argument("name", type=name_arg("LUN"))
     p.add_argument("--size", required=True, help="size, e.g. 1G or 1073741824")
-    p.add_argument("--pool", help="pool (default: 'default')")
+    p.add_argument("--pool", type=name_arg("pool"), help="pool (default: 'default')")
     p.set_defaults(func=run_api_command(cmd_lun_create))
     p = lsub.add_parser("list", help="list LUNs")
     _api_args(p)
     p.set_defaults(func=run_api_command(cmd_lun_list))
     p = lsub.add_parser("show", help="show one LUN")
     _api_args(p)
-    p.add_argument("name")
+    p.add_argument("name", type=name_arg("LUN"))
     p.set_defaults(func=run_api_command(cmd_lun_show))
     p = lsub.add_parser("grow", help="grow a LUN")
     _api_args(p)
-    p.add_argument("name")
+    p.add_argument("name", type=name_arg("LUN"))
     p.add_argument("--size", required=True, help="new size, e.g. 2G")
     p.set_defaults(func=run_api_command(cmd_lun_grow))
     p = lsub.add_parser("delete", help="delete a LUN")
     _api_args(p)
-    p.add_argument("name")
+    p.add_argument("name", type=name_arg("LUN"))
     p.add_argument("--force", action="store_true", help="delete even while hosts are connected")
     p.set_defaults(func=run_api_command(cmd_lun_delete))
     p = lsub.add_parser("fence", help="fence a LUN for a takeover: read only to hosts, but to its holder")
     _api_args(p)
-    p.add_argument("name")
+    p.add_argument("name", type=name_arg("LUN"))
     p.add_argument("--holder", default="", help="who holds the fence (a label)")
     p.set_defaults(func=run_api_command(cmd_lun_fence))
     p = lsub.add_parser("unfence", help="lift a LUN's fence: hosts may write again")
     _api_args(p)
-    p.add_argument("name")
+    p.add_argument("name", type=name_arg("LUN"))
     p.set_defaults(func=run_api_command(cmd_lun_unfence))

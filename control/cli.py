@@ -11,14 +11,13 @@ command runs. `--help`, the volume commands and the array API commands never loa
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from emulator.array.models import DEFAULT_MODEL, MODELS
-from emulator.units import rate_arg, size_arg
+from emulator.units import rate_arg, seconds_arg, size_arg
 
 from . import array_commands, migration_commands, volume_commands
 from .api_client import TOKEN_ENV
@@ -142,7 +141,7 @@ def _add_array_serve(array_sub: argparse._SubParsersAction[argparse.ArgumentPars
     )
     sp.add_argument(
         "--source-retry-window",
-        type=_seconds_arg(positive=False),
+        type=seconds_arg(positive=False),
         default=30.0,
         metavar="SECONDS",
         help="how long I/O that needs an unreachable migration source waits before "
@@ -160,21 +159,6 @@ def _add_array_serve(array_sub: argparse._SubParsersAction[argparse.ArgumentPars
     sp.set_defaults(func=_array_serve)
 
 
-def _seconds_arg(positive: bool) -> Callable[[str], float]:
-    """A finite number of seconds, > 0 (``positive``) or >= 0, for argparse."""
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            v = math.nan
-        if not (0 < v < math.inf if positive else 0 <= v < math.inf):  # NaN fails too
-            raise argparse.ArgumentTypeError(f"seconds {'> 0' if positive else '>= 0'}, not {text!r}")
-        return v
-
-    return parse
-
-
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
@@ -187,13 +171,13 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--size", default="512M", type=size_arg, help="volume size (default %(default)s)")
     p.add_argument(
         "--fio-seconds",
-        type=_seconds_arg(positive=True),
+        type=seconds_arg(positive=True),
         default=5.0,
         help="length of the fio run on A and of the read-through run on B (default %(default)s)",
     )
     p.add_argument(
         "--tail-seconds",
-        type=_seconds_arg(positive=False),
+        type=seconds_arg(positive=False),
         default=2.0,
         help="fio keeps running this long on B after the migration succeeded (default %(default)s)",
     )

@@ -14,8 +14,9 @@ A TOML config names the arrays::
     # data_dir = "/var/lib/blockmig/A"   (default: STATE_DIR/arrays/NAME)
     # token = "..."                      (default: generated in the data dir)
 
-Without a config, `blockmig up` starts two arrays, A and B, of the unified
-model. What was started is recorded in STATE_DIR/arrays.json, which later
+`blockmig up --config FILE` keeps the config as STATE_DIR/config.toml; without
+``--config`` it starts the arrays of that copy, else two arrays, A and B, of the
+unified model. What was started is recorded in STATE_DIR/arrays.json, which later
 commands read to find the arrays' APIs; a record there means "started by `up`"
 (an array killed since is restarted by the next `up`). `blockmig down` removes
 it and keeps what the arrays were, their addresses first, in STATE_DIR/stopped.json,
@@ -29,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,8 +43,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from emulator.array.models import MODELS
-from emulator.units import parse_hostport, parse_rate
+from emulator.array.errors import InvalidInput
+from emulator.array.models import MODELS, parse_media
+from emulator.array.names import check_name, check_size
+from emulator.units import parse_hostport, parse_rate, parse_size
 
 from .api_client import ArrayApi
 
@@ -181,42 +185,141 @@ def is_array_process(pid: int, name: str, data_dir: str) -> bool:
 
 
 def load_config(path: Path | None) -> list[ArrayConfig]:
+    """The arrays of the config at ``path`` (None: A and B, unified), every key and value
+    checked: `up` starts nothing from a config with a mistake anywhere in it (a bad value
+    in a second array used to surface once the first ran, or as a traceback)."""
     if path is None:
         return [ArrayConfig("A"), ArrayConfig("B")]
     with open(path, "rb") as f:
         try:
             raw = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid TOML: {e}") from None
+    unknown = set(raw) - {"array"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (it takes [[array]] tables)")
     arrays = raw.get("array")
-    if not isinstance(arrays, list) or not arrays:
+    if not isinstance(arrays, list) or not arrays or not all(isinstance(a, dict) for a in arrays):
         raise ValueError(f"{path}: needs at least one [[array]] table")
-    out = []
-    known = {f.name for f in ArrayConfig.__dataclass_fields__.values()}
-    for a in arrays:
-        unknown = set(a) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} in [[array]]")
-        if "name" not in a:
-            raise ValueError(f"{path}: an [[array]] has no name")
-        if a.get("model", ArrayConfig.model) not in MODELS:
-            raise ValueError(
-                f"{path}: model of array {a['name']!r} must be one of {', '.join(sorted(MODELS))}, "
-                f"not {a['model']!r}"
-            )
-        rate = a.get("migration_throttle", 0)
-        try:
-            parse_rate(rate)
-        except ValueError:
-            raise ValueError(
-                f"{path}: migration_throttle of array {a['name']!r} must be MB/s >= 0 (0 = unlimited), "
-                f"not {rate!r}"
-            ) from None
-        out.append(ArrayConfig(**a))
+    out = [_array_config(path, n, a) for n, a in enumerate(arrays, 1)]
     names = [a.name for a in out]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: array names must be unique")
+    # what two arrays cannot share: the second would fail to start after the first ran
+    taken: dict[object, str] = {}
+    for a in out:
+        for key in ("nbd", "api"):
+            host, port = parse_hostport(getattr(a, key))
+            if port:
+                _claim(path, taken, (host, port), f"{key} of array {a.name!r}", getattr(a, key))
+        if a.data_dir:
+            _claim(path, taken, Path(a.data_dir).resolve(), f"data_dir of array {a.name!r}", a.data_dir)
     return out
+
+
+def _claim(path: Path, taken: dict[object, str], what: object, owner: str, text: str) -> None:
+    if what in taken:
+        raise ValueError(f"{path}: {owner} is {text!r}, as {taken[what]} is: give each its own")
+    taken[what] = owner
+
+
+def _array_config(path: Path, n: int, a: dict[str, Any]) -> ArrayConfig:
+    """One ``[[array]]`` table (the ``n``-th) as an ArrayConfig; ValueError naming the file,
+    the array and the key for anything the array would refuse (or blockmig choke on)."""
+    known = ArrayConfig.__dataclass_fields__
+    unknown = set(a) - set(known)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown key(s) {', '.join(sorted(unknown))} in [[array]] #{n} "
+            f"(known: {', '.join(known)})"
+        )
+    if "name" not in a:
+        raise ValueError(f"{path}: an [[array]] has no name")
+    try:
+        name = check_name("array", a["name"])
+    except InvalidInput as e:
+        raise ValueError(f"{path}: [[array]] #{n}: {e}") from None
+
+    def bad(key: str, want: str) -> ValueError:
+        return ValueError(f"{path}: {key} of array {name!r} must be {want}, not {a[key]!r}")
+
+    for key in ("model", "media", "nbd", "api", "data_dir", "token"):
+        if not isinstance(a.get(key, ""), str):
+            raise bad(key, "a string")
+    model = a.get("model", ArrayConfig.model)
+    if model not in MODELS:
+        raise ValueError(
+            f"{path}: model of array {name!r} must be one of {', '.join(sorted(MODELS))}, not {model!r}"
+        )
+    if "media" in a:
+        try:
+            parse_media(a["media"])
+        except ValueError:
+            raise bad("media", "none, ssd, hdd or fixed:MS (e.g. fixed:0.5)") from None
+    for key in ("nbd", "api"):
+        if key in a:
+            try:
+                parse_hostport(a[key])
+            except ValueError:
+                raise bad(key, "HOST:PORT (e.g. 127.0.0.1:0, port 0 for any free one)") from None
+    if "token" in a and not re.fullmatch(r"[!-~]*", a["token"]):
+        # it goes into an HTTP header: a space or a line break would not get through
+        raise ValueError(f"{path}: token of array {name!r} must be printable ASCII without spaces")
+    if a.get("data_dir"):
+        # a file there (or above) would fail the array's start, after those before it started
+        d = Path(a["data_dir"]).absolute()
+        there = next(q for q in (d, *d.parents) if q.exists())
+        if not there.is_dir():
+            raise ValueError(
+                f"{path}: data_dir of array {name!r} is {a['data_dir']!r}, but {there} is no directory"
+            )
+    pools = a.get("pools", {})
+    if not isinstance(pools, dict):
+        raise bad("pools", 'a table of pool = capacity, e.g. { default = "20G" }')
+    for pool, cap in pools.items():
+        try:
+            check_name("pool", pool)
+            check_size(parse_size(cap) if isinstance(cap, str) else cap, f"capacity of pool {pool!r}")
+        except (InvalidInput, ValueError) as e:
+            raise ValueError(f"{path}: pools of array {name!r}: {e}") from None
+    rate = a.get("migration_throttle", 0)
+    try:
+        parse_rate(rate)
+    except ValueError:
+        raise bad("migration_throttle", "MB/s >= 0 (0 = unlimited)") from None
+    return ArrayConfig(**{**a, "pools": {str(p): str(c) for p, c in pools.items()}})
+
+
+def saved_config(state_dir: Path) -> Path:
+    """Where `blockmig up --config FILE` keeps the config for the `up`s without one."""
+    return state_dir / "config.toml"
+
+
+def save_config(path: Path, configs: list[ArrayConfig], source: Path) -> None:
+    """Write ``configs`` (checked by :func:`load_config`) to ``path`` as TOML, a relative
+    ``data_dir`` made absolute (a later `up` may run in another directory: it would start
+    an empty array elsewhere). Mode 0600: it may hold tokens."""
+
+    def text(v: str) -> str:  # a TOML basic string: JSON's escapes, but DEL, which TOML refuses raw
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+    lines = [f"# the config `blockmig up --config` got ({text(str(source))}), for `up` without one"]
+    for cfg in configs:
+        d = asdict(replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else ""))
+        lines.append("\n[[array]]")
+        for key, value in d.items():
+            if key == "pools":
+                pools = ", ".join(f"{text(p)} = {text(c)}" for p, c in value.items())
+                lines.append(f"pools = {{ {pools} }}" if pools else "pools = {}")
+            elif isinstance(value, str):
+                lines.append(f"{key} = {text(value)}")
+            else:
+                lines.append(f"{key} = {float(value)!r}")
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    tmp.replace(path)
 
 
 class RegistryError(ValueError):
@@ -416,6 +519,8 @@ def registry_lock(state_dir: Path) -> Iterator[None]:
 
 
 def up(state_dir: Path, config: Path | None) -> dict[str, ArrayRecord]:
+    if config is not None:
+        load_config(config)  # a mistake in it: refused before anything, the state dir too
     with registry_lock(state_dir):
         return _up(state_dir, config)
 
@@ -424,7 +529,12 @@ def _up(state_dir: Path, config: Path | None) -> dict[str, ArrayRecord]:
     reg = Registry(state_dir)
     records = reg.load()
     stopped = reg.load_stopped()
+    saved = saved_config(state_dir)
+    if config is None and saved.exists():
+        config = saved  # the arrays the last `up --config` named, not A and B
     configs = load_config(config)
+    if config is not None and not (saved.exists() and saved.samefile(config)):
+        save_config(saved, configs, config.absolute())  # checked whole: a bad config replaces no good one
     # An array `down` stopped that the config no longer names is not started again: its
     # record would stay for good, and a migration involving it would wait for it with no
     # word why. Forgotten here, said so; its data dir stays (a config naming it again

@@ -39,6 +39,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from emulator.array.errors import InvalidInput
+from emulator.array.names import check_name, check_size
 from emulator.nbd.errors import NbdError
 
 from .api_client import FINAL, ApiError
@@ -101,11 +103,32 @@ class VolumeManager:
         return driver_for(rec.model, array, rec.client())
 
     def resolve_host(self, text: str) -> Host:
+        """``ARRAY[@BACKEND][#POOL]`` as a volume's host: an array `up` started, a backend (if
+        given) that is that array's model, and a pool the array has (it is asked: a volume
+        or a migration recorded first would be left in error by a typo)."""
         h = Host.parse(text)
         try:
             rec = self.registry.get(h.array)
         except KeyError as e:
             raise VolumeError(str(e.args[0])) from None
+        left = text.partition("#")[0]
+        backend = left.partition("@")[2]
+        if "@" in left and backend != rec.model:
+            raise VolumeError(
+                f"host {text!r}: array {h.array}'s backend is its model, {rec.model!r}, not "
+                f"{backend!r} (use {h.array}#{h.pool} or {Host(h.array, rec.model, h.pool)})"
+            )
+        try:
+            check_name("pool", h.pool)
+        except InvalidInput as e:
+            raise VolumeError(f"host {text!r}: {e}") from None
+        try:
+            pools = [p["name"] for p in rec.client().array_info()["pools"]]
+        except ApiError as e:
+            raise VolumeError(f"array {h.array}: {e}") from None
+        if h.pool not in pools:
+            known = ", ".join(pools)
+            raise VolumeError(f"host {text!r}: array {h.array} has no pool {h.pool!r} (pools: {known})")
         return Host(h.array, rec.model, h.pool)
 
     def _inject(self, step: str) -> None:
@@ -156,6 +179,11 @@ class VolumeManager:
 
     # ------------------------------------------------------------------ volumes
     def create(self, name: str, size: int, host_text: str) -> Volume:
+        # what the array would refuse, refused before the volume is recorded (else it stays, in error)
+        try:
+            check_size(size, f"size of volume {name}")
+        except InvalidInput as e:
+            raise VolumeError(e.message) from None
         host = self.resolve_host(host_text)
         v = self.db.create(name, size, str(host))
         try:
@@ -374,6 +402,12 @@ class VolumeManager:
                 raise VolumeError(
                     f"volume {v.name} ({v.id}) is already {v.migration_status}; wait for that migration "
                     "to end (`blockmig show` follows it)"
+                )
+            if v.status not in ("available", "in-use"):  # the claim below would fail, less clearly
+                why = "; its create or delete failed: delete it (`blockmig delete`)"
+                raise VolumeError(
+                    f"volume {v.name} ({v.id}) is {v.status}: only an available or in-use volume "
+                    f"migrates{why if v.status == 'error' else ''}"
                 )
             src = Host.parse(v.host)
             if (dest.array, dest.pool) == (src.array, src.pool):

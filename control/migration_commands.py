@@ -8,10 +8,10 @@ import sys
 import urllib.parse
 from typing import Any
 
-from emulator.units import format_size, rate_arg, size_arg
+from emulator.units import format_size, rate_arg, seconds_arg, size_arg
 
 from .api_client import FINAL, ArrayApi
-from .array_commands import _api_args, run_api_command, table
+from .array_commands import _api_args, name_arg, run_api_command, table
 
 
 def _path(name: str, action: str = "") -> str:
@@ -130,8 +130,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = msub.add_parser("start", help="take a source LUN over and migrate it into a local LUN")
     _api_args(p)
     p.add_argument("--source", required=True, metavar="URI", help="source LUN, nbd://HOST:PORT/EXPORT")
-    p.add_argument("--lun", required=True, metavar="NAME", help="name of the LUN on this array")
-    p.add_argument("--pool", help="pool of the local copy (default: 'default')")
+    p.add_argument(
+        "--lun", required=True, metavar="NAME", type=name_arg("LUN"), help="name of the LUN on this array"
+    )
+    p.add_argument("--pool", type=name_arg("pool"), help="pool of the local copy (default: 'default')")
     p.add_argument(
         "--mode",
         choices=("background", "active"),
@@ -152,7 +154,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "the URI of its source (that also once it ended with its LUN serving the source directly)",
     )
     _api_args(p)
-    p.add_argument("lun", metavar="NAME")
+    p.add_argument("lun", metavar="NAME", type=name_arg("LUN"))
     p.add_argument(
         "--throttle", type=rate_arg, metavar="MBPS", help="new copy rate limit in MB/s (0 = unlimited)"
     )
@@ -182,13 +184,18 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     ):
         p = msub.add_parser(name, help=helptext)
         _api_args(p)
-        p.add_argument("lun", metavar="NAME")
+        p.add_argument("lun", metavar="NAME", type=name_arg("LUN"))
         p.set_defaults(func=run_api_command(func))
     p = msub.add_parser("list", help="list migrations")
     _api_args(p)
     p.set_defaults(func=run_api_command(cmd_list))
     p = msub.add_parser("wait", help="wait until a migration ends; exit 0 only if it completed")
     _api_args(p)
-    p.add_argument("lun", metavar="NAME")
-    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 2)")
+    p.add_argument("lun", metavar="NAME", type=name_arg("LUN"))
+    p.add_argument(
+        "--timeout",
+        type=seconds_arg(positive=False),
+        metavar="S",
+        help="give up after this many seconds (exit 2; default: wait until it ends)",
+    )
     p.set_defaults(func=run_api_command(cmd_wait))

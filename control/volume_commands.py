@@ -13,7 +13,7 @@ from emulator.units import format_size, parse_size
 
 from . import config
 from .api_client import ApiError
-from .array_commands import table
+from .array_commands import name_arg, table
 from .drivers.base import Host
 from .manager import VolumeManager
 from .volumes import MIGRATING, VolumeError
@@ -29,9 +29,18 @@ def _state_dir(args: argparse.Namespace) -> Path:
     return Path(args.state_dir) if args.state_dir else config.default_state_dir()
 
 
+def _path_arg(text: str) -> str:
+    """A path for argparse: an empty one (``--state-dir "$DIR"`` with DIR unset) would
+    quietly mean the default state dir, or config, and `down` stop its arrays."""
+    if not text:
+        raise argparse.ArgumentTypeError("a path, not an empty one")
+    return text
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state-dir",
+        type=_path_arg,
         help=f"where arrays and volumes are recorded (default: ${config.STATE_ENV} "
         "or ~/.local/state/blockmig)",
     )
@@ -358,7 +367,12 @@ def _run(func: Any) -> Any:
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="start the arrays of a config in the background")
     _common(p)
-    p.add_argument("--config", help="TOML file naming the arrays (default: arrays A and B, model unified)")
+    p.add_argument(
+        "--config",
+        type=_path_arg,
+        help="TOML file naming the arrays, kept as STATE_DIR/config.toml for the next `up` "
+        "(default: that copy, else arrays A and B, model unified)",
+    )
     p.set_defaults(func=_run(cmd_up))
     p = sub.add_parser("down", help="stop the arrays `up` started")
     _common(p)
@@ -394,7 +408,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("attach", help="attach a volume: NBD connection info for a host")
     _common(p)
     p.add_argument("volume", help=VOLUME_REF)
-    p.add_argument("--host-name", help="name of the host attaching (default: this machine)")
+    p.add_argument(
+        "--host-name", type=name_arg("host"), help="name of the host attaching (default: this machine)"
+    )
     p.set_defaults(func=_run(cmd_attach))
     p = sub.add_parser("detach", help="detach a volume (all attachments, or one)")
     _common(p)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Callable
 from fractions import Fraction
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -66,6 +67,8 @@ def parse_rate(value: object) -> float:
         v = float(value)
     if not 0 <= v < math.inf:  # NaN fails too
         raise ValueError(f"a rate in MB/s >= 0 (0 = unlimited), not {value!r}")
+    if v * 1e6 == math.inf:  # in bytes/s: an "inf" throttle the API would answer as Infinity, no JSON
+        raise ValueError(f"a rate in MB/s >= 0 (0 = unlimited), not {value!r}: too large")
     return v
 
 
@@ -75,3 +78,18 @@ def rate_arg(text: str) -> float:
         return parse_rate(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def seconds_arg(positive: bool) -> Callable[[str], float]:
+    """A finite number of seconds, > 0 (``positive``) or >= 0, for argparse."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if not (0 < v < math.inf if positive else 0 <= v < math.inf):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"seconds {'> 0' if positive else '>= 0'}, not {text!r}")
+        return v
+
+    return parse

@@ -18,7 +18,6 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import secrets
 import shutil
 import sqlite3
@@ -37,43 +36,23 @@ from .lun import Lun, LunBackend, describe
 from .media import MediaBackend
 from .metadata import FenceRow, Metadata
 from .models import ArrayModel
+from .names import MAX_LUN_SIZE as MAX_LUN_SIZE  # re-exported: callers import it from here
+from .names import SECTOR, check_size
+from .names import check_name as check_name  # re-exported too
 from .open_files import OutOfFiles, check_room
 from .pool import Pool
 
 log = logging.getLogger("blockmig.array")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SECTOR = 512
-MAX_LUN_SIZE = 1 << 50  # 1 PiB
 #: how long a fence waits for the writes in flight on the LUN's export to land
 FENCE_DRAIN_S = 5.0
 
 
 def fence_export(lun: str, token: str) -> str:
     """The export name through which the holder of a fence reaches LUN ``lun``:
-    '~' is in no LUN name (NAME_RE), so it never collides with one, and it needs
+    '~' is in no LUN name (names.NAME_RE), so it never collides with one, and it needs
     no escaping in an nbd:// URI."""
     return f"{lun}~fence-{token}"
-
-
-def check_name(kind: str, name: object) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidInput(
-            f"invalid {kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def check_size(size: object, what: str = "size") -> int:
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise InvalidInput(f"{what} must be a whole number of bytes, not {size!r}")
-    if size <= 0 or size % SECTOR or size > MAX_LUN_SIZE:
-        raise InvalidInput(
-            f"{what} {size} is invalid: it must be a positive multiple of {SECTOR} bytes "
-            f"and at most {MAX_LUN_SIZE} bytes"
-        )
-    return size
 
 
 def _close_lun(lun: Lun) -> None:

@@ -22,6 +22,7 @@ from emulator import durable
 from emulator.array.array import Array
 from emulator.array.errors import ArrayError
 from emulator.array.models import get_model, parse_media
+from emulator.array.names import check_name, check_size
 from emulator.array.open_files import raise_limit
 from emulator.mirror.manager import MigrationManager
 from emulator.mirror.migration import MigrationConfig
@@ -76,7 +77,7 @@ def _parse_pools(specs: list[str]) -> dict[str, int]:
         name, sep, cap = spec.partition("=")
         if not sep:
             raise ValueError(f"--pool {spec!r}: use NAME=CAPACITY, e.g. gold=10G")
-        pools[name] = parse_size(cap)
+        pools[check_name("pool", name)] = check_size(parse_size(cap), f"capacity of pool {name!r}")
     return pools
 
 
@@ -84,13 +85,16 @@ async def serve(args: argparse.Namespace) -> int:
     nbd_host, nbd_port = parse_hostport(args.nbd_listen)
     api_host, api_port = parse_hostport(args.api_listen)
     model = get_model(args.model).with_media(parse_media(args.media))
+    # checked before the data dir and its token are made: a refused start leaves nothing
+    check_name("array", args.name)
+    pools = _parse_pools(args.pool)
     data_dir: Path = args.data_dir.resolve()
     durable.make_dir(data_dir)  # the token goes there first
     token = load_token(data_dir, args.token)
 
     raise_limit()  # a file per LUN: 1024 would not hold a real array's LUNs
     server = NbdServer()
-    array = Array(data_dir, args.name, model, server, _parse_pools(args.pool))
+    array = Array(data_dir, args.name, model, server, pools)
     array.open()
     defaults = MigrationConfig(retry_window=args.source_retry_window, throttle=args.migration_throttle * 1e6)
     manager = MigrationManager(array, defaults)

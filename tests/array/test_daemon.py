@@ -772,7 +772,12 @@ def test_a_bad_command_line_exits_1_and_starts_nothing(tmp_path: Path) -> None:
         (("--pool", "small"), "NAME=CAPACITY"),
         (("--pool", "small=12Q"), "not a size"),
         (("--media", "floppy"), "unknown media"),
+        (("--pool", "small=0"), "capacity of pool 'small' 0 is invalid"),
+        (("--pool", "a b=1G"), "invalid pool name 'a b'"),
+        (("--name", "a b"), "invalid array name 'a b'"),
     ):
         with pytest.raises(RuntimeError, match=rf"(?s)exited with 1\).*blockmig array serve: .*{msg}"):
             d = start_array(tmp_path / "a", "arr-a", *args)
             stop(d.proc)  # type: ignore[arg-type]
+        # before: a bad pool or name was refused once the data dir and its token were made
+        assert not (tmp_path / "a").exists(), args

@@ -20,7 +20,10 @@ from control import config
 from control.cli import main
 from control.config import ArrayConfig, load_config
 from control.migration_commands import format_status
+from control.volumes import VolumesDB
 from tests.servers import serve_file
+
+from .blockmig_env import ArraySpec, BlockmigEnv
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -177,3 +180,151 @@ def test_serve_file_names_the_unix_socket_it_cannot_listen_on(tmp_path: Path) ->
     )
     assert p.returncode == 1
     assert f"cannot listen on {sock}: No such file or directory" in p.stderr
+
+
+# ---------------------------------------------------------------------- names and seconds
+API = ("--api", "http://127.0.0.1:1", "--token", "t")  # never reached: refused before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("lun", "show", ""),
+        ("lun", "grow", "", "--size", "2M"),
+        ("lun", "delete", ""),
+        ("lun", "fence", ""),
+        ("lun", "unfence", ""),
+        ("lun", "create", "", "--size", "1M"),
+        ("migration", "status", ""),
+        ("migration", "wait", ""),
+        ("migration", "pause", ""),
+        ("migration", "cancel", ""),
+        ("migration", "set", "", "--throttle", "1"),
+        ("migration", "start", "--source", "nbd://127.0.0.1:1/x", "--lun", ""),
+    ],
+)
+def test_an_empty_lun_name_is_refused(capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]) -> None:
+    """Before: `lun show ''` asked the array for /api/v1/luns/ and said "Not Found"."""
+    rc, err = run(capsys, *argv, *API)
+    assert rc == 2 and "a LUN name, not an empty one" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("lun", "create", "x", "--size", "1M", "--pool", ""),
+        ("migration", "start", "--source", "nbd://127.0.0.1:1/x", "--lun", "x", "--pool", ""),
+    ],
+)
+def test_an_empty_pool_name_is_refused(capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]) -> None:
+    """Before: `--pool ''` quietly meant the default pool."""
+    rc, err = run(capsys, *argv, *API)
+    assert rc == 2 and "argument --pool: a pool name, not an empty one" in err, err
+
+
+def test_attach_refuses_an_empty_host_name(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Before: `--host-name ''` quietly recorded this machine's name."""
+    rc, err = run(capsys, "attach", "v1", "--host-name", "", "--state-dir", str(tmp_path))
+    assert rc == 2 and "argument --host-name: a host name, not an empty one" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [("down", "--state-dir", ""), ("up", "--config", "", "--state-dir", "F")])
+def test_an_empty_state_dir_or_config_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: tuple[str, ...]
+) -> None:
+    """Before: `--state-dir "$DIR"` with DIR unset meant the default state dir (`down` stopped
+    its arrays), `--config ''` the default config."""
+    monkeypatch.setenv(config.STATE_ENV, str(tmp_path / "default"))
+    (tmp_path / "F").write_text("")  # a state dir no command could use: nothing starts
+    rc, err = run(capsys, *[str(tmp_path / a) if a == "F" else a for a in argv])
+    assert rc == 2 and "a path, not an empty one" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["F"]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "soon"])
+def test_migration_wait_refuses_a_timeout_that_is_no_number_of_seconds(
+    capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    """Before: nan waited for ever (no deadline is ever passed), -1 gave up at once."""
+    rc, err = run(capsys, "migration", "wait", "m", "--timeout", bad, *API)
+    assert rc == 2 and f"argument --timeout: seconds >= 0, not '{bad}'" in err, err
+
+
+# ---------------------------------------------------------------------- volumes: refused up front
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockmigEnv]:
+    with BlockmigEnv(tmp_path_factory.mktemp("arrays") / "state") as env:
+        env.up([ArraySpec("A", pools=("default", "gold")), ArraySpec("B")])
+        yield env
+
+
+def _volumes(env: BlockmigEnv) -> list[str]:
+    return [v["name"] for v in env.ok("list")]
+
+
+@pytest.mark.parametrize(
+    ("size", "host", "msg"),
+    [
+        ("0", "A", "size of volume bad 0 is invalid: it must be a positive multiple of 512 bytes"),
+        ("1000", "A", "size of volume bad 1000 is invalid"),
+        ("2P", "A", "size of volume bad 2251799813685248 is invalid"),
+        ("1M", "A#nope", "host 'A#nope': array A has no pool 'nope' (pools: default, gold)"),
+        ("1M", "A#bad pool", "host 'A#bad pool': invalid pool name 'bad pool'"),
+        ("1M", "A@foo#gold", "host 'A@foo#gold': array A's backend is its model, 'unified', not 'foo'"),
+        ("1M", "A@#gold", "host 'A@#gold': array A's backend is its model, 'unified', not ''"),
+    ],
+)
+def test_create_refuses_bad_input_before_recording_a_volume(
+    arrays: BlockmigEnv, size: str, host: str, msg: str
+) -> None:
+    """Before: the volume was recorded first, the array refused its LUN, and the volume
+    stayed in the list, status error (and `A@foo` quietly meant A@unified)."""
+    got = arrays.refused("create", "--size", size, "--host", host, "--name", "bad")
+    assert got.startswith(msg), got
+    assert "bad" not in _volumes(arrays)
+
+
+def test_a_host_naming_the_arrays_model_as_backend_is_taken(arrays: BlockmigEnv) -> None:
+    v = arrays.create("named", 1 << 20, "A@unified#gold")
+    assert v["host"] == "A@unified#gold"
+    arrays.ok("delete", v["id"])
+
+
+@pytest.mark.parametrize(
+    ("host", "msg"),
+    [
+        ("B@foo", "host 'B@foo': array B's backend is its model, 'unified', not 'foo' (use B#default or"),
+        ("B#nope", "host 'B#nope': array B has no pool 'nope' (pools: default)"),
+        ("A#nope", "host 'A#nope': array A has no pool 'nope' (pools: default, gold)"),
+    ],
+)
+def test_migrate_refuses_a_bad_host_before_it_starts(arrays: BlockmigEnv, host: str, msg: str) -> None:
+    """Before: `B@foo` migrated to B@unified, and an unknown pool failed step 1 or 2 and
+    left the volume's migration in error."""
+    v = arrays.create(f"m-{host.replace('@', '-').replace('#', '-')}", 1 << 20, "A")
+    try:
+        got = arrays.refused("migrate", v["id"], host, "--wait")
+        assert got.startswith(msg), got
+        d = arrays.show(v["id"])
+        assert (d["host"], d["migration_status"], d["status"]) == ("A@unified#default", None, "available"), d
+    finally:
+        arrays.ok("delete", v["id"])
+
+
+def test_migrate_of_a_volume_in_error_says_why(arrays: BlockmigEnv) -> None:
+    """A volume whose create or delete failed (status error) cannot migrate. Before:
+    "volume ID: status is 'error', expected ('available', 'in-use')"."""
+    v = arrays.create("broken", 1 << 20, "A")
+    db = VolumesDB(arrays.state_dir / "volumes.db")
+    try:
+        db.update(v["id"], status="error")  # as a delete that failed on the array leaves it
+    finally:
+        db.close()
+    msg = arrays.refused("migrate", "broken", "B")
+    assert msg == (
+        f"volume broken ({v['id']}) is error: only an available or in-use volume migrates; its create "
+        "or delete failed: delete it (`blockmig delete`)"
+    ), msg
+    assert arrays.show("broken")["migration_status"] is None
+    arrays.ok("delete", "broken")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from control.config import ArrayConfig, load_config
+from control.config import ArrayConfig, Registry, child_env, load_config, save_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -21,7 +21,7 @@ def test_migration_throttle_defaults_to_unlimited() -> None:
     assert ArrayConfig("A").migration_throttle == 0.0
 
 
-@pytest.mark.parametrize("bad", ["-1", "fast", "nan"])
+@pytest.mark.parametrize("bad", ["-1", "fast", "nan", "1e308"])
 def test_array_serve_refuses_a_bad_migration_throttle(tmp_path: Path, bad: str) -> None:
     cmd = [sys.executable, "-m", "control.cli", "array", "serve", "--name", "A", "--data-dir", str(tmp_path)]
     p = subprocess.run([*cmd, "--migration-throttle", bad], capture_output=True, text=True, timeout=60)
@@ -33,7 +33,7 @@ def test_migration_throttle_from_toml(tmp_path: Path) -> None:
     assert cfg[0].migration_throttle == 50
 
 
-@pytest.mark.parametrize("bad", ['"fast"', "-1", "true", "inf", "nan"])
+@pytest.mark.parametrize("bad", ['"fast"', "-1", "true", "inf", "nan", "1e308"])
 def test_a_bad_migration_throttle_is_refused_with_its_array_named(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ValueError, match=r"migration_throttle of array 'A' must be MB/s >= 0"):
         load_config(write(tmp_path, f'[[array]]\nname = "A"\nmigration_throttle = {bad}\n'))
@@ -44,3 +44,144 @@ def test_unknown_keys_and_missing_names_are_refused(tmp_path: Path) -> None:
         load_config(write(tmp_path, '[[array]]\nname = "A"\nspeed = 3\n'))
     with pytest.raises(ValueError, match="has no name"):
         load_config(write(tmp_path, '[[array]]\nmodel = "unified"\n'))
+
+
+# A mistake anywhere in a config: before, load_config let these through (the array refused
+# them once `up` had started the arrays before it) or raised a TypeError (a traceback).
+SECOND = '[[array]]\nname = "A"\n\n[[array]]\nname = "B"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "msg"),
+    [
+        (SECOND + 'media = "floppy"\n', "media of array 'B' must be none, ssd, hdd or fixed:MS"),
+        (SECOND + 'nbd = "nohost"\n', "nbd of array 'B' must be HOST:PORT"),
+        (SECOND + 'api = "127.0.0.1:99999"\n', "api of array 'B' must be HOST:PORT"),
+        (SECOND + "nbd = 10809\n", "nbd of array 'B' must be a string, not 10809"),
+        (SECOND + "token = 3\n", "token of array 'B' must be a string, not 3"),
+        (SECOND + 'token = "a b"\n', "token of array 'B' must be printable ASCII without spaces"),
+        (SECOND + "data_dir = 3\n", "data_dir of array 'B' must be a string, not 3"),
+        (SECOND + 'model = ["unified"]\n', "model of array 'B' must be a string"),
+        (SECOND + 'pools = "gold"\n', "pools of array 'B' must be a table of pool = capacity"),
+        (SECOND + 'pools = { gold = "lots" }\n', "pools of array 'B': not a size: 'lots'"),
+        (SECOND + "pools = { gold = 1000 }\n", "pools of array 'B': capacity of pool 'gold' 1000 is invalid"),
+        (SECOND + 'pools = { gold = "0" }\n', "pools of array 'B': capacity of pool 'gold' 0 is invalid"),
+        (SECOND + 'pools = { "a b" = "1G" }\n', "pools of array 'B': invalid pool name 'a b'"),
+        ('[[array]]\nname = "A"\n\n[[array]]\nname = "B b"\n', "[[array]] #2: invalid array name 'B b'"),
+        ('[[array]]\nname = "A"\n\n[[array]]\nname = 2\n', "[[array]] #2: invalid array name 2"),
+        (
+            '[[array]]\nname = "A"\n\n[arrays]\nname = "B"\n',
+            "unknown key(s) arrays (it takes [[array]] tables)",
+        ),
+        ("array = [1, 2]\n", "needs at least one [[array]] table"),
+        (
+            '[[array]]\nname = "A"\nnbd = "127.0.0.1:10809"\n\n[[array]]\nname = "B"\nnbd = ":10809"\n',
+            "nbd of array 'B' is ':10809', as nbd of array 'A' is",
+        ),
+        (
+            '[[array]]\nname = "A"\napi = "127.0.0.1:8701"\nnbd = "127.0.0.1:8701"\n',
+            "api of array 'A' is '127.0.0.1:8701', as nbd of array 'A' is",
+        ),
+        (
+            '[[array]]\nname = "A"\ndata_dir = "d"\n\n[[array]]\nname = "B"\ndata_dir = "./d"\n',
+            "data_dir of array 'B' is './d', as data_dir of array 'A' is",
+        ),
+    ],
+)
+def test_a_bad_value_anywhere_is_refused_naming_file_array_and_key(
+    tmp_path: Path, text: str, msg: str
+) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ValueError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: ") and msg in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("data_dir", ["f", "f/sub"])
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path: Path, data_dir: str) -> None:
+    (tmp_path / "f").write_text("")
+    p = write(tmp_path, SECOND + f'data_dir = "{tmp_path / data_dir}"\n')
+    with pytest.raises(ValueError) as e:
+        load_config(p)
+    want = f"data_dir of array 'B' is '{tmp_path / data_dir}', but {tmp_path / 'f'} is no directory"
+    assert want in str(e.value), str(e.value)
+
+
+def test_a_config_that_is_no_utf8_is_named(tmp_path: Path) -> None:
+    p = tmp_path / "arrays.toml"
+    p.write_bytes(b'[[array]]\nname = "\xff"\n')
+    with pytest.raises(ValueError, match=rf"^{p}: not valid TOML: "):
+        load_config(p)
+
+
+def test_port_zero_and_default_data_dirs_may_repeat(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, SECOND + 'nbd = "127.0.0.1:0"\npools = { gold = 1048576 }\n'))
+    assert [c.name for c in cfg] == ["A", "B"] and cfg[1].pools == {"gold": "1048576"}
+
+
+def _blockmig(state: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "control.cli", *args, "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+        cwd=cwd,
+    )
+
+
+def test_up_with_a_bad_second_array_starts_nothing(tmp_path: Path) -> None:
+    """Before: array A started, then B's media was refused by B's own process (A kept running)."""
+    cfg = write(tmp_path, SECOND + 'media = "floppy"\n')
+    state = tmp_path / "state"
+    try:
+        p = _blockmig(state, "up", "--config", str(cfg))
+        made = state.exists()
+    finally:
+        _blockmig(state, "down")  # (an array started by mistake)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stderr.startswith(f"blockmig: {cfg}: media of array 'B' must be"), p.stderr
+    assert "Traceback" not in p.stderr
+    assert not made  # no array, no registry, no state dir
+
+
+def test_up_without_config_starts_the_arrays_of_the_last_config(tmp_path: Path) -> None:
+    """`up --config` then `down` then `up`: before, the second `up` started A and B (the
+    default) and forgot the configured array X as "not in the config". Now it starts X again
+    from STATE_DIR/config.toml, whose relative data_dir was made absolute (this `up` runs in
+    another directory), and a bad config given later leaves that copy as it was."""
+    state = tmp_path / "state"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "x.toml").write_text('[[array]]\nname = "X"\ndata_dir = "xdata"\npools = { gold = "64M" }\n')
+    try:
+        p = _blockmig(state, "up", "--config", "x.toml", cwd=work)
+        assert p.returncode == 0, p.stderr
+        saved = state / "config.toml"
+        assert saved.stat().st_mode & 0o777 == 0o600
+        assert load_config(saved) == [ArrayConfig("X", data_dir=str(work / "xdata"), pools={"gold": "64M"})]
+        assert _blockmig(state, "down").returncode == 0
+        before = saved.read_text()
+        bad = write(tmp_path, '[[array]]\nname = "Y"\nmedia = "floppy"\n')
+        assert _blockmig(state, "up", "--config", str(bad)).returncode == 1
+        assert saved.read_text() == before
+
+        p = _blockmig(state, "up", "--json")  # from another directory, no --config
+
+        assert p.returncode == 0, p.stderr
+        assert "not in the config" not in p.stderr, p.stderr
+        recs = Registry(state).load()
+        assert list(recs) == ["X"] and recs["X"].data_dir == str(work / "xdata"), recs
+        assert [pool["name"] for pool in recs["X"].client().array_info()["pools"]] == ["gold"]
+    finally:
+        _blockmig(state, "down")
+
+
+def test_the_saved_config_reads_back_as_it_was_given(tmp_path: Path) -> None:
+    given = [
+        ArrayConfig("A", "pooled", "fixed:0.5", "[::1]:0", "127.0.0.1:0", {"gold": "1G", "s-1": "4096"}, 2.5),
+        ArrayConfig("B", data_dir='/tmp/with "quotes" \\ and ünïcode\x7f', token="t~!\"#'\\"),
+    ]
+    saved = tmp_path / "config.toml"
+    save_config(saved, given, tmp_path / "a\nb.toml")
+    assert load_config(saved) == given
