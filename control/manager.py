@@ -43,7 +43,7 @@ from emulator.array.errors import InvalidInput
 from emulator.array.names import check_name, check_size
 from emulator.nbd.errors import NbdError
 
-from .api_client import FINAL, ApiError
+from .api_client import FINAL, ApiError, ArrayApi
 from .config import ArrayRecord, Registry, child_env, pid_alive, python_module_command
 from .drivers import VolumeDriver, driver_for
 from .drivers.base import Host, RemoteTakeoverMixin
@@ -57,10 +57,14 @@ RACE_TRIES = 20
 #: checks and the claim of migrate); and for a follower of its last migration to let go
 LOCK_WAIT = 60.0
 RUNNER_WAIT = 10.0
+#: seconds `show` waits for the volume's array to say whether it can serve it (a stopped
+#: process never answers)
+SHOW_TIMEOUT = 5.0
 
 
 class SourceNote(NamedTuple):
-    """What :meth:`VolumeManager.update_sources` did for one volume (``ok``) or could not."""
+    """What :meth:`VolumeManager.update_sources` (or :meth:`~VolumeManager.release_leftovers`)
+    did for one volume (``ok``) or could not."""
 
     volume: str
     ok: bool
@@ -125,7 +129,9 @@ class VolumeManager:
         try:
             pools = [p["name"] for p in rec.client().array_info()["pools"]]
         except ApiError as e:
-            raise VolumeError(f"array {h.array}: {e}") from None
+            raise VolumeError(
+                f"array {h.array} does not answer ({e}); start it (`blockmig up`) and retry"
+            ) from None
         if h.pool not in pools:
             known = ", ".join(pools)
             raise VolumeError(f"host {text!r}: array {h.array} has no pool {h.pool!r} (pools: {known})")
@@ -244,6 +250,10 @@ class VolumeManager:
                 raise VolumeError(
                     f"volume {v.name} ({v.id}) is {v.status}; it can be attached when available"
                 )
+            # as `show` says: a host given a fenced LUN could read it, never write it
+            why = self._unavailable(v, self.registry.load())
+            if why:
+                raise VolumeError(f"volume {v.name} ({v.id}) cannot be attached now: {why}")
             info = self.driver(Host.parse(v.host).array).initialize_connection(v, connector)
             att = {
                 "id": aid,
@@ -395,7 +405,12 @@ class VolumeManager:
     ) -> Volume:
         """Steps 1-3. Afterwards call :meth:`follow` (or spawn a follower) for 4-5."""
         v = self.db.get(ref)
-        dest = self.resolve_host(dest_text)
+        try:
+            # before anything changes: a takeover fences the source before it asks the
+            # target, and a target that then does not answer keeps the fence (_fail)
+            dest = self.resolve_host(dest_text)
+        except VolumeError as e:
+            raise VolumeError(f"volume {v.name} ({v.id}) stays on {v.host}, unchanged: {e}") from None
         with self._volume_lock(v, "migrating it"):
             v = self.db.get(v.id)  # as it is now that no other delete or migrate runs
             if v.migration_status in MIGRATING:
@@ -403,6 +418,8 @@ class VolumeManager:
                     f"volume {v.name} ({v.id}) is already {v.migration_status}; wait for that migration "
                     "to end (`blockmig show` follows it)"
                 )
+            self._remove_leftover(v)
+            v = self.db.get(v.id)  # a leftover cutover adopted: the volume lives there now
             if v.status not in ("available", "in-use"):  # the claim below would fail, less clearly
                 why = "; its create or delete failed: delete it (`blockmig delete`)"
                 raise VolumeError(
@@ -421,7 +438,6 @@ class VolumeManager:
                 "pid": os.getpid(),
                 "error": "",
             }
-            self._remove_leftover(v)
             # a follower of the last migration may still be letting go of it
             runner = self._lock(v.id, "follow", RUNNER_WAIT)
             if runner is None:
@@ -535,6 +551,10 @@ class VolumeManager:
                 return self._complete(v, progress)
             if mig["phase"] == "cleanup":
                 return self._cleanup(v)
+            if mig["phase"] == "target":
+                adopted = self._adopt_cutover(v)
+                if adopted is not None:
+                    return adopted
             # The command that ran steps 1-3 died half-way: nothing was switched yet.
             raise VolumeError(f"interrupted during step {mig['phase']}; the volume stays on {mig['source']}")
         except (ApiError, VolumeError, OSError, ValueError, NbdError) as e:
@@ -549,6 +569,30 @@ class VolumeManager:
                 return self.db.get(v.id)
             self._fail(v.id, str(e))
             raise VolumeError(f"migration of {v.name} failed: {e}") from None
+
+    def _adopt_cutover(self, v: Volume) -> Volume | None:
+        """The command that ran steps 1-3 died after the target took the LUN over, and the
+        target has cut over since: it is authoritative now (a host may have found the LUN
+        there), so the migration goes on from step 3, not back to the source (which would
+        delete the copy hosts may have written to). None if its takeover did not cut over."""
+        mig = dict(v.migration)
+        dest = Host.parse(mig["target"])
+        d = self.driver(dest.array)
+        if not isinstance(d, RemoteTakeoverMixin):
+            return None
+        try:
+            st = d.api.migration(v.lun)
+        except ApiError as e:
+            if e.status == 404:
+                return None  # it never got that far
+            raise
+        theirs = mig.get("source_uri") and st.get("source") != mig["source_uri"]
+        if st.get("state") != "completed" or theirs:
+            return None  # not cut over, or another takeover's
+        loc = d._location(d.api.get_lun(v.lun))
+        mig.update(phase="cleanup", adopted=True)
+        v = self._switch_host(v.id, str(dest), provider_location=loc, migration=mig)
+        return self._cleanup(v)
 
     def _complete(self, v: Volume, progress: Progress | None) -> Volume:
         mig = dict(v.migration)
@@ -624,20 +668,84 @@ class VolumeManager:
             return
         here = Host.parse(v.host).array
         mig = dict(mig)
-        if mig.get("phase") == "cleanup" and Host.parse(mig["source"]).array != here:
+        if (
+            mig.get("phase") == "cleanup"
+            and not mig.get("source_removed")
+            and Host.parse(mig["source"]).array != here
+        ):
             self.driver(Host.parse(mig["source"]).array).delete_volume(v)  # its fence with it
+            mig["source_removed"] = True
+            v = self.db.update(v.id, migration=mig)
         if mig.get("target_leftover") and Host.parse(mig["target"]).array != here:
-            # the source stayed authoritative; a target restarted since may even have
-            # resumed its copy of the (now stale) LUN and cut over to it
             d = self.driver(Host.parse(mig["target"]).array)
             if isinstance(d, RemoteTakeoverMixin):
+                if mig.get("fenced") and d.has_cut_over(v) and self._source_fenced(v, mig):
+                    # The target cut over (before the failure, unseen, or after a restart),
+                    # and the source stayed fenced all along: the target holds all the
+                    # source has, and what hosts wrote to it since. It is authoritative.
+                    self._adopt_leftover(v, mig, d)
+                    return
+                # the source stayed authoritative; a target that cut over while the
+                # source was not fenced may hold host writes the source lacks (refused)
                 self._refuse_if_written_since_cutover(v, d)
-                d.cancel_migration_target(v)
+                d.cancel_migration_target(v, keep_completed=False)
             mig["target_leftover"] = False
-            self.db.update(v.id, migration=mig)
+            v = self.db.update(v.id, migration=mig)
         if mig.get("fenced") and Host.parse(mig["source"]).array == here:
             # the source stayed authoritative but its fence could not be lifted then
             self._unfence(v, mig)
+
+    def _source_fenced(self, v: Volume, mig: dict[str, Any]) -> bool:
+        """Does the source array still hold the volume's LUN fenced (ours, never lifted)?"""
+        lun = self.driver(Host.parse(mig["source"]).array).api.get_lun(v.lun)
+        return bool(lun.get("fenced")) and (lun.get("fence") or {}).get("holder") == f"volume {v.id}"
+
+    def _adopt_leftover(self, v: Volume, mig: dict[str, Any], d: VolumeDriver) -> Volume:
+        """The volume (in error on its source) moves to the target that cut over, and the
+        migration ends as it would have: the source LUN removed, ``success``."""
+        target = mig["target"]
+        loc = d._location(d.api.get_lun(v.lun))
+        mig.update(
+            target_leftover=False,
+            phase="cleanup",
+            error=f"{mig.get('error', '')}; {target} had cut over: the volume lives there (adopted)",
+        )
+        v = self._switch_host(v.id, target, provider_location=loc, migration=mig)
+        return self._cleanup(v)
+
+    def release_leftovers(self, wait: float = 0.0) -> list[SourceNote]:
+        """Finish what failed migrations could not clean up (`blockmig up`, once the arrays
+        run again): a takeover its target did not answer to drop, the source LUN's fence
+        kept meanwhile, a source LUN left after the cutover (:meth:`_remove_leftover`).
+        Each under the volume's lock (``wait`` seconds at most; a busy volume is left to
+        its next migrate or delete). Returns what it did and what failed."""
+        notes: list[SourceNote] = []
+        for v in self.db.list():
+            mig = v.migration
+            here = Host.parse(v.host).array
+            if v.migration_status != "error" or not mig.get("source"):
+                continue
+            on_source = Host.parse(mig["source"]).array == here
+            if not (
+                mig.get("target_leftover")
+                or (mig.get("fenced") and on_source)
+                or (mig.get("phase") == "cleanup" and not mig.get("source_removed") and not on_source)
+            ):
+                continue  # nothing _remove_leftover would do
+            what = f"volume {v.name} ({v.id})"
+            fd = self._lock(v.id, "lock", wait)
+            if fd is None:
+                notes.append(SourceNote(v.id, False, f"{what}: busy; its leftovers stay"))
+                continue
+            try:
+                self._remove_leftover(self.db.get(v.id))
+            except (ApiError, VolumeError) as e:
+                notes.append(SourceNote(v.id, False, f"{what}: its failed migration's leftovers stay: {e}"))
+            else:
+                notes.append(SourceNote(v.id, True, f"{what}: its failed migration's leftovers are gone"))
+            finally:
+                os.close(fd)
+        return notes
 
     @staticmethod
     def _refuse_if_written_since_cutover(v: Volume, d: VolumeDriver) -> None:
@@ -697,28 +805,44 @@ class VolumeManager:
         src, dest = Host.parse(mig["source"]), Host.parse(mig["target"])
         if mig.get("phase") == "complete" and self._target_completed(v, dest):
             mig["phase"] = "cleanup"  # the array cut over: the target is authoritative now
+        if mig.get("phase") in ("complete", "target") and dest.array != src.array:
+            # The source stayed authoritative (I1): drop the takeover on the target. One that
+            # cut over meanwhile holds the volume once hosts were sent there (step 3 done:
+            # "complete"); before that, none was, and the fenced source holds every write.
+            try:
+                d = self.driver(dest.array)
+                if isinstance(d, RemoteTakeoverMixin):
+                    d.cancel_migration_target(v, keep_completed=None if mig["phase"] == "complete" else False)
+            except ApiError as e:
+                if e.code != "completed":
+                    self._target_left(mig, dest.array, e)
+                else:
+                    mig["phase"] = "cleanup"
+            except VolumeError as e:
+                self._target_left(mig, dest.array, e)
         if mig.get("phase") == "cleanup":
             # Only removing the source failed: the data lives on the target, keep it there.
             mig["error"] = f"{error}; the volume lives on {mig['target']}; its source LUN may remain"
             self._switch_host(vid, mig["target"], lenient=True, migration_status="error", migration=mig)
             return
-        if mig.get("phase") in ("complete", "target") and dest.array != src.array:
-            # The source stayed authoritative (I1): drop the takeover on the target.
-            try:
-                d = self.driver(dest.array)
-                if isinstance(d, RemoteTakeoverMixin):
-                    d.cancel_migration_target(v)
-            except (ApiError, VolumeError) as e:
-                mig["error"] += f"; cleanup on {dest.array}: {e} (done by the next migrate or delete)"
-                mig["target_leftover"] = True
-        if mig.get("fenced"):
+        if mig.get("fenced") and mig.get("target_leftover"):
+            # The target may still serve the LUN (its API did not answer, its process may
+            # live on, or restart and resume): a host writing to the source now would write
+            # behind its back. The fence stays until the takeover is dropped there.
+            mig["error"] += (
+                f"; the source LUN on {src.array} stays fenced until the takeover on {dest.array} is "
+                "dropped (by the next migrate or delete, or `blockmig up`, once it answers; if "
+                f"{dest.array} is gone for good: `blockmig lun unfence --api URL {v.lun}`)"
+            )
+        elif mig.get("fenced"):
             # after the takeover (or the host copy) is gone: hosts may write to the source again
             try:
                 self.driver(src.array).unfence(v)
                 mig["fenced"] = False
             except (ApiError, VolumeError) as e:
                 mig["error"] += (
-                    f"; lifting the fence on {src.array}: {e} (done by the next migrate or delete)"
+                    f"; lifting the fence on {src.array}: {e} (done by the next migrate or delete, "
+                    "or `blockmig up`)"
                 )
         host, loc = mig["source"], mig.get("source_location", {})
         if mig.get("phase") == "source" and dest.array == src.array:
@@ -741,6 +865,12 @@ class VolumeManager:
             migration_status="error",
             migration=mig,
         )
+
+    @staticmethod
+    def _target_left(mig: dict[str, Any], array: str, e: Exception) -> None:
+        """Record that the takeover on ``array`` could not be dropped (``e``)."""
+        mig["error"] += f"; cleanup on {array}: {e} (done by the next migrate or delete, or `blockmig up`)"
+        mig["target_leftover"] = True
 
     def _stop_move(self, v: Volume, array: str, loc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Cancel the array's move of the volume's LUN if it runs; (pool, location) of the LUN."""
@@ -987,11 +1117,13 @@ class VolumeManager:
 
     def show(self, ref: str) -> dict[str, Any]:
         v = self.db.get(ref)
-        d = self.view(v)
-        d["attachable"] = v.migration_status not in ("starting", "migrating") and v.status in (
-            "available",
-            "in-use",
-        )
+        arrays = self.registry.load()
+        d = self.view(v, arrays)
+        d["last_uri"] = v.provider_location.get("uri")  # as recorded: `view` gives it as now
+        why = self._unavailable(v, arrays)
+        d["attachable"] = not why
+        if why:
+            d["unavailable"] = why
         if v.migration:
             m = {k: v.migration.get(k) for k in ("phase", "source", "target", "started", "finished", "error")}
             if v.migration_status in MIGRATING:
@@ -999,6 +1131,36 @@ class VolumeManager:
                 m["waiting"] = self.waiting_for(v.migration)
             d["migration"] = m
         return d
+
+    def _unavailable(self, v: Volume, arrays: dict[str, ArrayRecord]) -> str:
+        """Why a host could not use the volume if it attached now ("": it could): its state,
+        or the array that serves it asked (one call): not running, its LUN gone, or fenced
+        (read-only for hosts) with no migration whose target serves it."""
+        if v.migration_status in ("starting", "migrating"):
+            return f"its migration is {v.migration_status}: no array serves it to hosts until that ends"
+        if v.status not in ("available", "in-use"):
+            return f"it is {v.status}"
+        array = Host.parse(v.host).array
+        rec = arrays.get(array)
+        if rec is None:
+            return f"array {array} is not running (`blockmig up` starts it)"
+        try:
+            lun = ArrayApi(rec.api, rec.token, timeout=SHOW_TIMEOUT).get_lun(v.lun)
+        except ApiError as e:
+            if e.status == 404:
+                return f"its LUN {v.lun} is not on array {array}"
+            return f"array {array} does not answer: {e}"
+        if lun.get("fenced"):
+            holder = (lun.get("fence") or {}).get("holder") or "another array"
+            why = f"its LUN on array {array} is fenced for {holder}: hosts may read, not write"
+            mig = v.migration
+            if mig.get("target_leftover"):
+                why += (
+                    f" (the takeover on {Host.parse(mig['target']).array} that its failed migration "
+                    "could not drop may still serve it; `blockmig up` or the next migrate lifts it)"
+                )
+            return why
+        return ""
 
     def _progress(self, v: Volume) -> dict[str, Any] | None:
         mig = v.migration

@@ -82,6 +82,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             for note in m.update_sources(wait=UP_LOCK_WAIT):
                 print(f"blockmig: {note.message}", file=sys.stderr)
             m.recover(sources=False)
+            # what failed migrations left on arrays that did not answer then (a fence kept
+            # while the target may serve the LUN)
+            for note in m.release_leftovers(wait=UP_LOCK_WAIT):
+                print(f"blockmig: {note.message}", file=sys.stderr)
             for v in m.db.migrating():  # what `up` could not bring back
                 why = m.waiting_for(v.migration)
                 if why:
@@ -141,6 +145,8 @@ def _show_text(d: dict[str, Any]) -> str:
         f"{k + ':':<19}{'-' if d[k] is None else d[k]}"  # never migrated: "-", as `list` says
         for k in ("id", "name", "size", "status", "host", "migration_status", "attachable")
     ]
+    if d.get("unavailable"):
+        lines.append(f"{'unavailable:':<19}{d['unavailable']}")
     loc = d.get("provider_location") or {}
     if loc.get("uri"):
         lines.append(f"{'uri:':<19}{loc['uri']}")

@@ -190,11 +190,41 @@ class RemoteTakeoverMixin(VolumeDriver):
         LUN (409) or that it cannot reach (400), and keeps its migration as it was."""
         self.api.update_migration(volume.lun, source=source_uri)
 
-    def cancel_migration_target(self, volume: Volume) -> None:
-        """Give up a takeover: cancel the array's migration and drop the remote LUN."""
+    def cancel_migration_target(self, volume: Volume, keep_completed: bool | None = None) -> None:
+        """Give up a takeover: cancel the array's migration and drop the remote LUN.
+
+        A takeover that has already cut over (completed) is no remote LUN any more: its
+        array holds the volume, and what hosts wrote to it since lives there alone. So it
+        is not deleted unless the caller says what to do with it: ``keep_completed`` True
+        keeps it (nothing to cancel), False deletes it all the same (the caller knows the
+        source holds every byte, e.g. no host was ever given the target); None (the
+        default) refuses with ApiError 409 (code ``completed``) and deletes nothing."""
         try:
             self.api.call("POST", f"/api/v1/migrations/{volume.lun}/cancel")
         except ApiError as e:
             if e.status not in (404, 409):
                 raise
+            if e.status == 409 and self.has_cut_over(volume):
+                if keep_completed is None:
+                    raise ApiError(
+                        409,
+                        "completed",
+                        f"LUN {volume.lun} on array {self.array_name} has already cut over to its "
+                        "own copy: it holds the volume now (with whatever hosts wrote to it since), "
+                        "so it is not deleted; keep it, or delete it by hand "
+                        f"(`blockmig lun delete --api URL {volume.lun} --force`) if the source holds "
+                        "every write",
+                    ) from None
+                if keep_completed:
+                    return
         self.delete_volume(volume)
+
+    def has_cut_over(self, volume: Volume) -> bool:
+        """Has the array's takeover of ``volume`` completed (cut over)?"""
+        try:
+            st = self.api.migration(volume.lun)
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+        return bool(st.get("state") == "completed")

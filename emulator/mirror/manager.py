@@ -35,7 +35,7 @@ from emulator.nbd.client import Address
 from emulator.nbd.errors import BackendError
 from emulator.units import parse_rate
 
-from .migration import FINAL, Migration, MigrationConfig
+from .migration import FINAL, Migration, MigrationConfig, ended_message
 from .remote import OtherLun, RemoteBackend
 
 log = logging.getLogger("blockmig.mirror.manager")
@@ -287,7 +287,7 @@ class MigrationManager:
         shown, so it is no 404)."""
         m = self.migrations.get(name)
         if m is None and name in self._final:
-            raise Conflict(f"migration of {name} is {self._final[name].get('state', 'over')}")
+            raise Conflict(ended_message(name, self._final[name].get("state", "over")))
         if m is None:
             raise NotFound(f"no migration of LUN {name!r} on array {self.array.name!r}")
         return m
@@ -394,10 +394,17 @@ class MigrationManager:
 
     def status(self, name: str) -> dict[str, Any]:
         if name in self.migrations:
-            return self.migrations[name].status()
-        if name in self._final:
-            return self._final[name]
-        raise NotFound(f"no migration of LUN {name!r} on array {self.array.name!r}")
+            st = self.migrations[name].status()
+        elif name in self._final:
+            st = dict(self._final[name])
+        else:
+            raise NotFound(f"no migration of LUN {name!r} on array {self.array.name!r}")
+        if st.get("state") in FINAL:
+            # the link as it is now, not as it was when the migration ended (or before a
+            # restart): a LUN left serving its source has it; a completed one has none
+            remote = self.remotes.get(name)
+            st["source_connected"] = remote is not None and remote.link_up
+        return st
 
     async def wait_status(self, name: str, timeout: float) -> dict[str, Any]:
         """The status once the migration has ended (completed, failed or cancelled)
@@ -419,10 +426,7 @@ class MigrationManager:
         self._stopping.set()
 
     def list(self) -> list[dict[str, Any]]:
-        out = {n: m.status() for n, m in self.migrations.items()}
-        for n, st in self._final.items():
-            out.setdefault(n, st)
-        return [out[n] for n in sorted(out)]
+        return [self.status(n) for n in sorted(self.migrations.keys() | self._final.keys())]
 
     async def forget_lun(self, name: str) -> None:
         """The LUN is being deleted: stop its migration or remote connection."""

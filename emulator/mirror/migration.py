@@ -249,7 +249,7 @@ class Migration:
         while self._cancelling is not None:
             await asyncio.shield(self._cancelling)
         if self.state in FINAL:
-            raise ValueError(f"migration of {self.name} is already {self.state}")
+            raise ValueError(ended_message(self.name, self.state))
         self._cancelling = done = asyncio.get_running_loop().create_future()
         try:
             await self._stop_task()
@@ -705,6 +705,18 @@ class Migration:
             "finished": self.finished,
             "last_error": self.last_error,
         }
+
+
+def ended_message(name: str, state: str) -> str:
+    """Why a change to the migration of LUN ``name``, ended in ``state``, is refused."""
+    if state == "completed":
+        # said outright: a client took the bare 409 of a cancel for "nothing left to drop"
+        # and deleted the LUN
+        return (
+            f"migration of {name} is already completed: LUN {name} cut over to its own copy and "
+            "holds the data now (with what hosts wrote to it since); it cannot be cancelled"
+        )
+    return f"migration of {name} is already {state}"
 
 
 class _Retry(Exception):

@@ -102,6 +102,13 @@ class RemoteBackend(Backend):
                     setattr(self, cap, type(getattr(Backend, cap))(capabilities[cap]))
             self.known = True
 
+    @property
+    def link_up(self) -> bool:
+        """Is a connection to the source open now? (``connected`` is what the last request
+        or reconnection found: a source gone while none ran still says True there.)"""
+        c = self._client
+        return not self._closed and c is not None and not c.closed
+
     def capabilities(self) -> dict[str, Any]:
         """What the source offers, as the LUN advertises it (and as it is recorded)."""
         return {cap: getattr(self, cap) for cap in CAPABILITIES}

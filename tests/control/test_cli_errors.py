@@ -305,7 +305,9 @@ def test_migrate_refuses_a_bad_host_before_it_starts(arrays: BlockmigEnv, host: 
     v = arrays.create(f"m-{host.replace('@', '-').replace('#', '-')}", 1 << 20, "A")
     try:
         got = arrays.refused("migrate", v["id"], host, "--wait")
-        assert got.startswith(msg), got
+        assert got.startswith(
+            f"volume {v['name']} ({v['id']}) stays on A@unified#default, unchanged: {msg}"
+        ), got
         d = arrays.show(v["id"])
         assert (d["host"], d["migration_status"], d["status"]) == ("A@unified#default", None, "available"), d
     finally:

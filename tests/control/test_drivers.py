@@ -247,7 +247,8 @@ def test_migrate_volume_target_returns_a_TargetMigrateResult(case: Case, bm: Blo
 
 
 def test_cancel_of_a_takeover_drops_the_remote_lun(bm: BlockmigEnv) -> None:
-    """What the manager does when a step after the takeover fails (manager._fail)."""
+    """What the manager does when a step after the takeover fails (manager._fail). One
+    that cut over is not deleted (409) unless keep_completed says what to do."""
     for model, cls in DRIVERS.items():
         if not issubclass(cls, RemoteTakeoverMixin):
             continue
@@ -260,7 +261,20 @@ def test_cancel_of_a_takeover_drops_the_remote_lun(bm: BlockmigEnv) -> None:
         write_blocks(src_uri, _pattern(img, seed=0xCA))
         try:
             assert drv.migrate_volume_target(vol, src_uri, "default").moved
-            drv.cancel_migration_target(vol)
+            if not drv.supports_async_migration:
+                # a sync takeover has cut over when it returns: its LUN holds the volume
+                # now, and a cancel deletes it only when told to
+                with pytest.raises(ApiError) as ei:
+                    drv.cancel_migration_target(vol)
+                assert (ei.value.status, ei.value.code) == (409, "completed"), ei.value
+                assert "already cut over" in ei.value.message and vol.lun in ei.value.message
+                assert vol.lun in bm.luns(array), f"{model}: a cancel deleted a takeover that cut over"
+                drv.cancel_migration_target(vol, keep_completed=True)
+                assert vol.lun in bm.luns(array)
+                assert_content(drv.connection_uri(vol), img)
+                drv.cancel_migration_target(vol, keep_completed=False)
+            else:
+                drv.cancel_migration_target(vol)
             assert vol.lun not in bm.luns(array), f"{model}: the cancelled takeover left its LUN"
             drv.cancel_migration_target(vol)  # again: nothing left to cancel, still fine
             assert_content(src_uri, img)  # the source is untouched

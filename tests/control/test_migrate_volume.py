@@ -23,6 +23,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import struct
 import subprocess
 import time
@@ -35,6 +36,7 @@ import pytest
 
 from control.config import pid_alive
 from emulator.nbd.client import NbdClient
+from tests.tools import LibnbdShell
 
 from .blockmig_env import (
     BLOCK,
@@ -68,6 +70,7 @@ ARRAYS = [
     ArraySpec("F", "plain", capacity="8M"),  # full after 8 MiB of data
     ArraySpec("Q", "unified", ("default", "gold"), migration_throttle=2),  # slow pool moves
     ArraySpec("K", "unified", migration_throttle=2),  # killed and restarted by a test
+    ArraySpec("L", "unified"),  # killed and restarted by a test
 ]
 SMALL = 16 * MiB  # on the fast arrays: a migration takes well under a second
 BIG = 64 * MiB  # on the slow arrays: a migration takes a few seconds
@@ -626,9 +629,12 @@ def test_killed_migrate_wait_during_a_pool_move_leaves_the_volume_where_its_lun_
     assert_content(d["provider_location"]["uri"], img)
 
 
-def _kill_target_mid_takeover(bm: BlockmigEnv, name: str) -> tuple[dict[str, Any], Image]:
+def _kill_target_mid_takeover(
+    bm: BlockmigEnv, name: str, while_down: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+) -> tuple[dict[str, Any], Image]:
     """A volume on A whose takeover by K dies with K (kill -9); K is up again after.
-    The migration ends in error on the source (I1); K resumes its copy (I4)."""
+    The migration ends in error on the source (I1); K resumes its copy (I4) until `up`
+    drops it. ``while_down(volume, show)`` checks the state before `up`."""
     v, img = make(bm, name, 8 * MiB, "A", stride=BLOCK)  # 4 s to copy at 2 MB/s
     p = bm.popen("migrate", v["id"], "K", "--wait")
     try:
@@ -642,6 +648,8 @@ def _kill_target_mid_takeover(bm: BlockmigEnv, name: str) -> tuple[dict[str, Any
     d = bm.show(v["id"])
     assert d["migration_status"] == "error" and d["host"] == "A@unified#default", d
     assert_content(d["provider_location"]["uri"], img)
+    if while_down is not None:
+        while_down(v, d)
     deadline = time.monotonic() + 10
     while pid_alive(pid):
         assert time.monotonic() < deadline, f"array K ({pid}) survived kill -9"
@@ -661,24 +669,159 @@ def test_target_killed_mid_takeover_then_restarted_the_migration_can_be_retried(
     assert_content(d2["provider_location"]["uri"], img)
 
 
-def test_a_leftover_takeover_cannot_cut_over_once_the_source_is_unfenced(bm: BlockmigEnv) -> None:
-    """The takeover K could not be told to drop (it was dead) resumes after K's restart; it
-    used to complete by itself, to a copy that missed what hosts wrote to A since (the next
-    migration then refused to delete it if K had taken writes since: see
-    _refuse_if_written_since_cutover, still there for a fence that could not be lifted).
-    The failed migration lifted A's fence, and with it the alias K copies from: the
-    leftover can never cut over, a host writes to A, and the next migration carries it."""
-    v, img = _kill_target_mid_takeover(bm, "target-written")
-    a_uri = bm.show(v["id"])["provider_location"]["uri"]
-    assert bm.api("A").get_lun(lun_of(v))["fenced"] is False
-    write_blocks(a_uri, {0: b"\xee" * BLOCK})  # the source is authoritative and writable
+def test_a_target_killed_mid_takeover_keeps_the_source_fenced_until_up_drops_its_takeover(
+    bm: BlockmigEnv,
+) -> None:
+    """K died mid-takeover and could not be told to drop it. The failure used to lift A's
+    fence all the same: a host wrote to A while K, restarted, could still serve the LUN
+    (reading what it copied, not what A took since) and resume. The fence stays now, `show`
+    says the volume cannot be used, and `blockmig up` (which starts K again) drops the
+    takeover on K and lifts the fence."""
+    a_uri = ""
+
+    def fenced_meanwhile(v: dict[str, Any], d: dict[str, Any]) -> None:
+        nonlocal a_uri
+        a_uri = d["provider_location"]["uri"]
+        assert bm.api("A").get_lun(lun_of(v))["fenced"] is True, "the fence went while K may serve the LUN"
+        mig = bm.db_migration(v["id"])
+        assert mig.get("fenced") is True and mig.get("target_leftover") is True, mig
+        assert d["attachable"] is False and "fenced" in d.get("unavailable", ""), d
+        assert d["last_uri"] == a_uri, d
+        with LibnbdShell(a_uri) as host:
+            r = host.write(0, 0xEE, BLOCK)
+            assert r[:2] == ["err", "EPERM"], r
+        text = bm.run("show", v["id"]).stdout
+        assert "unavailable:" in text and "fenced" in text, text
+        msg = bm.refused("attach", v["id"])  # as show says
+        assert "cannot be attached now" in msg and "fenced" in msg, msg
+
+    v, img = _kill_target_mid_takeover(bm, "target-written", fenced_meanwhile)
+    lun = lun_of(v)
+    assert bm.api("A").get_lun(lun)["fenced"] is False
+    assert lun not in bm.luns("K")
+    mig = bm.db_migration(v["id"])
+    assert not mig.get("target_leftover") and not mig.get("fenced"), mig
+    d = bm.show(v["id"])
+    assert d["attachable"] is True and "unavailable" not in d, d
+    write_blocks(a_uri, {0: b"\xee" * BLOCK})  # the source is authoritative and writable again
     img.blocks[0] = b"\xee" * BLOCK
-    time.sleep(1)  # K resumed: long enough to copy a region, were its source there
-    st = bm.array_migration("K", lun_of(v)) or {}
-    assert st.get("state") != "completed" and not st.get("source_connected"), st
-    assert st.get("clean_bytes") == 0, st
 
     d2 = bm.ok("migrate", v["id"], "K", "--wait")
 
     assert d2["migration_status"] == "success" and d2["host"] == "K@unified#default", d2
     assert_content(d2["provider_location"]["uri"], img)
+
+
+def test_a_cutover_the_follower_never_saw_before_the_target_died_is_adopted(bm: BlockmigEnv) -> None:
+    """K cut over and took a host's write, then died (kill -9) before the follower (held
+    with SIGSTOP) saw it: the follower failed the migration, the volume back on A. When
+    `up` started K again, the leftover was dropped as a stale copy (the writes K counts
+    start with its restart), and the host's write went with it. A stayed fenced all
+    along, so K's copy holds all of A and more: K is adopted."""
+    v, img = make(bm, "cut-over-unseen", 8 * MiB, "A", stride=BLOCK)  # 4 s to copy at 2 MB/s
+    lun = lun_of(v)
+    d = bm.ok("migrate", v["id"], "K")  # a follower runs steps 4-5
+    assert d["migration_status"] == "migrating_attachable", d
+    deadline = time.monotonic() + 10
+    while not bm.is_follower(follower := int(bm.db_migration(v["id"]).get("pid") or 0)):
+        assert time.monotonic() < deadline, "no follower started"
+        time.sleep(0.05)
+    os.kill(follower, signal.SIGSTOP)
+    try:
+        _wait_array_state(bm, "K", lun, ("completed",))
+        write_blocks(d["provider_location"]["uri"], {0: b"\xcd" * BLOCK})  # on K alone now
+        img.blocks[0] = b"\xcd" * BLOCK
+        pid = bm.array_pids()["K"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, f"array K ({pid}) survived kill -9"
+            time.sleep(0.05)
+    finally:
+        os.kill(follower, signal.SIGCONT)
+    failed = bm.wait_migration(v["id"])
+    assert failed["migration_status"] == "error" and failed["host"] == "A@unified#default", failed
+    assert bm.api("A").get_lun(lun)["fenced"] is True
+
+    bm.ok("up", "--config", str(bm.state_dir / "arrays.toml"))  # K again
+
+    end = bm.show(v["id"])
+    assert end["migration_status"] == "success" and end["host"] == "K@unified#default", end
+    assert_content(end["provider_location"]["uri"], img)
+    assert lun not in bm.luns("A")
+
+
+def test_a_migration_to_an_array_that_does_not_answer_changes_nothing(bm: BlockmigEnv) -> None:
+    """L is down (kill -9; still in the registry). The migration fenced A, failed at the
+    takeover, and left a "leftover" on L it could not drop: with the fence kept for such a
+    leftover, the volume would stay read-only for nothing, and before, every later migrate
+    or delete failed trying to reach L. Now migrate asks L's API before anything changes.
+    And a volume on L says why it cannot be used."""
+    v, img = make(bm, "target-down", SMALL, "A")
+    on_l = bm.create("on-l", SMALL, "L")
+    pid = bm.array_pids()["L"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, f"array L ({pid}) survived kill -9"
+        time.sleep(0.05)
+    try:
+        msg = bm.refused("migrate", v["id"], "L")
+
+        assert "array L does not answer" in msg and "unchanged" in msg, msg
+        d = bm.show(v["id"])
+        assert d["migration_status"] is None and d["host"] == "A@unified#default", d
+        assert d["attachable"] is True, d
+        assert bm.api("A").get_lun(lun_of(v))["fenced"] is False
+        gone = bm.show(on_l["id"])
+        assert gone["attachable"] is False and "array L does not answer" in gone["unavailable"], gone
+        d2 = bm.ok("migrate", v["id"], "B", "--wait")  # elsewhere, nothing in the way
+        assert d2["migration_status"] == "success", d2
+        assert_content(d2["provider_location"]["uri"], img)
+    finally:
+        bm.ok("up", "--config", str(bm.state_dir / "arrays.toml"))
+
+
+def test_a_follower_adopts_a_takeover_that_cut_over_after_migrate_died(bm: BlockmigEnv) -> None:
+    """`migrate` died (kill -9) after B took the LUN over and before step 3 recorded it;
+    B's copy cut over since, and a host that found the LUN there wrote to it. The next
+    command's follower found the migration at step 2 and failed it: B's LUN, the only one
+    with that write, was deleted, the volume left on A. It takes the cutover over now."""
+    v, img = make(bm, "adopted", SMALL, "A")
+    lun, vid = lun_of(v), v["id"]
+    # what steps 1-2 did before the command died: the fence, B's takeover, the record
+    alias = bm.api("A").fence_lun(lun, f"volume {vid}")["uri"]
+    bm.api("B").call("POST", "/api/v1/migrations", {"lun": lun, "source": alias, "pool": "default"})
+    assert bm.api("B").wait_migration(lun, timeout=30)["state"] == "completed"
+    b_uri = bm.api("B").connection(lun)["uri"]
+    write_blocks(b_uri, {0: b"\xab" * BLOCK})
+    img.blocks[0] = b"\xab" * BLOCK
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mig = {
+        "phase": "target",
+        "source": "A@unified#default",
+        "target": "B@unified#default",
+        "started": time.time(),
+        "source_location": v["provider_location"],
+        "pid": dead.pid,
+        "error": "",
+        "fenced": True,
+    }
+    con = sqlite3.connect(bm.state_dir / "volumes.db", timeout=10)
+    try:
+        with con:
+            con.execute(
+                "UPDATE volumes SET migration_status='starting', migration=? WHERE id=?",
+                (json.dumps(mig), vid),
+            )
+    finally:
+        con.close()
+
+    bm.show(vid)  # restarts a follower
+    end = bm.wait_migration(vid)
+
+    assert end["migration_status"] == "success" and end["host"] == "B@unified#default", end
+    assert end["provider_location"]["uri"] == b_uri, end
+    assert_content(b_uri, img)
+    assert lun not in bm.luns("A")
