@@ -635,7 +635,9 @@ def _kill_target_mid_takeover(
     """A volume on A whose takeover by K dies with K (kill -9); K is up again after.
     The migration ends in error on the source (I1); K resumes its copy (I4) until `up`
     drops it. ``while_down(volume, show)`` checks the state before `up`."""
-    v, img = make(bm, name, 8 * MiB, "A", stride=BLOCK)  # 4 s to copy at 2 MB/s
+    # 8 s to copy at 2 MB/s: K, restarted by `up`, must not finish its resumed copy before
+    # the same `up` drops it (its cutover, the source fenced all along, would be adopted)
+    v, img = make(bm, name, 16 * MiB, "A", stride=BLOCK)
     p = bm.popen("migrate", v["id"], "K", "--wait")
     try:
         _wait_array_state(bm, "K", lun_of(v), ("copying",))
