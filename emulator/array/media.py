@@ -69,6 +69,10 @@ class MediaBackend(Backend):
         await self._service(self.media.write, len(data))
         await self.inner.write(offset, data, fua)
 
+    async def write_bulk(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self._service(self.media.write, len(data))
+        await self.inner.write_bulk(offset, data)
+
     async def write_zeroes(
         self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
     ) -> None:

@@ -347,7 +347,9 @@ class Copier:
     async def _charged_write(self, off: int, data: bytes | bytearray) -> None:
         async with self._write_lock:
             with self.reserve(off, len(data)):
-                await self.target.write(off, data)
+                # bulk: O_DIRECT where the target's file takes it (the flush before a
+                # checkpoint still makes it durable: allocation, the disk's cache)
+                await self.target.write_bulk(off, data)
 
     async def _on_target(self, op: Awaitable[None]) -> None:
         try:

@@ -80,6 +80,11 @@ class Backend(ABC):
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         """Write ``data``; with ``fua`` it is durable when this returns."""
 
+    async def write_bulk(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`write` of bulk data nobody will read soon (a migration's copy): it
+        may bypass the page cache (O_DIRECT). Durable only after :meth:`flush`."""
+        await self.write(offset, data)
+
     async def write_zeroes(
         self, offset: int, length: int, may_trim: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
@@ -123,11 +128,13 @@ class Backend(ABC):
         whatever the range holds, so a long ask costs no long answer."""
         return (await self.extents(offset, length))[0]
 
-    def zero_copy_fd(self, length: int) -> int | None:
+    def zero_copy_fd(self, length: int, offset: int | None = None) -> int | None:
         """A file descriptor whose bytes at every offset are what ``read``
         returns for a ``length``-byte read, so the server may sendfile(2)
-        them; None (the default) when there is none. A wrapper that changes
-        what reads return, or counts them, inherits None."""
+        them; None (the default) when there is none. With ``offset``, for that
+        read now: None also when sendfile would wait for the disk (the range
+        is not in the page cache), as it runs on the event loop. A wrapper
+        that changes what reads return, or counts them, inherits None."""
         return None
 
     def close(self) -> None:

@@ -611,7 +611,7 @@ class _Connection(asyncio.BufferedProtocol):
         t, sock, backend = self.transport, self._zsock, self._backend
         if t is None or sock is None or backend is None or t.is_closing() or t.get_write_buffer_size():
             return False
-        fd = backend.zero_copy_fd(length)
+        fd = backend.zero_copy_fd(length, offset)
         if fd is None:
             return False
         try:
