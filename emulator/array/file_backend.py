@@ -33,7 +33,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from emulator.durable import fsync_dir
 from emulator.nbd.backend import Backend
@@ -95,6 +95,32 @@ BIG_READ = 64 * 1024
 _preadv, _NOWAIT = os.preadv, os.RWF_NOWAIT  # hot-path names bound once
 
 
+class _Job:
+    """A call for an executor thread that its caller may take back until a
+    thread begins it (FileBackend._thread)."""
+
+    __slots__ = ("args", "begun", "dropped", "fn", "lock")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[object, ...]) -> None:
+        self.fn, self.args = fn, args
+        self.lock = threading.Lock()
+        self.begun = self.dropped = False
+
+    def run(self) -> Any:
+        with self.lock:
+            if self.dropped:
+                return None
+            self.begun = True
+        return self.fn(*self.args)
+
+    def drop(self) -> bool:
+        """Take the call back: True if no thread had begun it (none will)."""
+        with self.lock:
+            if not self.begun:
+                self.dropped = True
+            return self.dropped
+
+
 def _backend_error(what: str, e: OSError) -> BackendError:
     return BackendError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")
 
@@ -152,6 +178,7 @@ class FileBackend(Backend):
         #: write_bulk's O_DIRECT fd: -1 until opened, None where O_DIRECT failed
         self._direct: int | None = -1 if self._is_file and not read_only else None
         self._direct_wrote = False
+        self._direct_off = False  # EINVAL at the first write: buffered for good
         self._direct_lock = threading.Lock()
         self._direct_bufs: list[mmap.mmap] = []  # page-aligned buffers to write from
 
@@ -197,11 +224,17 @@ class FileBackend(Backend):
         """``fn(*args)`` in the default executor. A cancel does not end the wait
         before the thread is done: the caller must not go on (a trim, a newer
         write of the range, closing the file, reusing a buffer) while the I/O
-        it gave up on may still happen."""
-        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        it gave up on may still happen. A call no thread has begun yet is
+        dropped at the cancel instead: the executor has a few threads for every
+        LUN of the array, and a host that left with 48 cold reads queued held
+        another host's flush behind them for seconds."""
+        job = _Job(fn, args)
+        fut = asyncio.get_running_loop().run_in_executor(None, job.run)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
+            if job.drop():
+                raise  # it will never run
             while not fut.done():
                 try:
                     await asyncio.wait((fut,))
@@ -338,7 +371,7 @@ class FileBackend(Backend):
         at page offsets; EINVAL at the open or at the first write (a file system
         without O_DIRECT) makes every later one buffered, like any other."""
         n = len(data)
-        if self._direct is None or offset % PAGE or n % PAGE or not n:
+        if self._direct is None or self._direct_off or offset % PAGE or n % PAGE or not n:
             await self.write(offset, data)
             return
         try:
@@ -347,7 +380,8 @@ class FileBackend(Backend):
         except OSError as e:
             if e.errno != errno.EINVAL or self._direct_wrote:
                 raise _backend_error(f"{self.path}: write at {offset}", e) from None
-        self._direct = None  # not on this file system: buffered for good
+        self._direct_off = True  # not on this file system (the fd stays open: other
+        # copies may be writing with it still; close() closes it)
         await self.write(offset, data)
 
     def _pwrite_direct(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
