@@ -17,6 +17,7 @@ from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -39,6 +40,23 @@ MAX_MAP_BYTES = 0xFFFF_F000
 #: ahead first, for one extent (allocation_runs' ``wide``); more runs, a fragmented
 #: stretch, and the next asks only MAP_SPAN windows, as many extents as they hold
 FEW_RUNS = 8
+
+T = TypeVar("T")
+
+
+async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
+    """The results of ``aws`` in order. The first failure (or a cancel) cancels the
+    rest and waits for them before it propagates: none outlives its caller (a copy
+    of a put-off cutover went on while host writes flowed again)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        rest = [t for t in tasks if not t.done()]
+        for t in rest:
+            t.cancel()
+        if rest:
+            await asyncio.gather(*rest, return_exceptions=True)
 
 
 class TargetError(BackendError):
@@ -364,7 +382,7 @@ class Copier:
             return [await self.source.read(off, ln) for off, ln in spans]
         # A fragmented region (4 KiB runs of data between holes, as a thin image has):
         # every read in flight at once, not one round trip to the source per run.
-        return await asyncio.gather(*(self.source.read(off, ln) for off, ln in spans))
+        return await gather_or_cancel(*(self.source.read(off, ln) for off, ln in spans))
 
     def _may_copy(self, r: int) -> bool:
         regions = self.regions

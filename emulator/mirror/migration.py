@@ -26,7 +26,7 @@ import numpy.typing as npt
 from emulator.nbd.backend import Backend
 from emulator.nbd.errors import BackendError
 
-from .copier import Copier, TargetError, Throttle, allocation_runs
+from .copier import Copier, TargetError, Throttle, allocation_runs, gather_or_cancel
 from .migrating import MigratingBackend
 from .regions import DIRTY, ProgressFile, RegionMap
 from .remote import RemoteBackend
@@ -506,7 +506,7 @@ class Migration:
                 async with sem:
                     await copier.copy_region(r)
 
-            await asyncio.gather(*(copy(r) for r in left))
+            await gather_or_cancel(*(copy(r) for r in left))
             if regions.dirty_count():
                 raise _Retry(f"{regions.dirty_count()} regions would not copy")
             step("copy_ms")

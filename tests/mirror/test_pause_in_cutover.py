@@ -76,3 +76,83 @@ def test_a_pause_during_a_cutover_that_is_put_off_can_be_resumed(tmp_path: Path)
         assert bytes(await target.read(4096, size - 4096)) == b"s" * (size - 4096)
 
     asyncio.run(main())
+
+
+class SplitReads(MemoryBackend):
+    """Reads of the first MiB fail at once (EIO); reads of the rest wait on ``gate``
+    and count how many are still running."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.armed = False
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def _check(self, offset: int) -> None:
+        if not self.armed:
+            return
+        if offset < MiB:
+            raise BackendError(errno.EIO, "source read failed (test)")
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        await self._check(offset)
+        return await super().read(offset, length)
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await self._check(offset)
+        await super().read_into(offset, buf)
+
+
+def test_a_put_off_cutover_leaves_no_copy_of_its_own_running(tmp_path: Path) -> None:
+    """The held copy of one region fails while another's is still reading: the
+    cutover is put off and host writes flow again, and the other copy ends with it
+    (cancelled), not some time after, outside the copy loop's count of copies."""
+
+    async def main() -> None:
+        size = 4 * MiB
+        source, target = SplitReads(size), MemoryBackend(size)
+        await source.write(0, b"s" * size)
+        m = local_migration(source, target, tmp_path, MigrationConfig(region_size=MiB))
+        await m.start()
+        backend = m.backend
+        assert backend is not None
+        hold = backend.hold_writes
+        held = asyncio.Event()
+
+        async def dirty_two_then_hold() -> None:
+            await backend.trim(0, 4096)  # region 0: its copy fails
+            await backend.trim(MiB, 4096)  # region 1: its copy waits on the gate
+            source.armed = True
+            backend.hold_writes = hold  # type: ignore[method-assign]
+            held.set()
+            await hold()
+
+        put_off = m._postponed
+        running: list[int] = []  # copies still reading when the cutover is put off
+
+        def postponed() -> None:
+            running.append(source.waiting)
+            put_off()
+
+        m._postponed = postponed  # type: ignore[method-assign]
+        backend.hold_writes = dirty_two_then_hold  # type: ignore[method-assign]
+        await asyncio.wait_for(held.wait(), 10)
+        for _ in range(100):
+            if running:
+                break
+            await asyncio.sleep(0.01)
+        assert running == [0], "a copy of the put-off cutover still runs"
+        assert "source read failed" in m.last_error
+        source.armed = False
+        source.gate.set()
+        assert await m.wait(10) == "completed"
+        assert bytes(await target.read(0, 4096)) == bytes(4096)
+        assert bytes(await target.read(MiB, 4096)) == bytes(4096)
+        assert bytes(await target.read(4096, MiB - 4096)) == b"s" * (MiB - 4096)
+
+    asyncio.run(main())
