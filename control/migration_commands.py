@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.parse
 from typing import Any
 
-from emulator.units import format_size, rate_arg, seconds_arg, size_arg
+from emulator.units import format_age, format_size, rate_arg, seconds_arg, size_arg
 
 from .api_client import FINAL, ArrayApi
 from .array_commands import _api_args, name_arg, run_api_command, table
@@ -45,7 +46,9 @@ def format_status(st: dict[str, Any]) -> str:
     if st.get("cutover_pause_ms") is not None:
         lines.append(f"cutover:      writes held {st['cutover_pause_ms']:.2f} ms")
     if st.get("last_error"):
-        lines.append(f"last error:   {st['last_error']}")
+        at = st.get("last_error_at")
+        when = "" if at is None else f" ({format_age(time.time() - at)} ago)"
+        lines.append(f"last error:   {st['last_error']}{when}")
     return "\n".join(lines)
 
 

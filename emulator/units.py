@@ -43,6 +43,18 @@ def format_size(n: int) -> str:
     return f"{n}B"
 
 
+def format_age(seconds: float) -> str:
+    """How long ago, to the unit that matters: '0 s', '42 s', '7 min', '3.5 h', '2 d'."""
+    s = max(0.0, seconds)
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.0f} d"
+
+
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """'127.0.0.1:10809', ':10809', '[::1]:10809' or '10809' -> (host, port)."""
     host, sep, port = text.rpartition(":")

@@ -229,6 +229,12 @@ SPEC: dict[str, Any] = {
                     "region_size": {"type": "integer"},
                     "throttle": {"type": "number", "description": "bytes/s, 0 = unlimited"},
                     "last_error": {"type": "string"},
+                    "last_error_at": {
+                        "type": "number",
+                        "nullable": True,
+                        "description": "when last_error was last set (Unix time): the "
+                        "migration may have got over it since (a source back after an outage)",
+                    },
                     "source_id": {
                         "type": "string",
                         "description": "the source LUN's id, if it gives one: a source that "

@@ -102,7 +102,10 @@ class Migration:
         self.clock = clock
         self.sleep = sleep
         self.state = "copying"
-        self.last_error = ""
+        self._last_error = ""
+        #: when last_error was last set: an error the migration since got over (a source
+        #: back after an outage) still shows, and says how old it is
+        self.last_error_at: float | None = None
         self.passes = 0
         self.started = time.time()
         self.finished: float | None = None
@@ -126,6 +129,15 @@ class Migration:
         self._checkpointing = False
         #: (copied, zeroed, local reads, remote reads) once the maps are let go (_let_go)
         self._ended_counts: tuple[int, int, int, int] | None = None
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, why: str) -> None:
+        self._last_error = why
+        self.last_error_at = time.time() if why else None
 
     # ------------------------------------------------------------------ start
     async def start(
@@ -573,7 +585,8 @@ class Migration:
             self.backend.stop_local_io()
             await self.backend.side_idle(local=True)
         self.state = state
-        self.last_error = error or self.last_error
+        if error:
+            self.last_error = error
         self.finished = time.time()
         self.on_change(self)
         self.ended.set()
@@ -704,6 +717,7 @@ class Migration:
             "started": self.started,
             "finished": self.finished,
             "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
         }
 
 
