@@ -27,14 +27,16 @@ class FailingReads(MemoryBackend):
 
     fail = False
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
+    async def _check(self, offset: int) -> None:
         if self.fail:
             raise BackendError(errno.EIO, "source read failed (test)")
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        await self._check(offset)
         return await super().read(offset, length)
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
-        if self.fail:
-            raise BackendError(errno.EIO, "source read failed (test)")
+        await self._check(offset)
         await super().read_into(offset, buf)
 
 
@@ -78,9 +80,9 @@ def test_a_pause_during_a_cutover_that_is_put_off_can_be_resumed(tmp_path: Path)
     asyncio.run(main())
 
 
-class SplitReads(MemoryBackend):
-    """Reads of the first MiB fail at once (EIO); reads of the rest wait on ``gate``
-    and count how many are still running."""
+class SplitReads(FailingReads):
+    """Once ``armed``, reads of the first MiB fail at once (EIO); reads of the rest
+    wait on ``gate`` and count how many are still running."""
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -98,14 +100,6 @@ class SplitReads(MemoryBackend):
             await self.gate.wait()
         finally:
             self.waiting -= 1
-
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
-        await self._check(offset)
-        return await super().read(offset, length)
-
-    async def read_into(self, offset: int, buf: memoryview) -> None:
-        await self._check(offset)
-        await super().read_into(offset, buf)
 
 
 def test_a_put_off_cutover_leaves_no_copy_of_its_own_running(tmp_path: Path) -> None:
