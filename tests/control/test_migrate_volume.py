@@ -550,10 +550,7 @@ def test_killed_follower_is_restarted_by_the_next_command(bm: BlockmigEnv, targe
     assert bm.is_follower(pid), f"pid {pid} is not the follower of {v['id']}"
 
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while pid_alive(pid):
-        assert time.monotonic() < deadline, f"follower {pid} survived kill -9"
-        time.sleep(0.05)
+    _gone(pid, f"follower {pid}")
     assert bm.db_row(v["id"])[0] in MIGRATING  # nobody finished it
 
     listed = bm.ok("list")  # any command restarts the dead follower (recover)
@@ -629,6 +626,14 @@ def test_killed_migrate_wait_during_a_pool_move_leaves_the_volume_where_its_lun_
     assert_content(d["provider_location"]["uri"], img)
 
 
+def _gone(pid: int, what: str, timeout: float = 10) -> None:
+    """Wait for process ``pid``, sent SIGKILL, to be gone."""
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, f"{what} survived kill -9"
+        time.sleep(0.05)
+
+
 def _kill_target_mid_takeover(
     bm: BlockmigEnv, name: str, while_down: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
 ) -> tuple[dict[str, Any], Image]:
@@ -652,10 +657,7 @@ def _kill_target_mid_takeover(
     assert_content(d["provider_location"]["uri"], img)
     if while_down is not None:
         while_down(v, d)
-    deadline = time.monotonic() + 10
-    while pid_alive(pid):
-        assert time.monotonic() < deadline, f"array K ({pid}) survived kill -9"
-        time.sleep(0.05)
+    _gone(pid, f"array K ({pid})")
     bm.ok("up", "--config", str(bm.state_dir / "arrays.toml"))  # K again: it resumes its copy
     return v, img
 
@@ -735,10 +737,7 @@ def test_a_cutover_the_follower_never_saw_before_the_target_died_is_adopted(bm: 
         img.blocks[0] = b"\xcd" * BLOCK
         pid = bm.array_pids()["K"]
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while pid_alive(pid):
-            assert time.monotonic() < deadline, f"array K ({pid}) survived kill -9"
-            time.sleep(0.05)
+        _gone(pid, f"array K ({pid})")
     finally:
         os.kill(follower, signal.SIGCONT)
     failed = bm.wait_migration(v["id"])
@@ -763,10 +762,7 @@ def test_a_migration_to_an_array_that_does_not_answer_changes_nothing(bm: Blockm
     on_l = bm.create("on-l", SMALL, "L")
     pid = bm.array_pids()["L"]
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while pid_alive(pid):
-        assert time.monotonic() < deadline, f"array L ({pid}) survived kill -9"
-        time.sleep(0.05)
+    _gone(pid, f"array L ({pid})")
     try:
         msg = bm.refused("migrate", v["id"], "L")
 

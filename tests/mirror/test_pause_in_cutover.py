@@ -14,7 +14,8 @@ import asyncio
 import errno
 from pathlib import Path
 
-from emulator.mirror.migration import MigrationConfig
+from emulator.mirror.migrating import MigratingBackend
+from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.errors import BackendError
 from tests.backends import local_migration
@@ -40,15 +41,23 @@ class FailingReads(MemoryBackend):
         await super().read_into(offset, buf)
 
 
+async def _started(
+    source: MemoryBackend, tmp_path: Path
+) -> tuple[Migration, MemoryBackend, MigratingBackend]:
+    """``source`` filled with b"s" and its migration in 1 MiB regions begun."""
+    target = MemoryBackend(source.size)
+    await source.write(0, b"s" * source.size)
+    m = local_migration(source, target, tmp_path, MigrationConfig(region_size=MiB))
+    await m.start()
+    assert m.backend is not None
+    return m, target, m.backend
+
+
 def test_a_pause_during_a_cutover_that_is_put_off_can_be_resumed(tmp_path: Path) -> None:
     async def main() -> None:
         size = 4 * MiB
-        source, target = FailingReads(size), MemoryBackend(size)
-        await source.write(0, b"s" * size)
-        m = local_migration(source, target, tmp_path, MigrationConfig(region_size=MiB))
-        await m.start()
-        backend = m.backend
-        assert backend is not None
+        source = FailingReads(size)
+        m, target, backend = await _started(source, tmp_path)
         hold = backend.hold_writes
         held = asyncio.Event()
 
@@ -109,12 +118,8 @@ def test_a_put_off_cutover_leaves_no_copy_of_its_own_running(tmp_path: Path) -> 
 
     async def main() -> None:
         size = 4 * MiB
-        source, target = SplitReads(size), MemoryBackend(size)
-        await source.write(0, b"s" * size)
-        m = local_migration(source, target, tmp_path, MigrationConfig(region_size=MiB))
-        await m.start()
-        backend = m.backend
-        assert backend is not None
+        source = SplitReads(size)
+        m, target, backend = await _started(source, tmp_path)
         hold = backend.hold_writes
         held = asyncio.Event()
 
