@@ -179,7 +179,11 @@ class FileBackend(Backend):
         self._direct: int | None = -1 if self._is_file and not read_only else None
         self._direct_wrote = False
         self._direct_off = False  # EINVAL at the first write: buffered for good
-        self._direct_lock = threading.Lock()
+        #: guards _direct's open, _users and close(): a thread I/O that read a
+        #: descriptor keeps it open (and its number from the next file opened)
+        self._lock = threading.Lock()
+        self._users = 0  # thread calls between _enter and _leave
+        self._doomed: list[int] = []  # descriptors close() left to the last of them
         self._direct_bufs: list[mmap.mmap] = []  # page-aligned buffers to write from
 
     @property
@@ -228,7 +232,7 @@ class FileBackend(Backend):
         dropped at the cancel instead: the executor has a few threads for every
         LUN of the array, and a host that left with 48 cold reads queued held
         another host's flush behind them for seconds."""
-        job = _Job(fn, args)
+        job = _Job(self._held, (fn, *args))
         fut = asyncio.get_running_loop().run_in_executor(None, job.run)
         try:
             return await asyncio.shield(fut)
@@ -243,6 +247,30 @@ class FileBackend(Backend):
             if not fut.cancelled():
                 fut.exception()  # retrieved: the caller was cancelled, it is nobody's to see
             raise
+
+    def _held(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in a thread, the file's descriptors kept open until it
+        returns: close() on the loop meanwhile would give their numbers to the
+        next file the array opens (another LUN's), and this thread's next
+        syscall (the rest of a short write, an O_DIRECT write) would land there.
+        After close() it fails with EBADF, as an inline call would."""
+        with self._lock:
+            if self._fd < 0:
+                raise BackendError(errno.EBADF, f"{self.path}: closed")
+            self._users += 1
+        try:
+            return fn(*args)
+        finally:
+            doomed: list[int] = []
+            with self._lock:
+                self._users -= 1
+                if not self._users:
+                    doomed, self._doomed = self._doomed, []
+            for fd in doomed:
+                os.close(fd)
+
+    def _fdatasync(self) -> None:
+        os.fdatasync(self._fd)
 
     # ---- is a range in the page cache?
     def _resident(self, offset: int, length: int) -> bool:
@@ -386,7 +414,7 @@ class FileBackend(Backend):
 
     def _pwrite_direct(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Write ``data`` with O_DIRECT; False if the file cannot be opened so."""
-        with self._direct_lock:
+        with self._lock:
             fd = self._direct
             if fd is not None and fd < 0:  # first use: a second open of the same file
                 try:  # (by /proc: renamed since or not)
@@ -450,7 +478,7 @@ class FileBackend(Backend):
         try:
             # Not _thread: a flush may be given up (the array's stop, after 5 s), and one
             # that ends later reorders nothing.
-            await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self._fd)
+            await asyncio.get_running_loop().run_in_executor(None, self._held, self._fdatasync)
         except OSError as e:
             raise _backend_error(f"{self.path}: flush", e) from None
 
@@ -467,8 +495,11 @@ class FileBackend(Backend):
             _sync_file_range(self._fd, offset, length, SYNC_FILE_RANGE_WRITE)
         else:
             await asyncio.get_running_loop().run_in_executor(
-                None, _sync_file_range, self._fd, offset, length, SYNC_FILE_RANGE_WRITE
+                None, self._held, self._sync_range, offset, length
             )
+
+    def _sync_range(self, offset: int, length: int) -> None:
+        _sync_file_range(self._fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
     async def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
@@ -500,13 +531,18 @@ class FileBackend(Backend):
         return out
 
     def close(self) -> None:
-        if self._direct is not None and self._direct >= 0:
-            os.close(self._direct)
-            self._direct = -1
+        """Close the file (and the O_DIRECT fd): at once, or, while thread I/O
+        runs (a request given up on at a forced delete), when the last of it
+        returns (_held). Every later call fails with EBADF."""
+        with self._lock:
+            fds = [fd for fd in (self._direct, self._fd) if fd is not None and fd >= 0]
+            self._fd, self._direct = -1, None  # no reopen of /proc/self/fd/-1 either
+            if self._users:
+                self._doomed += fds
+                fds = []
+        for fd in fds:
+            os.close(fd)
         for buf in self._direct_bufs:
             with contextlib.suppress(BufferError):  # still exported by a failed write: gc frees it
                 buf.close()
         self._direct_bufs.clear()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1

@@ -6,6 +6,7 @@ before a cancel of its caller returns."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -26,6 +27,7 @@ from emulator.array.media import MediaBackend
 from emulator.array.models import get_model, parse_media
 from emulator.nbd.backend import Backend, MemoryBackend
 from emulator.nbd.client import NbdClient
+from emulator.nbd.errors import BackendError
 from emulator.nbd.server import NbdServer
 from tests.loop_turns import loop_turns_during
 from tests.mirror.test_fixed_cost import copy_all
@@ -315,37 +317,102 @@ def test_bulk_write_falls_back_without_o_direct(
 
 
 # ------------------------------------------------------------- cancel waits for the thread
+class _HeldWrites:
+    """A FileBackend whose writes in a thread (larger than 4 KiB) wait, once begun,
+    until ``release`` is set."""
+
+    def __init__(self, path: Path) -> None:
+        self.be = be = FileBackend(path, create_size=4 * MIB, inline_max=4096)
+        self.started, self.release, self.finished = threading.Event(), threading.Event(), threading.Event()
+        real = be._pwrite
+
+        def held_pwrite(offset: int, data: Any, fua: bool) -> None:
+            self.started.set()
+            self.release.wait(10)
+            real(offset, data, fua)
+            self.finished.set()
+
+        be._pwrite = held_pwrite  # type: ignore[method-assign]
+
+    async def begin_write(self) -> asyncio.Future[None]:
+        """A 1 MiB write of 0xaa, once its thread has begun it."""
+        task = asyncio.ensure_future(self.be.write(0, b"\xaa" * MIB))
+        while not self.started.is_set():
+            await asyncio.sleep(0.005)
+        return task
+
+    def run(self, main: Coroutine[Any, Any, None]) -> None:
+        try:
+            run(main)
+        finally:
+            self.release.set()
+            self.be.close()
+
+
 def test_cancelled_thread_io_ends_before_the_cancel_returns(tmp_path: Path) -> None:
     """A write that runs in a thread (larger than inline_max) is cancelled while the
     thread writes: the cancelled coroutine ends only after the thread did, so a trim
     or a newer write that follows the cancel cannot be overtaken by it."""
-    be = FileBackend(tmp_path / "t.img", create_size=4 * MIB, inline_max=4096)
-    started, finished = threading.Event(), threading.Event()
-    real = be._pwrite
-
-    def slow_pwrite(offset: int, data: Any, fua: bool) -> None:
-        started.set()
-        time.sleep(0.3)
-        real(offset, data, fua)
-        finished.set()
-
-    be._pwrite = slow_pwrite  # type: ignore[method-assign]
+    held = _HeldWrites(tmp_path / "t.img")
+    be = held.be
 
     async def main() -> None:
-        task = asyncio.ensure_future(be.write(0, b"\xaa" * MIB))
-        while not started.is_set():
-            await asyncio.sleep(0.005)
+        task = await held.begin_write()
         task.cancel()
+        asyncio.get_running_loop().call_later(0.3, held.release.set)
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert finished.is_set()  # it landed before the cancel returned...
+        assert held.finished.is_set()  # it landed before the cancel returned...
         await be.trim(0, MIB)  # ...so what follows the cancel is last
         assert await be.read(0, 4096) == bytes(4096)
 
-    try:
-        run(main())
-    finally:
+    held.run(main())
+
+
+def _open_files_of(path: Path) -> list[int]:
+    """This process's descriptors open on ``path``."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                out.append(int(fd))
+    return out
+
+
+def test_a_close_during_thread_io_keeps_its_descriptors_until_it_ends(tmp_path: Path) -> None:
+    """A forced delete closes a LUN's file while a thread still writes it (a request
+    the server gave up on after its 5 s). Closed at once, the descriptor's number
+    went to the next file the array opened (another LUN's), where that thread's next
+    syscall would land; now it stays open until the thread is done. Every call
+    after the close fails with EBADF, and none reopens the file (O_DIRECT)."""
+    path = tmp_path / "a.img"
+    held = _HeldWrites(path)
+    be = held.be
+
+    async def main() -> None:
+        task = await held.begin_write()
+        fd = be.fd
         be.close()
+        other = os.open(tmp_path / "b.img", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)  # the next LUN
+        try:
+            assert other != fd, "the thread's descriptor went to the next file opened"
+            assert _open_files_of(path) == [fd]
+            held.release.set()
+            with pytest.raises(BackendError) as e:
+                await task
+            assert e.value.errno == errno.EBADF
+            assert os.fstat(other).st_size == 0
+        finally:
+            os.close(other)
+        assert _open_files_of(path) == []  # the last thread I/O closed it
+        for call in (be.read(0, 4096), be.write_bulk(0, bytes(PAGE)), be.flush(), be.write(0, bytes(8192))):
+            with pytest.raises(BackendError) as e:
+                await call
+            assert e.value.errno == errno.EBADF
+        assert _open_files_of(path) == []
+        be.close()  # twice: nothing more to do
+
+    held.run(main())
 
 
 @pytest.mark.parametrize("media", ["none", "ssd"])
