@@ -47,7 +47,6 @@ Run it as ``python -m tests.crashfs DURABLE WORK MOUNTPOINT CONTROL``
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -59,13 +58,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-MOUNT_TIMEOUT = 10.0
+from tests.fusefs import PassThrough, start, stop, unmount
 
 
-class CrashFS:
-    """The FUSE operations (mfusepy's Operations protocol, paths relative to the mount)."""
-
-    use_ns = True
+class CrashFS(PassThrough):
+    """The FUSE operations: reads and metadata from WORK, what is synced to DURABLE too."""
 
     def __init__(self, durable: str, work: str, control: str) -> None:
         self.durable = durable
@@ -103,8 +100,10 @@ class CrashFS:
         self.undo.append({"op": op, "path": path, "stash": stash, "dirs": [os.path.dirname(path)]})
         self._names_changed()
 
-    def _w(self, path: str) -> str:
+    def _real(self, path: str) -> str:
         return self.work + path
+
+    _w = _real  # the work tree, beside _d's durable one
 
     def _d(self, path: str) -> str:
         return self.durable + path
@@ -117,45 +116,6 @@ class CrashFS:
             self._pending[path] = (min(low, size_before), ranges)
 
     # ---- metadata: both trees at once
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        st = os.lstat(self._w(path))
-        keys = (
-            "st_mode",
-            "st_nlink",
-            "st_uid",
-            "st_gid",
-            "st_size",
-            "st_blocks",
-            "st_atime_ns",
-            "st_mtime_ns",
-            "st_ctime_ns",
-        )
-        out = {k: getattr(st, k) for k in keys}
-        for k in ("st_atime", "st_mtime", "st_ctime"):
-            out[k] = out.pop(k + "_ns")
-        return out
-
-    def readdir(self, path: str, fh: int) -> list[str]:
-        return [".", "..", *os.listdir(self._w(path))]
-
-    def statfs(self, path: str) -> dict[str, int]:
-        s = os.statvfs(self._w(path))
-        return {
-            k: getattr(s, k)
-            for k in (
-                "f_bsize",
-                "f_frsize",
-                "f_blocks",
-                "f_bfree",
-                "f_bavail",
-                "f_files",
-                "f_ffree",
-                "f_favail",
-                "f_flag",
-                "f_namemax",
-            )
-        }
-
     def mkdir(self, path: str, mode: int) -> int:
         os.mkdir(self._w(path), mode)
         self._log("mkdir", path)
@@ -197,13 +157,6 @@ class CrashFS:
         os.chmod(self._d(path), mode)
         return 0
 
-    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-        if times is None:
-            os.utime(self._w(path))
-        else:
-            os.utime(self._w(path), ns=times)
-        return 0
-
     # ---- files
     def create(self, path: str, mode: int, fi: Any = None) -> int:
         # The file exists in DURABLE (its synced data goes there) but is logged as new:
@@ -217,9 +170,6 @@ class CrashFS:
         # O_SYNC/O_DSYNC need nothing here: the kernel sends FSYNC after each such write.
         return os.open(self._w(path), os.O_RDWR)
 
-    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return os.pread(fh, size, offset)
-
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         self._note(path, os.fstat(fh).st_size, (offset, len(data)))
         return os.pwrite(fh, data, offset)
@@ -227,13 +177,6 @@ class CrashFS:
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
         self._note(path, os.stat(self._w(path)).st_size, None)
         os.truncate(self._w(path), length)
-        return 0
-
-    def flush(self, path: str, fh: int) -> int:
-        return 0  # close() is no sync
-
-    def release(self, path: str, fh: int) -> int:
-        os.close(fh)
         return 0
 
     def fsync(self, path: str, datasync: int, fh: int) -> int:
@@ -287,17 +230,6 @@ class CrashFS:
                     _rm(u["stash"])
         return 0
 
-    def opendir(self, path: str) -> int:
-        return 0
-
-    def releasedir(self, path: str, fh: int) -> int:
-        return 0
-
-    def access(self, path: str, amode: int) -> int:
-        if not os.access(self._w(path), amode):
-            raise OSError(errno.EACCES, "access")
-        return 0
-
 
 def _rm(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
@@ -338,12 +270,6 @@ def serve(durable: str, work: str, mountpoint: str, control: str) -> None:
     mfusepy.FUSE(fs, mountpoint, foreground=True, nothreads=True, fsname="crashfs")
 
 
-def _mounted(mountpoint: Path) -> bool:
-    target = str(mountpoint.resolve())
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
-
-
 class CrashMount:
     """A crashfs mount in its own process (a kill -9 of the process under test leaves it up).
 
@@ -368,31 +294,8 @@ class CrashMount:
         recover(str(self.durable), str(self.control))
         shutil.rmtree(self.work, ignore_errors=True)
         shutil.copytree(self.durable, self.work)  # a fresh boot sees what was durable
-        root = Path(__file__).resolve().parent.parent
-        env = dict(os.environ, PYTHONPATH=str(root))
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.crashfs",
-                    str(self.durable),
-                    str(self.work),
-                    str(self.mountpoint),
-                    str(self.control),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=root,
-                env=env,
-            )
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not _mounted(self.mountpoint):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self._stop()
-                raise RuntimeError(f"crashfs did not mount: {self.log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.02)
+        args = [str(self.durable), str(self.work), str(self.mountpoint), str(self.control)]
+        self.proc = start("tests.crashfs", args, self.mountpoint, self.log)
         return self.mountpoint
 
     def cut_after_fsync_of(self, suffix: str) -> None:
@@ -412,23 +315,12 @@ class CrashMount:
         """Every change not yet fsync'ed is gone: the process holding it dies."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
-        self._stop()
+        stop(self.proc, self.mountpoint)
+        self.proc = None
 
     def unmount(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=10)
-        self._stop()
-
-    def _stop(self) -> None:
-        if self.proc is not None:
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            self.proc = None
-        if _mounted(self.mountpoint):  # a dead server leaves the mount: lazy unmount
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True, timeout=10)
+        unmount(self.proc, self.mountpoint)
+        self.proc = None
 
     def __enter__(self) -> CrashMount:
         return self
