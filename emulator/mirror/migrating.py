@@ -242,6 +242,11 @@ class MigratingBackend(Backend):
 
         try:
             src, tgt = await asyncio.gather(on_source(), on_target(), return_exceptions=True)
+        except BaseException:
+            # Cancelled (its host reset the connection): one side may have the write and
+            # the other not (the source's request was sent, the target's cancelled).
+            self.dirtied_bytes += self.regions.mark_dirty(r0, r1)
+            raise
         finally:
             target_ended()  # cancelled before on_target began
         if isinstance(tgt, BaseException) or isinstance(src, BaseException):

@@ -10,11 +10,20 @@ room the remote LUN kept for good. The status also counted every local read of
 under 64 KiB twice. Now host I/O goes to the source alone once the local copy
 is let go, and the copy is trimmed (or closed) after what was in flight on it.
 Real arrays with a slow media model, then in-process with reads held on each side.
+
+Regression (was a bug): an active-mode write to a clean region whose host reset its
+connection while the write waited on the local copy (the source had it already) was
+cancelled there, and the region stayed clean: reads of it answered the old bytes
+from the local copy, reads across it the new ones from the source, and the cutover
+kept the old ones. A write to both sides that does not end normally now makes its
+regions dirty, as a failed one does: they are copied again from the source.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +36,7 @@ from emulator.mirror.migration import Migration, MigrationConfig
 from emulator.mirror.regions import CLEAN
 from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.client import NbdClient
+from emulator.nbd.errors import DisconnectedError
 from tests.backends import local_migration
 from tests.servers import ArrayDaemon, array_api, array_daemon
 
@@ -131,6 +141,40 @@ def test_a_read_in_flight_on_the_new_file_at_a_pool_move_cancel_gets_the_data(tm
         api.call("POST", "/api/v1/luns/m/move", {"pool": "p2"})
         wait_clean(c, "m")
         read_while_cancelled(c, "m")
+
+
+@pytest.mark.timeout(60)
+def test_a_host_reset_under_a_write_to_both_sides_leaves_the_sides_alike(tmp_path: Path) -> None:
+    with migrating(tmp_path, "active") as b:
+        api = array_api(b)
+        api.call("POST", "/api/v1/migrations/v/pause")  # region 0 clean, the rest dirty
+        source = api.migration("v")["source"]
+
+        async def write_then_reset() -> None:
+            async with await NbdClient.connect(source, timeout=10) as a:
+                c = await NbdClient.connect(b.uri("v"), timeout=10)
+                write = asyncio.ensure_future(c.write(0, b"N" * 4096))  # to both sides
+                deadline = time.monotonic() + 10
+                while await a.read(0, 1) != b"N":  # the source has it; B's media holds it
+                    assert time.monotonic() < deadline
+                sock = c._transport.get_extra_info("socket")  # type: ignore[union-attr]
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.abort("host reset")  # RST: the server drops what the host had in flight
+                with pytest.raises(DisconnectedError):
+                    await write
+
+        async def read(uri: str, offset: int, length: int) -> bytes:
+            async with await NbdClient.connect(uri, timeout=10) as c:
+                return bytes(await c.read(offset, length))
+
+        asyncio.run(write_then_reset())
+        api.call("POST", "/api/v1/migrations/v/resume")
+        api.call("PATCH", "/api/v1/migrations/v", {"throttle": 0})
+        assert api.wait_migration("v", 30)["state"] == "completed"
+        want = asyncio.run(read(source, 0, 4096))
+        assert want == b"N" * 4096
+        got = asyncio.run(read(b.uri("v"), 0, 4096))
+        assert got == want, f"cut over with {got[:4]!r}... where the source holds {want[:4]!r}..."
 
 
 # --------------------------------------------------------------------------- in-process
