@@ -259,3 +259,63 @@ def test_a_pool_move_closes_its_old_file_after_the_reads_in_flight_on_it(tmp_pat
         assert await m.wait(10) == "completed" and source.closed
 
     asyncio.run(main())
+
+
+class OnTheWire(MemoryBackend):
+    """A remote source: a write, once sent, lands when ``land`` is set, whether its
+    caller still waits for the answer or not (NBD has no cancel); reads are answered
+    at once, ahead of it (an NBD server may reorder what is in flight)."""
+
+    remote = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.land = asyncio.Event()
+        self.sent: list[asyncio.Future[None]] = []
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        data = bytes(data)
+
+        async def land() -> None:
+            await self.land.wait()
+            await MemoryBackend.write(self, offset, data, fua)
+
+        self.sent.append(asyncio.ensure_future(land()))
+        await asyncio.shield(self.sent[-1])
+
+
+@pytest.mark.parametrize("active", [False, True])
+def test_a_write_its_host_gave_up_on_is_in_flight_until_the_source_answers(
+    tmp_path: Path, active: bool
+) -> None:
+    """Regression (was a bug): a host write cancelled (its host reset the connection)
+    while its request was on the way to the source ended its count of writes in flight
+    at once: a copy of the region then read the source ahead of the write, was taken as
+    clean, and the write landed on the source after it, so the local copy of a clean
+    region held other bytes than the source (I2). Background mode (a write of a region
+    clean on disk) and active mode (a write to both sides)."""
+
+    async def main() -> None:
+        source, target = OnTheWire(SIZE), MemoryBackend(SIZE)
+        m = migration(tmp_path, source, target, throttle=0)
+        await m.start(paused=True)
+        mb, regions, copier = m.backend, m.regions, m.copier
+        assert mb is not None and regions is not None and copier is not None
+        mb.active = active
+        assert await copier.copy_region(0)
+        m.progress.disk_clean[0] = True  # type: ignore[union-attr]  # a checkpoint made it clean on disk
+        write = asyncio.ensure_future(mb.write(0, b"N" * 4096))
+        await until(lambda: source.sent)
+        write.cancel()  # the host is gone; the source has the request
+        await asyncio.sleep(0.01)
+        copy = asyncio.ensure_future(copier.copy_region(0))  # active mode: waits for the write
+        await asyncio.sleep(0.01)
+        source.land.set()
+        await asyncio.gather(write, copy, *source.sent, return_exceptions=True)
+        await copier.copy_region(0)
+        assert regions.state[0] == CLEAN
+        got, want = await target.read(0, 4096), await source.read(0, 4096)
+        assert got == want, f"region 0 is clean with {bytes(got[:4])!r}..., the source {bytes(want[:4])!r}..."
+        await m.cancel()
+
+    asyncio.run(main())
