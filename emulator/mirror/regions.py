@@ -161,6 +161,10 @@ class ProgressFile:
         self.path = path
         self.regions = regions
         self.disk_clean: npt.NDArray[np.bool_] = np.zeros(regions.count, np.bool_)
+        #: the bits the file may hold until the commit under way is durable: those of the
+        #: last durable commit and of the one being written (ensure_dirty clears
+        #: ``disk_clean`` at once, long before the file says so)
+        self._on_disk: npt.NDArray[np.bool_] = np.zeros(regions.count, np.bool_)
         self._fsync = fsync
         self._header = {
             "magic": MAGIC,
@@ -202,6 +206,7 @@ class ProgressFile:
         nbytes = (r.count + 7) // 8
         bits = np.frombuffer(os.pread(fd, nbytes, HEADER_SIZE), np.uint8)
         self.disk_clean = np.unpackbits(bits, count=r.count).astype(np.bool_)
+        self._on_disk = self.disk_clean.copy()
         r.state[self.disk_clean] = CLEAN
         self._fd = fd
         return dict(head)
@@ -213,15 +218,17 @@ class ProgressFile:
         return raw.ljust(HEADER_SIZE, b" ")
 
     def any_clean(self, r0: int, r1: int) -> bool:
-        """Is any of [r0, r1) clean on disk?"""
+        """Is any of [r0, r1) clean on disk, or may it still be (its clear not yet durable)?"""
         if r1 - r0 == 1:
-            return bool(self.disk_clean[r0])
-        return bool(self.disk_clean[r0:r1].any())
+            return bool(self.disk_clean[r0] or self._on_disk[r0])
+        return bool(self.disk_clean[r0:r1].any() or self._on_disk[r0:r1].any())
 
     # ---- group commit
     async def ensure_dirty(self, r0: int, r1: int) -> None:
-        """Clear the on-disk clean bits of [r0, r1) and wait until that is durable."""
-        if not self.disk_clean[r0:r1].any():
+        """Clear the on-disk clean bits of [r0, r1) and wait until that is durable. Also
+        when another write cleared them and waits for the commit: a write that went on
+        meanwhile would be acknowledged while a crash still finds the region clean (I4)."""
+        if not self.any_clean(r0, r1):
             return
         self.disk_clean[r0:r1] = False
         await self.commit()
@@ -244,8 +251,10 @@ class ProgressFile:
         loop = asyncio.get_running_loop()
         while self._committed < self._requested and not self.closed:
             upto = self._requested
-            data = np.packbits(self.disk_clean).tobytes()  # snapshot at commit start
-            await loop.run_in_executor(None, self._write, data)
+            snap = self.disk_clean.copy()  # at commit start
+            self._on_disk |= snap  # the file may hold either until the fsync returns
+            await loop.run_in_executor(None, self._write, np.packbits(snap).tobytes())
+            self._on_disk = snap
             self.commits += 1
             self._committed = upto
             async with self._cond:

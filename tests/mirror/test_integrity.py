@@ -1085,3 +1085,66 @@ def test_background_goes_active_within_its_first_pass_when_writes_undo_the_copy(
     assert state == "completed", state
     d = model.diff(0, got, "LUN after the migration")
     assert d is None, d
+
+
+@pytest.mark.parametrize("path", ["write", "start_write"])
+def test_regression_a_write_behind_one_that_clears_a_clean_bit_waits_until_that_is_durable(
+    tmp_path: Path, path: str
+) -> None:
+    """Regression (fixed) (I4): a write to a region clean on disk waits until its bit is cleared
+    durably (ProgressFile.ensure_dirty). The bit was cleared in memory at once, before the
+    commit was written, so a second write to the region (another host, or the next request)
+    found it not clean on disk, went straight to the source and was acknowledged while
+    the file still said clean: a crash then (kill -9 before the commit's pwrite, a power cut
+    before its fsync) resumed with the region clean, its local bytes older than that write."""
+    from emulator.mirror.migrating import MigratingBackend
+    from emulator.mirror.regions import HEADER_SIZE, ProgressFile, RegionMap
+
+    syncing = threading.Event()
+    release = threading.Event()
+    durable: list[bool] = []  # region 0's bit in the file, at each fsync
+
+    def fsync(fd: int) -> None:
+        if durable:  # the first (setting the bit) goes through
+            syncing.set()
+            release.wait(10)
+        durable.append(bool(os.pread(fd, 1, HEADER_SIZE)[0] & 0x80))
+
+    async def main() -> list[bool]:
+        regions = RegionMap(4 * HREGION, HREGION)
+        progress = ProgressFile(tmp_path / "progress", regions, {}, fsync=fsync)
+        progress.create()
+        source, target = MemoryBackend(regions.size), MemoryBackend(regions.size)
+        mb = MigratingBackend(source, target, regions, progress)
+        regions.state[0] = CLEAN
+        progress.disk_clean[0] = True
+        await progress.commit()  # region 0 is clean on disk
+        first = asyncio.ensure_future(mb.write(0, b"1" * PAGE))
+        await _until(syncing.is_set)  # its commit waits in fsync
+        at_ack: list[bool] = []
+        second: asyncio.Future[Any]
+        if path == "write":
+            second = asyncio.ensure_future(mb.write(PAGE, b"2" * PAGE))
+            second.add_done_callback(lambda _: at_ack.append(durable[-1]))
+        else:
+            second = asyncio.get_running_loop().create_future()
+
+            def done(result: Any, error: Exception | None) -> None:
+                at_ack.append(durable[-1])
+                second.set_result(None)
+
+            if not mb.start_write(PAGE, b"2" * PAGE, False, done):
+                second = asyncio.ensure_future(mb.write(PAGE, b"2" * PAGE))
+                second.add_done_callback(lambda _: at_ack.append(durable[-1]))
+        for _ in range(20):  # a MemoryBackend source answers within a loop turn or two
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(first, second)
+        await progress.close()
+        return at_ack
+
+    try:
+        at_ack = asyncio.run(main())
+    finally:
+        release.set()
+    assert at_ack == [False], f"a write was acknowledged while region 0 was clean on disk: {at_ack}"
