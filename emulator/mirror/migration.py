@@ -460,7 +460,10 @@ class Migration:
             # starts after it sees the bit set and waits for it to clear.
             ok = cand[(regions.gen[cand] == gens) & (regions.state[cand] == 2)]
             progress.disk_clean[ok] = True
-            await progress.commit()
+            try:
+                await progress.commit()
+            except BackendError as e:  # the target's side, not an unreachable source: fail
+                raise TargetError(e.errno, str(e)) from None
         finally:
             self._checkpointing = False
 

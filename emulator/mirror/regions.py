@@ -19,6 +19,7 @@ Both run through group commits: one fdatasync serves every waiter.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -28,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from emulator.durable import fsync_dir
+from emulator.nbd.errors import BackendError
 
 DIRTY = 0
 COPYING = 1
@@ -176,6 +178,9 @@ class ProgressFile:
         self._fd = -1
         self._requested = 0  # bumped by every change that must reach the disk
         self._committed = 0
+        #: requests up to this one failed with ``_error`` (the file could not be written)
+        self._failed = 0
+        self._error: BackendError | None = None
         self._cond: asyncio.Condition | None = None
         self._committer: asyncio.Task[None] | None = None
         self.commits = 0
@@ -244,7 +249,9 @@ class ProgressFile:
         if self._committer is None or self._committer.done():
             self._committer = asyncio.ensure_future(self._commit_loop())
         async with self._cond:
-            await self._cond.wait_for(lambda: self._committed >= mine or self.closed)
+            await self._cond.wait_for(lambda: self._committed >= mine or self._failed >= mine or self.closed)
+        if self._committed < mine and self._failed >= mine and self._error is not None:
+            raise self._error
 
     async def _commit_loop(self) -> None:
         assert self._cond is not None
@@ -253,7 +260,16 @@ class ProgressFile:
             upto = self._requested
             snap = self.disk_clean.copy()  # at commit start
             self._on_disk |= snap  # the file may hold either until the fsync returns
-            await loop.run_in_executor(None, self._write, np.packbits(snap).tobytes())
+            try:
+                await loop.run_in_executor(None, self._write, np.packbits(snap).tobytes())
+            except OSError as e:
+                # Its waiters get the error rather than wait for good (a host write hung on
+                # ensure_dirty, the migration on its checkpoint); the next commit tries again.
+                self._error = BackendError(e.errno or errno.EIO, f"progress file {self.path}: {e}")
+                self._failed = self._requested  # also those that came meanwhile: no commit follows
+                async with self._cond:
+                    self._cond.notify_all()
+                return
             self._on_disk = snap
             self.commits += 1
             self._committed = upto

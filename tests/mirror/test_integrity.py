@@ -1148,3 +1148,40 @@ def test_regression_a_write_behind_one_that_clears_a_clean_bit_waits_until_that_
     finally:
         release.set()
     assert at_ack == [False], f"a write was acknowledged while region 0 was clean on disk: {at_ack}"
+
+
+def test_regression_a_progress_file_that_cannot_be_written_fails_the_migration_not_hangs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (fixed) (I7): a commit of the progress file that failed (EIO, a full or
+    read-only data dir) killed the committer and never woke its waiters: a host write to
+    a region clean on disk hung for good (ensure_dirty), and so did the migration at its
+    next checkpoint, its state still "copying". The waiters get the error now: the
+    write fails with EIO, the migration fails and its LUN serves the source directly."""
+    from emulator.mirror.regions import ProgressFile
+    from emulator.nbd.errors import BackendError
+    from tests.backends import local_migration
+
+    async def main() -> None:
+        size = 4 * HREGION
+        source, target = MemoryBackend(size), MemoryBackend(size)
+        await source.write(0, b"s" * size)
+        cfg = MigrationConfig(region_size=HREGION, throttle=0.2e6, checkpoint_interval=0.01, hot_window=0)
+        m = local_migration(source, target, tmp_path, cfg)
+        await m.start()
+        mb, regions, progress = m.backend, m.regions, m.progress
+        assert mb is not None and regions is not None and progress is not None
+        await asyncio.wait_for(_until(lambda: progress.disk_clean[0]), 10)  # clean on disk
+
+        def broken(self: ProgressFile, data: bytes) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(ProgressFile, "_write", broken)
+        with pytest.raises(BackendError):
+            await asyncio.wait_for(mb.write(0, b"h" * PAGE), 10)
+        assert await asyncio.wait_for(m.wait(), 10) == "failed"
+        assert "progress" in m.last_error, m.last_error
+        await source.write(0, b"h" * PAGE)  # what the host writes from now on reaches the source
+        assert await mb.read(0, PAGE) == b"h" * PAGE
+
+    asyncio.run(main())
