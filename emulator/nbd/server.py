@@ -386,7 +386,13 @@ class _Connection(asyncio.BufferedProtocol):
         self._flush_pending = False
         if self._out and self.transport is not None:
             out, self._out = self._out, []
-            self.transport.writelines(out)
+            try:
+                self.transport.writelines(out)
+            except RuntimeError:
+                # uvloop refuses a closed transport: a reply queued in the turn its host
+                # reset the connection, nobody left to answer (a traceback in the log).
+                if not self.transport.is_closing():
+                    raise
 
     def _flush_soon(self) -> None:
         """Replies finished outside a receive pass (their Backend waited) go out

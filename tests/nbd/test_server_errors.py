@@ -1026,3 +1026,61 @@ def test_server_still_serves_after_errors(srv: ServerThread) -> None:
         ]:
             expect_error(c.request(type_, off, n, flags), err)
             assert_alive(c)
+
+
+class HeldRead(MemoryBackend):
+    """Reads wait for ``release`` (set from the test)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.release = asyncio.Event()
+        self.waiting = 0
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        self.waiting += 1
+        await self.release.wait()
+        return await super().read(offset, length)
+
+
+def test_a_reply_queued_as_its_host_resets_is_dropped_quietly() -> None:
+    """Regression (was a bug): a reply queued to go out at the end of a loop turn
+    (_flush_soon) whose connection was reset (RST) in that turn went to uvloop's closed
+    transport: "RuntimeError: unable to perform operation on <TCPTransport closed=True>
+    ... the handler is closed", a traceback in the array's log for every host that
+    resets with replies pending. Nobody is left to answer: the reply is dropped."""
+    from emulator.nbd.client import NbdClient
+    from emulator.nbd.errors import DisconnectedError
+
+    loop = serve_forever_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
+
+    async def main() -> None:
+        server = NbdServer()
+        backend = HeldRead(MIB)
+        server.add_export("held", backend)
+        host, port = await server.listen_tcp("127.0.0.1", 0)
+        try:
+            client = await NbdClient.connect(f"nbd://{host}:{port}/held", timeout=TIMEOUT)
+            read = asyncio.ensure_future(client.read(0, PAGE))
+            while not backend.waiting:
+                await asyncio.sleep(0.001)
+            (conn,) = server.connections
+            assert conn.transport is not None
+            # The read ends and, in the same turn, the host's RST is seen: the read's
+            # reply is queued behind connection_lost, for a transport closed by then.
+            backend.release.set()
+            conn.transport.abort()
+            with pytest.raises(DisconnectedError):  # the client sees its connection go
+                await asyncio.wait_for(read, TIMEOUT)
+            await client.close()
+            for _ in range(5):
+                await asyncio.sleep(0)
+        finally:
+            await server.close()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert not errors, f"the loop logged: {errors[0].get('exception')!r}"
