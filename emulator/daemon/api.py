@@ -98,7 +98,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def _json_body(request: web.Request, allowed: set[str], required: set[str]) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise InvalidInput(f"request body is larger than {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
+    # read(n) returns what has come so far, not the whole body: a body that arrives in
+    # pieces (TCP segments, HTTP chunks) is read to its end, up to one byte past the limit
+    raw = b""
+    while len(raw) <= MAX_BODY:
+        piece = await request.content.read(MAX_BODY + 1 - len(raw))
+        if not piece:
+            break
+        raw += piece
     if len(raw) > MAX_BODY:
         raise InvalidInput(f"request body is larger than {MAX_BODY} bytes")
     try:

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,6 +419,32 @@ def test_create_body_too_large_chunked(api: ApiThread) -> None:
     assert r.status in (400, 413), (r.status, r.body)
     r.error()
     assert api.array.luns == {}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_create_body_in_pieces(api: ApiThread, chunked: bool) -> None:
+    """Regression (was a bug): a valid body that reaches the server in more than one piece
+    (TCP segments over a real network, HTTP chunks) was read only up to its first piece
+    and refused as "not valid JSON"."""
+    body = json.dumps({"name": "a", "size": 512}).encode()
+
+    def pieces() -> Iterator[bytes]:
+        yield body[:10]
+        time.sleep(0.2)  # the server reads what came so far meanwhile
+        yield body[10:]
+
+    headers = dict(AUTH, **{"Content-Type": "application/json"})
+    if not chunked:
+        headers["Content-Length"] = str(len(body))
+    conn = http.client.HTTPConnection("127.0.0.1", api.api_port, timeout=TIMEOUT)
+    try:
+        conn.request("POST", "/api/v1/luns", body=pieces(), headers=headers, encode_chunked=chunked)
+        resp = conn.getresponse()
+        r = Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+    assert r.status == 201, (r.status, r.body)
+    assert set(api.array.luns) == {"a"}
 
 
 def test_deeply_nested_json_is_400(api: ApiThread, caplog: pytest.LogCaptureFixture) -> None:
