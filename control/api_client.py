@@ -35,9 +35,11 @@ class ApiError(Exception):
 def _http_url(url: str) -> bool:
     """Is ``url`` an http(s)://HOST[:PORT] URL (which urllib would take, or fail on with a
     traceback rather than a reason)?"""
-    parts = urllib.parse.urlsplit(url)
     try:
-        parts.port  # noqa: B018  (raises ValueError on a port that is no number, or too big)
+        # urlsplit raises ValueError on an unclosed IPv6 bracket ("http://[::1:8701"),
+        # .port on a port that is no number, or too big
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and bool(parts.hostname)

@@ -45,7 +45,9 @@ def not_http(tmp_path: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{srv.port}"
 
 
-@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:8701", "ftp://127.0.0.1:8701", "http://127.0.0.1:abc"])
+@pytest.mark.parametrize(
+    "url", ["notaurl", "127.0.0.1:8701", "ftp://127.0.0.1:8701", "http://127.0.0.1:abc", "http://[::1:8701"]
+)
 def test_an_api_url_that_is_no_http_url_is_refused(capsys: pytest.CaptureFixture[str], url: str) -> None:
     rc, err = run(capsys, "lun", "list", "--api", url, "--token", "t")
     assert rc == 1
