@@ -51,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # /dev/null so that the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C of a command that waits (`migrate --wait`, `migration wait`): a line, not a
+        # traceback. A migration goes on: its array copies, and the next volume command
+        # restarts the follower of one this process followed.
+        print("blockmig: interrupted", file=sys.stderr)
+        return 130
     return rc
 
 

@@ -9,6 +9,8 @@ in a child process where what matters is what the user sees on a pipe.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -123,6 +125,36 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
         os.close(w)
     assert p.returncode == 1
     assert p.stderr == ""
+
+
+def test_ctrl_c_gets_a_line_and_exit_130_not_a_traceback() -> None:
+    """Ctrl-C of a command that waits on an array (`migration wait`, `migrate --wait`).
+    Before: a KeyboardInterrupt traceback. The array here is a socket that takes the
+    request and never answers, as a long poll of a migration that goes on does."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "control.cli", "migration", "wait", "v1", "--token", "t", "--api"]
+            + [f"http://127.0.0.1:{srv.getsockname()[1]}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=config.child_env(),
+        )
+        try:
+            srv.settimeout(30)
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(30)
+                got = b""
+                while b"\r\n\r\n" not in got:  # the whole request: blockmig waits for the answer
+                    got += conn.recv(4096)
+                p.send_signal(signal.SIGINT)
+                _, err = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert (p.returncode, err) == (130, "blockmig: interrupted\n")
 
 
 @pytest.mark.parametrize("state", ["cancelled", "failed"])
