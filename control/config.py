@@ -429,16 +429,23 @@ def start_array(cfg: ArrayConfig, state_dir: Path) -> ArrayRecord:
     )
     log.close()
     deadline = time.monotonic() + START_TIMEOUT
-    while not runtime.exists():
-        if proc.poll() is not None:
-            with open(logs / f"{cfg.name}.log", "rb") as f:
-                f.seek(logged)
-                tail = f.read().decode(errors="replace")[-2000:]
-            raise RuntimeError(f"array {cfg.name} failed to start:\n{tail}")
-        if time.monotonic() > deadline:
+    try:
+        while not runtime.exists():
+            if proc.poll() is not None:
+                with open(logs / f"{cfg.name}.log", "rb") as f:
+                    f.seek(logged)
+                    tail = f.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"array {cfg.name} failed to start:\n{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"array {cfg.name} did not start within {START_TIMEOUT:.0f} s")
+            time.sleep(0.05)
+    except BaseException:
+        # Timed out, or Ctrl-C: the array runs in a session of its own (the terminal's
+        # SIGINT misses it) and no registry names it yet, so no `down` would stop it.
+        if proc.poll() is None:
             proc.kill()
-            raise RuntimeError(f"array {cfg.name} did not start within {START_TIMEOUT:.0f} s")
-        time.sleep(0.05)
+            proc.wait()
+        raise
     info: dict[str, Any] = json.loads(runtime.read_text())
     token = cfg.token or (data_dir / "token").read_text().strip()
     return ArrayRecord(cfg.name, cfg.model, info["api"], info["nbd"], token, str(data_dir), proc.pid)

@@ -262,6 +262,32 @@ def test_up_run_twice_at_once_leaves_no_array_unrecorded(bm: BlockmigEnv) -> Non
             os.kill(pid, signal.SIGKILL)
 
 
+def test_an_up_interrupted_while_an_array_starts_leaves_no_array_down_cannot_stop(bm: BlockmigEnv) -> None:
+    """Ctrl-C of `blockmig up` while it waited for an array to serve: the array (a session
+    of its own, so the terminal's SIGINT missed it) ran on unrecorded, and `down` said
+    "nothing was running" and left it running."""
+    cfg = bm.state_dir / "arrays.toml"
+    bm.state_dir.mkdir(parents=True)
+    cfg.write_text("\n".join(s.toml() for s in (ArraySpec("A"), ArraySpec("B"))))
+    try:
+        p = bm.popen("up", "--config", str(cfg))
+        deadline = time.monotonic() + 60
+        while not _arrays_of(bm.state_dir) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _arrays_of(bm.state_dir), "no array started"
+        p.send_signal(signal.SIGINT)  # `up` waits for it to serve
+        _, err = p.communicate(timeout=60)
+        assert (p.returncode, err) == (130, "blockmig: interrupted\n")
+        bm.ok("down")
+        deadline = time.monotonic() + 30
+        while _arrays_of(bm.state_dir) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _arrays_of(bm.state_dir), "`blockmig down` left arrays running"
+    finally:
+        for pid in _arrays_of(bm.state_dir):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _occupy(uri: str) -> socket.socket:
     """A listening socket on the host and port of ``uri`` (another program took the port)."""
     where = urllib.parse.urlsplit(uri)
