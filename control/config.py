@@ -322,6 +322,17 @@ def save_config(path: Path, configs: list[ArrayConfig], source: Path) -> None:
     tmp.replace(path)
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` at once, mode 0600: the records hold the arrays' API
+    tokens (the data dir's token file is 0600 too)."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)  # a .tmp a crash left behind keeps its mode through O_CREAT
+        f.write(text)
+    tmp.replace(path)
+
+
 class RegistryError(ValueError):
     """STATE_DIR/arrays.json cannot be read."""
 
@@ -351,9 +362,7 @@ class Registry:
 
     def save(self, records: dict[str, ArrayRecord]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({n: asdict(r) for n, r in records.items()}, indent=2))
-        tmp.replace(self.path)
+        _write_private(self.path, json.dumps({n: asdict(r) for n, r in records.items()}, indent=2))
 
     @property
     def stopped_path(self) -> Path:
@@ -374,9 +383,7 @@ class Registry:
             self.stopped_path.unlink(missing_ok=True)
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.stopped_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({n: asdict(r) for n, r in records.items()}, indent=2))
-        tmp.replace(self.stopped_path)
+        _write_private(self.stopped_path, json.dumps({n: asdict(r) for n, r in records.items()}, indent=2))
 
     def get(self, name: str) -> ArrayRecord:
         records = self.load()

@@ -177,6 +177,25 @@ def test_up_without_config_starts_the_arrays_of_the_last_config(tmp_path: Path) 
         _blockmig(state, "down")
 
 
+def test_the_registry_and_the_stopped_arrays_record_hold_tokens_mode_0600(tmp_path: Path) -> None:
+    """arrays.json (and stopped.json after `down`) hold each array's API token, like the
+    saved config (0600) and the data dir's token file (0600). Before: mode 0644, the token
+    readable by every local user."""
+    state = tmp_path / "state"
+    cfg = write(tmp_path, '[[array]]\nname = "X"\n')
+    try:
+        assert _blockmig(state, "up", "--config", str(cfg)).returncode == 0
+        token = Registry(state).load()["X"].token
+        registry = state / "arrays.json"
+        assert token in registry.read_text()
+        assert registry.stat().st_mode & 0o777 == 0o600
+    finally:
+        assert _blockmig(state, "down").returncode == 0
+    stopped = state / "stopped.json"
+    assert token in stopped.read_text()
+    assert stopped.stat().st_mode & 0o777 == 0o600
+
+
 def test_the_saved_config_reads_back_as_it_was_given(tmp_path: Path) -> None:
     given = [
         ArrayConfig("A", "pooled", "fixed:0.5", "[::1]:0", "127.0.0.1:0", {"gold": "1G", "s-1": "4096"}, 2.5),
