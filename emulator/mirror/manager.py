@@ -30,6 +30,7 @@ from emulator.array.array import Array, check_name
 from emulator.array.errors import ArrayError, Conflict, InvalidInput, NoSpace, NotFound, Unsupported
 from emulator.array.file_backend import FileBackend
 from emulator.array.lun import Lun
+from emulator.array.names import check_size
 from emulator.array.open_files import check_room
 from emulator.nbd.client import Address
 from emulator.nbd.errors import BackendError
@@ -189,6 +190,8 @@ class MigrationManager:
             raise InvalidInput(f"cannot reach the source: {e}") from None
         remote.on_capabilities = self._capabilities_changed(name)
         try:
+            # the LUN takes the source's size: refused, it is the source's (none was given)
+            check_size(remote.size, f"size of source {source}")
             lun = self.array.create_lun(
                 name,
                 remote.size,

@@ -42,6 +42,7 @@ from emulator.mirror.manager import MigrationManager
 from emulator.nbd.client import NbdClient
 from emulator.nbd.errors import RequestError
 from emulator.nbd.server import NbdServer, serve_forever_loop
+from tests.servers import nbdkit
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -715,6 +716,18 @@ def test_migration_from_a_malformed_source_uri_is_400(api: ApiThread, source: st
     assert "mig" not in api.array.luns
     assert api.call(_rows(api.array)) == []
     assert api.request("GET", "/api/v1/migrations").json() == []
+
+
+def test_migration_from_a_source_of_a_size_no_lun_can_have_names_the_source(
+    api: ApiThread, tmp_path: Path
+) -> None:
+    """A source (here nbdkit) of 1000 bytes: no LUN can have its size. Before, the 400
+    said "size 1000 is invalid", a size the caller never gave."""
+    with nbdkit(tmp_path, "memory", "size=1000") as src:
+        r = api.request("POST", "/api/v1/migrations", {"lun": "mig", "source": src.uri})
+    expect_error(r, 400, "invalid", f"size of source {src.uri} 1000 is invalid", "multiple of 512")
+    assert "mig" not in api.array.luns
+    assert api.call(_rows(api.array)) == []
 
 
 async def _rows(array: Array) -> list[Any]:
