@@ -146,6 +146,8 @@ class NbdServer:
             raise ValueError(f"export {name!r} already exists")
         if len(name.encode()) > p.MAX_STRING:
             raise ValueError("export name is longer than 4096 bytes")
+        if len(description.encode()) > p.MAX_STRING:  # libnbd drops a handshake that sends one
+            raise ValueError("export description is longer than 4096 bytes")
         e = self.exports[name] = Export(name, backend, description, read_only, hidden)
         return e
 

@@ -216,6 +216,23 @@ def test_serve_file_names_the_unix_socket_it_cannot_listen_on(tmp_path: Path) ->
     assert f"cannot listen on {sock}: No such file or directory" in p.stderr
 
 
+def test_serve_file_refuses_a_description_no_nbd_client_takes(tmp_path: Path) -> None:
+    """An export's description is a string of at most 4096 bytes (proto.md, NBD_INFO_DESCRIPTION
+    and NBD_REP_SERVER): libnbd drops the handshake of a longer one ("invalid state: DEAD"),
+    so nbdinfo, nbdcopy and qemu could not connect. Before, serve-file served it."""
+    img = str(tmp_path / "f.img")
+    p = subprocess.run(
+        [sys.executable, "-m", "control.cli", "serve-file", img, "--size", "1M", "--listen", "127.0.0.1:0"]
+        + ["--description", "d" * 4097],
+        capture_output=True,
+        text=True,
+        timeout=20,  # before: it served until stopped
+        env=config.child_env(),
+    )
+    assert p.returncode == 1
+    assert p.stderr == "blockmig serve-file: export description is longer than 4096 bytes\n"
+
+
 # ---------------------------------------------------------------------- names and seconds
 API = ("--api", "http://127.0.0.1:1", "--token", "t")  # never reached: refused before
 
