@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from emulator.nbd.server import NbdServer, format_listen, serve_forever_loop, until_stopped
+from emulator.nbd.server import NbdServer, format_listen, serve_forever_loop, stop_event
 from emulator.units import parse_hostport, parse_size
 
 from .file_backend import FileBackend
@@ -27,13 +27,14 @@ async def _serve(args: argparse.Namespace) -> int:
                 await server.listen_unix(args.unix)
             except OSError as e:  # its own message names no path
                 raise OSError(e.errno, f"cannot listen on {args.unix}: {e.strerror}") from None
+        stopped = stop_event()  # before the line that says it serves
         print(
             f"serving {args.path} ({backend.size} bytes) at {format_listen(host, port)}/{args.export}",
             flush=True,
         )
         if args.unix:
             print(f"serving at nbd+unix:///{args.export}?socket={args.unix}", flush=True)
-        await until_stopped()
+        await stopped.wait()
         await server.close()
         if not args.read_only:
             await backend.flush()

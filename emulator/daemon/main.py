@@ -26,7 +26,7 @@ from emulator.array.names import check_name, check_size
 from emulator.array.open_files import raise_limit
 from emulator.mirror.manager import MigrationManager
 from emulator.mirror.migration import MigrationConfig
-from emulator.nbd.server import NbdServer, serve_forever_loop, until_stopped
+from emulator.nbd.server import NbdServer, serve_forever_loop, stop_event
 from emulator.units import parse_hostport, parse_size
 
 from .api import ApiContext, make_app
@@ -118,6 +118,7 @@ async def serve(args: argparse.Namespace) -> int:
             "api": f"http://{_url_host(api_host)}:{api_port}",
             "data_dir": str(data_dir),
         }
+        stopped = stop_event()  # before runtime.json and the line that say it serves
         tmp = data_dir / "runtime.json.tmp"
         tmp.write_text(json.dumps(runtime))
         tmp.replace(data_dir / "runtime.json")
@@ -126,7 +127,7 @@ async def serve(args: argparse.Namespace) -> int:
             f"nbd {runtime['nbd']} api {runtime['api']} luns {len(array.luns)} data {data_dir}",
             flush=True,
         )
-        await until_stopped()
+        await stopped.wait()
         log.info("array %s: stopping", array.name)
     finally:
         manager.end_long_polls()

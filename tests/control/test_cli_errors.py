@@ -233,6 +233,32 @@ def test_serve_file_refuses_a_description_no_nbd_client_takes(tmp_path: Path) ->
     assert p.stderr == "blockmig serve-file: export description is longer than 4096 bytes\n"
 
 
+def test_serve_file_stopped_as_soon_as_it_says_it_serves_stops_gracefully(tmp_path: Path) -> None:
+    """SIGTERM sent as soon as the "serving" line appears (a script, a supervisor, `blockmig
+    down` once runtime.json is there): the handlers came after that line, and about half of
+    such stops were death by SIGTERM (exit -15) with the last flush skipped."""
+    img = tmp_path / "f.img"
+    for _ in range(5):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "control.cli", "serve-file", str(img), "--size", "1M"]
+            + ["--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=config.child_env(),
+        )
+        try:
+            assert p.stdout is not None
+            assert p.stdout.readline().startswith(f"serving {img}")
+            p.send_signal(signal.SIGTERM)
+            _, err = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert (p.returncode, err) == (0, "")
+
+
 # ---------------------------------------------------------------------- names and seconds
 API = ("--api", "http://127.0.0.1:1", "--token", "t")  # never reached: refused before
 
