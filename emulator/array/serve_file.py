@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from emulator.nbd.errors import BackendError
 from emulator.nbd.server import NbdServer, format_listen, serve_forever_loop, stop_event
 from emulator.units import parse_hostport, parse_size
 
@@ -53,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     loop = serve_forever_loop()
     try:
         return loop.run_until_complete(_serve(args))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, BackendError) as e:  # BackendError: the last flush failed
         print(f"blockmig serve-file: {e}", file=sys.stderr)
         return 1
     finally:

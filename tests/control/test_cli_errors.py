@@ -259,6 +259,29 @@ def test_serve_file_stopped_as_soon_as_it_says_it_serves_stops_gracefully(tmp_pa
         assert (p.returncode, err) == (0, "")
 
 
+def test_serve_file_whose_last_flush_fails_says_so_in_a_line() -> None:
+    """The flush at stop failing (here: /dev/null, which has no fsync; on a real file EIO
+    or ENOSPC) was a BackendError traceback."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "control.cli", "serve-file", "/dev/null", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=config.child_env(),
+    )
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline().startswith("serving /dev/null")
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1
+    assert err == "blockmig serve-file: /dev/null: flush: Invalid argument\n"
+
+
 # ---------------------------------------------------------------------- names and seconds
 API = ("--api", "http://127.0.0.1:1", "--token", "t")  # never reached: refused before
 
