@@ -292,13 +292,16 @@ class VolumeManager:
             for a in v.attachments:
                 if a not in keep:
                     self._terminate(v, Host.parse(a["host"]).array, a)
+            # Only an in-use volume becomes available: one in error (its create or delete
+            # failed), being created or being deleted stays so (that status keeps attach out).
+            status = "available" if v.status == "in-use" and not keep else v.status
             try:
-                # only if no migration re-pointed the records kept meanwhile
+                # only if no migration re-pointed the records kept, nor a delete began, meanwhile
                 return self.db.update(
                     v.id,
-                    expect={"attachments": v.attachments},
+                    expect={"attachments": v.attachments, "status": v.status},
                     attachments=keep,
-                    status="in-use" if keep else "available",
+                    status=status,
                 )
             except Conflict:
                 v = self.db.get(v.id)

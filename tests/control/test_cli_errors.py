@@ -430,3 +430,21 @@ def test_migrate_of_a_volume_in_error_says_why(arrays: BlockmigEnv) -> None:
     ), msg
     assert arrays.show("broken")["migration_status"] is None
     arrays.ok("delete", "broken")
+
+
+@pytest.mark.parametrize("status", ["error", "deleting", "creating"])
+def test_detach_leaves_a_volume_that_is_not_in_use_as_it_is(arrays: BlockmigEnv, status: str) -> None:
+    """Before: `blockmig detach` set any volume it left without attachments "available": a
+    volume whose delete failed (error) became attachable and migratable again, and one a
+    delete was removing ("deleting", which keeps attach out) could be attached meanwhile."""
+    v = arrays.create(f"not-in-use-{status}", 1 << 20, "A")
+    db = VolumesDB(arrays.state_dir / "volumes.db")
+    try:
+        db.update(v["id"], status=status)
+    finally:
+        db.close()
+    try:
+        assert arrays.ok("detach", v["id"])["status"] == status
+        assert arrays.show(v["id"])["status"] == status
+    finally:
+        arrays.ok("delete", v["id"])
