@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -174,6 +175,14 @@ def main(args: argparse.Namespace) -> int:
         return loop.run_until_complete(serve(args))
     except (ArrayError, OSError, ValueError) as e:
         print(f"blockmig array serve: {e}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:  # at start: array.db damaged (or not writable); named, never touched
+        print(
+            f"blockmig array serve: the array's database {args.data_dir.resolve() / 'array.db'} cannot be "
+            f"used: {e}; it is left as it is (restore it from a backup; the LUNs' data is in the pools "
+            "directory)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         loop.close()

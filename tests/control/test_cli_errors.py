@@ -108,6 +108,28 @@ def test_array_serve_refuses_a_source_retry_window_that_is_no_number_of_seconds(
     assert list(tmp_path.iterdir()) == []  # nothing started
 
 
+def test_array_serve_with_a_damaged_database_says_which_and_leaves_it(tmp_path: Path) -> None:
+    """Before: a sqlite3.DatabaseError traceback ("file is not a database"), which `blockmig
+    up` showed as the array's start failure."""
+    db = tmp_path / "array.db"
+    damaged = b"this is no SQLite database, a disk or a copy cut it short\n" * 100
+    db.write_bytes(damaged)
+    p = subprocess.run(
+        [sys.executable, "-m", "control.cli", "array", "serve", "--name", "A", "--data-dir", str(tmp_path)]
+        + ["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--token", "t"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=config.child_env(),
+    )
+    assert p.returncode == 1
+    assert p.stderr == (
+        f"blockmig array serve: the array's database {db} cannot be used: file is not a database; "
+        "it is left as it is (restore it from a backup; the LUNs' data is in the pools directory)\n"
+    )
+    assert db.read_bytes() == damaged
+
+
 def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
     """`blockmig list | head -1`: the pipe's reader is gone before blockmig writes."""
     r, w = os.pipe()
