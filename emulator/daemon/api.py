@@ -114,6 +114,12 @@ async def _json_body(request: web.Request, allowed: set[str], required: set[str]
         raise InvalidInput(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
+    try:
+        # JSON may escape half a UTF-16 pair ("\udcff"): kept in a str, it fails whatever
+        # encodes it later (an NBD export name, SQLite) with a 500
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidInput("request body has a string that is not valid Unicode (a lone surrogate)") from None
     unknown = set(body) - allowed
     if unknown:
         raise InvalidInput(

@@ -448,6 +448,28 @@ def test_create_body_in_pieces(api: ApiThread, chunked: bool) -> None:
     assert set(api.array.luns) == {"a"}
 
 
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/api/v1/migrations", {"lun": "mig", "source": "nbd://127.0.0.1:1/\udcff"}),
+        ("POST", "/api/v1/migrations", {"lun": "mig", "source": "nbd://\ud800:1/x"}),
+        ("POST", "/api/v1/luns/lun0/fence", {"holder": "\udcff"}),
+    ],
+)
+def test_a_lone_surrogate_in_a_json_string_is_400(
+    api: ApiThread, caplog: pytest.LogCaptureFixture, method: str, path: str, body: dict[str, Any]
+) -> None:
+    """Regression (was a bug): JSON lets a string escape half a UTF-16 pair ("\\udcff", as
+    json.dumps writes a command line's undecodable byte); Python keeps it, and whatever
+    encoded it as UTF-8 (an NBD export name, SQLite) raised: a 500 and a traceback."""
+    api.create("lun0")
+    raw = json.dumps(body)  # ASCII: the surrogate as its escape
+    r = api.request(method, path, raw, headers={"Content-Type": "application/json"})
+    expect_error(r, 400, "invalid", "not valid Unicode")
+    assert "internal error" not in caplog.text
+    assert set(api.array.luns) == {"lun0"} and "lun0" not in api.array.fences
+
+
 def test_deeply_nested_json_is_400(api: ApiThread, caplog: pytest.LogCaptureFixture) -> None:
     """Regression (was a bug): nesting deeper than Python's recursion limit makes json.loads raise
     RecursionError, which _json_body does not catch: the API answers 500."""
