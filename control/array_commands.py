@@ -130,13 +130,22 @@ def cmd_lun_unfence(args: argparse.Namespace, api: ArrayApi) -> None:
     _emit(args, {"unfenced": args.name}, f"LUN {args.name} not fenced: hosts may write")
 
 
+def not_utf8(e: UnicodeEncodeError) -> str:
+    """What to say of a name or URI holding bytes of the command line that are not UTF-8
+    (Python keeps them as surrogates; URLs, JSON, SQLite and NBD names take UTF-8 only)."""
+    return f"{e.object!r} is not valid UTF-8 (names and URIs must be)"
+
+
 def run_api_command(func: Any) -> Any:
     """Wrap ``func(args, api)``: an ApiError becomes a clear message and exit 1."""
 
     def runner(args: argparse.Namespace) -> int:
         api = ArrayApi(args.api, args.token)
         try:
-            rc: int | None = func(args, api)
+            try:
+                rc: int | None = func(args, api)
+            except UnicodeEncodeError as ue:  # a name put in the URL: no traceback
+                raise ApiError(0, "not_utf8", not_utf8(ue)) from None
         except ApiError as e:
             if args.json:
                 print(json.dumps({"error": {"status": e.status, "code": e.code, "message": e.message}}))

@@ -13,7 +13,7 @@ from emulator.units import format_size, parse_size
 
 from . import config
 from .api_client import ApiError
-from .array_commands import name_arg, table
+from .array_commands import name_arg, not_utf8, table
 from .drivers.base import Host
 from .manager import VolumeManager
 from .volumes import MIGRATING, VolumeError
@@ -358,9 +358,14 @@ def _run(func: Any) -> Any:
         except BrokenPipeError:
             raise  # the reader of stdout went away: control.cli.main ends quietly
         except (VolumeError, ApiError, ValueError, KeyError, RuntimeError, OSError) as e:
-            # an OSError's args[0] is its errno alone ("blockmig: 30"): str() names the file
+            # an OSError's args[0] is its errno alone ("blockmig: 30"): str() names the file;
+            # a UnicodeEncodeError's is the codec's name ("blockmig: utf-8")
             msg = getattr(e, "message", None) or (
-                e.args[0] if e.args and not isinstance(e, OSError) else str(e)
+                not_utf8(e)
+                if isinstance(e, UnicodeEncodeError)
+                else e.args[0]
+                if e.args and not isinstance(e, OSError)
+                else str(e)
             )
             if args.json:
                 print(json.dumps({"error": str(msg)}))

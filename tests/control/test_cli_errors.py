@@ -64,6 +64,26 @@ def test_an_api_url_of_something_that_speaks_no_http_is_named(
     assert f"{not_http} does not answer HTTP" in err and "not its NBD one" in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("lun", "show", "--api", "http://127.0.0.1:1", "--token", "t", "\udcff"),
+        ("migration", "status", "--api", "http://127.0.0.1:1", "--token", "t", "x\udcff"),
+        ("show", "\udcff"),
+    ],
+)
+def test_a_name_with_bytes_that_are_not_utf8_is_refused_in_a_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    """A byte of the command line that is not UTF-8 (`$'\\xff'`; Python keeps it as a
+    surrogate) in a name: before, a UnicodeEncodeError traceback (the API client's URL) or
+    "blockmig: utf-8" (the volumes database's)."""
+    state = () if argv[0] in ("lun", "migration") else ("--state-dir", str(tmp_path))
+    rc, err = run(capsys, *argv, *state)
+    assert rc == 1
+    assert "is not valid UTF-8 (names and URIs must be)" in err, err
+
+
 def test_a_region_size_that_is_no_size_is_refused_before_any_call(capsys: pytest.CaptureFixture[str]) -> None:
     rc, err = run(
         capsys,
