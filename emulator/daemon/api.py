@@ -83,7 +83,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     token = request.app[CTX].token
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # surrogateescape: bytes of the header that are not UTF-8 (a Latin-1 client) are kept
+    # as surrogates, which a strict encode refused with a 500, without any token
+    theirs = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(theirs, token.encode()):
         resp = error_response(
             401,
             "unauthorized",

@@ -264,6 +264,8 @@ WRONG_AUTH = {
     "token without scheme": TOKEN,
     "scheme without token": "Bearer",
     "empty token": "Bearer ",
+    # Latin-1 on the wire, no UTF-8: was a 500 (and a traceback logged) for anyone, no token needed
+    "token not UTF-8": "Bearer t\xf6k",
 }
 
 
