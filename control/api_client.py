@@ -86,8 +86,20 @@ class ArrayApi:
         if not raw:
             return None
         if "json" in ctype:
-            return json.loads(raw)
-        return raw.decode()
+            try:
+                return json.loads(raw)
+            except ValueError:
+                pass
+        elif path == "/metrics":  # the one answer in text
+            return raw.decode()
+        # a 2xx that is no JSON (a web page, a proxy's login page): not an array's API,
+        # whose answers callers would index as JSON (a TypeError traceback)
+        raise ApiError(
+            0,
+            "not_json",
+            f"{method} {url} answered {ctype or 'no content type'}, not the JSON of an array: is "
+            f"{self.url} the array's API address?",
+        )
 
     # ---- calls
     def array_info(self) -> dict[str, Any]:

@@ -8,13 +8,16 @@ in a child process where what matters is what the user sees on a pipe.
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,6 +85,50 @@ def test_a_name_with_bytes_that_are_not_utf8_is_refused_in_a_line(
     rc, err = run(capsys, *argv, *state)
     assert rc == 1
     assert "is not valid UTF-8 (names and URIs must be)" in err, err
+
+
+@pytest.fixture
+def web_page() -> Iterator[str]:
+    """http://127.0.0.1:PORT of a web server that answers every request 200 with a page (a
+    web UI, a proxy's login page): the address a user takes for an array's API."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            page = b"<html>log in</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        do_GET = do_POST = do_DELETE = do_PATCH = answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(10)
+
+
+@pytest.mark.parametrize(
+    "argv", [("lun", "list"), ("lun", "show", "x"), ("lun", "delete", "x"), ("migration", "status", "x")]
+)
+def test_an_api_url_of_a_web_page_is_named_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], web_page: str, argv: tuple[str, ...]
+) -> None:
+    """Before: a TypeError or AttributeError traceback (the page taken for the JSON of an
+    answer), and `lun delete` said "deleted LUN x"."""
+    rc, err = run(capsys, *argv, "--api", web_page, "--token", "t")
+    assert rc == 1
+    assert "answered text/html, not the JSON of an array" in err, err
+    assert f"is {web_page} the array's API address?" in err
 
 
 def test_a_region_size_that_is_no_size_is_refused_before_any_call(capsys: pytest.CaptureFixture[str]) -> None:
