@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from emulator.durable import fsync_dir
-from emulator.nbd.backend import Backend
+from emulator.nbd.backend import Backend, to_the_end
 from emulator.nbd.errors import BackendError
 from emulator.nbd.protocol import STATE_HOLE, STATE_ZERO, Extent
 
@@ -234,19 +234,7 @@ class FileBackend(Backend):
         another host's flush behind them for seconds."""
         job = _Job(self._held, (fn, *args))
         fut = asyncio.get_running_loop().run_in_executor(None, job.run)
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            if job.drop():
-                raise  # it will never run
-            while not fut.done():
-                try:
-                    await asyncio.wait((fut,))
-                except asyncio.CancelledError:
-                    pass  # cancelled again: still wait, then raise once
-            if not fut.cancelled():
-                fut.exception()  # retrieved: the caller was cancelled, it is nobody's to see
-            raise
+        return await to_the_end(fut, job.drop)
 
     def _held(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in a thread, the file's descriptors kept open until it

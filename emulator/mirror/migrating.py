@@ -24,35 +24,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, TypeVar
+from typing import Any
 
-from emulator.nbd.backend import Backend, Done, copy_capabilities
+from emulator.nbd.backend import Backend, Done, copy_capabilities, to_the_end
 from emulator.nbd.errors import BackendError
 from emulator.nbd.protocol import Extent
 
 from .regions import ProgressFile, RegionMap
-
-T = TypeVar("T")
-
-
-async def _to_the_end(aw: Awaitable[T]) -> T:
-    """Await ``aw``, a host's write to the source; a cancel (its host reset the
-    connection) waits until it has ended before it propagates. NBD has no cancel: the
-    request may be on its way and land on the source later, and until then its regions
-    must count it in flight, or a copy that reads the source ahead of it is taken as
-    clean (I2, I3)."""
-    t = asyncio.ensure_future(aw)
-    try:
-        return await asyncio.shield(t)
-    except asyncio.CancelledError:
-        while not t.done():
-            try:
-                await asyncio.wait((t,))
-            except asyncio.CancelledError:
-                pass  # cancelled again: still wait, then raise once
-        if not t.cancelled():
-            t.exception()  # retrieved: its caller was cancelled, it is nobody's to see
-        raise
 
 
 class MigratingBackend(Backend):
@@ -214,7 +192,10 @@ class MigratingBackend(Backend):
                 self.dirtied_bytes += regions.mark_dirty(r0, r1)
                 with self._room(self.source, offset, length, allocates):
                     if self.source.remote:
-                        await _to_the_end(on_source(self.source))
+                        # NBD has no cancel: a request sent may land later, and until
+                        # then it is in flight in its regions, or a copy reading the
+                        # source ahead of it would be taken as clean (I2, I3)
+                        await to_the_end(asyncio.ensure_future(on_source(self.source)))
                     else:
                         await on_source(self.source)
         finally:
@@ -266,7 +247,7 @@ class MigratingBackend(Backend):
                 await op(self.source)
 
         try:
-            src, tgt = await _to_the_end(asyncio.gather(on_source(), on_target(), return_exceptions=True))
+            src, tgt = await to_the_end(asyncio.gather(on_source(), on_target(), return_exceptions=True))
         except BaseException:
             # Cancelled (its host reset the connection): one side may have the write and
             # the other not (the source's request was sent, the target's cancelled).

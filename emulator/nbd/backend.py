@@ -14,13 +14,16 @@ server would need per request; a proxied I/O costs ~4 us less of Python.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import BackendError
 from .protocol import STATE_HOLE, STATE_ZERO, Extent
+
+T = TypeVar("T")
 
 #: ``done(result, error)`` ends an I/O begun by ``start_read`` / ``start_write``:
 #: ``(data, None)`` or ``(None, None)`` on success, ``(None, exception)`` on failure
@@ -240,3 +243,23 @@ class MemoryBackend(Backend):
                 out.append(Extent(n, flags))
             pos += n
         return out
+
+
+async def to_the_end(fut: asyncio.Future[T], dropped: Callable[[], bool] | None = None) -> T:
+    """Await ``fut``, I/O that cannot be called back (a thread's syscall, an NBD
+    request sent): a cancel of the caller waits until it has ended, then propagates,
+    so the caller does not go on (reuse a buffer, mark a region clean) while the I/O
+    it gave up on may still happen. ``dropped()`` True at the cancel: it never will."""
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        if dropped is not None and dropped():
+            raise
+        while not fut.done():
+            try:
+                await asyncio.wait((fut,))
+            except asyncio.CancelledError:
+                pass  # cancelled again: still wait, then raise once
+        if not fut.cancelled():
+            fut.exception()  # retrieved: its caller was cancelled, it is nobody's to see
+        raise
