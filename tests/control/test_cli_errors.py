@@ -8,6 +8,7 @@ in a child process where what matters is what the user sees on a pipe.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import signal
@@ -29,6 +30,24 @@ from control.volumes import VolumesDB
 from tests.servers import serve_file
 
 from .blockmig_env import ArraySpec, BlockmigEnv
+
+
+@contextlib.contextmanager
+def blockmig_process(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``blockmig args`` in a process of its own (text pipes), killed if still there."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "control.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=config.child_env(),
+    )
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -221,15 +240,8 @@ def test_ctrl_c_gets_a_line_and_exit_130_not_a_traceback() -> None:
     Before: a KeyboardInterrupt traceback. The array here is a socket that takes the
     request and never answers, as a long poll of a migration that goes on does."""
     with socket.create_server(("127.0.0.1", 0)) as srv:
-        p = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "migration", "wait", "v1", "--token", "t", "--api"]
-            + [f"http://127.0.0.1:{srv.getsockname()[1]}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=config.child_env(),
-        )
-        try:
+        api = f"http://127.0.0.1:{srv.getsockname()[1]}"
+        with blockmig_process("migration", "wait", "v1", "--token", "t", "--api", api) as p:
             srv.settimeout(30)
             conn, _ = srv.accept()
             with conn:
@@ -239,10 +251,6 @@ def test_ctrl_c_gets_a_line_and_exit_130_not_a_traceback() -> None:
                     got += conn.recv(4096)
                 p.send_signal(signal.SIGINT)
                 _, err = p.communicate(timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     assert (p.returncode, err) == (130, "blockmig: interrupted\n")
 
 
@@ -328,45 +336,22 @@ def test_serve_file_stopped_as_soon_as_it_says_it_serves_stops_gracefully(tmp_pa
     such stops were death by SIGTERM (exit -15) with the last flush skipped."""
     img = tmp_path / "f.img"
     for _ in range(5):
-        p = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "serve-file", str(img), "--size", "1M"]
-            + ["--listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=config.child_env(),
-        )
-        try:
+        with blockmig_process("serve-file", str(img), "--size", "1M", "--listen", "127.0.0.1:0") as p:
             assert p.stdout is not None
             assert p.stdout.readline().startswith(f"serving {img}")
             p.send_signal(signal.SIGTERM)
             _, err = p.communicate(timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         assert (p.returncode, err) == (0, "")
 
 
 def test_serve_file_whose_last_flush_fails_says_so_in_a_line() -> None:
     """The flush at stop failing (here: /dev/null, which has no fsync; on a real file EIO
     or ENOSPC) was a BackendError traceback."""
-    p = subprocess.Popen(
-        [sys.executable, "-m", "control.cli", "serve-file", "/dev/null", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=config.child_env(),
-    )
-    try:
+    with blockmig_process("serve-file", "/dev/null", "--listen", "127.0.0.1:0") as p:
         assert p.stdout is not None
         assert p.stdout.readline().startswith("serving /dev/null")
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert p.returncode == 1
     assert err == "blockmig serve-file: /dev/null: flush: Invalid argument\n"
 
