@@ -295,6 +295,17 @@ def saved_config(state_dir: Path) -> Path:
     return state_dir / "config.toml"
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` at once, mode 0600: the saved config and the
+    registry's records hold the arrays' API tokens (so does the data dir's token file)."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)  # a .tmp a crash left behind keeps its mode through O_CREAT
+        f.write(text)
+    tmp.replace(path)
+
+
 def save_config(path: Path, configs: list[ArrayConfig], source: Path) -> None:
     """Write ``configs`` (checked by :func:`load_config`) to ``path`` as TOML, a relative
     ``data_dir`` made absolute (a later `up` may run in another directory: it would start
@@ -315,22 +326,7 @@ def save_config(path: Path, configs: list[ArrayConfig], source: Path) -> None:
                 lines.append(f"{key} = {text(value)}")
             else:
                 lines.append(f"{key} = {float(value)!r}")
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    tmp.replace(path)
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` at once, mode 0600: the records hold the arrays' API
-    tokens (the data dir's token file is 0600 too)."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(fd, 0o600)  # a .tmp a crash left behind keeps its mode through O_CREAT
-        f.write(text)
-    tmp.replace(path)
+    _write_private(path, "\n".join(lines) + "\n")
 
 
 class RegistryError(ValueError):

@@ -150,7 +150,7 @@ class MemoryExport:
 _SERVE_EXPORTS = r"""
 import asyncio, json, sys
 from emulator.nbd.backend import MemoryBackend
-from emulator.nbd.server import NbdServer, serve_forever_loop, until_stopped
+from emulator.nbd.server import NbdServer, serve_forever_loop, stop_event
 
 async def main(spec):
     server = NbdServer(default_export=spec["default"])
@@ -158,8 +158,9 @@ async def main(spec):
         server.add_export(e["name"], MemoryBackend(e["size"]), e["description"],
                           read_only=e["read_only"])
     host, port = await server.listen_tcp("127.0.0.1", 0)
+    stopped = stop_event()  # before the line that says it listens
     print(f"listening nbd://127.0.0.1:{port}/", flush=True)
-    await until_stopped()
+    await stopped.wait()
     await server.close()
 
 loop = serve_forever_loop()

@@ -872,11 +872,6 @@ def stop_event() -> asyncio.Event:
     return stop
 
 
-async def until_stopped() -> None:
-    """Return once the process gets SIGTERM or SIGINT (a serving process's main wait)."""
-    await stop_event().wait()
-
-
 def format_listen(host: str, port: int) -> str:
     return f"nbd://{host}:{port}" if ":" not in host else f"nbd://[{host}]:{port}"
 
