@@ -101,7 +101,7 @@ WIRE = "_wire"  # suffix of the wire namespace (node names cannot start with "_"
 NETWORK = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544 benchmark space
 SLOT_PREFIX = 25  # one /25 per fabric: service addresses .1-.15, /30 links from .16
 MAX_NODES = 8  # 28 links of /30 fit in a /25
-_NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,11}$")  # "to-" + name fits IFNAMSIZ
+_NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,11}")  # "to-" + name fits IFNAMSIZ
 _NS_RE = re.compile(rf"^{NS_PREFIX}(\d+)-(\d+)-")
 _CAP_NET_ADMIN, _CAP_SYS_ADMIN = 12, 21
 _seq = itertools.count()
@@ -386,7 +386,7 @@ class Fabric:
         if len(nodes) > MAX_NODES:
             raise ValueError(f"at most {MAX_NODES} nodes per fabric, got {len(nodes)}")
         for n in nodes:
-            if not _NODE_RE.match(n):
+            if not _NODE_RE.fullmatch(n):
                 raise ValueError(f"bad node name {n!r}: 1-12 letters, digits or '-', not starting with '-'")
         if shaper not in ("auto", "netem", "wire"):
             raise ValueError(f"shaper must be 'auto', 'netem' or 'wire', not {shaper!r}")

@@ -501,6 +501,7 @@ BAD_NAMES = [
     "new\nline",
     "a\\b",
     "a%2Fb",
+    "trailing\n",  # "$" in a regex matches before a last newline
 ]
 
 

@@ -89,6 +89,8 @@ def test_profiles() -> None:
         Fabric(PROFILES["local"], nodes=("host", "A", "A"))
     with pytest.raises(ValueError):
         Fabric(PROFILES["local"], nodes=("host", "_wire"))
+    with pytest.raises(ValueError, match="bad node name"):
+        Fabric(PROFILES["local"], nodes=("host", "A\n"))
 
 
 class FakeSock:
