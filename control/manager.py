@@ -86,6 +86,18 @@ def _readdressed(given: str, srec: ArrayRecord) -> str | None:
     return uri
 
 
+MAX_VOLUME_NAME = 255  # Cinder's display_name column
+
+
+def check_volume_name(name: str) -> None:
+    """A volume name is free text, as in Cinder, but one line: a newline or another control
+    character garbled `list`'s table, and a name of any length was taken."""
+    if not 0 < len(name) <= MAX_VOLUME_NAME or not name.isprintable():
+        raise VolumeError(
+            f"invalid volume name {name!r}: use 1-{MAX_VOLUME_NAME} printable characters (no newline or tab)"
+        )
+
+
 class VolumeManager:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -186,6 +198,7 @@ class VolumeManager:
     # ------------------------------------------------------------------ volumes
     def create(self, name: str, size: int, host_text: str) -> Volume:
         # what the array would refuse, refused before the volume is recorded (else it stays, in error)
+        check_volume_name(name)
         try:
             check_size(size, f"size of volume {name}")
         except InvalidInput as e:

@@ -392,7 +392,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _common(p)
     p.add_argument("--size", required=True, help="e.g. 1G")
     p.add_argument("--host", required=True, help="ARRAY, ARRAY#POOL or ARRAY@BACKEND#POOL")
-    p.add_argument("--name", help="volume name")
+    p.add_argument("--name", help="volume name: 1-255 printable characters (default: vol-TIME)")
     p.set_defaults(func=_run(cmd_create))
     p = sub.add_parser("list", help="list volumes")
     _common(p)

@@ -459,6 +459,22 @@ def test_create_refuses_bad_input_before_recording_a_volume(
     assert "bad" not in _volumes(arrays)
 
 
+@pytest.mark.parametrize("name", ["two\nlines", "tab\there", "bell\a", "x" * 256])
+def test_create_refuses_a_volume_name_that_is_no_single_line(arrays: BlockmigEnv, name: str) -> None:
+    """Before: any name was recorded, and a newline in one garbled `list`'s table."""
+    got = arrays.refused("create", "--size", "1M", "--host", "A", "--name", name)
+    assert got.startswith(f"invalid volume name {name!r}: use 1-255 printable characters"), got
+    assert name not in _volumes(arrays)
+
+
+def test_a_volume_name_is_free_text_up_to_255_characters(arrays: BlockmigEnv) -> None:
+    name = "Ölberg 'db' #1 / " + "x" * 238
+    assert len(name) == 255
+    v = arrays.create(name, 1 << 20, "A")
+    assert arrays.show(v["id"])["name"] == name
+    arrays.ok("delete", v["id"])
+
+
 def test_a_host_naming_the_arrays_model_as_backend_is_taken(arrays: BlockmigEnv) -> None:
     v = arrays.create("named", 1 << 20, "A@unified#gold")
     assert v["host"] == "A@unified#gold"
