@@ -60,8 +60,11 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = default_host, text
-    host = host.strip("[]") or default_host
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 address
+    host = host or default_host
+    # a bracket left over is one not closed ('[::1:5' is no '::1' port 5)
+    if "[" in host or "]" in host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"not a host:port: {text!r} (try 127.0.0.1:10809, or port 0 for any)")
     return host, int(port)
 

@@ -57,6 +57,7 @@ SECOND = '[[array]]\nname = "A"\n\n[[array]]\nname = "B"\n'
         (SECOND + 'media = "floppy"\n', "media of array 'B' must be none, ssd, hdd or fixed:MS"),
         (SECOND + 'nbd = "nohost"\n', "nbd of array 'B' must be HOST:PORT"),
         (SECOND + 'api = "127.0.0.1:99999"\n', "api of array 'B' must be HOST:PORT"),
+        (SECOND + 'api = "[::1:0"\n', "api of array 'B' must be HOST:PORT"),  # was ::1 port 0
         (SECOND + "nbd = 10809\n", "nbd of array 'B' must be a string, not 10809"),
         (SECOND + "token = 3\n", "token of array 'B' must be a string, not 3"),
         (SECOND + 'token = "a b"\n', "token of array 'B' must be printable ASCII without spaces"),
