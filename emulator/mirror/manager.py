@@ -99,6 +99,7 @@ class MigrationManager:
         for name, source, config, state, mode, status, caps, source_id in rows:
             lun = self.array.luns.get(name)
             if lun is None:
+                self._forget_deleted(name, source)
                 continue
             # Hosts may connect before the source answers (it may be down): they
             # negotiate what it offered when last connected, not a Backend's defaults.
@@ -446,6 +447,17 @@ class MigrationManager:
         self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
 
     # ------------------------------------------------------------------ internals
+    def _forget_deleted(self, name: str, source: str) -> None:
+        """A migration whose LUN is gone: a crash cut its delete short after the LUN was
+        marked deleting, before :meth:`forget_lun`, and the array finished the delete. Its
+        row would be taken for a new LUN of that name's after the next start."""
+        log.warning("array %s: dropped the migration of LUN %s, deleted in a crash", self.array.name, name)
+        for progress in self.array.data_dir.glob(f"pools/*/{name}.progress"):
+            durable.unlink(progress)
+        if source.startswith("move:"):  # the new pool's copy, which no LUN owns now
+            durable.unlink(self.array.lun_path(source.split(":")[2], name))
+        self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
+
     def _new(self, lun: Lun, source: str, cfg: MigrationConfig) -> Migration:
         pool = self.array.pools[lun.pool]
         assert lun.local is not None
