@@ -746,17 +746,19 @@ class _Connection(asyncio.BufferedProtocol):
         backend = self._backend
         assert backend is not None and self._alloc_ctx is not None
         if req.flags & p.CMD_FLAG_REQ_ONE:  # a remote source is asked for one only
-            extents = [await backend.first_extent(req.offset, req.length)]
+            # Exactly one descriptor, no longer than the request (section "NBD_CMD_BLOCK_STATUS"),
+            # whose length is a u32 already: not split like the rest below.
+            e = await backend.first_extent(req.offset, req.length)
+            out = [p.Extent(min(e.length, req.length), e.flags)]
         else:
-            extents = await backend.extents(req.offset, req.length)
-        # Lengths on the wire are u32: split what is longer.
-        out: list[p.Extent] = []
-        limit = 0xFFFFF000
-        for e in extents:
-            n = e.length
-            while n > 0:
-                out.append(p.Extent(min(n, limit), e.flags))
-                n -= limit
+            # Lengths on the wire are u32: split what is longer.
+            out = []
+            limit = 0xFFFFF000
+            for e in await backend.extents(req.offset, req.length):
+                n = e.length
+                while n > 0:
+                    out.append(p.Extent(min(n, limit), e.flags))
+                    n -= limit
         self._send(p.build_block_status_chunk(req.cookie, self._alloc_ctx, out))
 
     def set_writable(self, writable: bool) -> None:

@@ -865,6 +865,28 @@ def test_block_status_reports_holes(srv: ServerThread) -> None:
         assert one.extents == [p.Extent(2 * PAGE - 100, 0)]
 
 
+class _OneRun(MemoryBackend):
+    """All of it one run of data, whatever range is asked (as a remote source may say)."""
+
+    async def extents(self, offset: int, length: int) -> list[p.Extent]:
+        return [p.Extent(length, 0)]
+
+
+@pytest.mark.parametrize("length", [0xFFFF_F001, 0xFFFF_FFFF])
+def test_req_one_over_one_run_longer_than_4g_minus_4k_is_one_extent(srv: ServerThread, length: int) -> None:
+    """Regression (was a bug): the server cut extents at 0xFFFFF000 bytes, so a REQ_ONE ask
+    of more than that over one run got two descriptors, where section "NBD_CMD_BLOCK_STATUS"
+    allows exactly one (the RawClient checks it)."""
+    name = srv.add(f"onerun{length}", _OneRun(5 << 30))
+    with RawClient(srv.port, name, structured=True, meta=name) as c:
+        one = c.request(p.CMD_BLOCK_STATUS, 0, length, p.CMD_FLAG_REQ_ONE)
+        assert one.error == 0 and one.extents is not None and len(one.extents) == 1, one
+        assert 0 < one.extents[0].length <= length and one.extents[0].flags == 0
+        every = c.request(p.CMD_BLOCK_STATUS, 0, length)  # without REQ_ONE: the whole range
+        assert every.extents is not None and sum(e.length for e in every.extents) == length
+        assert_alive(c, bytes(MIB))
+
+
 # =========================================================================== structured errors
 def test_structured_read_error_is_an_error_chunk(srv: ServerThread) -> None:
     with RawClient(srv.port, "rw", structured=True) as c:
