@@ -620,10 +620,13 @@ class NbdClient:
         await self._drain()
         await _all(futs)
 
-    async def _ranged(self, type_: int, offset: int, length: int, flags: int) -> None:
+    async def _ranged(self, type_: int, offset: int, length: int, flags: int, limited: bool = False) -> None:
+        """``limited``: within the server's maximum block size, like READ and WRITE (CACHE, and
+        WRITE_ZEROES without FAST_ZERO: section "Block size constraints"); else only as
+        lengths are u32 on the wire."""
         name = p.CMD_NAMES[type_]
         self._check_range(name, offset, length)
-        step = 0xFFFF_F000  # lengths are u32 on the wire
+        step = self._max_request if limited else 0xFFFF_F000
         futs = [self._submit(type_, offset + i, min(step, length - i), flags) for i in range(0, length, step)]
         await _all(futs)
 
@@ -632,13 +635,13 @@ class NbdClient:
     ) -> None:
         flags = (0 if may_trim else p.CMD_FLAG_NO_HOLE) | (p.CMD_FLAG_FAST_ZERO if fast else 0)
         flags |= p.CMD_FLAG_FUA if fua else 0
-        await self._ranged(p.CMD_WRITE_ZEROES, offset, length, flags)
+        await self._ranged(p.CMD_WRITE_ZEROES, offset, length, flags, limited=not fast)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         await self._ranged(p.CMD_TRIM, offset, length, p.CMD_FLAG_FUA if fua else 0)
 
     async def cache(self, offset: int, length: int) -> None:
-        await self._ranged(p.CMD_CACHE, offset, length, 0)
+        await self._ranged(p.CMD_CACHE, offset, length, 0, limited=True)
 
     async def flush(self) -> None:
         await self._submit(p.CMD_FLUSH, 0, 0)

@@ -140,6 +140,49 @@ def test_large_requests_are_split(tmp_path: Path) -> None:
         assert f.read(len(blob)) == blob
 
 
+def test_cache_and_write_zeroes_are_split_to_the_maximum_block_size(tmp_path: Path) -> None:
+    """Regression (was a bug): CACHE and WRITE_ZEROES went whole (up to 4 GiB), where
+    doc/proto.md ("Block size constraints") has the client keep them within the server's
+    maximum block size, as READ and WRITE; qemu-nbd refuses a 64 MiB CACHE with EINVAL
+    ("len is larger than max len"). FAST_ZERO and TRIM have no such limit and go whole.
+    nbdkit's log filter (outside a 1 MiB maximum) shows what reached the server."""
+    img = sparse_image(tmp_path / "q.img", 96 << 20)
+    with qemu_nbd(tmp_path, img) as q:
+
+        async def cache_64m(uri: str) -> None:
+            async with await NbdClient.connect(uri) as c:
+                assert c.block_size.maximum == 32 << 20
+                await c.cache(0, 64 << 20)
+                await c.write_zeroes(0, 64 << 20, may_trim=False)
+
+        run(cache_64m(q.uri))
+    log = tmp_path / "requests.log"
+    limits = ("blocksize-maximum=1M", "blocksize-error-policy=error", f"logfile={log}")
+    with nbdkit(tmp_path, "--filter=log", "--filter=blocksize-policy", "memory", "8M", *limits) as k:
+
+        async def ranged(uri: str) -> None:
+            async with await NbdClient.connect(uri) as c:
+                assert c.block_size.maximum == 1 << 20
+                await c.cache(4096, 3 << 20)
+                await c.write_zeroes(4096, 3 << 20, may_trim=False)
+                await c.write_zeroes(0, 4 << 20)
+                await c.write_zeroes(0, 4 << 20, fast=True)
+                await c.trim(0, 4 << 20)
+
+        run(ranged(k.uri))
+    asked = [
+        (ln.split()[3], int(ln.split("offset=")[1].split()[0], 16), int(ln.split("count=")[1].split()[0], 16))
+        for ln in log.read_text().splitlines()
+        if " id=" in ln and ln.rstrip().endswith("...") and "offset=" in ln
+    ]
+    split = [(4096 + (i << 20), 1 << 20) for i in range(3)]
+    assert sorted((o, n) for op, o, n in asked if op == "Cache") == split
+    zeroes = [(o, n) for op, o, n in asked if op == "Zero"]  # each call's, in any order
+    assert sorted(zeroes[:3]) == split and sorted(zeroes[3:7]) == [(i << 20, 1 << 20) for i in range(4)]
+    assert zeroes[7:] == [(0, 4 << 20)]  # FAST_ZERO: not limited
+    assert [(o, n) for op, o, n in asked if op == "Trim"] == [(0, 4 << 20)]
+
+
 def test_errors_carry_nbd_codes(tmp_path: Path) -> None:
     img = sparse_image(tmp_path / "ro.img", 1 << 20)
 
