@@ -270,6 +270,7 @@ class RemoteBackend(Backend):
             start = self._clock()
         deadline = start + self.retry_window
         token = self._track(start)
+        delay = self.backoff_min  # before asking again a source that said it is shutting down
         try:
             while True:
                 c = self._client
@@ -282,14 +283,19 @@ class RemoteBackend(Backend):
                     return await fn(c)
                 except DisconnectedError as e:
                     self._lost(c, e)
-                    if self._clock() >= deadline:
-                        raise BackendError(
-                            errno.EIO,
-                            f"source {self.uri}: {what}: no answer within "
-                            f"{self.retry_window:g} s: {self.last_error}",
-                        ) from None
                 except RequestError as e:
-                    raise self._refused(what, e) from None
+                    if e.error != p.ESHUTDOWN:
+                        raise self._refused(what, e) from None
+                    self._lost(c, _shutting_down(what, e))
+                    # it may take connections still: ask again a while later
+                    await self._sleep(min(delay, max(0.0, deadline - self._clock())))
+                    delay = min(delay * 2, self.backoff_max)
+                if self._clock() >= deadline:
+                    raise BackendError(
+                        errno.EIO,
+                        f"source {self.uri}: {what}: no answer within "
+                        f"{self.retry_window:g} s: {self.last_error}",
+                    )
         finally:
             del self._started[token]
 
@@ -337,10 +343,10 @@ class RemoteBackend(Backend):
             del started[token]
             if error is None:
                 done(result, None)
-            elif isinstance(error, RequestError):
+            elif isinstance(error, RequestError) and error.error != p.ESHUTDOWN:
                 done(None, self._refused(what, error))
-            elif isinstance(error, DisconnectedError):
-                self._lost(c, error)
+            elif isinstance(error, DisconnectedError | RequestError):
+                self._lost(c, error if isinstance(error, DisconnectedError) else _shutting_down(what, error))
                 task = asyncio.ensure_future(self._retry(what, fn, start, done))
                 self._retries.add(task)
                 task.add_done_callback(self._retries.discard)
@@ -477,6 +483,14 @@ class RemoteBackend(Backend):
             "last_error": self.last_error,
             "identity": self.identity,
         }
+
+
+def _shutting_down(what: str, e: RequestError) -> DisconnectedError:
+    """The source answered ESHUTDOWN: it is stopping, and a client MUST then disconnect
+    (doc/proto.md, "Terminating the transmission phase"). Its connection is left as if
+    lost, and the request asked again within the retry window (I6): ESHUTDOWN is not the
+    remote LUN's to pass on, as if the array serving the host were the one stopping."""
+    return DisconnectedError(f"{what}: the source is shutting down ({e})")
 
 
 def _hand_over(fut: asyncio.Future[NbdClient], dialing: asyncio.Task[NbdClient]) -> None:

@@ -174,3 +174,73 @@ def test_a_source_that_is_another_lun_is_refused_and_not_asked_again_at_once(
             await server.close()
 
     run(main())
+
+
+class ShuttingDown(MemoryBackend):
+    """A source that answers ESHUTDOWN while ``shutting`` (a server being stopped)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.shutting = False
+        self.refused = 0
+
+    def _check(self) -> None:
+        if self.shutting:
+            self.refused += 1
+            raise BackendError(errno.ESHUTDOWN, "the source is shutting down")
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        self._check()
+        await super().read_into(offset, buf)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._check()
+        await super().write(offset, data, fua)
+
+    async def flush(self) -> None:
+        self._check()
+        await super().flush()
+
+
+def test_a_source_shutting_down_is_left_and_asked_again_not_passed_on() -> None:
+    """Regression (was a bug): a source's ESHUTDOWN went to the host as the remote LUN's
+    own answer (seen with nbdkit's error filter, error=ESHUTDOWN: libnbd's pread on the
+    target failed with ESHUTDOWN), telling a host to disconnect (doc/proto.md, "Terminating
+    the transmission phase": a client receiving ESHUTDOWN MUST) from a target that is not
+    stopping, while the target itself stayed on the source's connection. ESHUTDOWN now
+    ends that connection, and the request is asked again within the retry window, like a
+    lost link (I6); a source still shutting down at its end fails it with EIO."""
+    backend = ShuttingDown(SIZE)
+
+    async def main() -> None:
+        server = NbdServer()
+        server.add_export("src", backend)
+        _, port = await server.listen_tcp("127.0.0.1", 0)
+        r = await RemoteBackend(f"nbd://127.0.0.1:{port}/src", retry_window=5.0, backoff_min=0.01).connect()
+        try:
+            await r.write(0, b"s" * 4096)
+            backend.shutting = True
+            read = asyncio.ensure_future(r.read(0, 4096))
+            begun = asyncio.ensure_future(started(lambda d: r.start_read(0, 4096, d)))
+            write = asyncio.ensure_future(r.write(4096, b"t" * 4096))
+            flush = asyncio.ensure_future(r.flush())
+            await until(lambda: backend.refused >= 8)  # each asked, refused, asked again
+            assert not any(f.done() for f in (read, begun, write, flush))
+            assert r.reconnects >= 1
+            backend.shutting = False
+            assert bytes(await read) == bytes(await begun) == b"s" * 4096
+            await write
+            await flush
+            assert bytes(await r.read(4096, 4096)) == b"t" * 4096
+            await until(lambda: len(server.connections) == 1)  # the ones it left are closed
+            r.retry_window = 0.3
+            backend.shutting = True
+            t0 = time.monotonic()
+            with pytest.raises(BackendError) as ei:
+                await r.read(0, 4096)
+            assert ei.value.errno == errno.EIO and time.monotonic() - t0 < 2.0
+        finally:
+            await r.aclose()
+            await server.close()
+
+    run(main())
