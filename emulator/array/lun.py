@@ -181,6 +181,10 @@ class LunBackend(Backend):
         result: Extent = await self._timed("extents", 0, self.inner.first_extent(offset, length))
         return result
 
+    async def extents_for_read(self, offset: int, length: int) -> list[Extent]:
+        result: list[Extent] = await self._timed("extents", 0, self.inner.extents_for_read(offset, length))
+        return result
+
     def close(self) -> None:
         self.inner.close()
 

@@ -98,5 +98,8 @@ class MediaBackend(Backend):
     async def first_extent(self, offset: int, length: int) -> Extent:
         return await self.inner.first_extent(offset, length)
 
+    async def extents_for_read(self, offset: int, length: int) -> list[Extent]:
+        return await self.inner.extents_for_read(offset, length)
+
     def close(self) -> None:
         self.inner.close()

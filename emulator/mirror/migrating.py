@@ -357,6 +357,19 @@ class MigratingBackend(Backend):
     async def first_extent(self, offset: int, length: int) -> Extent:
         return await (self._forward or self.source).first_extent(offset, length)
 
+    async def extents_for_read(self, offset: int, length: int) -> list[Extent]:
+        """A read of copied regions alone comes from the target: so does its map, which
+        then needs no source (it may not answer: I6), like the read."""
+        if self._forward is not None:
+            return await self._forward.extents_for_read(offset, length)
+        if not self._is_local(offset, length):
+            return await self.source.extents(offset, length)
+        self._io[True] += 1  # on the target: not to be trimmed under it
+        try:
+            return await self.target.extents_for_read(offset, length)
+        finally:
+            self._end_io(True)
+
     # ---- cutover support
     async def hold_writes(self) -> None:
         """Close the gate for new writes and wait for those in flight."""

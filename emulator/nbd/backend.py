@@ -131,6 +131,14 @@ class Backend(ABC):
         whatever the range holds, so a long ask costs no long answer."""
         return (await self.extents(offset, length))[0]
 
+    async def extents_for_read(self, offset: int, length: int) -> list[Extent]:
+        """:meth:`extents` as a :meth:`read` of the range now sees them (where it
+        reads zeroes: the holes a structured READ sends). A Backend that reads some
+        ranges elsewhere than its map comes from (a migrating LUN's copied regions,
+        read from its local copy) answers from there: the read must not wait for
+        a source it does not need."""
+        return await self.extents(offset, length)
+
     def zero_copy_fd(self, length: int, offset: int | None = None) -> int | None:
         """A file descriptor whose bytes at every offset are what ``read``
         returns for a ``length``-byte read, so the server may sendfile(2)

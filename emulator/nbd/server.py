@@ -661,7 +661,7 @@ class _Connection(asyncio.BufferedProtocol):
         runs: list[tuple[int, int, bool]] = []  # (offset, length, is_hole)
         pos = off
         while pos < end and len(runs) <= 16:
-            for ext in await backend.extents(pos, end - pos):
+            for ext in await backend.extents_for_read(pos, end - pos):
                 n = min(ext.length, end - pos)
                 if n <= 0:
                     break
