@@ -24,13 +24,15 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 from emulator.nbd.backend import Backend, Done, copy_capabilities, to_the_end
 from emulator.nbd.errors import BackendError
 from emulator.nbd.protocol import Extent
 
 from .regions import ProgressFile, RegionMap
+
+T = TypeVar("T")
 
 
 class MigratingBackend(Backend):
@@ -349,7 +351,12 @@ class MigratingBackend(Backend):
             raise src
 
     async def cache(self, offset: int, length: int) -> None:
-        await (self._forward or self.source).cache(offset, length)
+        """On the side a read of the range goes to (the source need not answer for
+        copied regions: I6)."""
+        if self._forward is not None or not self._is_local(offset, length):
+            await (self._forward or self.source).cache(offset, length)
+        else:
+            await self._on_target(self.target.cache(offset, length))
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         return await (self._forward or self.source).extents(offset, length)
@@ -364,9 +371,14 @@ class MigratingBackend(Backend):
             return await self._forward.extents_for_read(offset, length)
         if not self._is_local(offset, length):
             return await self.source.extents(offset, length)
-        self._io[True] += 1  # on the target: not to be trimmed under it
+        return await self._on_target(self.target.extents_for_read(offset, length))
+
+    async def _on_target(self, op: Awaitable[T]) -> T:
+        """``op``, host I/O on the target that is not a read: counted in flight on it
+        like one (:meth:`side_idle`), so the local copy is not trimmed under it."""
+        self._io[True] += 1
         try:
-            return await self.target.extents_for_read(offset, length)
+            return await op
         finally:
             self._end_io(True)
 

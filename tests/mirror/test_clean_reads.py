@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -43,13 +44,13 @@ class Hung(MemoryBackend):
         await self._answer()
         return await super().extents(offset, length)
 
+    async def cache(self, offset: int, length: int) -> None:
+        await self._answer()
 
-def test_a_structured_read_of_copied_regions_needs_no_answer_from_the_source(tmp_path: Path) -> None:
-    """Regression (was a bug): a structured READ of 64 KiB or more of a copied region failed
-    with EIO when the source did not answer (its array under SIGSTOP, a 1 s retry window:
-    EIO after 1.2 s; 4 KiB reads of it were answered at once): the server asked the LUN's
-    allocation map, the source's, for the holes to send as OFFSET_HOLE chunks. A READ now
-    asks the map of the side it reads (extents_for_read), here the target."""
+
+def copied_region_0(tmp_path: Path, body: Callable[[NbdClient, bytes], Awaitable[None]]) -> None:
+    """``body(client, data)`` on a LUN migrating from a source that holds ``data`` (random,
+    but for a run of zeroes in region 0) and stops answering once region 0 is copied."""
     data = bytearray(os.urandom(SIZE))
     data[REGION // 2 : REGION] = bytes(REGION // 2)  # a run of zeroes: sent as a hole
 
@@ -69,11 +70,37 @@ def test_a_structured_read_of_copied_regions_needs_no_answer_from_the_source(tmp
         try:
             async with await NbdClient.connect(f"nbd://127.0.0.1:{port}/lun") as c:
                 assert c.structured
-                for length in (4096, 64 << 10, REGION):
-                    got = await asyncio.wait_for(c.read(0, length), 5)
-                    assert got == data[:length], length
+                await body(c, bytes(data))
         finally:
             source.hung = False
             await server.close(timeout=1)
 
     asyncio.run(main())
+
+
+def test_a_structured_read_of_copied_regions_needs_no_answer_from_the_source(tmp_path: Path) -> None:
+    """Regression (was a bug): a structured READ of 64 KiB or more of a copied region failed
+    with EIO when the source did not answer (its array under SIGSTOP, a 1 s retry window:
+    EIO after 1.2 s; 4 KiB reads of it were answered at once): the server asked the LUN's
+    allocation map, the source's, for the holes to send as OFFSET_HOLE chunks. A READ now
+    asks the map of the side it reads (extents_for_read), here the target."""
+
+    async def reads(c: NbdClient, data: bytes) -> None:
+        for length in (4096, 64 << 10, REGION):
+            got = await asyncio.wait_for(c.read(0, length), 5)
+            assert got == data[:length], length
+
+    copied_region_0(tmp_path, reads)
+
+
+def test_a_cache_of_copied_regions_needs_no_answer_from_the_source(tmp_path: Path) -> None:
+    """Regression (was a bug): a CACHE of copied regions went to the source, as every CACHE
+    did, and waited for it (EIO once the retry window ended, as for a read of regions not
+    copied), where the reads it announces are the target's. It goes to the target now; a
+    CACHE of regions not copied still goes to the source."""
+
+    async def cache(c: NbdClient, data: bytes) -> None:
+        await asyncio.wait_for(c.cache(0, REGION), 5)
+        assert await asyncio.wait_for(c.read(0, 4096), 5) == data[:4096]
+
+    copied_region_0(tmp_path, cache)
