@@ -266,9 +266,16 @@ def build_structured_header(cookie: int, type_: int, length: int, flags: int = 0
     return STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, flags, type_, cookie, length)
 
 
+def encode_string(s: str) -> bytes:
+    """``s`` as a protocol string: UTF-8 of at most MAX_STRING bytes, a longer one cut
+    before the first character that does not fit whole (section "Conventions")."""
+    b = s.encode()
+    return b if len(b) <= MAX_STRING else b[:MAX_STRING].decode(errors="ignore").encode()
+
+
 def build_error_chunk(cookie: int, error: int, message: str = "", offset: int | None = None) -> bytes:
     """REPLY_TYPE_ERROR(_OFFSET) with DONE: ``error:u32 msglen:u16 msg [offset:u64]``."""
-    msg = message.encode()[:MAX_STRING]
+    msg = encode_string(message)
     body = ERROR_CHUNK.pack(error, len(msg)) + msg
     type_ = REPLY_TYPE_ERROR
     if offset is not None:
@@ -751,7 +758,7 @@ class ServerHandshake:
         self._out.append(build_option_reply(opt, rep, data))
 
     def _error(self, opt: int, rep: int, message: str) -> None:
-        self._reply(opt, rep, message.encode()[:MAX_STRING])
+        self._reply(opt, rep, encode_string(message))
 
     def _process(self) -> None:
         buf = self._in

@@ -161,6 +161,23 @@ def test_error_chunk_message_is_capped_at_the_string_limit() -> None:
     assert (err, len(msg), off) == (p.EIO, p.MAX_STRING, None)
 
 
+def test_messages_cut_at_the_string_limit_stay_utf8() -> None:
+    """Regression (was a bug): a message over 4096 bytes was cut at byte 4096, also in the
+    middle of a character, where doc/proto.md ("Conventions") has every string UTF-8: an
+    INFO for an unknown export named by 4096 bytes of mostly '€' got an error reply that
+    does not decode. Now cut before the character that does not fit."""
+    chunk = p.build_error_chunk(1, p.EIO, "m" + "€" * 2000)
+    ev = _decode_replies(chunk, lambda c: 0)[0][0][0]
+    assert isinstance(ev, p.StructuredChunk)
+    (_, n) = p.ERROR_CHUNK.unpack_from(ev.payload)
+    raw = ev.payload[p.ERROR_CHUNK.size : p.ERROR_CHUNK.size + n]
+    assert p.MAX_STRING - 3 < len(raw) <= p.MAX_STRING and raw.decode() == "m" + "€" * (len(raw) // 3)
+    name = "x" + "€" * 1365  # 4096 bytes, the longest name: the message quoting it is longer
+    (reply,) = ScriptedClient().go(name, opt=p.OPT_INFO)
+    assert reply.type == p.REP_ERR_UNKNOWN and p.MAX_STRING - 3 < len(reply.data) <= p.MAX_STRING
+    assert reply.data.decode().startswith("unknown export 'x€€")
+
+
 # =========================================================================== request decoder
 Decoded = tuple[int, int, int, int, int, bytes | None]
 
