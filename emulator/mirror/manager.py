@@ -193,6 +193,12 @@ class MigrationManager:
         try:
             # the LUN takes the source's size: refused, it is the source's (none was given)
             check_size(remote.size, f"size of source {source}")
+            if remote.size % remote.min_block:
+                # its last bytes could never be read (nor copied) in aligned requests
+                raise InvalidInput(
+                    f"size of source {source} {remote.size} is not a multiple of its minimum "
+                    f"block size {remote.min_block} bytes"
+                )
             lun = self.array.create_lun(
                 name,
                 remote.size,

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from control.api_client import ApiError
 from emulator.nbd.client import NbdClient
 from tests.files import data_bytes
 from tests.servers import ArrayDaemon, array_api, array_daemon, nbdkit, qemu_nbd
@@ -173,6 +174,28 @@ def test_a_source_that_needs_aligned_requests(tmp_path: Path) -> None:
         assert filecmp.cmp(want, got, shallow=False)
         data = want.read_bytes()
         assert data[5 * MiB : 5 * MiB + 2] == b"\x06\xab" and data[9 * MiB + 1] == 0xAB
+
+
+def test_a_source_whose_size_is_not_a_multiple_of_its_minimum_block_is_refused(tmp_path: Path) -> None:
+    """Regression (was a bug): a source of 1000448 bytes (a multiple of 512) with a 4 KiB
+    minimum block size (nbdkit, blocksize-policy) was taken over, and its migration stayed
+    \"copying\" for good: the copier's BLOCK_STATUS and reads of the last 1 KiB cannot be
+    aligned (EINVAL), nor can a host's. doc/proto.md (\"Block size constraints\") has the
+    size a multiple of the minimum; one that is not is refused at the start, naming both,
+    and nothing is left behind."""
+    if not shutil.which("nbdkit"):
+        pytest.skip("nbdkit is needed (make install)")
+    policy = ("blocksize-minimum=4096", "blocksize-error-policy=error")
+    with (
+        nbdkit(tmp_path, "--filter=blocksize-policy", "memory", "size=1000448", *policy) as src,
+        array_daemon(tmp_path / "B", "B") as b,
+    ):
+        api = array_api(b)
+        with pytest.raises(ApiError) as ei:
+            api.call("POST", "/api/v1/migrations", {"lun": "odd", "source": src.uri})
+        assert ei.value.status == 400, ei.value
+        assert "1000448" in ei.value.message and "4096" in ei.value.message, ei.value.message
+        assert api.call("GET", "/api/v1/luns") == api.call("GET", "/api/v1/migrations") == []
 
 
 @pytest.mark.timeout(120)
