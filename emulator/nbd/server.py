@@ -38,6 +38,9 @@ SPARSE_READ_MIN = 64 * 1024
 ZERO_COPY_MIN = 64 * 1024
 #: pause reading from a client with this many requests waiting on its Backend
 MAX_INFLIGHT = 256
+#: ... or with this many bytes of READs and WRITEs of ZERO_COPY_MIN or more waiting on it
+#: (256 requests of 32 MiB would hold 8 GiB: their data, read or to be written)
+MAX_INFLIGHT_BYTES = 128 << 20
 #: a client that sent nothing for this long gives its grown receive buffer back
 IDLE_SHRINK = 1.0
 
@@ -57,6 +60,7 @@ _pack_offset_data = p.OFFSET_DATA_HEADER.pack
 _pack_simple = p.SIMPLE_REPLY.pack
 _SR_MAGIC, _SIMPLE_MAGIC = p.STRUCTURED_REPLY_MAGIC, p.SIMPLE_REPLY_MAGIC
 _DONE, _OFFSET_DATA = p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA
+_CMD_READ = p.CMD_READ
 
 
 async def _read_all(backend: Backend, runs: list[tuple[int, int]]) -> list[bytes | bytearray]:
@@ -242,7 +246,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._inflight: set[asyncio.Task[None]] = set()
         self._started = 0  # requests begun with Backend.start_read / start_write, not yet done
         self._disconnecting = False
-        self._paused_reasons = 0  # bit 1: write buffer full, bit 2: too many in flight
+        self._paused_reasons = 0  # bit 1: write buffer full, 2: too many in flight, 4: too many bytes
+        self._held = 0  # bytes of the big READs and WRITEs in flight (MAX_INFLIGHT_BYTES)
         self._timer: asyncio.TimerHandle | None = None
         self._zsock: socket.socket | None = None  # a dup of the transport's, for sendfile
         self._shrink_timer: asyncio.TimerHandle | None = None  # armed while _dec has grown
@@ -375,11 +380,15 @@ class _Connection(asyncio.BufferedProtocol):
         assert dec is not None
         self._in_receive = True
         try:
-            while not self._disconnecting:
+            # Paused (our replies back up: pause_writing, or too many in flight), requests
+            # wait in the buffer, not in memory as replies: _resume takes them up again.
+            while not self._disconnecting and not self._paused_reasons:
                 req = dec.next_event()
                 if req is None:
                     break
                 self._dispatch(req)
+                if req.length >= ZERO_COPY_MIN and req.type == _CMD_READ:
+                    self._flush_out()  # a big reply goes now: the transport may pause us
         finally:
             self._in_receive = False
             self._flush_out()
@@ -442,7 +451,11 @@ class _Connection(asyncio.BufferedProtocol):
             # receive what follows into a fresh one.
             self._dec.detach_buffer()
         self._inflight.add(task)
-        task.add_done_callback(self._task_done)
+        if req.length >= ZERO_COPY_MIN and t <= p.CMD_WRITE:  # a big READ or WRITE
+            self._hold(req.length)
+            task.add_done_callback(functools.partial(self._held_task_done, req.length))
+        else:
+            task.add_done_callback(self._task_done)
         if self._busy() >= MAX_INFLIGHT:
             self._pause(2)
 
@@ -466,8 +479,15 @@ class _Connection(asyncio.BufferedProtocol):
             return False
         if self._dec is not None and self._dec.shares_buffer(req.data):
             self._dec.detach_buffer()  # the Backend holds a view of it until done
+        if req.length >= ZERO_COPY_MIN:
+            self._hold(req.length)
         self._begun()
         return True
+
+    def _hold(self, nbytes: int) -> None:
+        self._held += nbytes
+        if self._held > MAX_INFLIGHT_BYTES:
+            self._pause(4)
 
     def _begun(self) -> None:
         self._started += 1
@@ -489,6 +509,8 @@ class _Connection(asyncio.BufferedProtocol):
     def _started_done(self, req: p.Request, error: Exception | None, *reply: Any) -> None:
         """A started I/O ended: its error, or ``reply``, goes to the client."""
         self._started -= 1
+        if req.length >= ZERO_COPY_MIN:  # (a started READ is smaller: never held)
+            self._held -= req.length
         if self.transport is None or self.transport.is_closing():
             pass  # the client went away (abort): nobody to answer
         elif error is not None:
@@ -503,9 +525,15 @@ class _Connection(asyncio.BufferedProtocol):
         self._inflight.discard(task)
         self._io_done()
 
+    def _held_task_done(self, nbytes: int, task: asyncio.Task[None]) -> None:
+        self._held -= nbytes
+        self._task_done(task)
+
     def _io_done(self) -> None:
         if self._busy() < MAX_INFLIGHT // 2:
             self._resume(2)
+        if self._held <= MAX_INFLIGHT_BYTES // 2:
+            self._resume(4)
         if self._disconnecting and not self._busy():
             self._close_now()
 
@@ -776,8 +804,18 @@ class _Connection(asyncio.BufferedProtocol):
         if not self._paused_reasons & reason:
             return
         self._paused_reasons &= ~reason
-        if not self._paused_reasons and self.transport is not None and not self._disconnecting:
-            self.transport.resume_reading()
+        if self._paused_reasons or self.transport is None or self._disconnecting:
+            return
+        if self._dec is not None and not self._in_receive:  # (in _process, its loop goes on)
+            # the requests left in the buffer first: reading again may bring EOF behind them
+            try:
+                self._process()
+            except ProtocolError as e:
+                self._abort(f"protocol error: {e}")
+                return
+            if self._paused_reasons or self._disconnecting:
+                return
+        self.transport.resume_reading()
 
     def _disconnect(self) -> None:
         """DISC or EOF: stop reading, finish what is in flight, close."""

@@ -1010,6 +1010,52 @@ def test_sparse_read_sends_holes(srv: ServerThread) -> None:
         assert r.data == bytes(model[60 * KIB : 68 * KIB])
 
 
+class CountedReads(MemoryBackend):
+    """A MemoryBackend that counts the reads it was asked for; with ``wait``, each one
+    waits a turn of the loop (the server then runs it in a Task, as a remote LUN's)."""
+
+    def __init__(self, size: int, wait: bool) -> None:
+        super().__init__(size)
+        self.wait = wait
+        self.reads = 0
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        self.reads += 1
+        if self.wait:
+            await asyncio.sleep(0)
+        await super().read_into(offset, buf)
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["at-once", "waiting"])
+def test_a_host_that_does_not_read_its_replies_holds_back_its_own_requests(
+    srv: ServerThread, wait: bool
+) -> None:
+    """Regression (was a bug): every request of one receive was answered before the replies
+    went out, whatever they held, and up to 256 that waited on their Backend were taken: 40
+    pipelined READs of 32 MiB (1120 bytes of requests) from a host that reads no reply took
+    serve-file to 1.3 GiB, a thousand to 2.3 GiB (32 GiB for reads answered at once), the
+    array's every LUN and host with it. Now the server takes no more of a host's requests
+    once its replies back up (pause_writing) or 128 MiB of big requests wait on the Backend,
+    and goes on with those left in its buffer once they drain; every reply then arrives."""
+    backend = CountedReads(2 * 32 * MIB, wait)
+    name = srv.add(f"slowreader-{wait}", backend)
+    n, length = 16, 32 * MIB
+    with RawClient(srv.port, name) as c:
+        c.send_raw(b"".join(c.frame(p.CMD_READ, (i % 2) * length, length)[1] for i in range(n)))
+        deadline, seen, since = time.monotonic() + 10, -1, time.monotonic()
+        while backend.reads < n and time.monotonic() < deadline:  # until the server stops
+            if backend.reads != seen:
+                seen, since = backend.reads, time.monotonic()
+            elif time.monotonic() - since > 0.5:
+                break
+            time.sleep(0.01)
+        assert backend.reads <= 5, f"{backend.reads} replies of 32 MiB made for a host that reads none"
+        replies = c.wait_all()
+        assert len(replies) == n and all(r.error == 0 and r.data == bytes(length) for r in replies.values())
+        assert backend.reads == n
+        assert_alive(c, bytes(MIB))
+
+
 @pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
 def test_disc_after_pipelined_writes_gets_every_reply(srv: ServerThread, structured: bool) -> None:
     """Section "NBD_CMD_DISC": the server MUST handle all outstanding requests
