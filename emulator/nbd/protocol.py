@@ -767,8 +767,9 @@ class ServerHandshake:
                 return
             (cflags,) = CLIENT_FLAGS.unpack_from(buf)
             del buf[: CLIENT_FLAGS.size]
-            if not cflags & FLAG_C_FIXED_NEWSTYLE:
-                raise ProtocolError("client does not speak fixed newstyle")
+            # A client without FIXED_NEWSTYLE (a SHOULD) speaks plain newstyle: it sends
+            # EXPORT_NAME alone, and its other options are answered all the same, as
+            # section "Client flags" allows.
             if cflags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
                 raise ProtocolError(f"unknown client flags 0x{cflags:08x}")
             self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)

@@ -497,6 +497,17 @@ def test_export_name_with_zeroes(srv: ServerThread) -> None:
         assert_alive(c)
 
 
+@pytest.mark.parametrize("flags", [0, p.FLAG_C_NO_ZEROES], ids=["zeroes", "no-zeroes"])
+def test_a_newstyle_client_that_is_not_fixed_is_served(srv: ServerThread, flags: int) -> None:
+    """Regression (was a bug): a client without NBD_FLAG_C_FIXED_NEWSTYLE (which it SHOULD,
+    not MUST, set: section "Client flags"; libnbd with set_handshake_flags(0), older
+    clients) was dropped at its flags, where nbdkit and qemu-nbd serve it: its
+    NBD_OPT_EXPORT_NAME, the one option of plain newstyle, now goes to transmission."""
+    with RawClient(srv.port, "rw", export_name=True, client_flags=flags) as c:
+        assert c.size == MIB
+        assert_alive(c)
+
+
 def test_requests_pipelined_behind_go(srv: ServerThread) -> None:
     """Requests in the same packet as the GO are the transmission phase's first
     bytes: the server must not lose them (ServerHandshake.leftover)."""
