@@ -262,6 +262,7 @@ class _Handshake:
     def __init__(self, wire: _Wire, uri: str):
         self.wire, self.uri = wire, uri
         self.no_zeroes = False
+        self.fixed = False  # fixed newstyle: options other than EXPORT_NAME may be sent
 
     async def greet(self) -> None:
         data = await self.wire.readexactly(p.SERVER_GREETING.size)
@@ -270,9 +271,9 @@ class _Handshake:
             raise ProtocolError(f"{self.uri}: not an NBD server (magic 0x{magic:x})")
         if opt != p.IHAVEOPT:
             raise ProtocolError(f"{self.uri}: oldstyle servers are not supported")
-        if not hflags & p.FLAG_FIXED_NEWSTYLE:
-            raise ProtocolError(f"{self.uri}: server does not speak fixed newstyle")
-        cflags = p.FLAG_C_FIXED_NEWSTYLE
+        # The client sets only flags the server offered (section "Client flags").
+        self.fixed = bool(hflags & p.FLAG_FIXED_NEWSTYLE)
+        cflags = p.FLAG_C_FIXED_NEWSTYLE if self.fixed else 0
         if hflags & p.FLAG_NO_ZEROES:
             cflags |= p.FLAG_C_NO_ZEROES
             self.no_zeroes = True
@@ -321,6 +322,8 @@ async def list_exports(uri: str, timeout: float = 10.0) -> list[tuple[str, str]]
     try:
         hs = _Handshake(wire, addr.uri())
         await asyncio.wait_for(hs.greet(), timeout)
+        if not hs.fixed:
+            raise OptionError(f"{addr.uri()}: LIST: the server speaks plain newstyle, which lists nothing")
         replies = await asyncio.wait_for(hs.option(p.OPT_LIST), timeout)
         if replies[-1].is_error:
             raise _option_error(addr.uri(), "LIST", replies[-1])
@@ -391,6 +394,9 @@ class NbdClient:
         uri, name = self.address.uri(), self.address.export
         hs = _Handshake(wire, uri)
         await hs.greet()
+        if not hs.fixed:  # plain newstyle: EXPORT_NAME is its one option
+            await self._export_name(hs, name)
+            return
         if structured:
             rep = (await hs.option(p.OPT_STRUCTURED_REPLY))[-1]
             self.structured = rep.type == p.REP_ACK

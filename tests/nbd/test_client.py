@@ -204,6 +204,28 @@ def test_errors_carry_nbd_codes(tmp_path: Path) -> None:
         run(main(s.uri))
 
 
+@pytest.mark.parametrize("mask", ["0", "2"], ids=["zeroes", "no-zeroes"])
+def test_a_newstyle_server_that_is_not_fixed_is_reached_with_export_name(tmp_path: Path, mask: str) -> None:
+    """Regression (was a bug): a server without NBD_FLAG_FIXED_NEWSTYLE (nbdkit
+    --mask-handshake=0 or 2, as older servers) was refused (\"server does not speak fixed
+    newstyle\"), so it could not be a migration's source. Plain newstyle takes one option,
+    NBD_OPT_EXPORT_NAME, and the client must not set the flag the server did not offer
+    (section \"Client flags\"): it goes straight to EXPORT_NAME now, simple replies and
+    no block status (the whole range reported as data)."""
+
+    async def main(uri: str) -> None:
+        async with await NbdClient.connect(uri) as c:
+            assert (c.size, c.structured, c.allocation_context) == (SIZE, False, None)
+            await c.write(4096, b"x" * 8192, fua=True)
+            assert await c.read(0, 16384) == bytes(4096) + b"x" * 8192 + bytes(4096)
+            assert await c.extents(0, SIZE) == [Extent(SIZE, 0)]
+
+    with nbdkit(tmp_path, f"--mask-handshake={mask}", "memory", f"size={SIZE}") as k:
+        run(main(k.uri))
+        with pytest.raises(OptionError, match="plain newstyle"):  # it has no NBD_OPT_LIST
+            run(list_exports(k.uri))
+
+
 def test_unknown_export_and_no_server(tmp_path: Path) -> None:
     img = sparse_image(tmp_path / "x.img", 1 << 20)
     with serve_file(img, export="known") as s:
