@@ -445,6 +445,9 @@ class VolumeManager:
             src = Host.parse(v.host)
             if (dest.array, dest.pool) == (src.array, src.pool):
                 raise VolumeError(f"volume {v.name} is already on {v.host}")
+            why = self._cannot_move_within(src, dest, force_host_copy)
+            if why:  # refused before the claim: no migration recorded in error
+                raise VolumeError(f"volume {v.name} ({v.id}) stays on {v.host}, unchanged: {why}")
             mig = {
                 "phase": "source",
                 "source": v.host,
@@ -527,6 +530,23 @@ class VolumeManager:
             raise VolumeError(f"migration of {v.name} failed at step {mig['phase']}: {e}") from None
         finally:
             os.close(runner)  # steps 4-5 are the follower's
+
+    def _cannot_move_within(self, src: Host, dest: Host, force_host_copy: bool) -> str:
+        """Why a move between two pools of one array cannot be made ("": it can): only the
+        array itself moves a volume between its pools; a host copy needs another array."""
+        if dest.array != src.array:
+            return ""
+        pools = self.driver(src.array).supports_pool_migration
+        if force_host_copy:
+            return f"a host copy (--force-host-copy) needs another array than {src.array}" + (
+                f" (without it, array {src.array} moves the volume between its own pools)" if pools else ""
+            )
+        if not pools:
+            return (
+                f"array {src.array} (model {src.backend}) cannot move volumes between its own pools, "
+                "and a host copy needs another array"
+            )
+        return ""
 
     # ------------------------------------------------------------------ steps 4-5
     def follow(self, ref: str, progress: Progress | None = None, wait: bool = True) -> Volume:

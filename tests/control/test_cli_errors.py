@@ -429,7 +429,13 @@ def test_migration_wait_refuses_a_timeout_that_is_no_number_of_seconds(
 @pytest.fixture(scope="module")
 def arrays(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockmigEnv]:
     with BlockmigEnv(tmp_path_factory.mktemp("arrays") / "state") as env:
-        env.up([ArraySpec("A", pools=("default", "gold")), ArraySpec("B")])
+        env.up(
+            [
+                ArraySpec("A", pools=("default", "gold")),
+                ArraySpec("B"),
+                ArraySpec("X", "takeover-sync", pools=("default", "gold")),
+            ]
+        )
         yield env
 
 
@@ -500,6 +506,41 @@ def test_migrate_refuses_a_bad_host_before_it_starts(arrays: BlockmigEnv, host: 
         ), got
         d = arrays.show(v["id"])
         assert (d["host"], d["migration_status"], d["status"]) == ("A@unified#default", None, "available"), d
+    finally:
+        arrays.ok("delete", v["id"])
+
+
+@pytest.mark.parametrize(
+    ("host", "to", "flags", "msg"),
+    [
+        (
+            "X",
+            "X#gold",
+            (),
+            "array X (model takeover-sync) cannot move volumes between its own pools, and a host "
+            "copy needs another array",
+        ),
+        (
+            "A",
+            "A#gold",
+            ("--force-host-copy",),
+            "a host copy (--force-host-copy) needs another array than A (without it, array A "
+            "moves the volume between its own pools)",
+        ),
+    ],
+)
+def test_a_move_between_pools_of_one_array_that_it_cannot_make_is_refused_up_front(
+    arrays: BlockmigEnv, host: str, to: str, flags: tuple[str, ...], msg: str
+) -> None:
+    """Before: the migration was claimed, then failed at step 2, leaving migration_status
+    error; and --force-host-copy within a unified array said that array "(model unified)
+    cannot move volumes between its own pools", which it can."""
+    v = arrays.create(f"same-array-{host}", 1 << 20, host)
+    try:
+        got = arrays.refused("migrate", v["id"], to, *flags)
+        assert got == f"volume {v['name']} ({v['id']}) stays on {v['host']}, unchanged: {msg}", got
+        d = arrays.show(v["id"])
+        assert (d["host"], d["migration_status"], d["status"]) == (v["host"], None, "available"), d
     finally:
         arrays.ok("delete", v["id"])
 
