@@ -658,15 +658,11 @@ class VolumeManager:
         sdrv, ddrv = self.driver(src.array), self.driver(dest.array)
         target = Volume(**v.__dict__)  # the same LUN name, on the target array
         ddrv.delete_volume(target)  # a partial copy left by an earlier try
-        loc = ddrv.create_volume(target, dest.pool)
-        # Fenced as a takeover is (an in-use volume's hosts stay attached to the source);
-        # the copy reads through the fence's alias.
         try:
+            loc = ddrv.create_volume(target, dest.pool)
+            # Fenced as a takeover is (an in-use volume's hosts stay attached to the source);
+            # the copy reads through the fence's alias.
             v, src_uri = self._fence_source(v, mig, sdrv)
-        except ApiError:
-            ddrv.delete_volume(target)
-            raise
-        try:
             self._inject("copy")
 
             def report(done: int, total: int) -> None:
@@ -684,16 +680,28 @@ class VolumeManager:
 
             asyncio.run(copy_volume(src_uri, ddrv.connection_uri(target), report))
         except BaseException:
-            ddrv.delete_volume(target)
+            self._drop_copy(v.id, mig, ddrv, target)
             raise
         try:
             v = self._switch_host(
                 v.id, str(dest), provider_location=loc, migration={**mig, "phase": "cleanup"}
             )
         except VolumeError:
-            ddrv.delete_volume(target)  # nothing switched (it raises before its commit only)
+            self._drop_copy(v.id, mig, ddrv, target)  # nothing switched (it raises before its commit only)
             raise
         return self._cleanup(v)
+
+    def _drop_copy(self, vid: str, mig: dict[str, Any], ddrv: VolumeDriver, target: Volume) -> None:
+        """Delete a failed host copy's partial LUN on the target. If its array does not
+        answer (it died mid-copy), record it as ``copy_leftover`` for the next migrate or
+        delete, or `blockmig up`, to delete (:meth:`_remove_leftover`): nothing else would
+        ever reach it, not even the volume's delete. The copy's own error is what the
+        caller raises."""
+        try:
+            ddrv.delete_volume(target)
+        except (ApiError, VolumeError):
+            mig["copy_leftover"] = True  # _fail says so
+            self.db.update(vid, migration=mig)
 
     def _remove_leftover(self, v: Volume) -> None:
         """The last migration could not remove its source LUN, or could not reach its
@@ -726,6 +734,11 @@ class VolumeManager:
                 self._refuse_if_written_since_cutover(v, d)
                 d.cancel_migration_target(v, keep_completed=False)
             mig["target_leftover"] = False
+            v = self.db.update(v.id, migration=mig)
+        if mig.get("copy_leftover") and Host.parse(mig["target"]).array != here:
+            # a host copy's partial LUN, never given to a host: its array was down then
+            self.driver(Host.parse(mig["target"]).array).delete_volume(v)
+            mig["copy_leftover"] = False
             v = self.db.update(v.id, migration=mig)
         if mig.get("fenced") and Host.parse(mig["source"]).array == here:
             # the source stayed authoritative but its fence could not be lifted then
@@ -764,6 +777,7 @@ class VolumeManager:
             on_source = Host.parse(mig["source"]).array == here
             if not (
                 mig.get("target_leftover")
+                or mig.get("copy_leftover")
                 or (mig.get("fenced") and on_source)
                 or (mig.get("phase") == "cleanup" and not mig.get("source_removed") and not on_source)
             ):
@@ -880,6 +894,11 @@ class VolumeManager:
                     f"; lifting the fence on {src.array}: {e} (done by the next migrate or delete, "
                     "or `blockmig up`)"
                 )
+        if mig.get("copy_leftover"):
+            mig["error"] += (
+                f"; the partial copy on {dest.array} could not be deleted (done by the next migrate "
+                "or delete, or `blockmig up`)"
+            )
         host, loc = mig["source"], mig.get("source_location", {})
         if mig.get("phase") == "source" and dest.array == src.array:
             # A pool move, which the array runs by itself: stop it, else it ends in the new
