@@ -735,6 +735,8 @@ class VolumeManager:
                 d.cancel_migration_target(v, keep_completed=False)
             mig["target_leftover"] = False
             v = self.db.update(v.id, migration=mig)
+        if mig.get("move_leftover") and Host.parse(mig["source"]).array == here:
+            v = self._stop_leftover_move(v, mig)
         if mig.get("copy_leftover") and Host.parse(mig["target"]).array != here:
             # a host copy's partial LUN, never given to a host: its array was down then
             self.driver(Host.parse(mig["target"]).array).delete_volume(v)
@@ -743,6 +745,19 @@ class VolumeManager:
         if mig.get("fenced") and Host.parse(mig["source"]).array == here:
             # the source stayed authoritative but its fence could not be lifted then
             self._unfence(v, mig)
+
+    def _stop_leftover_move(self, v: Volume, mig: dict[str, Any]) -> Volume:
+        """A failed pool move its array could not be told to stop (it was down) and goes on
+        with since it is up: stop it now, or, if it ended, follow the LUN to its pool, so
+        that the volume's host names the pool its LUN is in. ``mig`` is updated in place."""
+        src = Host.parse(v.host)
+        pool, loc = self._stop_move(v, src.array, v.provider_location)
+        mig["move_leftover"] = False
+        if pool == src.pool:
+            return self.db.update(v.id, migration=mig)
+        mig["error"] += f"; the array had moved it meanwhile: the volume is on {src.array}#{pool}"
+        host = str(Host(src.array, src.backend, pool))
+        return self._switch_host(v.id, host, lenient=True, provider_location=loc, migration=mig)
 
     def _source_fenced(self, v: Volume, mig: dict[str, Any]) -> bool:
         """Does the source array still hold the volume's LUN fenced (ours, never lifted)?"""
@@ -778,6 +793,7 @@ class VolumeManager:
             if not (
                 mig.get("target_leftover")
                 or mig.get("copy_leftover")
+                or (mig.get("move_leftover") and on_source)
                 or (mig.get("fenced") and on_source)
                 or (mig.get("phase") == "cleanup" and not mig.get("source_removed") and not on_source)
             ):
@@ -906,7 +922,12 @@ class VolumeManager:
             try:
                 pool, loc = self._stop_move(v, src.array, loc)
             except (ApiError, VolumeError) as e:
-                mig["error"] += f"; stopping the move on {src.array}: {e}"
+                # the array (down, or its process killed) goes on with the move once up
+                mig["error"] += (
+                    f"; stopping the move on {src.array}: {e} (done by the next migrate or delete, "
+                    "or `blockmig up`)"
+                )
+                mig["move_leftover"] = True
             else:
                 if pool != src.pool:
                     host = str(Host(src.array, src.backend, pool))

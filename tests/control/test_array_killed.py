@@ -15,15 +15,17 @@ from typing import Any
 
 import pytest
 
+from control.api_client import FINAL
 from control.config import pid_alive
 
-from .blockmig_env import ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill
+from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill
 
 pytestmark = pytest.mark.timeout(180)
 
 ARRAYS = [
     ArraySpec("S", "unified", media="fixed:2"),  # a host copy from here lasts seconds
     ArraySpec("P", "plain"),  # the host copy's target, killed by a test
+    ArraySpec("Q", "unified", ("default", "gold"), migration_throttle=2),  # slow pool moves, killed
 ]
 
 
@@ -91,3 +93,39 @@ def test_a_host_copy_whose_target_dies_leaves_no_partial_lun_there(bm: BlockmigE
     assert_content(d2["provider_location"]["uri"], img)
     bm.ok("delete", v["id"])
     assert lun not in bm.luns("P")
+
+
+def test_an_array_killed_during_a_pool_move_is_not_left_moving_behind_the_record(bm: BlockmigEnv) -> None:
+    """Q dies (kill -9) while it moves a volume's LUN from pool default to gold at 2 MB/s:
+    the migration fails, and stopping the move fails too. Before: `up` started Q again,
+    which went on with the move by itself: the LUN ended in gold while the volume said
+    Q#default, and the next `migrate ... Q#gold` failed with "already in pool 'gold'"
+    (`migrate ... Q#default` was refused: "already on"). Now `up` stops the move, or
+    takes the pool it ended in, and the record names where the LUN is."""
+    v, img = make(bm, "pool-move-array-killed", 8 * MiB, "Q", stride=BLOCK)  # 4 s at 2 MB/s
+    lun = lun_of(v)
+    p = bm.popen("migrate", v["id"], "Q#gold", "--wait")
+    try:
+        deadline = time.monotonic() + 30
+        while (bm.array_migration("Q", lun) or {}).get("state") != "copying":
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
+            time.sleep(0.02)
+        kill_array(bm, "Q")
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 1 and err.startswith("blockmig: ") and "Traceback" not in err, (out, err)
+    d = bm.show(v["id"])
+    assert d["migration_status"] == "error" and d["host"] == "Q@unified#default", d
+
+    up(bm)  # Q again, with its move
+
+    st = bm.array_migration("Q", lun) or {}
+    assert st.get("state") in (None, *FINAL), f"Q still moves the LUN behind the volume's record: {st}"
+    pool = bm.api("Q").get_lun(lun)["pool"]
+    d = bm.show(v["id"])
+    assert (d["host"], d["provider_location"]["pool"]) == (f"Q@unified#{pool}", pool), d
+    assert_content(d["provider_location"]["uri"], img)
+    d2 = bm.ok("migrate", v["id"], "Q#default" if pool == "gold" else "Q#gold", "--wait")
+    assert d2["migration_status"] == "success", d2
+    assert_content(d2["provider_location"]["uri"], img)
