@@ -129,11 +129,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-#: `show`'s words for the step a migration is at (its JSON keeps the short name)
+#: `show`'s words for the step a migration is at, or failed at (its JSON keeps the short name)
 _PHASES = {
     "source": "step 1: the source array is asked to move it",
     "target": "step 2: the target array takes it over",
-    "host-copy": "a host copy, the volume unusable until done",
+    "host-copy": "a host copy",
     "complete": "step 4: the target copies it, then cuts over",
     "cleanup": "step 5: removing the source LUN",
     "done": "done",
@@ -160,6 +160,10 @@ def _show_text(d: dict[str, Any]) -> str:
     mig = d.get("migration")
     if mig:
         phase = _PHASES.get(mig.get("phase") or "", mig.get("phase"))
+        if d.get("migration_status") == "error":  # where it stopped, not what goes on
+            phase = f"failed at {phase}"
+        elif d.get("migration_status") in MIGRATING and mig.get("phase") == "host-copy":
+            phase += ", the volume unusable until done"
         lines.append(f"{'migration:':<19}{mig.get('source')} -> {mig.get('target')} ({phase})")
         p = mig.get("progress")
         if p:

@@ -82,6 +82,8 @@ def test_a_host_copy_whose_target_dies_leaves_no_partial_lun_there(bm: BlockmigE
     assert d["migration_status"] == "error" and d["host"] == "S@unified#default", d
     error = d["migration"]["error"]
     assert "partial copy" in error and "P" in error, error
+    text = bm.run("show", v["id"]).stdout  # the volume is usable on S: "unusable until done" was untrue
+    assert "migration:         S@unified#default -> P@plain#default (failed at a host copy)\n" in text, text
     assert_content(d["provider_location"]["uri"], img)
 
     up(bm)  # P again, with the partial copy: `up` deletes it
