@@ -588,7 +588,7 @@ class VolumeManager:
             if mig["phase"] == "cleanup":
                 return self._cleanup(v)
             if mig["phase"] == "target":
-                adopted = self._adopt_cutover(v)
+                adopted = self._adopt_cutover(v, progress)
                 if adopted is not None:
                     return adopted
             # The command that ran steps 1-3 died half-way: nothing was switched yet.
@@ -606,11 +606,13 @@ class VolumeManager:
             self._fail(v.id, str(e))
             raise VolumeError(f"migration of {v.name} failed: {e}") from None
 
-    def _adopt_cutover(self, v: Volume) -> Volume | None:
+    def _adopt_cutover(self, v: Volume, progress: Progress | None = None) -> Volume | None:
         """The command that ran steps 1-3 died after the target took the LUN over, and the
         target has cut over since: it is authoritative now (a host may have found the LUN
         there), so the migration goes on from step 3, not back to the source (which would
-        delete the copy hosts may have written to). None if its takeover did not cut over."""
+        delete the copy hosts may have written to). A synchronous target copies within step
+        2, where that command waited (Ctrl-C of it leaves the migration going on): its copy
+        is followed to its end here first. None if its takeover did not cut over."""
         mig = dict(v.migration)
         dest = Host.parse(mig["target"])
         d = self.driver(dest.array)
@@ -622,9 +624,12 @@ class VolumeManager:
             if e.status == 404:
                 return None  # it never got that far
             raise
-        theirs = mig.get("source_uri") and st.get("source") != mig["source_uri"]
-        if st.get("state") != "completed" or theirs:
-            return None  # not cut over, or another takeover's
+        if mig.get("source_uri") and st.get("source") != mig["source_uri"]:
+            return None  # another takeover's
+        if st.get("state") not in FINAL and not d.supports_async_migration:
+            st = d._follow(v.lun, progress)  # raises if it fails or is cancelled: back to the source
+        if st.get("state") != "completed":
+            return None  # not cut over
         loc = d._location(d.api.get_lun(v.lun))
         mig.update(phase="cleanup", adopted=True)
         v = self._switch_host(v.id, str(dest), provider_location=loc, migration=mig)

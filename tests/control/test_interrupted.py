@@ -1,7 +1,10 @@
-"""An array killed with SIGKILL in the middle of a migration the control layer runs, then
-started again by `blockmig up`: the volume stays on its authoritative side with its data,
-and what the array could not be told to undo while it was down is undone once it is up
-(nothing leaked on it, nothing left running behind the volume's record).
+"""A migration the control layer runs, interrupted half-way.
+
+An array killed with SIGKILL, then started again by `blockmig up`: the volume stays on its
+authoritative side with its data, and what the array could not be told to undo while it was
+down is undone once it is up (nothing leaked on it, nothing left running behind the volume's
+record). A `migrate` interrupted with Ctrl-C: the migration goes on, and the next command
+follows it (README: "Ctrl-C of a command that waits ...").
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ ARRAYS = [
     ArraySpec("S", "unified", media="fixed:2"),  # a host copy from here lasts seconds
     ArraySpec("P", "plain"),  # the host copy's target, killed by a test
     ArraySpec("Q", "unified", ("default", "gold"), migration_throttle=2),  # slow pool moves, killed
+    ArraySpec("Y", "takeover-sync", migration_throttle=2),  # copies within step 2, slowly
 ]
 
 
@@ -131,3 +135,31 @@ def test_an_array_killed_during_a_pool_move_is_not_left_moving_behind_the_record
     d2 = bm.ok("migrate", v["id"], "Q#default" if pool == "gold" else "Q#gold", "--wait")
     assert d2["migration_status"] == "success", d2
     assert_content(d2["provider_location"]["uri"], img)
+
+
+def test_ctrl_c_of_a_migrate_to_a_synchronous_target_lets_the_migration_go_on(bm: BlockmigEnv) -> None:
+    """A takeover-sync target copies within step 2, which `migrate` runs itself (even
+    without --wait). Ctrl-C there: "blockmig: interrupted", exit 130, and the README says
+    the migration goes on. Before: the next command's follower found it "interrupted
+    during step target" and cancelled the copy, leaving the volume on S in error."""
+    v, img = make(bm, "sync-interrupted", 8 * MiB, "S", stride=BLOCK)  # 4 s at 2 MB/s
+    lun = lun_of(v)
+    p = bm.popen("migrate", v["id"], "Y", "--wait")
+    try:
+        deadline = time.monotonic() + 30
+        while (bm.array_migration("Y", lun) or {}).get("state") != "copying":
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert (p.returncode, err) == (130, "blockmig: interrupted\n"), (out, err)
+    assert (bm.array_migration("Y", lun) or {}).get("state") == "copying"
+
+    bm.show(v["id"])  # the next command: it restarts a follower
+    end = bm.wait_migration(v["id"], timeout=60)
+
+    assert end["migration_status"] == "success" and end["host"] == "Y@takeover-sync#default", end
+    assert lun not in bm.luns("S")
+    assert_content(end["provider_location"]["uri"], img)
