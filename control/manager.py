@@ -221,7 +221,7 @@ class VolumeManager:
                     raise VolumeError(
                         f"volume {v.name} ({v.id}) is attached to {len(v.attachments)} host(s); detach first"
                     )
-                self._remove_leftover(v)
+                self._clear_leftovers(v, f"volume {v.name} ({v.id}) is not deleted")
                 if v.migration_status in MIGRATING:
                     raise VolumeError(f"volume {v.name} ({v.id}) is migrating; wait for the migration to end")
                 try:
@@ -434,7 +434,7 @@ class VolumeManager:
                     f"volume {v.name} ({v.id}) is already {v.migration_status}; wait for that migration "
                     "to end (`blockmig show` follows it)"
                 )
-            self._remove_leftover(v)
+            self._clear_leftovers(v, f"volume {v.name} ({v.id}) stays on {v.host}, unchanged")
             v = self.db.get(v.id)  # a leftover cutover adopted: the volume lives there now
             if v.status not in ("available", "in-use"):  # the claim below would fail, less clearly
                 why = "; its create or delete failed: delete it (`blockmig delete`)"
@@ -707,6 +707,19 @@ class VolumeManager:
         except (ApiError, VolumeError):
             mig["copy_leftover"] = True  # _fail says so
             self.db.update(vid, migration=mig)
+
+    def _clear_leftovers(self, v: Volume, refused: str) -> None:
+        """:meth:`_remove_leftover` before a delete or a migration, which an array that does
+        not answer refuses with ``refused`` (what becomes of the volume) and says why: the
+        API error alone named an address, not which migration's leftovers were meant."""
+        try:
+            self._remove_leftover(v)
+        except ApiError as e:
+            mig = v.migration
+            raise VolumeError(
+                f"{refused}: what its failed migration {mig.get('source')} -> {mig.get('target')} left "
+                f"could not be removed first: {e} (`blockmig up` starts the arrays; then retry)"
+            ) from None
 
     def _remove_leftover(self, v: Volume) -> None:
         """The last migration could not remove its source LUN, or could not reach its

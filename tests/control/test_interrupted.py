@@ -89,6 +89,14 @@ def test_a_host_copy_whose_target_dies_leaves_no_partial_lun_there(bm: BlockmigE
     text = bm.run("show", v["id"]).stdout  # the volume is usable on S: "unusable until done" was untrue
     assert "migration:         S@unified#default -> P@plain#default (failed at a host copy)\n" in text, text
     assert_content(d["provider_location"]["uri"], img)
+    # while P is down, its leftover cannot be removed: delete and migrate say so, and why
+    left = "what its failed migration S@unified#default -> P@plain#default left could not be removed first"
+    msg = bm.refused("delete", v["id"])
+    assert msg.startswith(f"volume {v['name']} ({v['id']}) is not deleted: {left}: cannot reach"), msg
+    msg = bm.refused("migrate", v["id"], "Y")
+    stays = f"volume {v['name']} ({v['id']}) stays on S@unified#default, unchanged"
+    assert msg.startswith(f"{stays}: {left}"), msg
+    assert msg.endswith("(`blockmig up` starts the arrays; then retry)"), msg
 
     up(bm)  # P again, with the partial copy: `up` deletes it
 
