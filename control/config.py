@@ -150,6 +150,17 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot: /proc/PID/stat field 22), None
+    if it does not run. With the pid it names one process: a pid alone may belong to
+    another one by now (reused after that process died, or after a reboot)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

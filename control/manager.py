@@ -44,7 +44,7 @@ from emulator.array.names import check_name, check_size
 from emulator.nbd.errors import NbdError
 
 from .api_client import FINAL, ApiError, ArrayApi
-from .config import ArrayRecord, Registry, child_env, pid_alive, python_module_command
+from .config import ArrayRecord, Registry, child_env, pid_alive, process_start, python_module_command
 from .drivers import VolumeDriver, driver_for
 from .drivers.base import Host, RemoteTakeoverMixin
 from .volumes import MIGRATING, Conflict, Volume, VolumeError, VolumesDB
@@ -96,6 +96,23 @@ def check_volume_name(name: str) -> None:
         raise VolumeError(
             f"invalid volume name {name!r}: use 1-{MAX_VOLUME_NAME} printable characters (no newline or tab)"
         )
+
+
+def _runner(pid: int) -> dict[str, Any]:
+    """The migration record's fields that name the process running its steps: its pid and
+    start time (:func:`_runs`)."""
+    return {"pid": pid, "pid_start": process_start(pid)}
+
+
+def _runs(mig: dict[str, Any]) -> bool:
+    """Does another process run the migration's steps (`recover` then starts no follower)?
+    Its pid alone could name a process that got it since the runner died (a reboot): the
+    migration would wait for good. A record without the start time trusts the pid."""
+    pid = int(mig.get("pid") or 0)
+    if not pid or pid == os.getpid() or not pid_alive(pid):
+        return False
+    start = mig.get("pid_start")
+    return start is None or process_start(pid) == start
 
 
 class VolumeManager:
@@ -454,7 +471,7 @@ class VolumeManager:
                 "target": str(dest),
                 "started": time.time(),
                 "source_location": v.provider_location,
-                "pid": os.getpid(),
+                **_runner(os.getpid()),
                 "error": "",
             }
             # a follower of the last migration may still be letting go of it
@@ -578,7 +595,7 @@ class VolumeManager:
         mig = dict(v.migration)
         if v.migration_status not in MIGRATING:
             return v
-        mig["pid"] = os.getpid()
+        mig.update(_runner(os.getpid()))
         v = self.db.update(v.id, migration=mig)
         try:
             if mig["phase"] == "host-copy":
@@ -1038,8 +1055,7 @@ class VolumeManager:
         stopped = self.registry.load_stopped() if migrating else {}
         known = self.registry.load() if migrating else {}
         for v in migrating:
-            pid = v.migration.get("pid", 0)
-            if pid and pid != os.getpid() and pid_alive(pid):
+            if _runs(v.migration):
                 continue
             if self.waiting_for(v.migration, stopped, known):
                 continue  # `blockmig up` first: the follower would find them gone
@@ -1167,7 +1183,9 @@ class VolumeManager:
             )
         v = self.db.get(vid)
         try:  # unless the follower already got on with it (it records its own pid)
-            self.db.update(vid, expect={"migration": v.migration}, migration={**v.migration, "pid": proc.pid})
+            self.db.update(
+                vid, expect={"migration": v.migration}, migration={**v.migration, **_runner(proc.pid)}
+            )
         except Conflict:
             pass
         return proc.pid

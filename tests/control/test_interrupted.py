@@ -9,8 +9,11 @@ follows it (README: "Ctrl-C of a command that waits ...").
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
+import subprocess
 import time
 import zlib
 from collections.abc import Iterator
@@ -170,4 +173,42 @@ def test_ctrl_c_of_a_migrate_to_a_synchronous_target_lets_the_migration_go_on(bm
 
     assert end["migration_status"] == "success" and end["host"] == "Y@takeover-sync#default", end
     assert lun not in bm.luns("S")
+    assert_content(end["provider_location"]["uri"], img)
+
+
+def test_a_dead_followers_pid_taken_by_another_process_does_not_stall_the_migration(
+    bm: BlockmigEnv,
+) -> None:
+    """The follower of a takeover dies (kill -9, or a reboot), and another process gets its
+    pid. Before: every later command's recover() took the migration for followed (pid
+    alive) and started no follower: steps 4-5 never ran, the volume stayed
+    migrating_attachable for as long as that process lived (its source LUN kept, delete
+    and migrate refused). The pid's process start time tells the two apart now."""
+    v, img = make(bm, "follower-pid-reused", 8 * MiB, "S", stride=BLOCK)  # 4 s to Q at 2 MB/s
+    d = bm.ok("migrate", v["id"], "Q")
+    assert d["migration_status"] == "migrating_attachable", d
+    pid = bm.db_migration(v["id"])["pid"]
+    assert bm.is_follower(pid), pid
+    os.kill(pid, signal.SIGKILL)
+    other = subprocess.Popen(["sleep", "120"])  # a process with that pid now, as far as the record goes
+    try:
+        con = sqlite3.connect(bm.state_dir / "volumes.db", timeout=10)
+        try:
+            with con:
+                mig = json.loads(
+                    con.execute("SELECT migration FROM volumes WHERE id=?", (v["id"],)).fetchone()[0]
+                )
+                mig["pid"] = other.pid
+                con.execute("UPDATE volumes SET migration=? WHERE id=?", (json.dumps(mig), v["id"]))
+        finally:
+            con.close()
+
+        bm.show(v["id"])  # the next command: it must restart a follower
+        end = bm.wait_migration(v["id"], timeout=30)
+    finally:
+        other.kill()
+        other.wait()
+
+    assert end["migration_status"] == "success" and end["host"] == "Q@unified#default", end
+    assert lun_of(v) not in bm.luns("S")
     assert_content(end["provider_location"]["uri"], img)
