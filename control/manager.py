@@ -462,7 +462,7 @@ class VolumeManager:
             src = Host.parse(v.host)
             if (dest.array, dest.pool) == (src.array, src.pool):
                 raise VolumeError(f"volume {v.name} is already on {v.host}")
-            why = self._cannot_move_within(src, dest, force_host_copy)
+            why = self._cannot_move_within(src, dest, force_host_copy) or self._source_down(v, src)
             if why:  # refused before the claim: no migration recorded in error
                 raise VolumeError(f"volume {v.name} ({v.id}) stays on {v.host}, unchanged: {why}")
             mig = {
@@ -547,6 +547,18 @@ class VolumeManager:
             raise VolumeError(f"migration of {v.name} failed at step {mig['phase']}: {e}") from None
         finally:
             os.close(runner)  # steps 4-5 are the follower's
+
+    def _source_down(self, v: Volume, src: Host) -> str:
+        """Why the array that holds the volume cannot be migrated from now ("": it can): like
+        the target (:meth:`resolve_host`), it is asked before anything changes (its fence
+        comes first in step 2)."""
+        try:
+            self.driver(src.array).api.get_lun(v.lun)
+        except ApiError as e:
+            if e.status == 404:
+                return f"its LUN {v.lun} is not on array {src.array}"
+            return f"array {src.array} does not answer ({e}); start it (`blockmig up`) and retry"
+        return ""
 
     def _cannot_move_within(self, src: Host, dest: Host, force_host_copy: bool) -> str:
         """Why a move between two pools of one array cannot be made ("": it can): only the

@@ -212,3 +212,26 @@ def test_a_dead_followers_pid_taken_by_another_process_does_not_stall_the_migrat
     assert end["migration_status"] == "success" and end["host"] == "Q@unified#default", end
     assert lun_of(v) not in bm.luns("S")
     assert_content(end["provider_location"]["uri"], img)
+
+
+def test_a_migration_whose_source_array_is_down_changes_nothing(bm: BlockmigEnv) -> None:
+    """P, the volume's array, was killed. Before: migrate claimed the volume, failed at step
+    2 with "cannot reach the array API at http://..." (no array named) and left
+    migration_status error with a fence to lift; a target that does not answer was
+    already refused before anything changed."""
+    v, img = make(bm, "source-array-down", 1 * MiB, "P", stride=64 * 1024)
+    kill_array(bm, "P")
+    try:
+        msg = bm.refused("migrate", v["id"], "Q")
+        assert msg.startswith(
+            f"volume {v['name']} ({v['id']}) stays on P@plain#default, unchanged: array P does not "
+            "answer (cannot reach"
+        ), msg
+        assert msg.endswith("start it (`blockmig up`) and retry"), msg
+        status, mig = bm.db_row(v["id"])
+        assert (status, mig) == (None, {}), (status, mig)
+    finally:
+        up(bm)
+    d = bm.ok("migrate", v["id"], "Q", "--wait")
+    assert d["migration_status"] == "success" and d["host"] == "Q@unified#default", d
+    assert_content(d["provider_location"]["uri"], img)
