@@ -235,3 +235,24 @@ def test_a_migration_whose_source_array_is_down_changes_nothing(bm: BlockmigEnv)
     d = bm.ok("migrate", v["id"], "Q", "--wait")
     assert d["migration_status"] == "success" and d["host"] == "Q@unified#default", d
     assert_content(d["provider_location"]["uri"], img)
+
+
+def test_a_host_copy_reports_its_progress_while_it_copies(bm: BlockmigEnv) -> None:
+    """Not an interruption: what `show` says while a host copy runs. Before: the copy
+    reported only at the end of each 256 MiB window, so a volume up to that size showed
+    0.0% for the whole copy, then success (and `migrate --wait`'s bar did not move)."""
+    v, img = make(bm, "host-copy-progress", 64 * MiB, "S", stride=8192)  # ~4 s to copy
+    d = bm.ok("migrate", v["id"], "P")
+    assert d["migration_status"] == "migrating" and d["migration"]["phase"] == "host-copy", d
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    while (row := bm.db_row(v["id"]))[0] == "migrating":
+        if row[1].get("phase") == "host-copy":  # not its cleanup, which keeps no progress
+            seen.append(int((row[1].get("progress") or {}).get("copied", 0)))
+        assert time.monotonic() < deadline, f"the host copy still runs after 60 s: {row}"
+        time.sleep(0.05)
+    end = bm.show(v["id"])
+    assert end["migration_status"] == "success", end
+    assert any(0 < c < 64 * MiB for c in seen), f"no progress between 0 and the end: {sorted(set(seen))}"
+    assert seen == sorted(seen), "progress went back"
+    assert_content(end["provider_location"]["uri"], img)
