@@ -215,7 +215,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     m = _manager(args)
-    bar = _ProgressBar(enabled=args.wait and not args.json and sys.stdout.isatty() or args.progress)
+    # on stderr: stdout carries the result, which a script may parse (--json)
+    bar = _ProgressBar(args.wait and not args.json and sys.stderr.isatty() or args.progress, stderr=True)
     with bar:
         v = m.migrate(args.volume, args.host, force_host_copy=args.force_host_copy, progress=bar.update)
         bar.status(v.migration_status or "")
@@ -304,13 +305,15 @@ def cmd_follow(args: argparse.Namespace) -> int:
 class _ProgressBar:
     """A live rich progress bar with rate and ETA, fed with array migration status dicts."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, stderr: bool = False) -> None:
         self.enabled = enabled
+        self.stderr = stderr
         self._progress: Any = None
         self._task: Any = None
 
     def __enter__(self) -> _ProgressBar:
         if self.enabled:
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
@@ -326,6 +329,7 @@ class _ProgressBar:
                 DownloadColumn(binary_units=True),
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
+                console=Console(stderr=self.stderr),
             )
             self._progress.start()
             self._task = self._progress.add_task("starting", total=None)
@@ -418,7 +422,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("host", help="ARRAY, ARRAY#POOL or ARRAY@BACKEND#POOL")
     p.add_argument("--force-host-copy", action="store_true", help="skip the drivers: generic host copy")
     p.add_argument("--wait", action="store_true", help="follow the migration to its end here")
-    p.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
+    p.add_argument(
+        "--progress", action="store_true", help="show the progress bar (on stderr) even without a terminal"
+    )
     p.set_defaults(func=_run(cmd_migrate))
     p = sub.add_parser("attach", help="attach a volume: NBD connection info for a host")
     _common(p)

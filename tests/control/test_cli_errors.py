@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import signal
 import socket
@@ -541,6 +542,19 @@ def test_a_move_between_pools_of_one_array_that_it_cannot_make_is_refused_up_fro
         assert got == f"volume {v['name']} ({v['id']}) stays on {v['host']}, unchanged: {msg}", got
         d = arrays.show(v["id"])
         assert (d["host"], d["migration_status"], d["status"]) == (v["host"], None, "available"), d
+    finally:
+        arrays.ok("delete", v["id"])
+
+
+def test_migrate_json_with_progress_keeps_stdout_json(arrays: BlockmigEnv) -> None:
+    """`migrate --wait --json --progress` (a CI job that parses the result and logs the bar).
+    Before: the bar was drawn on stdout in front of the JSON, which no longer parsed."""
+    v = arrays.create("json-progress", 4 << 20, "A")
+    try:
+        r = arrays.run("migrate", v["id"], "B", "--wait", "--json", "--progress")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["migration_status"] == "success", r.stdout
+        assert "MiB" in r.stderr, r.stderr  # the bar went to stderr
     finally:
         arrays.ok("delete", v["id"])
 
