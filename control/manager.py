@@ -616,6 +616,10 @@ class VolumeManager:
                 return self._complete(v, progress)
             if mig["phase"] == "cleanup":
                 return self._cleanup(v)
+            if mig["phase"] == "source":
+                moved = self._finish_move(v, progress)
+                if moved is not None:
+                    return moved
             if mig["phase"] == "target":
                 adopted = self._adopt_cutover(v, progress)
                 if adopted is not None:
@@ -634,6 +638,38 @@ class VolumeManager:
                 return self.db.get(v.id)
             self._fail(v.id, str(e))
             raise VolumeError(f"migration of {v.name} failed: {e}") from None
+
+    def _finish_move(self, v: Volume, progress: Progress | None) -> Volume | None:
+        """The command that ran step 1, a move between two pools of one array, died (Ctrl-C)
+        while it waited for the array's move: follow the move to its end as step 1 did, and
+        end the migration as step 1 would have. None if the array runs no such move (it
+        never got that far): the migration fails back to where it was."""
+        mig = dict(v.migration)
+        src, dest = Host.parse(mig["source"]), Host.parse(mig["target"])
+        if dest.array != src.array:
+            return None
+        d = self.driver(src.array)
+        try:
+            st = d.api.migration(v.lun)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        if st.get("source") != f"move:{src.pool}:{dest.pool}":
+            return None  # not this move's
+        if st.get("state") not in FINAL:
+            st = d._follow(v.lun, progress)  # raises if it fails or is cancelled
+        lun = d.api.get_lun(v.lun)
+        if st.get("state") != "completed" or lun["pool"] != dest.pool:
+            return None  # (an earlier move's record, the LUN moved back since)
+        loc = d._location(lun)
+        return self._switch_host(
+            v.id,
+            str(dest),
+            provider_location=loc,
+            migration_status="success",
+            migration={**mig, "phase": "done"},
+        )
 
     def _adopt_cutover(self, v: Volume, progress: Progress | None = None) -> Volume | None:
         """The command that ran steps 1-3 died after the target took the LUN over, and the

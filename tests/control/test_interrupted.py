@@ -176,6 +176,32 @@ def test_ctrl_c_of_a_migrate_to_a_synchronous_target_lets_the_migration_go_on(bm
     assert_content(end["provider_location"]["uri"], img)
 
 
+def test_ctrl_c_of_a_migrate_during_a_pool_move_lets_the_move_go_on(bm: BlockmigEnv) -> None:
+    """A pool move runs in step 1, which `migrate` waits for itself. Ctrl-C there: exit
+    130, and the README says the migration goes on. Before: the next command's follower
+    found it "interrupted during step source" and cancelled the array's move."""
+    v, img = make(bm, "pool-move-interrupted", 8 * MiB, "Q", stride=BLOCK)  # 4 s at 2 MB/s
+    lun = lun_of(v)
+    p = bm.popen("migrate", v["id"], "Q#gold", "--wait")
+    try:
+        deadline = time.monotonic() + 30
+        while (bm.array_migration("Q", lun) or {}).get("state") != "copying":
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert (p.returncode, err) == (130, "blockmig: interrupted\n"), (out, err)
+
+    bm.show(v["id"])  # the next command: it restarts a follower
+    end = bm.wait_migration(v["id"], timeout=60)
+
+    assert end["migration_status"] == "success" and end["host"] == "Q@unified#gold", end
+    assert bm.api("Q").get_lun(lun)["pool"] == end["provider_location"]["pool"] == "gold", end
+    assert_content(end["provider_location"]["uri"], img)
+
+
 def test_a_dead_followers_pid_taken_by_another_process_does_not_stall_the_migration(
     bm: BlockmigEnv,
 ) -> None:
