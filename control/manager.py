@@ -98,6 +98,17 @@ def check_volume_name(name: str) -> None:
         )
 
 
+def _pool_move(v: Volume) -> bool:
+    """Is the volume's migration a move between two pools of its array (step 1), which
+    that array runs while it serves the LUN as before (the same export, reads and writes)?"""
+    mig = v.migration
+    return (
+        v.migration_status == "starting"
+        and mig.get("phase") == "source"
+        and Host.parse(mig["source"]).array == Host.parse(mig["target"]).array
+    )
+
+
 def _runner(pid: int) -> dict[str, Any]:
     """The migration record's fields that name the process running its steps: its pid and
     start time (:func:`_runs`)."""
@@ -271,7 +282,7 @@ class VolumeManager:
         aid = uuid.uuid4().hex[:8]
         v = self.db.get(ref)
         for _ in range(RACE_TRIES):
-            if v.migration_status in ("starting", "migrating"):
+            if v.migration_status in ("starting", "migrating") and not _pool_move(v):
                 raise VolumeError(
                     f"volume {v.name} ({v.id}) is {v.migration_status} and not attachable until the "
                     "migration ends (its target array does not serve it while copying)"
@@ -1296,7 +1307,7 @@ class VolumeManager:
         """Why a host could not use the volume if it attached now ("": it could): its state,
         or the array that serves it asked (one call): not running, its LUN gone, or fenced
         (read-only for hosts) with no migration whose target serves it."""
-        if v.migration_status in ("starting", "migrating"):
+        if v.migration_status in ("starting", "migrating") and not _pool_move(v):
             return f"its migration is {v.migration_status}: no array serves it to hosts until that ends"
         if v.status not in ("available", "in-use"):
             return f"it is {v.status}"

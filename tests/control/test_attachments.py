@@ -12,6 +12,7 @@ host to re-attach at the new URI. Real arrays, real NBD: libnbd uses the recorde
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.timeout(240)
 ARRAYS = [
     ArraySpec("A", "unified", ("default", "gold")),
     ArraySpec("B", "unified", migration_throttle=2),  # 8 MiB take ~4 s: watchable
+    ArraySpec("Q", "unified", ("default", "gold"), migration_throttle=2),  # watchable pool moves
 ]
 SIZE = 8 * MiB
 
@@ -269,5 +271,38 @@ def test_a_pool_move_keeps_the_uri_and_names_the_new_pool(bm: BlockmigEnv) -> No
     assert a["connection"] == att["data"], "the same export on the same array: nothing to re-attach"
     assert d["reattach"] == []
     use(a["connection"]["uri"], img, 0xA1)
+    assert_content(d["provider_location"]["uri"], img)
+    bm.ok("detach", v["id"])
+
+
+def test_a_volume_attaches_while_its_array_moves_it_between_pools(bm: BlockmigEnv) -> None:
+    """During a pool move the array serves the LUN all along (same export, reads and
+    writes). Before: `show` said "no array serves it to hosts until that ends" and attach
+    was refused ("its target array does not serve it while copying")."""
+    v = bm.create("attach-mid-move", SIZE, "Q")
+    img = fill(v["provider_location"]["uri"], SIZE, seed=zlib.crc32(b"attach-mid-move"), stride=BLOCK)
+    lun = lun_of(v)
+    p = bm.popen("migrate", v["id"], "Q#gold", "--wait")
+    try:
+        deadline = time.monotonic() + 30
+        while (bm.array_migration("Q", lun) or {}).get("state") != "copying":  # ~4 s at 2 MB/s
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
+            time.sleep(0.02)
+        d = bm.show(v["id"])
+        assert d["migration_status"] == "starting", d
+        assert d["attachable"] is True and "unavailable" not in d, d
+        att = bm.ok("attach", v["id"], "--host-name", "host1")
+        use(att["data"]["uri"], img, 0xB1)  # served, mid-move
+        assert (bm.array_migration("Q", lun) or {}).get("state") == "copying", "the move ended first"
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, out + err
+
+    d = bm.show(v["id"])
+    assert d["migration_status"] == "success" and d["host"] == "Q@unified#gold", d
+    a = records(bm, v["id"])[att["attachment"]]
+    assert a["host"] == "Q@unified#gold" and a["connection"] == att["data"], a
+    use(a["connection"]["uri"], img, 0xB2)
     assert_content(d["provider_location"]["uri"], img)
     bm.ok("detach", v["id"])
