@@ -831,9 +831,12 @@ class VolumeManager:
             v = self.db.update(v.id, migration=mig)
         if mig.get("move_leftover") and Host.parse(mig["source"]).array == here:
             v = self._stop_leftover_move(v, mig)
-        if mig.get("copy_leftover") and Host.parse(mig["target"]).array != here:
-            # a host copy's partial LUN, never given to a host: its array was down then
-            self.driver(Host.parse(mig["target"]).array).delete_volume(v)
+        target = Host.parse(mig["target"]).array
+        if mig.get("copy_leftover") and target != here:
+            # a host copy's partial LUN, never given to a host: its array was down then; one
+            # that no config names any more (neither running nor stopped) is out of reach
+            if target in self.registry.load() or target in self.registry.load_stopped():
+                self.driver(target).delete_volume(v)
             mig["copy_leftover"] = False
             v = self.db.update(v.id, migration=mig)
         if mig.get("fenced") and Host.parse(mig["source"]).array == here:

@@ -112,6 +112,34 @@ def test_a_host_copy_whose_target_dies_leaves_no_partial_lun_there(bm: BlockmigE
     assert lun not in bm.luns("P")
 
 
+def test_a_partial_copy_on_an_array_no_config_names_any_more_does_not_block_delete(bm: BlockmigEnv) -> None:
+    """A host copy's partial LUN recorded as left on an array (its target died mid-copy)
+    that `up` no longer starts (its config dropped it): nothing can reach that LUN any
+    more. Before: delete (and migrate) failed for good: "unknown array 'Z' in ..."."""
+    v, _ = make(bm, "copy-left-on-a-gone-array", 1 * MiB, "S", stride=64 * 1024)
+    mig = {
+        "phase": "host-copy",
+        "source": "S@unified#default",
+        "target": "Z@plain#default",
+        "started": time.time(),
+        "error": "... the partial copy on Z could not be deleted",
+        "copy_leftover": True,
+    }
+    con = sqlite3.connect(bm.state_dir / "volumes.db", timeout=10)
+    try:
+        with con:
+            con.execute(
+                "UPDATE volumes SET migration_status='error', migration=? WHERE id=?",
+                (json.dumps(mig), v["id"]),
+            )
+    finally:
+        con.close()
+
+    bm.ok("delete", v["id"])
+
+    assert lun_of(v) not in bm.luns("S")
+
+
 def test_an_array_killed_during_a_pool_move_is_not_left_moving_behind_the_record(bm: BlockmigEnv) -> None:
     """Q dies (kill -9) while it moves a volume's LUN from pool default to gold at 2 MB/s:
     the migration fails, and stopping the move fails too. Before: `up` started Q again,
