@@ -252,6 +252,9 @@ class VolumeManager:
                 self._clear_leftovers(v, f"volume {v.name} ({v.id}) is not deleted")
                 if v.migration_status in MIGRATING:
                     raise VolumeError(f"volume {v.name} ({v.id}) is migrating; wait for the migration to end")
+                why = self._array_down(v, Host.parse(v.host).array, lun_needed=False)
+                if why:
+                    raise VolumeError(f"volume {v.name} ({v.id}) is not deleted: {why}")
                 try:
                     # only if no attach came meanwhile (attach does not take the lock)
                     self.db.update(
@@ -473,7 +476,7 @@ class VolumeManager:
             src = Host.parse(v.host)
             if (dest.array, dest.pool) == (src.array, src.pool):
                 raise VolumeError(f"volume {v.name} is already on {v.host}")
-            why = self._cannot_move_within(src, dest, force_host_copy) or self._source_down(v, src)
+            why = self._cannot_move_within(src, dest, force_host_copy) or self._array_down(v, src.array)
             if why:  # refused before the claim: no migration recorded in error
                 raise VolumeError(f"volume {v.name} ({v.id}) stays on {v.host}, unchanged: {why}")
             mig = {
@@ -559,16 +562,18 @@ class VolumeManager:
         finally:
             os.close(runner)  # steps 4-5 are the follower's
 
-    def _source_down(self, v: Volume, src: Host) -> str:
-        """Why the array that holds the volume cannot be migrated from now ("": it can): like
-        the target (:meth:`resolve_host`), it is asked before anything changes (its fence
-        comes first in step 2)."""
+    def _array_down(self, v: Volume, array: str, lun_needed: bool = True) -> str:
+        """Why the array that holds the volume cannot be asked to migrate or delete it now
+        ("": it can): like a migration's target (:meth:`resolve_host`), it is asked before
+        anything changes, not found down half-way (a migration's fence comes first in step
+        2; a delete marks the volume deleting, then error). ``lun_needed`` False: a LUN that
+        is gone is no reason (deleting a missing volume succeeds)."""
         try:
-            self.driver(src.array).api.get_lun(v.lun)
+            self.driver(array).api.get_lun(v.lun)
         except ApiError as e:
             if e.status == 404:
-                return f"its LUN {v.lun} is not on array {src.array}"
-            return f"array {src.array} does not answer ({e}); start it (`blockmig up`) and retry"
+                return f"its LUN {v.lun} is not on array {array}" if lun_needed else ""
+            return f"array {array} does not answer ({e}); start it (`blockmig up`) and retry"
         return ""
 
     def _cannot_move_within(self, src: Host, dest: Host, force_host_copy: bool) -> str:

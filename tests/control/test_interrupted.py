@@ -140,6 +140,25 @@ def test_a_partial_copy_on_an_array_no_config_names_any_more_does_not_block_dele
     assert lun_of(v) not in bm.luns("S")
 
 
+def test_a_delete_while_the_volumes_array_is_down_changes_nothing(bm: BlockmigEnv) -> None:
+    """P, the volume's array, was killed. Before: delete marked the volume deleting, failed
+    on the array and left it in error (attach and migrate refused from then on, delete the
+    only way out) over an outage that `up` ends."""
+    v, img = make(bm, "delete-array-down", 1 * MiB, "P", stride=64 * 1024)
+    kill_array(bm, "P")
+    try:
+        msg = bm.refused("delete", v["id"])
+        assert msg.startswith(
+            f"volume {v['name']} ({v['id']}) is not deleted: array P does not answer (cannot reach"
+        ), msg
+        assert bm.show(v["id"])["status"] == "available"
+    finally:
+        up(bm)
+    assert_content(bm.show(v["id"])["provider_location"]["uri"], img)
+    bm.ok("delete", v["id"])
+    assert lun_of(v) not in bm.luns("P")
+
+
 def test_an_array_killed_during_a_pool_move_is_not_left_moving_behind_the_record(bm: BlockmigEnv) -> None:
     """Q dies (kill -9) while it moves a volume's LUN from pool default to gold at 2 MB/s:
     the migration fails, and stopping the move fails too. Before: `up` started Q again,
