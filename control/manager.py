@@ -744,6 +744,8 @@ class VolumeManager:
         sdrv, ddrv = self.driver(src.array), self.driver(dest.array)
         target = Volume(**v.__dict__)  # the same LUN name, on the target array
         ddrv.delete_volume(target)  # a partial copy left by an earlier try
+        if mig.pop("copy_leftover", None):  # recorded when its array was down: gone now
+            v = self.db.update(v.id, migration=mig)
         try:
             loc = ddrv.create_volume(target, dest.pool)
             # Fenced as a takeover is (an in-use volume's hosts stay attached to the source);

@@ -159,6 +159,44 @@ def test_a_delete_while_the_volumes_array_is_down_changes_nothing(bm: BlockmigEn
     assert lun_of(v) not in bm.luns("P")
 
 
+def test_a_retried_host_copy_does_not_say_its_deleted_partial_copy_stays(bm: BlockmigEnv) -> None:
+    """A host copy that `blockmig down` stopped recorded its partial copy on P as left (P
+    did not answer then); after `up` its follower deletes that copy and copies again.
+    Before: when that copy failed too, the flag was still set and the error said "the
+    partial copy on P could not be deleted" though it was, and nothing had failed so."""
+    v, img = make(bm, "retried-host-copy", 1 * MiB, "S", stride=64 * 1024)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mig = {
+        "phase": "host-copy",
+        "source": "S@unified#default",
+        "target": "P@plain#default",
+        "started": time.time(),
+        "source_location": v["provider_location"],
+        "pid": dead.pid,
+        "error": "",
+        "copy_leftover": True,
+    }
+    con = sqlite3.connect(bm.state_dir / "volumes.db", timeout=10)
+    try:
+        with con:
+            con.execute(
+                "UPDATE volumes SET migration_status='migrating', migration=? WHERE id=?",
+                (json.dumps(mig), v["id"]),
+            )
+    finally:
+        con.close()
+
+    bm.run("show", v["id"], env={"BLOCKMIG_FAIL_AT": "copy"})  # its follower's copy fails
+    end = bm.wait_migration(v["id"])
+
+    error = end["migration"]["error"]
+    assert end["migration_status"] == "error" and "failure injected at step 'copy'" in error, end
+    assert "partial copy" not in error, error
+    assert lun_of(v) not in bm.luns("P")
+    assert_content(end["provider_location"]["uri"], img)
+
+
 def test_an_array_killed_during_a_pool_move_is_not_left_moving_behind_the_record(bm: BlockmigEnv) -> None:
     """Q dies (kill -9) while it moves a volume's LUN from pool default to gold at 2 MB/s:
     the migration fails, and stopping the move fails too. Before: `up` started Q again,
