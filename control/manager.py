@@ -98,6 +98,12 @@ def check_volume_name(name: str) -> None:
         )
 
 
+def _since(mig: dict[str, Any], what: str) -> None:
+    """Add to a failed migration's error what a later command cleaned up of what it left:
+    its error said what stays and who removes it, which is no longer true."""
+    mig["error"] = f"{mig.get('error') or ''}; since: {what}".removeprefix("; ")
+
+
 def _pool_move(v: Volume) -> bool:
     """Is the volume's migration a move between two pools of its array (step 1), which
     that array runs while it serves the LUN as before (the same export, reads and writes)?"""
@@ -820,6 +826,7 @@ class VolumeManager:
         ):
             self.driver(Host.parse(mig["source"]).array).delete_volume(v)  # its fence with it
             mig["source_removed"] = True
+            _since(mig, f"its source LUN on {Host.parse(mig['source']).array} was removed")
             v = self.db.update(v.id, migration=mig)
         if mig.get("target_leftover") and Host.parse(mig["target"]).array != here:
             d = self.driver(Host.parse(mig["target"]).array)
@@ -835,6 +842,7 @@ class VolumeManager:
                 self._refuse_if_written_since_cutover(v, d)
                 d.cancel_migration_target(v, keep_completed=False)
             mig["target_leftover"] = False
+            _since(mig, f"the takeover on {Host.parse(mig['target']).array} was dropped")
             v = self.db.update(v.id, migration=mig)
         if mig.get("move_leftover") and Host.parse(mig["source"]).array == here:
             v = self._stop_leftover_move(v, mig)
@@ -844,10 +852,14 @@ class VolumeManager:
             # that no config names any more (neither running nor stopped) is out of reach
             if target in self.registry.load() or target in self.registry.load_stopped():
                 self.driver(target).delete_volume(v)
+                _since(mig, f"the partial copy on {target} was deleted")
+            else:
+                _since(mig, f"the partial copy on {target} is out of reach: no config names {target}")
             mig["copy_leftover"] = False
             v = self.db.update(v.id, migration=mig)
         if mig.get("fenced") and Host.parse(mig["source"]).array == here:
             # the source stayed authoritative but its fence could not be lifted then
+            _since(mig, f"the fence on {here} was lifted")
             self._unfence(v, mig)
 
     def _stop_leftover_move(self, v: Volume, mig: dict[str, Any]) -> Volume:
@@ -858,8 +870,9 @@ class VolumeManager:
         pool, loc = self._stop_move(v, src.array, v.provider_location)
         mig["move_leftover"] = False
         if pool == src.pool:
+            _since(mig, f"the move on {src.array} was stopped")
             return self.db.update(v.id, migration=mig)
-        mig["error"] += f"; the array had moved it meanwhile: the volume is on {src.array}#{pool}"
+        _since(mig, f"the array had moved it meanwhile: the volume is on {src.array}#{pool}")
         host = str(Host(src.array, src.backend, pool))
         return self._switch_host(v.id, host, lenient=True, provider_location=loc, migration=mig)
 

@@ -104,6 +104,8 @@ def test_a_host_copy_whose_target_dies_leaves_no_partial_lun_there(bm: BlockmigE
     up(bm)  # P again, with the partial copy: `up` deletes it
 
     assert lun not in bm.luns("P"), "the partial copy stays on P"
+    error = bm.show(v["id"])["migration"]["error"]  # it said the copy stays: not so any more
+    assert error.endswith("; since: the partial copy on P was deleted"), error
     d2 = bm.ok("migrate", v["id"], "P", "--wait")
     assert d2["migration_status"] == "success" and d2["host"] == "P@plain#default", d2
     assert lun not in bm.luns("S")
