@@ -538,8 +538,10 @@ class VolumeManager:
                     v, src_uri = self._fence_source(v, mig, sdrv)
                 else:
                     src_uri = sdrv.connection_uri(v)
-                # what the target dials: told again if the source array moves (update_sources)
+                # what the target dials: told again if the source array moves (update_sources);
+                # recorded first, so that its takeover is told from others while step 2 runs
                 mig["source_uri"] = src_uri
+                v = self.db.update(v.id, migration=mig)
                 r2 = ddrv.migrate_volume_target(v, src_uri, dest.pool)
             if r2 is None or not r2.moved:
                 if mig.get("fenced"):  # a generic host copy, the volume unusable meanwhile
@@ -1365,10 +1367,17 @@ class VolumeManager:
                 "clean_bytes": p.get("copied", 0),
                 "total_bytes": p.get("total", v.size),
             }
-        if mig.get("phase") == "complete":
-            try:
-                st = self.driver(Host.parse(mig["target"]).array).api.migration(v.lun)
-                return st
-            except (ApiError, VolumeError):
-                return None
-        return None
+        if mig.get("phase") not in ("complete", "target", "source"):
+            return None
+        src, dest = Host.parse(mig["source"]), Host.parse(mig["target"])
+        try:
+            st: dict[str, Any] = self.driver(dest.array).api.migration(v.lun)
+        except (ApiError, VolumeError):
+            return None
+        # Steps 1 and 2 wait for a copy too (a pool move; a takeover-sync target's copy):
+        # that one, not a record the array kept of an earlier migration of the LUN
+        if mig["phase"] == "source" and st.get("source") != f"move:{src.pool}:{dest.pool}":
+            return None
+        if mig["phase"] == "target" and st.get("source") != mig.get("source_uri"):
+            return None
+        return st

@@ -289,6 +289,32 @@ def test_ctrl_c_of_a_migrate_during_a_pool_move_lets_the_move_go_on(bm: Blockmig
     assert_content(end["provider_location"]["uri"], img)
 
 
+@pytest.mark.parametrize(("to", "array"), [("Y", "Y"), ("Q#gold", "Q")], ids=["takeover-sync", "pool-move"])
+def test_show_gives_the_progress_of_a_copy_that_migrate_itself_waits_for(
+    bm: BlockmigEnv, to: str, array: str
+) -> None:
+    """Not an interruption: `show` ("with the progress of a running migration") while a
+    takeover-sync target copies in step 2, or an array moves the LUN between pools in step
+    1. Before: no progress at all (only step 4 and host copies had one)."""
+    host = "Q" if array == "Q" else "S"
+    v, _ = make(bm, f"progress-{array}", 8 * MiB, host, stride=BLOCK)  # 4 s at 2 MB/s
+    lun = lun_of(v)
+    p = bm.popen("migrate", v["id"], to, "--wait")
+    try:
+        deadline = time.monotonic() + 30
+        while (bm.array_migration(array, lun) or {}).get("state") != "copying":
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
+            time.sleep(0.02)
+        d = bm.show(v["id"])
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert d["migration_status"] == "starting", d
+    progress = d["migration"]["progress"]
+    assert progress is not None and progress["lun"] == lun and progress["total_bytes"] == 8 * MiB, d
+    assert p.returncode == 0, out + err
+
+
 def test_a_dead_followers_pid_taken_by_another_process_does_not_stall_the_migration(
     bm: BlockmigEnv,
 ) -> None:
