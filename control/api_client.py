@@ -162,6 +162,15 @@ class ArrayApi:
         result: dict[str, Any] = self.call("GET", f"/api/v1/migrations/{q}", query=query)
         return result
 
+    def migration_if_any(self, name: str) -> dict[str, Any] | None:
+        """:meth:`migration`, or None where the LUN has none (404: none began, or it is gone)."""
+        try:
+            return self.migration(name)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
     def update_migration(
         self, name: str, throttle: float | None = None, mode: str | None = None, source: str | None = None
     ) -> dict[str, Any]:

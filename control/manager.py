@@ -673,12 +673,9 @@ class VolumeManager:
         if dest.array != src.array:
             return None
         d = self.driver(src.array)
-        try:
-            st = d.api.migration(v.lun)
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        st = d.api.migration_if_any(v.lun)
+        if st is None:
+            return None
         if st.get("source") != f"move:{src.pool}:{dest.pool}":
             return None  # not this move's
         if st.get("state") not in FINAL:
@@ -707,12 +704,9 @@ class VolumeManager:
         d = self.driver(dest.array)
         if not isinstance(d, RemoteTakeoverMixin):
             return None
-        try:
-            st = d.api.migration(v.lun)
-        except ApiError as e:
-            if e.status == 404:
-                return None  # it never got that far
-            raise
+        st = d.api.migration_if_any(v.lun)
+        if st is None:
+            return None  # it never got that far
         if mig.get("source_uri") and st.get("source") != mig["source_uri"]:
             return None  # another takeover's
         if st.get("state") not in FINAL and not d.supports_async_migration:
@@ -938,12 +932,9 @@ class VolumeManager:
         it) and has taken host writes since its array started may hold data the source
         never saw (a host still attached to it): keep both copies and say so, rather
         than delete the one that may be newer."""
-        try:
-            st = d.api.migration(v.lun)
-        except ApiError as e:
-            if e.status == 404:
-                return
-            raise
+        st = d.api.migration_if_any(v.lun)
+        if st is None:
+            return
         if st.get("state") != "completed":
             return  # not cut over: every write it took went to the source too (I1)
         ops = d.api.call("GET", f"/api/v1/luns/{v.lun}/stats")["ops"]

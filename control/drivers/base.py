@@ -221,10 +221,5 @@ class RemoteTakeoverMixin(VolumeDriver):
 
     def has_cut_over(self, volume: Volume) -> bool:
         """Has the array's takeover of ``volume`` completed (cut over)?"""
-        try:
-            st = self.api.migration(volume.lun)
-        except ApiError as e:
-            if e.status == 404:
-                return False
-            raise
-        return bool(st.get("state") == "completed")
+        st = self.api.migration_if_any(volume.lun)
+        return st is not None and st.get("state") == "completed"

@@ -6,6 +6,7 @@ checked over NBD against a model of what was written.
 from __future__ import annotations
 
 import json
+import sqlite3
 import struct
 import subprocess
 from collections.abc import Iterable
@@ -47,6 +48,23 @@ class BlockmigEnv(_BlockmigEnv):
         msg = r.stderr.strip().removeprefix("blockmig: ")
         assert json.loads(r.stdout.strip().splitlines()[-1])["error"] == msg
         return msg
+
+    def set_migration(self, vid: str, status: str, mig: dict[str, Any], dead_follower: bool = False) -> None:
+        """Write a volume's migration record as a crash leaves it; ``dead_follower``: run by a
+        process that has exited (its pid in the record)."""
+        if dead_follower:
+            dead = subprocess.Popen(["true"])
+            dead.wait()
+            mig = {**mig, "pid": dead.pid}
+        con = sqlite3.connect(self.state_dir / "volumes.db", timeout=10)
+        try:
+            with con:
+                con.execute(
+                    "UPDATE volumes SET migration_status=?, migration=? WHERE id=?",
+                    (status, json.dumps(mig), vid),
+                )
+        finally:
+            con.close()
 
     def create(self, name: str, size: int, host: str) -> dict[str, Any]:
         v = self.create_volume(name, size, host).info

@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -66,6 +66,32 @@ def up(bm: BlockmigEnv) -> None:
     bm.ok("up", "--config", str(bm.state_dir / "arrays.toml"))
 
 
+def _migrate_until(
+    bm: BlockmigEnv,
+    v: dict[str, Any],
+    to: str,
+    begun: Callable[[], bool],
+    then: Callable[[subprocess.Popen[str]], None],
+) -> tuple[int, str, str]:
+    """`migrate VOL TO --wait`; once ``begun()``, ``then(its process)`` (a kill -9 of an
+    array, a Ctrl-C). Its exit code, stdout and stderr."""
+    p = bm.popen("migrate", v["id"], to, "--wait")
+    try:
+        deadline = time.monotonic() + 30
+        while not begun():
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
+            time.sleep(0.02)
+        then(p)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    return p.returncode, out, err
+
+
+def _copying(bm: BlockmigEnv, array: str, lun: str) -> Callable[[], bool]:
+    return lambda: (bm.array_migration(array, lun) or {}).get("state") == "copying"
+
+
 def test_a_host_copy_whose_target_dies_leaves_no_partial_lun_there(bm: BlockmigEnv) -> None:
     """P dies (kill -9) while a host copy writes to it. Before: the follower's delete of the
     partial copy failed too, that error replaced the copy's ("cannot reach the array API
@@ -74,17 +100,8 @@ def test_a_host_copy_whose_target_dies_leaves_no_partial_lun_there(bm: BlockmigE
     # 8192 runs of 4K, each read 2 ms, 4 at once: the copy lasts ~4 s
     v, img = make(bm, "host-copy-target-killed", 64 * MiB, "S", stride=8192)
     lun = lun_of(v)
-    p = bm.popen("migrate", v["id"], "P", "--wait")
-    try:
-        deadline = time.monotonic() + 30
-        while lun not in bm.luns("P"):  # the copy has begun
-            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
-            time.sleep(0.02)
-        kill_array(bm, "P")
-        out, err = p.communicate(timeout=60)
-    finally:
-        p.kill()
-    assert p.returncode == 1 and err.startswith("blockmig: ") and "Traceback" not in err, (out, err)
+    rc, out, err = _migrate_until(bm, v, "P", lambda: lun in bm.luns("P"), lambda p: kill_array(bm, "P"))
+    assert rc == 1 and err.startswith("blockmig: ") and "Traceback" not in err, (out, err)
     d = bm.show(v["id"])
     assert d["migration_status"] == "error" and d["host"] == "S@unified#default", d
     error = d["migration"]["error"]
@@ -127,15 +144,7 @@ def test_a_partial_copy_on_an_array_no_config_names_any_more_does_not_block_dele
         "error": "... the partial copy on Z could not be deleted",
         "copy_leftover": True,
     }
-    con = sqlite3.connect(bm.state_dir / "volumes.db", timeout=10)
-    try:
-        with con:
-            con.execute(
-                "UPDATE volumes SET migration_status='error', migration=? WHERE id=?",
-                (json.dumps(mig), v["id"]),
-            )
-    finally:
-        con.close()
+    bm.set_migration(v["id"], "error", mig)
 
     bm.ok("delete", v["id"])
 
@@ -167,27 +176,16 @@ def test_a_retried_host_copy_does_not_say_its_deleted_partial_copy_stays(bm: Blo
     Before: when that copy failed too, the flag was still set and the error said "the
     partial copy on P could not be deleted" though it was, and nothing had failed so."""
     v, img = make(bm, "retried-host-copy", 1 * MiB, "S", stride=64 * 1024)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
     mig = {
         "phase": "host-copy",
         "source": "S@unified#default",
         "target": "P@plain#default",
         "started": time.time(),
         "source_location": v["provider_location"],
-        "pid": dead.pid,
         "error": "",
         "copy_leftover": True,
     }
-    con = sqlite3.connect(bm.state_dir / "volumes.db", timeout=10)
-    try:
-        with con:
-            con.execute(
-                "UPDATE volumes SET migration_status='migrating', migration=? WHERE id=?",
-                (json.dumps(mig), v["id"]),
-            )
-    finally:
-        con.close()
+    bm.set_migration(v["id"], "migrating", mig, dead_follower=True)
 
     bm.run("show", v["id"], env={"BLOCKMIG_FAIL_AT": "copy"})  # its follower's copy fails
     end = bm.wait_migration(v["id"])
@@ -208,17 +206,8 @@ def test_an_array_killed_during_a_pool_move_is_not_left_moving_behind_the_record
     takes the pool it ended in, and the record names where the LUN is."""
     v, img = make(bm, "pool-move-array-killed", 8 * MiB, "Q", stride=BLOCK)  # 4 s at 2 MB/s
     lun = lun_of(v)
-    p = bm.popen("migrate", v["id"], "Q#gold", "--wait")
-    try:
-        deadline = time.monotonic() + 30
-        while (bm.array_migration("Q", lun) or {}).get("state") != "copying":
-            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
-            time.sleep(0.02)
-        kill_array(bm, "Q")
-        out, err = p.communicate(timeout=60)
-    finally:
-        p.kill()
-    assert p.returncode == 1 and err.startswith("blockmig: ") and "Traceback" not in err, (out, err)
+    rc, out, err = _migrate_until(bm, v, "Q#gold", _copying(bm, "Q", lun), lambda p: kill_array(bm, "Q"))
+    assert rc == 1 and err.startswith("blockmig: ") and "Traceback" not in err, (out, err)
     d = bm.show(v["id"])
     assert d["migration_status"] == "error" and d["host"] == "Q@unified#default", d
 
@@ -235,24 +224,22 @@ def test_an_array_killed_during_a_pool_move_is_not_left_moving_behind_the_record
     assert_content(d2["provider_location"]["uri"], img)
 
 
+def _ctrl_c_while_copying(bm: BlockmigEnv, v: dict[str, Any], to: str, array: str) -> str:
+    """`migrate VOL TO --wait`, Ctrl-C once ``array`` copies the volume's LUN: exit 130 with
+    one line. The LUN's name."""
+    lun = lun_of(v)
+    rc, out, err = _migrate_until(bm, v, to, _copying(bm, array, lun), lambda p: p.send_signal(signal.SIGINT))
+    assert (rc, err) == (130, "blockmig: interrupted\n"), (out, err)
+    return lun
+
+
 def test_ctrl_c_of_a_migrate_to_a_synchronous_target_lets_the_migration_go_on(bm: BlockmigEnv) -> None:
     """A takeover-sync target copies within step 2, which `migrate` runs itself (even
     without --wait). Ctrl-C there: "blockmig: interrupted", exit 130, and the README says
     the migration goes on. Before: the next command's follower found it "interrupted
     during step target" and cancelled the copy, leaving the volume on S in error."""
     v, img = make(bm, "sync-interrupted", 8 * MiB, "S", stride=BLOCK)  # 4 s at 2 MB/s
-    lun = lun_of(v)
-    p = bm.popen("migrate", v["id"], "Y", "--wait")
-    try:
-        deadline = time.monotonic() + 30
-        while (bm.array_migration("Y", lun) or {}).get("state") != "copying":
-            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
-            time.sleep(0.02)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-    finally:
-        p.kill()
-    assert (p.returncode, err) == (130, "blockmig: interrupted\n"), (out, err)
+    lun = _ctrl_c_while_copying(bm, v, "Y", "Y")
     assert (bm.array_migration("Y", lun) or {}).get("state") == "copying"
 
     bm.show(v["id"])  # the next command: it restarts a follower
@@ -268,18 +255,7 @@ def test_ctrl_c_of_a_migrate_during_a_pool_move_lets_the_move_go_on(bm: Blockmig
     130, and the README says the migration goes on. Before: the next command's follower
     found it "interrupted during step source" and cancelled the array's move."""
     v, img = make(bm, "pool-move-interrupted", 8 * MiB, "Q", stride=BLOCK)  # 4 s at 2 MB/s
-    lun = lun_of(v)
-    p = bm.popen("migrate", v["id"], "Q#gold", "--wait")
-    try:
-        deadline = time.monotonic() + 30
-        while (bm.array_migration("Q", lun) or {}).get("state") != "copying":
-            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
-            time.sleep(0.02)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-    finally:
-        p.kill()
-    assert (p.returncode, err) == (130, "blockmig: interrupted\n"), (out, err)
+    lun = _ctrl_c_while_copying(bm, v, "Q#gold", "Q")
 
     bm.show(v["id"])  # the next command: it restarts a follower
     end = bm.wait_migration(v["id"], timeout=60)

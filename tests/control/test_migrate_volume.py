@@ -23,7 +23,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import struct
 import subprocess
 import time
@@ -793,27 +792,16 @@ def test_a_follower_adopts_a_takeover_that_cut_over_after_migrate_died(bm: Block
     b_uri = bm.api("B").connection(lun)["uri"]
     write_blocks(b_uri, {0: b"\xab" * BLOCK})
     img.blocks[0] = b"\xab" * BLOCK
-    dead = subprocess.Popen(["true"])
-    dead.wait()
     mig = {
         "phase": "target",
         "source": "A@unified#default",
         "target": "B@unified#default",
         "started": time.time(),
         "source_location": v["provider_location"],
-        "pid": dead.pid,
         "error": "",
         "fenced": True,
     }
-    con = sqlite3.connect(bm.state_dir / "volumes.db", timeout=10)
-    try:
-        with con:
-            con.execute(
-                "UPDATE volumes SET migration_status='starting', migration=? WHERE id=?",
-                (json.dumps(mig), vid),
-            )
-    finally:
-        con.close()
+    bm.set_migration(vid, "starting", mig, dead_follower=True)
 
     bm.show(vid)  # restarts a follower
     end = bm.wait_migration(vid)
