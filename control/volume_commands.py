@@ -170,6 +170,14 @@ def _show_text(d: dict[str, Any]) -> str:
             total = p.get("total_bytes") or 1
             clean = p.get("clean_bytes", total - p.get("dirty_bytes", total))
             lines.append(f"{'progress:':<19}{100 * clean / total:.1f}% ({p.get('state')})")
+            if p.get("source_connected") is False and p.get("state") in ("copying", "converging", "paused"):
+                # attachable all the same, but writes (and reads of regions not yet copied)
+                # need the source: they wait for it up to the target's retry window, then fail
+                why = f": {p['last_error']}" if p.get("last_error") else ""
+                lines.append(
+                    f"{'source:':<19}not connected{why}; writes, and reads of regions not yet "
+                    "copied, wait for it up to the target's source retry window, then fail with EIO"
+                )
         if mig.get("waiting"):
             lines.append(f"{'waiting:':<19}{mig['waiting']}")
         if mig.get("error"):

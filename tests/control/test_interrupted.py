@@ -371,3 +371,26 @@ def test_a_host_copy_reports_its_progress_while_it_copies(bm: BlockmigEnv) -> No
     assert any(0 < c < 64 * MiB for c in seen), f"no progress between 0 and the end: {sorted(set(seen))}"
     assert seen == sorted(seen), "progress went back"
     assert_content(end["provider_location"]["uri"], img)
+
+
+def test_show_says_when_a_takeovers_source_is_not_connected(bm: BlockmigEnv) -> None:
+    """S, the source of a takeover by Q, is killed while Q copies: the volume stays
+    attachable on Q, but its writes and reads of regions not yet copied wait for S, then
+    fail. Before: `show` said nothing of it (attachable: True, no error)."""
+    v, img = make(bm, "source-killed", 8 * MiB, "S", stride=64 * 1024)  # 4 s at 2 MB/s
+    d = bm.ok("migrate", v["id"], "Q")
+    assert d["migration_status"] == "migrating_attachable", d
+    kill_array(bm, "S")
+    try:
+        deadline = time.monotonic() + 20
+        while "\nsource:            not connected" not in (text := bm.run("show", v["id"]).stdout):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        assert "up to the target's source retry window, then fail with EIO" in text, text
+        assert "attachable:        True" in text, text
+    finally:
+        up(bm)
+    end = bm.wait_migration(v["id"], timeout=60)
+    assert end["migration_status"] == "success" and end["host"] == "Q@unified#default", end
+    assert "\nsource:" not in bm.run("show", v["id"]).stdout
+    assert_content(end["provider_location"]["uri"], img)
