@@ -395,6 +395,9 @@ class Registry:
     def get(self, name: str) -> ArrayRecord:
         records = self.load()
         if name not in records:
+            if name in self.load_stopped():
+                down = "was stopped by `blockmig down`; `blockmig up` starts it again"
+                raise KeyError(f"array {name!r} {down}")
             known = ", ".join(sorted(records)) or "none: run `blockmig up` first"
             raise KeyError(f"unknown array {name!r} in {self.state_dir} (arrays: {known})")
         return records[name]

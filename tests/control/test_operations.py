@@ -613,3 +613,14 @@ def test_up_forgets_a_stopped_array_no_longer_configured_and_its_migration_says_
     end = bm.wait_migration("v1", timeout=60)
     assert end["migration_status"] == "success" and end["host"].startswith("B@"), end
     assert _read(end["provider_location"]["uri"], size) == data
+
+
+def test_a_command_needing_an_array_down_stopped_says_so(bm: BlockmigEnv) -> None:
+    """create, migrate, delete. Before: "unknown array 'A' in STATE_DIR (arrays: none: run
+    `blockmig up` first)", though `up` started it and `down` stopped it."""
+    bm.up([ArraySpec("A")])
+    bm.create_volume("v1", 1 << 20, "A")
+    bm.ok("down")
+    for argv in (("create", "--size", "1M", "--host", "A"), ("migrate", "v1", "A"), ("delete", "v1")):
+        msg = bm.refused(*argv)
+        assert msg.endswith("array 'A' was stopped by `blockmig down`; `blockmig up` starts it again"), msg
