@@ -388,6 +388,8 @@ class Array:
             raise InvalidInput(f"LUN {lun.name!r} is {lun.size} bytes; shrinking to {size} is not supported")
         if size == lun.size:
             return lun
+        if lun.name in self._deleting:
+            raise Conflict(f"LUN {lun.name!r} is being deleted")
         if lun.state != "ready":
             # A migrating LUN's size is its source's: its region map, its hosts' export
             # and the copy all end there (growing only the local file made the API and
@@ -424,7 +426,9 @@ class Array:
                 "detach them first or delete with force"
             )
         meta = self._db()
-        meta.update_lun(lun.name, state="deleting")
+        # in memory too: the API shows what array.db says, and a pool move or a grow
+        # (which take a ready LUN) is refused while the delete waits on hooks or hosts
+        self.set_lun_state(lun.name, "deleting")
         self.server.exports.pop(lun.name, None)
         fence = self.fences.get(lun.name)
         alias = fence_export(lun.name, fence.token) if fence else None

@@ -104,7 +104,11 @@ SPEC: dict[str, Any] = {
                     "allocated": {"type": "integer"},
                     "pool": {"type": "string"},
                     "export": {"type": "string"},
-                    "state": {"type": "string"},
+                    "state": {
+                        "type": "string",
+                        "enum": ["ready", "migrating", "remote", "deleting"],
+                        "description": "deleting: while a delete waits for its hosts or its migration",
+                    },
                     "created": {"type": "number"},
                     "id": {
                         "type": "string",
@@ -303,7 +307,10 @@ SPEC: dict[str, Any] = {
             "parameters": LUN_PATH,
             "post": {
                 "operationId": "growLun",
-                "summary": "grow a ready LUN (409 while it migrates or serves a remote source)",
+                "summary": (
+                    "grow a ready LUN (409 while it migrates, serves a remote source, is fenced "
+                    "or is being deleted)"
+                ),
                 "requestBody": _body("LunGrow"),
                 "responses": {
                     "200": _resp(_ref("Lun")),
