@@ -541,7 +541,12 @@ class MigrationManager:
                 ),
             )
             if lun_state:
-                db.execute("UPDATE luns SET state=? WHERE name=?", (lun_state, m.name))
+                # not over a delete's mark: the cancel of a LUN being deleted (forget_lun)
+                # made it remote (ready) again, and a kill -9 before the delete ended
+                # brought the LUN back (a remote one serving its source) at the restart
+                db.execute(
+                    "UPDATE luns SET state=? WHERE name=? AND state != 'deleting'", (lun_state, m.name)
+                )
             if move is not None and m.state == "completed":
                 db.execute("UPDATE luns SET pool=? WHERE name=?", (move[0], m.name))
         if lun_state == "remote" and isinstance(m.source, RemoteBackend):
@@ -549,7 +554,8 @@ class MigrationManager:
             self.remotes[m.name] = m.source
         lun = self.array.luns.get(m.name)
         if lun_state and lun is not None:
-            lun.state = lun_state
+            if lun.state != "deleting":
+                lun.state = lun_state
             if move is not None and m.state == "completed":
                 new_pool, fb = move
                 self.array.pools[lun.pool].files.pop(lun.name, None)

@@ -9,19 +9,24 @@ name then showed the old migration as its own after the next restart. Real array
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from control.api_client import ApiError
+from emulator.nbd.client import NbdClient
 from tests.mirror.test_faults import (
     LUN,
     MiB,
+    api,
     make_data,
     new_source,
     restart,
     run,
+    sigcont,
     start_migration,
     two_arrays,
 )
@@ -83,3 +88,47 @@ def test_a_delete_cut_short_by_a_crash_mid_move_leaves_no_new_copy(tmp_path: Pat
         assert array_api(d2).list_luns() == []
         _no_migration(d2)
         assert list(d2.data_dir.glob("pools/*/*")) == []
+
+
+def _db_state(d: ArrayDaemon) -> tuple[str | None, str | None]:
+    """(the LUN's state, its migration's state) in the array's database."""
+    db = sqlite3.connect(d.data_dir / "array.db", timeout=5)
+    try:
+        lun = db.execute("SELECT state FROM luns WHERE name=?", (LUN,)).fetchone()
+        mig = db.execute("SELECT state FROM migrations WHERE lun=?", (LUN,)).fetchone()
+    finally:
+        db.close()
+    return (lun and lun[0]), (mig and mig[0])
+
+
+def test_a_crash_after_the_delete_cancelled_the_migration_still_deletes(tmp_path: Path) -> None:
+    """The delete's cancel of the migration made the LUN `remote` again in array.db, over
+    its `deleting` mark; a kill -9 while the delete then waited (for the source to answer
+    a host's write, here a stopped source) brought the LUN back at the restart, serving
+    its source as a remote LUN."""
+    with two_arrays(tmp_path) as (stack, a, b):
+
+        async def body() -> None:
+            await new_source(a, make_data(63, 8 * MiB))
+            await asyncio.to_thread(start_migration, b, a.uri(LUN), "--throttle", "1")
+            host = await NbdClient.connect(b.uri(LUN))
+            a.proc.send_signal(signal.SIGSTOP)
+            try:
+                write = asyncio.ensure_future(host.write(0, b"w" * 4096))  # waits for A
+                delete = asyncio.ensure_future(asyncio.to_thread(api(b).delete_lun, LUN, True))
+                deadline = time.monotonic() + 20
+                while _db_state(b)[1] != "cancelled":
+                    assert time.monotonic() < deadline, f"no cancel: {_db_state(b)}"
+                    await asyncio.sleep(0.01)
+                assert not delete.done(), "the delete did not wait for the source"
+                b.sigkill()
+                await asyncio.gather(write, delete, return_exceptions=True)
+            finally:
+                sigcont(a.proc)
+                await host.close()
+            b2 = await restart(stack, b.data_dir, "B")
+            assert await asyncio.to_thread(array_api(b2).list_luns) == []
+            _no_migration(b2)
+            assert list(b2.data_dir.glob("pools/*/*")) == []
+
+        run(body(), 100)
