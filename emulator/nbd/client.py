@@ -57,10 +57,14 @@ class Address:
             if not u.hostname:
                 raise ValueError(f"{uri!r}: nbd:// needs a host, e.g. nbd://127.0.0.1:10809/vol")
             try:
-                port = u.port or DEFAULT_PORT
+                port = u.port
             except ValueError:
                 raise ValueError(f"{uri!r}: bad port") from None
-            return cls(export, u.hostname, port)
+            if port == 0:
+                # no server listens on port 0: taken for "no port", it dialed 10809 (another
+                # server, perhaps) and the error named a URI the caller never gave
+                raise ValueError(f"{uri!r}: bad port 0 (port 0 means any free port only to a listener)")
+            return cls(export, u.hostname, port or DEFAULT_PORT)
         if u.scheme == "nbd+unix":
             q = urllib.parse.parse_qs(u.query)
             if "socket" not in q:

@@ -728,6 +728,7 @@ def test_a_migration_that_fails_to_start_leaves_no_record(
     [
         ("nbd://127.0.0.1:99999/x", ["bad port"]),
         ("nbd://127.0.0.1:abc/x", ["bad port"]),
+        ("nbd://127.0.0.1:0/x", ["bad port 0"]),  # was dialed as port 10809
         ("nbd://[::1/x", ["nbd://[::1/x", "IPv6"]),
         ("nbd:///x", ["needs a host"]),
         ("nbd+unix:///x", ["needs ?socket=PATH"]),
