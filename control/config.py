@@ -48,7 +48,7 @@ from emulator.array.models import MODELS, parse_media
 from emulator.array.names import check_name, check_size
 from emulator.units import parse_hostport, parse_rate, parse_size
 
-from .api_client import ArrayApi
+from .api_client import TOKEN_ENV, ArrayApi
 
 STATE_ENV = "BLOCKMIG_STATE_DIR"
 START_TIMEOUT = 30.0
@@ -439,6 +439,9 @@ def start_array(cfg: ArrayConfig, state_dir: Path) -> ArrayRecord:
     if cfg.token:
         cmd += ["--token", cfg.token]
     env = child_env()
+    # A $BLOCKMIG_TOKEN the shell exported (for `blockmig lun ...`, as the README shows) is
+    # not this array's: taken as its token, it wrote no DATA_DIR/token for `up` to record.
+    env.pop(TOKEN_ENV, None)
     log = open(logs / f"{cfg.name}.log", "ab")
     logged = log.seek(0, os.SEEK_END)  # what earlier runs wrote: not this start's failure
     proc = subprocess.Popen(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -120,13 +122,15 @@ def test_port_zero_and_default_data_dirs_may_repeat(tmp_path: Path) -> None:
     assert [c.name for c in cfg] == ["A", "B"] and cfg[1].pools == {"gold": "1048576"}
 
 
-def _blockmig(state: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _blockmig(
+    state: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "control.cli", *args, "--state-dir", str(state)],
         capture_output=True,
         text=True,
         timeout=120,
-        env=child_env(),
+        env={**child_env(), **(env or {})},
         cwd=cwd,
     )
 
@@ -195,6 +199,40 @@ def test_the_registry_and_the_stopped_arrays_record_hold_tokens_mode_0600(tmp_pa
     stopped = state / "stopped.json"
     assert token in stopped.read_text()
     assert stopped.stat().st_mode & 0o777 == 0o600
+
+
+def test_up_in_a_shell_that_exported_blockmig_token_starts_arrays_it_can_use(tmp_path: Path) -> None:
+    """The README has `export BLOCKMIG_TOKEN=$(cat DIR/token)` for the array commands; a
+    `blockmig up` in that shell handed the variable to its arrays, which took it as their
+    token and wrote no DIR/token: `up` failed reading that file ("No such file or
+    directory"), the arrays it had started left running, in no registry. (A data dir with a
+    token file: `up` recorded that token, and every command got 401.) An array `up` starts
+    takes its config's token or its data dir's, never the shell's."""
+    state = tmp_path / "state"
+    cfg = write(tmp_path, '[[array]]\nname = "X"\n')
+    try:
+        p = _blockmig(state, "up", "--config", str(cfg), env={"BLOCKMIG_TOKEN": "from-the-shell"})
+        assert p.returncode == 0, p.stderr
+        rec = Registry(state).load()["X"]
+        assert rec.token == (state / "arrays" / "X" / "token").read_text().strip() != "from-the-shell"
+        assert rec.client().array_info()["name"] == "X"  # the recorded token is the array's
+    finally:
+        _blockmig(state, "down")
+        for pid in _arrays_serving(state):  # what `up` left running before
+            os.kill(pid, signal.SIGKILL)
+
+
+def _arrays_serving(state: Path) -> list[int]:
+    """Pids of `array serve` processes with a data dir under ``state``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in cmd and any(str(state).encode() in a for a in cmd):
+            pids.append(int(d.name))
+    return pids
 
 
 def test_the_saved_config_reads_back_as_it_was_given(tmp_path: Path) -> None:
