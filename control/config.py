@@ -436,12 +436,12 @@ def start_array(cfg: ArrayConfig, state_dir: Path) -> ArrayRecord:
         cmd += ["--pool", f"{pool}={cap}"]
     if cfg.migration_throttle:
         cmd += ["--migration-throttle", f"{float(cfg.migration_throttle):g}"]
-    if cfg.token:
-        cmd += ["--token", cfg.token]
     env = child_env()
     # A $BLOCKMIG_TOKEN the shell exported (for `blockmig lun ...`, as the README shows) is
     # not this array's: taken as its token, it wrote no DATA_DIR/token for `up` to record.
     env.pop(TOKEN_ENV, None)
+    if cfg.token:  # in the environment, which only we read: argv is every user's (`ps`)
+        env[TOKEN_ENV] = cfg.token
     log = open(logs / f"{cfg.name}.log", "ab")
     logged = log.seek(0, os.SEEK_END)  # what earlier runs wrote: not this start's failure
     proc = subprocess.Popen(

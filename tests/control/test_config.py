@@ -235,6 +235,22 @@ def _arrays_serving(state: Path) -> list[int]:
     return pids
 
 
+def test_a_configured_token_is_not_on_the_arrays_command_line(tmp_path: Path) -> None:
+    """The config's token went to `array serve --token T`: every local user read it in
+    /proc/PID/cmdline (`ps -ef`), though the config, the registry and the token file are
+    kept 0600 for it. It goes in the array's environment (/proc/PID/environ: 0400)."""
+    state = tmp_path / "state"
+    cfg = write(tmp_path, '[[array]]\nname = "X"\ntoken = "s3cret-token"\n')
+    try:
+        p = _blockmig(state, "up", "--config", str(cfg))
+        assert p.returncode == 0, p.stderr
+        rec = Registry(state).load()["X"]
+        assert b"s3cret-token" not in Path(f"/proc/{rec.pid}/cmdline").read_bytes()
+        assert rec.token == "s3cret-token" and rec.client().array_info()["name"] == "X"
+    finally:
+        _blockmig(state, "down")
+
+
 def test_the_saved_config_reads_back_as_it_was_given(tmp_path: Path) -> None:
     given = [
         ArrayConfig("A", "pooled", "fixed:0.5", "[::1]:0", "127.0.0.1:0", {"gold": "1G", "s-1": "4096"}, 2.5),
