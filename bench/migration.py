@@ -74,7 +74,7 @@ from types import FrameType
 from typing import Any
 
 from bench.common import ROOT, Array, cpu_s, emit_json, serve_array, start, status, stop, wait
-from emulator.units import parse_hostport, parse_size
+from emulator.units import count_arg, parse_hostport, parse_size, size_arg
 
 MiB = 1 << 20
 RAMP_S = 0.5
@@ -525,6 +525,10 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds the ExitStack: arrays get stopped
 
 
+#: what --only may name
+PHASES = ("copy", "sparse", "cutover", "readthrough", "sweep")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.migration",
@@ -532,9 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--quick", action="store_true", help="small LUNs, few rounds (< 2 min)")
-    ap.add_argument("--size", help="LUN size of the copy phases (default 512M)")
-    ap.add_argument("--only", help="comma-separated phases: copy,sparse,cutover,readthrough,sweep")
-    ap.add_argument("--cutover-runs", type=int, help="migrations in the cutover phase (default 10, 5 quick)")
+    ap.add_argument("--size", type=size_arg, help="LUN size of the copy phases (default 512M)")
+    ap.add_argument("--only", help=f"comma-separated phases: {','.join(PHASES)}")
+    ap.add_argument(
+        "--cutover-runs", type=count_arg, help="migrations in the cutover phase (default 10, 5 quick)"
+    )
     ap.add_argument("--workdir", help="where to put array data (default: $TMPDIR)")
     ap.add_argument("--json-out", metavar="FILE", help="also write the JSON result here")
     args = ap.parse_args(argv)
@@ -542,8 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     # 512M quick too: a migration's fixed cost (API, connect, cutover, durable commits:
     # ~7 ms, an empty LUN's copy) is ~5% of a 256M copy, the sparse goal's whole slack
     # (1.5 x 10% against 10%), and ~2% of a 512M one; 0.3 s more a copy.
-    size = parse_size(args.size or "512M")
-    phases = set((args.only or "copy,sparse,cutover,readthrough,sweep").split(","))
+    size = args.size or parse_size("512M")
+    phases = set(args.only.split(",")) if args.only else set(PHASES)
+    if not phases <= set(PHASES):  # else four arrays start to run none of them
+        ap.error(f"--only: choose from {','.join(PHASES)}")
     rounds, runtime = (2, 2.0) if q else (3, 5.0)
     # Copies are cheap next to fio runs, and bimodal here (see free_page_reporting): more rounds.
     # The sparse phase's ratio sits near its limit, and its 51 MiB are hit hardest: 9 rounds.

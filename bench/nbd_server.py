@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench.common import emit_json, free_port, stop
-from emulator.units import parse_size
+from emulator.units import count_arg, parse_size, seconds_arg, size_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 20.0
@@ -171,19 +171,22 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--quick", action="store_true", help="small file, short runs (< 60 s)")
-    ap.add_argument("--size", help="backing file size (default 1G, 256M with --quick)")
-    ap.add_argument("--runtime", type=float, help="seconds per fio run (default 10, 1.5 quick)")
-    ap.add_argument("--rounds", type=int, help="rounds per server (default 3, 2 quick)")
+    ap.add_argument("--size", type=size_arg, help="backing file size (default 1G, 256M with --quick)")
+    ap.add_argument(
+        "--runtime", type=seconds_arg(positive=True), help="seconds per fio run (default 10, 1.5 quick)"
+    )
+    ap.add_argument("--rounds", type=count_arg, help="rounds per server (default 3, 2 quick)")
     ap.add_argument("--jobs", help="comma-separated job keys (default: all)")
     ap.add_argument("--dir", help="where to create the backing file (default: $TMPDIR)")
     ap.add_argument("--json-out", metavar="FILE", help="also write the JSON result here")
     args = ap.parse_args(argv)
-    size = parse_size(args.size or ("256M" if args.quick else "1G"))
+    size = args.size or parse_size("256M" if args.quick else "1G")
     runtime = args.runtime or (1.5 if args.quick else 10.0)
     rounds = args.rounds or (2 if args.quick else 3)
-    jobs = [j for j in JOBS if not args.jobs or j.key in args.jobs.split(",")]
-    if not jobs:
+    keys = args.jobs.split(",") if args.jobs else [j.key for j in JOBS]
+    if not set(keys) <= {j.key for j in JOBS}:  # a typo would quietly run fewer jobs
         ap.error(f"--jobs: choose from {', '.join(j.key for j in JOBS)}")
+    jobs = [j for j in JOBS if j.key in keys]
     for tool in ("fio", "nbdkit"):
         if not shutil.which(tool):
             print(f"bench: {tool} is not installed (make install)", file=sys.stderr)

@@ -74,7 +74,7 @@ from bench.common import (
 )
 from bench.fio_jobs import PROFILES, FioProfile, FioRun, bins, run_fio
 from control.api_client import FINAL, ApiError
-from emulator.units import parse_size
+from emulator.units import count_arg, parse_size, seconds_arg, size_arg
 
 CLAIM_LOSS = 0.15  # the proposal: OLTP loses at most 15% while migrating
 POLL_S = 0.2
@@ -431,7 +431,7 @@ def config(args: argparse.Namespace) -> Config:
         fabrics=(args.profile or ("fc" if q else "fc,metro")).split(","),
         media=args.media.split(","),
         profiles=profiles,
-        size=parse_size(args.size or ("64M" if q else "256M")),
+        size=args.size or parse_size("64M" if q else "256M"),
         runtime=args.runtime or (1.5 if q else 6.0),
         ramp=0.5 if q else 1.0,
         bin_s=0.25 if q else 0.5,
@@ -456,9 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--media", default="ssd,none", help="media models of the arrays (default ssd,none)")
     ap.add_argument("--jobs", help="fio profiles: oltp,readheavy,seq (default: all)")
     ap.add_argument("--peers", help="fio profiles the peers run (default all; quick oltp; '' for none)")
-    ap.add_argument("--size", help="volume size (default 256M, quick 64M)")
-    ap.add_argument("--runtime", type=float, help="seconds per phase after the ramp (default 6, quick 1.5)")
-    ap.add_argument("--rounds", type=int, help="episodes per profile and kind (default 2, quick 1)")
+    ap.add_argument("--size", type=size_arg, help="volume size (default 256M, quick 64M)")
+    ap.add_argument(
+        "--runtime",
+        type=seconds_arg(positive=True),
+        help="seconds per phase after the ramp (default 6, quick 1.5)",
+    )
+    ap.add_argument("--rounds", type=count_arg, help="episodes per profile and kind (default 2, quick 1)")
     ap.add_argument(
         "--out",
         default=DEFAULT_OUT,

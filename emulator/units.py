@@ -108,3 +108,14 @@ def seconds_arg(positive: bool) -> Callable[[str], float]:
         return v
 
     return parse
+
+
+def count_arg(text: str) -> int:
+    """A whole number > 0 (rounds, runs), for argparse."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"a whole number > 0, not {text!r}")
+    return v

@@ -1,0 +1,37 @@
+"""The benchmarks' command lines refuse bad arguments up front, as argparse does (a usage
+line, exit 2), before they fill a file or start an array: no traceback, no run of
+something else than what was asked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "says"),
+    [
+        ("bench.nbd_server", ["--size", "1X"], "not a size"),
+        ("bench.nbd_server", ["--size", "1M", "--rounds", "-1"], "--rounds"),
+        ("bench.nbd_server", ["--size", "1M", "--jobs", "4k_randread_qd32,nope"], "--jobs"),
+        ("bench.migration", ["--size", "1X"], "not a size"),
+        ("bench.migration", ["--quick", "--only", "copy,nope"], "--only"),
+        ("bench.suite", ["--quick", "--size", "1X"], "not a size"),
+    ],
+)
+def test_a_bad_argument_is_a_usage_error(tmp_path: Path, module: str, args: list[str], says: str) -> None:
+    cmd = [sys.executable, "-m", module, *args]
+    if module in ("bench.migration", "bench.suite"):
+        cmd += ["--workdir", str(tmp_path)]
+    elif module == "bench.nbd_server":
+        cmd += ["--dir", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2, f"exit {p.returncode}: {p.stdout[-2000:]} {p.stderr[-2000:]}"
+    assert "Traceback" not in p.stderr, p.stderr
+    assert "usage:" in p.stderr and says in p.stderr, p.stderr
+    assert list(tmp_path.iterdir()) == [], "it started work before refusing its arguments"
