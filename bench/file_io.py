@@ -26,6 +26,8 @@ from typing import Any
 
 import uvloop
 
+from emulator.units import format_size, size_arg
+
 SIZES = (4096, 65536, 262144, 1 << 20, 4 << 20)
 
 
@@ -84,10 +86,14 @@ async def _run(fd: int, file_size: int, bs: int, write: bool, inline: bool, seco
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short rounds (about 20 s in all)")
-    ap.add_argument("--size", default=str(256 << 20), help="test file size in bytes")
+    ap.add_argument(
+        "--size", type=size_arg, default=256 << 20, help="test file size, e.g. 256M (default 256M)"
+    )
     args = ap.parse_args(argv)
+    if args.size < max(SIZES):  # each request size needs one whole block of the file
+        ap.error(f"--size: at least {format_size(max(SIZES))}")
     seconds = 0.4 if args.quick else 1.5
-    file_size = int(args.size)
+    file_size = args.size
     results: list[dict[str, Any]] = []
     with tempfile.NamedTemporaryFile(dir="/var/tmp", prefix="blockmig-fileio-") as f:
         fd = f.fileno()

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
         ("bench.migration", ["--size", "1X"], "not a size"),
         ("bench.migration", ["--quick", "--only", "copy,nope"], "--only"),
         ("bench.suite", ["--quick", "--size", "1X"], "not a size"),
+        ("bench.file_io", ["--size", "1X"], "not a size"),
     ],
 )
 def test_a_bad_argument_is_a_usage_error(tmp_path: Path, module: str, args: list[str], says: str) -> None:
@@ -35,3 +36,23 @@ def test_a_bad_argument_is_a_usage_error(tmp_path: Path, module: str, args: list
     assert "Traceback" not in p.stderr, p.stderr
     assert "usage:" in p.stderr and says in p.stderr, p.stderr
     assert list(tmp_path.iterdir()) == [], "it started work before refusing its arguments"
+
+
+def test_file_io_takes_the_size_its_usage_line_shows(tmp_path: Path) -> None:
+    """`python -m bench.file_io [--quick] [--size 256M]`: a size with a unit is one."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "bench.file_io", "--quick", "--size", "4M"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    assert p.returncode == 0, err[-2000:]
+    assert out.splitlines()[-1].startswith('{"inline_max"'), out[-2000:]
