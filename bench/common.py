@@ -8,6 +8,7 @@ function turns an argv into the argv that runs it where it belongs (e.g.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -30,6 +31,14 @@ START_TIMEOUT = 20.0
 RUNNING = ("copying", "converging")
 
 Wrap = Callable[[list[str]], list[str]]
+
+
+def dir_arg(text: str) -> str:
+    """An existing directory, for argparse: tempfile's own error is a traceback, after the
+    benchmark has set up its fabric and its arrays."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"not a directory: {text!r}")
+    return text
 
 
 def no_wrap(argv: list[str]) -> list[str]:

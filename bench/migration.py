@@ -73,7 +73,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.common import ROOT, Array, cpu_s, emit_json, serve_array, start, status, stop, wait
+from bench.common import ROOT, Array, cpu_s, dir_arg, emit_json, serve_array, start, status, stop, wait
 from emulator.units import count_arg, parse_hostport, parse_size, size_arg
 
 MiB = 1 << 20
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cutover-runs", type=count_arg, help="migrations in the cutover phase (default 10, 5 quick)"
     )
-    ap.add_argument("--workdir", help="where to put array data (default: $TMPDIR)")
+    ap.add_argument("--workdir", type=dir_arg, help="where to put array data (default: $TMPDIR)")
     ap.add_argument("--json-out", metavar="FILE", help="also write the JSON result here")
     args = ap.parse_args(argv)
     q = args.quick

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
-from bench.common import emit_json, free_port, stop
+from bench.common import dir_arg, emit_json, free_port, stop
 from emulator.units import count_arg, parse_size, seconds_arg, size_arg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--rounds", type=count_arg, help="rounds per server (default 3, 2 quick)")
     ap.add_argument("--jobs", help="comma-separated job keys (default: all)")
-    ap.add_argument("--dir", help="where to create the backing file (default: $TMPDIR)")
+    ap.add_argument("--dir", type=dir_arg, help="where to create the backing file (default: $TMPDIR)")
     ap.add_argument("--json-out", metavar="FILE", help="also write the JSON result here")
     args = ap.parse_args(argv)
     size = args.size or parse_size("256M" if args.quick else "1G")

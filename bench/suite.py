@@ -64,6 +64,7 @@ from bench.common import (
     RUNNING,
     Array,
     Wrap,
+    dir_arg,
     free_port,
     run,
     serve_array,
@@ -74,6 +75,7 @@ from bench.common import (
 )
 from bench.fio_jobs import PROFILES, FioProfile, FioRun, bins, run_fio
 from control.api_client import FINAL, ApiError
+from emulator.array.models import parse_media
 from emulator.units import count_arg, parse_size, seconds_arg, size_arg
 
 CLAIM_LOSS = 0.15  # the proposal: OLTP loses at most 15% while migrating
@@ -468,8 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_OUT,
         help=f"where JSON and PNGs go (default: {DEFAULT_OUT}, under the current directory)",
     )
-    ap.add_argument("--workdir", help="where to put array data (default: $TMPDIR)")
+    ap.add_argument("--workdir", type=dir_arg, help="where to put array data (default: $TMPDIR)")
     args = ap.parse_args(argv)
+    for m in args.media.split(","):
+        try:
+            parse_media(m)  # else its arrays refuse it after the fabric and the first media ran
+        except ValueError as e:
+            ap.error(f"--media: {e}")
     cfg = config(args)
     for fab in cfg.fabrics:
         if fab not in fabric_mod.PROFILES:
