@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from emulator.units import format_size
+from emulator.units import format_size, size_arg
 
 from .api_client import TOKEN_ENV, ApiError, ArrayApi
 
@@ -169,7 +169,7 @@ def add_parsers(
     p = lsub.add_parser("create", help="create a thin LUN")
     _api_args(p)
     p.add_argument("name", type=name_arg("LUN"))
-    p.add_argument("--size", required=True, help="size, e.g. 1G or 1073741824")
+    p.add_argument("--size", required=True, type=size_arg, help="size, e.g. 1G or 1073741824")
     p.add_argument("--pool", type=name_arg("pool"), help="pool (default: 'default')")
     p.set_defaults(func=run_api_command(cmd_lun_create))
     p = lsub.add_parser("list", help="list LUNs")
@@ -182,7 +182,7 @@ def add_parsers(
     p = lsub.add_parser("grow", help="grow a LUN")
     _api_args(p)
     p.add_argument("name", type=name_arg("LUN"))
-    p.add_argument("--size", required=True, help="new size, e.g. 2G")
+    p.add_argument("--size", required=True, type=size_arg, help="new size, e.g. 2G")
     p.set_defaults(func=run_api_command(cmd_lun_grow))
     p = lsub.add_parser("delete", help="delete a LUN")
     _api_args(p)

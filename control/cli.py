@@ -97,7 +97,9 @@ def _add_serve_file(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sp.add_argument("--export", default="", metavar="NAME", help="export name (default: empty)")
     sp.add_argument("--description", default="", help="export description shown by nbdinfo (<= 4096 bytes)")
     sp.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
-    sp.add_argument("--size", metavar="SIZE", help="create PATH as a sparse file of SIZE (e.g. 1G)")
+    sp.add_argument(
+        "--size", metavar="SIZE", type=size_arg, help="create PATH as a sparse file of SIZE (e.g. 1G)"
+    )
     sp.set_defaults(func=_serve_file)
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from emulator.units import format_size, parse_size
+from emulator.units import format_size, size_arg
 
 from . import config
 from .api_client import ApiError
@@ -108,7 +108,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- volumes
 def cmd_create(args: argparse.Namespace) -> int:
     m = _manager(args)
-    v = m.create(args.name or f"vol-{int(time.time())}", parse_size(args.size), args.host)
+    v = m.create(args.name or f"vol-{int(time.time())}", args.size, args.host)
     _out(args, m.show(v.id), _show_text(m.show(v.id)))
     return 0
 
@@ -406,7 +406,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_run(cmd_down))
     p = sub.add_parser("create", help="create a volume")
     _common(p)
-    p.add_argument("--size", required=True, help="e.g. 1G")
+    p.add_argument("--size", required=True, type=size_arg, help="e.g. 1G")
     p.add_argument("--host", required=True, help="ARRAY, ARRAY#POOL or ARRAY@BACKEND#POOL")
     p.add_argument("--name", help="volume name: 1-255 printable characters (default: vol-TIME)")
     p.set_defaults(func=_run(cmd_create))

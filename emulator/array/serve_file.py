@@ -10,15 +10,14 @@ import sys
 
 from emulator.nbd.errors import BackendError
 from emulator.nbd.server import NbdServer, format_listen, serve_forever_loop, stop_event
-from emulator.units import parse_hostport, parse_size
+from emulator.units import parse_hostport
 
 from .file_backend import FileBackend
 
 
 async def _serve(args: argparse.Namespace) -> int:
     host, port = parse_hostport(args.listen)
-    size = parse_size(args.size) if args.size else None
-    backend = FileBackend(args.path, read_only=args.read_only, create_size=size)
+    backend = FileBackend(args.path, read_only=args.read_only, create_size=args.size)
     server = NbdServer(default_export=args.export)
     server.add_export(args.export, backend, args.description, read_only=args.read_only)
     try:

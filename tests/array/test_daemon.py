@@ -301,7 +301,6 @@ def test_cli_errors_exit_1_with_a_clear_message(tmp_path: Path) -> None:
         assert "invalid LUN name '.x'" in cli_error("lun", "create", *a, ".x", "--size", "16M")
         assert "invalid LUN name" in cli_error("lun", "create", *a, "x" * 65, "--size", "16M")
         assert "LUN 'l1' already exists" in cli_error("lun", "create", *a, "l1", "--size", "16M")
-        assert "not a size" in cli_error("lun", "create", *a, "l2", "--size", "12Q")
         assert "multiple of 512" in cli_error("lun", "create", *a, "l2", "--size", "1000")
         assert "multiple of 512" in cli_error("lun", "create", *a, "l2", "--size", "0")
         assert "pool 'nope' does not exist" in cli_error(

@@ -185,6 +185,28 @@ def test_demo_refuses_bad_arguments_before_it_starts_anything(
     assert rc == 2 and msg in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("lun", "create", "--api", "http://127.0.0.1:1", "x", "--size", "1X"),
+        ("lun", "grow", "--api", "http://127.0.0.1:1", "x", "--size", "1X"),
+        ("create", "--host", "A", "--size", "1X"),
+        ("serve-file", "IMG", "--size", "1X"),
+    ],
+)
+def test_a_size_that_is_no_size_is_a_usage_error_before_anything_starts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: tuple[str, ...]
+) -> None:
+    """Before: exit 1 after the fact (the array's 400, or parse_size in the command);
+    serve-file had already parsed its --listen address. Now argparse's exit 2, like every
+    other bad argument, and no file made."""
+    monkeypatch.setenv("BLOCKMIG_STATE_DIR", str(tmp_path / "state"))
+    img = tmp_path / "f.img"
+    rc, err = run(capsys, *(str(img) if a == "IMG" else a for a in argv))
+    assert rc == 2 and "argument --size: not a size: '1X'" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("bad", ["-1", "nan", "soon"])
 def test_array_serve_refuses_a_source_retry_window_that_is_no_number_of_seconds(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, bad: str
