@@ -52,6 +52,12 @@ class Address:
             u = urllib.parse.urlsplit(uri)
         except ValueError as e:  # e.g. an unclosed [ of an IPv6 address
             raise ValueError(f"{uri!r}: {e}") from None
+        if "@" in u.netloc:
+            # The NBD URI spec's user@ is a TLS username, which we cannot use; a password
+            # there would be stored with the migration and shown back: refuse it unread.
+            query = f"?{u.query}" if u.query else ""
+            shown = f"{u.scheme}://***@{u.netloc.rpartition('@')[2]}{u.path}{query}"
+            raise ValueError(f"{shown!r}: a user@ part is a TLS user name, and NBD here has no TLS")
         export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)
         if u.scheme == "nbd":
             if not u.hostname:

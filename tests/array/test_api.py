@@ -732,6 +732,9 @@ def test_a_migration_that_fails_to_start_leaves_no_record(
         ("nbd://[::1/x", ["nbd://[::1/x", "IPv6"]),
         ("nbd:///x", ["needs a host"]),
         ("nbd+unix:///x", ["needs ?socket=PATH"]),
+        # was taken, the user@ part ignored, and the password stored with the migration
+        ("nbd://bob:hunter2@127.0.0.1:1/x", ["'nbd://***@127.0.0.1:1/x'", "TLS user name"]),
+        ("nbd+unix://bob@/x?socket=/s", ["'nbd+unix://***@/x?socket=/s'", "TLS user name"]),
     ],
 )
 def test_migration_from_a_malformed_source_uri_is_400(api: ApiThread, source: str, words: list[str]) -> None:
@@ -739,6 +742,7 @@ def test_migration_from_a_malformed_source_uri_is_400(api: ApiThread, source: st
     (a port out of range, an unclosed IPv6 bracket, no host, no socket) was a 500."""
     r = api.request("POST", "/api/v1/migrations", {"lun": "mig", "source": source})
     expect_error(r, 400, "invalid", "source is not a valid NBD URI", *words)
+    assert b"hunter2" not in r.body  # nor shown back
     assert "mig" not in api.array.luns
     assert api.call(_rows(api.array)) == []
     assert api.request("GET", "/api/v1/migrations").json() == []
