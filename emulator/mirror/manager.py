@@ -101,6 +101,7 @@ class MigrationManager:
             if lun is None:
                 self._forget_deleted(name, source)
                 continue
+            source = self._drop_user(name, source)
             # Hosts may connect before the source answers (it may be down): they
             # negotiate what it offered when last connected, not a Backend's defaults.
             known = json.loads(caps) if caps else None
@@ -463,6 +464,18 @@ class MigrationManager:
         if source.startswith("move:"):  # the new pool's copy, which no LUN owns now
             durable.unlink(self.array.lun_path(source.split(":")[2], name))
         self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
+
+    def _drop_user(self, name: str, source: str) -> str:
+        """``source`` without a ``user@`` part, which arrays took (and ignored) before such
+        URIs were refused: the migration resumes, and no password stays in its row."""
+        scheme, sep, rest = source.partition("://")
+        authority, slash, tail = rest.partition("/")
+        if not sep or "@" not in authority:
+            return source
+        source = f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
+        self._db.db.execute("UPDATE migrations SET source=? WHERE lun=?", (source, name))
+        log.warning("array %s: dropped the user@ part of the source URI of %s", self.array.name, name)
+        return source
 
     def _new(self, lun: Lun, source: str, cfg: MigrationConfig) -> Migration:
         pool = self.array.pools[lun.pool]
