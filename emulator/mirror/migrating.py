@@ -1,6 +1,7 @@
 """MigratingBackend: serve a LUN while its data moves from a source to a target.
 
-- Reads of CLEAN regions are served by the target; the rest read through.
+- Reads of CLEAN regions are served by the target; the rest read through. So are
+  CACHE and the allocation map (BLOCK_STATUS) of a range that begins clean.
 - Writes go to the source and are acknowledged only once the source has
   them; FUA and FLUSH reach the source (I1).
 - Before a write touches a region, the region's generation is bumped and it
@@ -26,11 +27,13 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
+import numpy as np
+
 from emulator.nbd.backend import Backend, Done, copy_capabilities, to_the_end
 from emulator.nbd.errors import BackendError
 from emulator.nbd.protocol import Extent
 
-from .regions import ProgressFile, RegionMap
+from .regions import CLEAN, ProgressFile, RegionMap
 
 T = TypeVar("T")
 
@@ -358,11 +361,36 @@ class MigratingBackend(Backend):
         else:
             await self._on_target(self.target.cache(offset, length))
 
+    def _clean_run(self, offset: int, length: int) -> int:
+        """Bytes from ``offset`` (at most ``length``) in regions clean on the target."""
+        regions = self.regions
+        r0, r1 = regions.span(offset, length)
+        if self._local_off or not regions.all_clean(r0, r0 + 1):
+            return 0
+        if r1 - r0 > 1:
+            dirty = np.flatnonzero(regions.state[r0 + 1 : r1] != CLEAN)
+            if len(dirty):
+                return ((r0 + 1 + int(dirty[0])) << regions.shift) - offset
+        return length
+
+    # The map of copied regions is the target's (the same bytes, so what it calls zero
+    # reads as zeroes): a host's sparse-aware copy of them needs no source, like a read
+    # (I6). An answer may cover less than was asked: it ends where they do.
     async def extents(self, offset: int, length: int) -> list[Extent]:
-        return await (self._forward or self.source).extents(offset, length)
+        if self._forward is not None:
+            return await self._forward.extents(offset, length)
+        n = self._clean_run(offset, length)
+        if not n:
+            return await self.source.extents(offset, length)
+        return await self._on_target(self.target.extents(offset, n))
 
     async def first_extent(self, offset: int, length: int) -> Extent:
-        return await (self._forward or self.source).first_extent(offset, length)
+        if self._forward is not None:
+            return await self._forward.first_extent(offset, length)
+        n = self._clean_run(offset, length)
+        if not n:
+            return await self.source.first_extent(offset, length)
+        return await self._on_target(self.target.first_extent(offset, n))
 
     async def extents_for_read(self, offset: int, length: int) -> list[Extent]:
         """A read of copied regions alone comes from the target: so does its map, which

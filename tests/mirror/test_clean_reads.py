@@ -19,7 +19,7 @@ from emulator.mirror.migrating import MigratingBackend
 from emulator.mirror.regions import ProgressFile, RegionMap
 from emulator.nbd.backend import MemoryBackend
 from emulator.nbd.client import NbdClient
-from emulator.nbd.protocol import Extent
+from emulator.nbd.protocol import STATE_ZERO, Extent
 from emulator.nbd.server import NbdServer
 
 pytestmark = pytest.mark.timeout(30)
@@ -104,3 +104,30 @@ def test_a_cache_of_copied_regions_needs_no_answer_from_the_source(tmp_path: Pat
         assert await asyncio.wait_for(c.read(0, 4096), 5) == data[:4096]
 
     copied_region_0(tmp_path, cache)
+
+
+def test_block_status_of_copied_regions_needs_no_answer_from_the_source(tmp_path: Path) -> None:
+    """Regression (was a bug): BLOCK_STATUS always asked the source's map, so a host's
+    sparse-aware copy (nbdcopy, qemu-img convert) of regions already copied waited on a
+    source that did not answer, then failed with EIO, where reading them needed nothing of
+    it. A range that begins in copied regions is answered from the target's map, up to
+    the first region not copied (a reply may cover less than was asked); the rest still
+    comes from the source."""
+
+    async def block_status(c: NbdClient, data: bytes) -> None:
+        for one in (False, True):
+            for length in (REGION, SIZE):  # the whole LUN: answered up to region 0's end
+                got = await asyncio.wait_for(c.extents(0, length, one=one), 5)
+                assert sum(e.length for e in got) <= REGION, got
+                pos = 0
+                for e in got:  # what the map says is zero reads as zeroes
+                    if e.flags & STATE_ZERO:
+                        assert data[pos : pos + e.length] == bytes(e.length), (pos, e)
+                    pos += e.length
+        # the map covers the run of zeroes: all of region 0 was answered
+        got = await asyncio.wait_for(c.extents(0, REGION), 5)
+        assert sum(e.length for e in got) == REGION and got[-1].flags & STATE_ZERO, got
+        with pytest.raises(TimeoutError):  # region 1 is not copied: the source's, which hangs
+            await asyncio.wait_for(c.extents(REGION, REGION), 0.5)
+
+    copied_region_0(tmp_path, block_status)
