@@ -148,7 +148,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--throttle", type=rate_arg, metavar="MBPS", help="copy rate limit in MB/s (0 = unlimited)"
     )
     p.add_argument(
-        "--region-size", type=size_arg, metavar="SIZE", help="region size, a power of two (default 1M)"
+        "--region-size",
+        type=size_arg,
+        metavar="SIZE",
+        help="region size, a power of two; at most 64M regions (default 1M, doubled until a "
+        "LUN over 16 TiB has at most 16M)",
     )
     p.set_defaults(func=run_api_command(cmd_start))
     p = msub.add_parser(

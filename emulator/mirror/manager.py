@@ -34,9 +34,10 @@ from emulator.array.names import check_size
 from emulator.array.open_files import check_room
 from emulator.nbd.client import Address
 from emulator.nbd.errors import BackendError
-from emulator.units import parse_rate
+from emulator.units import format_size, parse_rate
 
 from .migration import FINAL, Migration, MigrationConfig, ended_message
+from .regions import MAX_REGIONS, default_region_size, regions_of
 from .remote import OtherLun, RemoteBackend
 
 log = logging.getLogger("blockmig.mirror.manager")
@@ -194,6 +195,7 @@ class MigrationManager:
         try:
             # the LUN takes the source's size: refused, it is the source's (none was given)
             check_size(remote.size, f"size of source {source}")
+            cfg.region_size = self._region_size(remote.size, cfg.region_size, region_size is not None)
             if remote.size % remote.min_block:
                 # its last bytes could never be read (nor copied) in aligned requests
                 raise InvalidInput(
@@ -240,6 +242,7 @@ class MigrationManager:
         if new == lun.pool:
             raise InvalidInput(f"LUN {name!r} is already in pool {new!r}")
         cfg = MigrationConfig(**self.defaults.as_dict())
+        cfg.region_size = self._region_size(lun.size, cfg.region_size, False)
         source = f"move:{lun.pool}:{new}"
         self.array.set_lun_state(name, "migrating", also=self._record(name, source, cfg))
         try:
@@ -464,6 +467,23 @@ class MigrationManager:
         if source.startswith("move:"):  # the new pool's copy, which no LUN owns now
             durable.unlink(self.array.lun_path(source.split(":")[2], name))
         self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
+
+    @staticmethod
+    def _region_size(size: int, region_size: int, asked: bool) -> int:
+        """The region size of a migration of a LUN of ``size`` bytes: one ``asked`` for
+        as it is, within MAX_REGIONS regions; the default one doubled for a big LUN."""
+        if not asked:
+            return default_region_size(size, region_size)
+        if regions_of(size, region_size) > MAX_REGIONS:
+            least = region_size
+            while regions_of(size, least) > MAX_REGIONS:
+                least <<= 1
+            raise InvalidInput(
+                f"region_size {format_size(region_size)} cuts the source's {format_size(size)} into "
+                f"{regions_of(size, region_size)} regions, more than {MAX_REGIONS}: use "
+                f"{format_size(least)} or more, or leave it out (the default grows with the LUN)"
+            )
+        return region_size
 
     def _drop_user(self, name: str, source: str) -> str:
         """``source`` without a ``user@`` part, which arrays took (and ignored) before such

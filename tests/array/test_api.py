@@ -38,6 +38,7 @@ from emulator.array.models import MODELS
 from emulator.daemon.api import ApiContext, make_app
 from emulator.daemon.main import stop_array
 from emulator.daemon.openapi import SPEC
+from emulator.mirror import manager, regions
 from emulator.mirror.manager import MigrationManager
 from emulator.nbd.client import NbdClient
 from emulator.nbd.errors import RequestError
@@ -758,6 +759,31 @@ def test_migration_from_a_source_of_a_size_no_lun_can_have_names_the_source(
     expect_error(r, 400, "invalid", f"size of source {src.uri} 1000 is invalid", "multiple of 512")
     assert "mig" not in api.array.luns
     assert api.call(_rows(api.array)) == []
+
+
+def test_a_big_lun_migrates_in_bigger_regions_and_too_many_are_refused(
+    api: ApiThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the region size was 1 MiB whatever the LUN's size, and any asked for was
+    taken, so a 1 PiB source took 1G regions, ~20 GiB of region maps, and each status
+    and the cutover pause scanned them. The limits are made small here (4 regions by
+    default, 16 at most) to try them on an 8 MiB source."""
+    monkeypatch.setattr(regions, "DEFAULT_MAX_REGIONS", 4)
+    monkeypatch.setattr(manager, "MAX_REGIONS", 16)
+    with nbdkit(tmp_path, "memory", "size=8M") as src:
+        r = api.request("POST", "/api/v1/migrations", {"lun": "m1", "source": src.uri, "throttle": 1})
+        assert r.status == 201 and r.json()["region_size"] == 2 * MIB, r.body
+        r = api.request("POST", "/api/v1/migrations", {"lun": "m2", "source": src.uri, "region_size": 65536})
+        expect_error(r, 400, "invalid", "region_size 64K cuts the source's 8M into 128 regions, more than 16")
+        assert "use 512K or more" in r.error()["message"]
+        assert "m2" not in api.array.luns
+        r = api.request(
+            "POST", "/api/v1/migrations", {"lun": "m3", "source": src.uri, "region_size": 512 << 10}
+        )
+        assert r.status == 201 and r.json()["region_size"] == 512 << 10, r.body
+        for lun in ("m1", "m3"):
+            api.request("POST", f"/api/v1/migrations/{lun}/cancel")
+            api.request("DELETE", f"/api/v1/luns/{lun}?force=true")
 
 
 async def _rows(array: Array) -> list[Any]:
