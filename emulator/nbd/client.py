@@ -704,16 +704,24 @@ class NbdClient:
         pend = self._pending.get(ev.cookie)
         if pend is None:
             raise ProtocolError(f"reply for unknown cookie {ev.cookie}")
+        # A ProtocolError is raised with the request still in _pending: the broken
+        # connection fails it with the others (taken out first, it waited forever).
         if isinstance(ev, p.SimpleReply):
+            if ev.error:
+                error: RequestError | None = self._error(pend, ev.error, "")
+            elif pend.type == p.CMD_BLOCK_STATUS:
+                # success needs a BLOCK_STATUS chunk: extents() returned None for this one
+                raise ProtocolError("BLOCK_STATUS answered by a simple reply")
+            else:
+                error = None  # a READ's data is in its buffer already
             del self._pending[ev.cookie]
-            # a READ's data is in its buffer already
-            _resolve(pend, None, self._error(pend, ev.error, "") if ev.error else None)
+            _resolve(pend, None, error)
             return
         self._on_chunk(pend, ev)
         if ev.done:
-            del self._pending[ev.cookie]
             if pend.error is None and pend.type == p.CMD_BLOCK_STATUS and not pend.extents:
                 raise ProtocolError("BLOCK_STATUS reply without extents")
+            del self._pending[ev.cookie]
             _resolve(pend, pend.extents, pend.error)
 
     def _on_chunk(self, pend: _Pending, ch: p.StructuredChunk) -> None:

@@ -1,0 +1,139 @@
+"""Our client against a server that breaks the protocol in transmission.
+
+The server here is a small scripted asyncio one on 127.0.0.1 port 0: a
+plain handshake (structured replies, base:allocation, GO with the block
+sizes a test chooses), then every request is answered by a function of the
+test, so every reply byte is ours to get wrong. The client must never hand
+its caller a wrong answer, crash, or leave a request waiting forever: a
+reply it cannot trust breaks the connection and fails what is pending with
+DisconnectedError. Every test is bounded by ``TIMEOUT``.
+
+Section names refer to doc/proto.md of NetworkBlockDevice/nbd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from emulator.nbd import protocol as p
+from emulator.nbd.client import NbdClient
+from emulator.nbd.errors import DisconnectedError
+
+pytestmark = pytest.mark.timeout(60)
+
+TIMEOUT = 10.0
+SIZE = 1 << 20
+FLAGS = p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES | p.FLAG_SEND_CACHE
+
+#: answers one request: (type, flags, cookie, offset, length) -> reply bytes
+Answer = Callable[[int, int, int, int, int], bytes]
+
+
+def good(type_: int, flags: int, cookie: int, offset: int, length: int) -> bytes:
+    """What a correct server answers (data of 0xAB, all of it allocated)."""
+    if type_ == p.CMD_READ:
+        hdr = p.build_structured_header(cookie, p.REPLY_TYPE_OFFSET_DATA, length + 8, p.REPLY_FLAG_DONE)
+        return hdr + p.U64.pack(offset) + b"\xab" * length
+    if type_ == p.CMD_BLOCK_STATUS:
+        return p.build_block_status_chunk(cookie, 1, [p.Extent(length, 0)])
+    return p.build_simple_reply(cookie)
+
+
+@asynccontextmanager
+async def bogus_server(answer: Answer, block_size: tuple[int, int, int] | None = None) -> AsyncIterator[str]:
+    """A server whose replies ``answer`` makes; yields its URI."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            w.write(p.SERVER_GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
+            await r.readexactly(4)
+            while True:
+                _, opt, length = p.OPTION_HEADER.unpack(await r.readexactly(p.OPTION_HEADER.size))
+                await r.readexactly(length)
+                if opt == p.OPT_SET_META_CONTEXT:
+                    ctx = p.U32.pack(1) + p.BASE_ALLOCATION.encode()
+                    w.write(p.build_option_reply(opt, p.REP_META_CONTEXT, ctx))
+                elif opt == p.OPT_GO:
+                    info = p.INFO_EXPORT_FMT.pack(p.INFO_EXPORT, SIZE, FLAGS)
+                    w.write(p.build_option_reply(opt, p.REP_INFO, info))
+                    if block_size is not None:
+                        bs = p.INFO_BLOCK_SIZE_FMT.pack(p.INFO_BLOCK_SIZE, *block_size)
+                        w.write(p.build_option_reply(opt, p.REP_INFO, bs))
+                w.write(p.build_option_reply(opt, p.REP_ACK))
+                if opt == p.OPT_GO:
+                    break
+            while True:
+                header = await r.readexactly(p.REQUEST.size)
+                _, flags, type_, cookie, offset, length = p.REQUEST.unpack(header)
+                if type_ == p.CMD_DISC:
+                    break
+                if type_ == p.CMD_WRITE:
+                    await r.readexactly(length)
+                w.write(answer(type_, flags, cookie, offset, length))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        port = srv.sockets[0].getsockname()[1]
+        yield f"nbd://127.0.0.1:{port}/vol"
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+def run_against(answer: Answer, call: Callable[[NbdClient], Awaitable[Any]]) -> Any:
+    """``call(client)`` against a server answering with ``answer``: its result or exception."""
+
+    async def main() -> Any:
+        async with bogus_server(answer) as uri:
+            c = await NbdClient.connect(uri, timeout=TIMEOUT)
+            try:
+                return await call(c)
+            finally:
+                await c.close(timeout=1)
+
+    return asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+
+
+def test_the_scripted_server_is_a_good_one() -> None:
+    async def call(c: NbdClient) -> None:
+        assert await c.read(4096, 100) == b"\xab" * 100
+        assert await c.extents(0, 8192) == [p.Extent(8192, 0)]
+        await c.write(0, b"x" * 10)
+
+    run_against(good, call)
+
+
+# =========================================================================== BLOCK_STATUS
+def _none_done(type_: int, flags: int, cookie: int, offset: int, length: int) -> bytes:
+    return p.build_structured_header(cookie, p.REPLY_TYPE_NONE, 0, p.REPLY_FLAG_DONE)
+
+
+def _simple_ok(type_: int, flags: int, cookie: int, offset: int, length: int) -> bytes:
+    return p.build_simple_reply(cookie)
+
+
+@pytest.mark.parametrize(
+    "answer, why",
+    [(_none_done, "BLOCK_STATUS reply without extents"), (_simple_ok, "BLOCK_STATUS answered by a simple")],
+    ids=["done-without-extents", "simple-reply"],
+)
+def test_a_block_status_success_without_extents_breaks_the_connection(answer: Answer, why: str) -> None:
+    """Section "NBD_CMD_BLOCK_STATUS": success is a structured reply with at least one
+    BLOCK_STATUS chunk. Without one, extents() waited forever (the request was taken
+    out of the pending ones before the connection failed them), or returned None."""
+
+    async def call(c: NbdClient) -> None:
+        with pytest.raises(DisconnectedError, match=why):
+            await asyncio.wait_for(c.extents(0, 8192), 5)
+        assert c.closed
+
+    run_against(answer, call)
