@@ -98,6 +98,7 @@ class _Pending:
     error: RequestError | None = None
     done: Done | None = None
     value: Any = None  # what ``done`` gets on success: a READ's bytearray
+    seen: int = 0  # bytes of a structured READ's data and hole chunks so far
 
 
 class _Wire(asyncio.BufferedProtocol):
@@ -719,8 +720,17 @@ class NbdClient:
             return
         self._on_chunk(pend, ev)
         if ev.done:
-            if pend.error is None and pend.type == p.CMD_BLOCK_STATUS and not pend.extents:
-                raise ProtocolError("BLOCK_STATUS reply without extents")
+            if pend.error is None:
+                if pend.type == p.CMD_READ and pend.seen != pend.length:
+                    # Section "Structured reply chunk message": on success the chunks cover
+                    # the whole READ. Short, the caller got the zeroes of its own buffer for
+                    # data; over, two chunks overlap (a copy would then be wrong somewhere).
+                    raise ProtocolError(
+                        f"structured READ {pend.offset}+{pend.length} succeeded with "
+                        f"{pend.seen} bytes of data and holes"
+                    )
+                if pend.type == p.CMD_BLOCK_STATUS and not pend.extents:
+                    raise ProtocolError("BLOCK_STATUS reply without extents")
             del self._pending[ev.cookie]
             _resolve(pend, pend.extents, pend.error)
 
@@ -734,7 +744,8 @@ class NbdClient:
                 pend.error = self._error(pend, err, msg)
             return
         if t == p.REPLY_TYPE_OFFSET_DATA and pend.type == p.CMD_READ:
-            return  # the decoder checked it and put the data in place
+            pend.seen += ch.placed  # the decoder checked it and put the data in place
+            return
         if t == p.REPLY_TYPE_OFFSET_HOLE and pend.type == p.CMD_READ:
             if len(ch.payload) != 12:
                 raise ProtocolError("OFFSET_HOLE chunk has the wrong length")
@@ -744,6 +755,7 @@ class NbdClient:
                 raise ProtocolError(f"OFFSET_HOLE chunk at {off}+{n} outside the request")
             assert pend.buf is not None
             pend.buf[start : start + n] = bytes(n)
+            pend.seen += n
             return
         if t == p.REPLY_TYPE_BLOCK_STATUS and pend.type == p.CMD_BLOCK_STATUS:
             ctx, extents = p.parse_block_status_chunk(ch.payload, MAX_EXTENTS)

@@ -507,12 +507,17 @@ class SimpleReply:
 
 @dataclass(slots=True)
 class StructuredChunk:
-    """``magic:u32 flags:u16 type:u16 cookie:u64 length:u32`` then ``length`` bytes."""
+    """``magic:u32 flags:u16 type:u16 cookie:u64 length:u32`` then ``length`` bytes.
+
+    An OFFSET_DATA chunk whose data the decoder put in the READ's buffer has an
+    empty ``payload`` and says in ``placed`` how many bytes it put there (the
+    client checks that a successful READ got all its bytes)."""
 
     cookie: int
     flags: int
     type: int
     payload: bytes
+    placed: int = 0
 
     @property
     def done(self) -> bool:
@@ -651,7 +656,7 @@ class ReplyDecoder(_Receiver[tuple[ReplyEvent, bytes | bytearray | None]]):
                     rel = off - dest[0]
                     if rel < 0 or rel + n > len(dest[1]):
                         raise ProtocolError(f"OFFSET_DATA chunk at {off}+{n} outside the request")
-                    placed = StructuredChunk(cookie, flags, type_, b"")  # the data is in place
+                    placed = StructuredChunk(cookie, flags, type_, b"", n)  # the data is in place
                     return self._payload(placed, start + _STRUCTURED_SIZE + 8, dest[1][rel : rel + n], 0)
             if avail < _STRUCTURED_SIZE + length:
                 self._need = _STRUCTURED_SIZE + length

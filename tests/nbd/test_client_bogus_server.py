@@ -137,3 +137,62 @@ def test_a_block_status_success_without_extents_breaks_the_connection(answer: An
         assert c.closed
 
     run_against(answer, call)
+
+
+# =========================================================================== READ
+def _data(cookie: int, offset: int, length: int, done: bool = False) -> bytes:
+    flags = p.REPLY_FLAG_DONE if done else 0
+    hdr = p.build_structured_header(cookie, p.REPLY_TYPE_OFFSET_DATA, length + 8, flags)
+    return hdr + p.U64.pack(offset) + b"\xab" * length
+
+
+def _hole(cookie: int, offset: int, length: int, done: bool = False) -> bytes:
+    flags = p.REPLY_FLAG_DONE if done else 0
+    hdr = p.build_structured_header(cookie, p.REPLY_TYPE_OFFSET_HOLE, 12, flags)
+    return hdr + p.HOLE_BODY.pack(offset, length)
+
+
+def _read_answer(make: Callable[[int, int, int], bytes]) -> Answer:
+    def answer(type_: int, flags: int, cookie: int, offset: int, length: int) -> bytes:
+        return (
+            make(cookie, offset, length)
+            if type_ == p.CMD_READ
+            else good(type_, flags, cookie, offset, length)
+        )
+
+    return answer
+
+
+SHORT_READS = {
+    "none-done": lambda c, o, n: p.build_structured_header(c, p.REPLY_TYPE_NONE, 0, p.REPLY_FLAG_DONE),
+    "first-half": lambda c, o, n: _data(c, o, n // 2, done=True),
+    "hole-then-none": lambda c, o, n: (
+        _hole(c, o, n // 2) + p.build_structured_header(c, p.REPLY_TYPE_NONE, 0, p.REPLY_FLAG_DONE)
+    ),
+    "overlapping": lambda c, o, n: _data(c, o, n // 2 + 1) + _data(c, o + n // 2, n - n // 2, done=True),
+}
+
+
+@pytest.mark.parametrize("make", SHORT_READS.values(), ids=SHORT_READS.keys())
+def test_a_structured_read_that_does_not_cover_the_request_breaks_the_connection(
+    make: Callable[[int, int, int], bytes],
+) -> None:
+    """Section "Structured reply chunk message": a successful READ's chunks cover the
+    whole request. The client took a DONE without them for success, and its caller got
+    the zeroes of its own buffer for the data (a migration's copy would store them)."""
+
+    async def call(c: NbdClient) -> None:
+        with pytest.raises(DisconnectedError, match="READ 4096\\+8192 succeeded with"):
+            await asyncio.wait_for(c.read(4096, 8192), 5)
+
+    run_against(_read_answer(make), call)
+
+
+def test_a_structured_read_of_data_and_hole_chunks_in_any_order_succeeds() -> None:
+    def make(c: int, o: int, n: int) -> bytes:
+        return _hole(c, o + n // 2, n - n // 2) + _data(c, o, n // 2, done=True)
+
+    async def call(c: NbdClient) -> None:
+        assert await c.read(4096, 8192) == b"\xab" * 4096 + bytes(4096)
+
+    run_against(_read_answer(make), call)

@@ -569,9 +569,9 @@ def test_reply_decoder_places_read_data_in_the_callers_buffer(chunk: int) -> Non
     events = _socket_feed(dec, stream, chunk)
     assert events == [
         (p.SimpleReply(1, 0), None),
-        (p.StructuredChunk(2, 0, p.REPLY_TYPE_OFFSET_DATA, b""), None),
+        (p.StructuredChunk(2, 0, p.REPLY_TYPE_OFFSET_DATA, b"", placed=16), None),
         (p.SimpleReply(9, 0), None),
-        (p.StructuredChunk(2, 1, p.REPLY_TYPE_OFFSET_DATA, b""), None),
+        (p.StructuredChunk(2, 1, p.REPLY_TYPE_OFFSET_DATA, b"", placed=len(big)), None),
         (p.SimpleReply(3, 0), None),
         (p.StructuredChunk(5, 1, p.REPLY_TYPE_BLOCK_STATUS, h("00000001 00001000 00000000")), None),
     ]
