@@ -309,6 +309,17 @@ class _Handshake:
                 return replies
 
 
+def _valid_block_size(bs: p.BlockSize, size: int) -> bool:
+    """Block sizes as section "Block size constraints" allows them: a minimum that is a
+    power of 2 up to 64 KiB, a preferred size that is a power of 2 not below it, and a
+    maximum that is 0xffffffff or a multiple of the minimum at least as large as the
+    preferred size or the export, whichever is smaller (and never below the minimum)."""
+    mn, pref, mx = bs.minimum, bs.preferred, bs.maximum
+    if not (0 < mn <= 65536 and mn & (mn - 1) == 0 and pref >= mn and pref & (pref - 1) == 0):
+        return False
+    return mx == 0xFFFF_FFFF or (mx >= mn and mx % mn == 0 and mx >= min(pref, size))
+
+
 def _option_error(uri: str, what: str, rep: p.OptionReply) -> OptionError:
     names = {
         p.REP_ERR_UNSUP: "not supported",
@@ -429,6 +440,7 @@ class NbdClient:
         if last.is_error:
             raise _option_error(uri, f"GO to export {name!r}", last)
         got_export = False
+        block_size: p.BlockSize | None = None
         for rep in replies[:-1]:
             if rep.type != p.REP_INFO or len(rep.data) < 2:
                 continue
@@ -440,9 +452,16 @@ class NbdClient:
                 self.description = rep.data[2:].decode(errors="replace")
             elif itype == p.INFO_BLOCK_SIZE and len(rep.data) == p.INFO_BLOCK_SIZE_FMT.size:
                 _, mn, pref, mx = p.INFO_BLOCK_SIZE_FMT.unpack(rep.data)
-                self.block_size = p.BlockSize(mn, pref, mx)
+                block_size = p.BlockSize(mn, pref, mx)
         if not got_export:
             raise ProtocolError(f"{uri}: GO succeeded without NBD_INFO_EXPORT")
+        if block_size is not None:
+            if _valid_block_size(block_size, self.size):
+                self.block_size = block_size
+            else:
+                # Requests are split at the maximum: 0 crashed every read and write (a
+                # range() step of 0), 1 would send a 32 MiB read as 32M requests.
+                log.warning("%s: ignoring invalid block sizes %s", uri, block_size)
         self._max_request = min(self.block_size.maximum, p.MAX_BLOCK)
 
     async def _export_name(self, hs: _Handshake, name: str) -> None:

@@ -89,11 +89,16 @@ async def bogus_server(answer: Answer, block_size: tuple[int, int, int] | None =
         await srv.wait_closed()
 
 
-def run_against(answer: Answer, call: Callable[[NbdClient], Awaitable[Any]]) -> Any:
-    """``call(client)`` against a server answering with ``answer``: its result or exception."""
+def run_against(
+    answer: Answer,
+    call: Callable[[NbdClient], Awaitable[Any]],
+    block_size: tuple[int, int, int] | None = None,
+) -> Any:
+    """``call(client)`` against a server answering with ``answer`` (and offering
+    ``block_size`` in its GO reply): its result or exception."""
 
     async def main() -> Any:
-        async with bogus_server(answer) as uri:
+        async with bogus_server(answer, block_size) as uri:
             c = await NbdClient.connect(uri, timeout=TIMEOUT)
             try:
                 return await call(c)
@@ -196,3 +201,49 @@ def test_a_structured_read_of_data_and_hole_chunks_in_any_order_succeeds() -> No
         assert await c.read(4096, 8192) == b"\xab" * 4096 + bytes(4096)
 
     run_against(_read_answer(make), call)
+
+
+# =========================================================================== block sizes
+@pytest.mark.parametrize(
+    "block_size",
+    [
+        (1, 4096, 0),
+        (1, 4096, 1),
+        (512, 4096, 256),
+        (3, 4096, 3 << 20),
+        (1 << 17, 1 << 17, 1 << 25),
+        (512, 256, 1 << 20),
+    ],
+    ids=["max-0", "max-1", "max-below-min", "min-not-power-of-2", "min-over-64k", "preferred-below-min"],
+)
+def test_invalid_block_sizes_are_ignored(block_size: tuple[int, int, int]) -> None:
+    """Section "Block size constraints". Requests are split at the maximum block size:
+    a maximum of 0 made every read, write and cache fail with ValueError (a range()
+    step of 0); 1 would have sent a 32 MiB read as 32M requests."""
+
+    async def call(c: NbdClient) -> None:
+        assert c.block_size == p.BlockSize()
+        assert await c.read(0, SIZE) == b"\xab" * SIZE
+        await c.write(4096, b"y" * 8192)
+        await c.cache(0, 8192)
+        await c.write_zeroes(0, 8192)
+
+    run_against(good, call, block_size)
+
+
+@pytest.mark.parametrize(
+    "block_size", [(1, 4096, 0xFFFF_FFFF), (512, 4096, 32 << 20), (4096, 4096, 256 << 10), (1, 4096, SIZE)]
+)
+def test_valid_block_sizes_are_kept(block_size: tuple[int, int, int]) -> None:
+    sent: list[int] = []
+
+    def answer(type_: int, flags: int, cookie: int, offset: int, length: int) -> bytes:
+        sent.append(length)
+        return good(type_, flags, cookie, offset, length)
+
+    async def call(c: NbdClient) -> None:
+        assert c.block_size == p.BlockSize(*block_size)
+        assert await c.read(0, SIZE) == b"\xab" * SIZE
+
+    run_against(answer, call, block_size)
+    assert max(sent) == min(block_size[2], p.MAX_BLOCK, SIZE)
