@@ -719,9 +719,16 @@ class ServerHandshake:
     TRANSMISSION, :attr:`negotiated` says what was agreed and
     :attr:`leftover` holds any request bytes that came in behind the last
     option. CLOSED means: send what is pending, then close.
+
+    Options are answered until ``OUTPUT_BUDGET`` bytes of replies wait in
+    :meth:`data_to_send`; the rest stay buffered (:attr:`buffered`) until
+    :meth:`receive_data` is called again, with ``b""`` once the replies are
+    sent. A client that pipelines options and never reads the replies holds
+    no more than that: 16 bytes of NBD_OPT_LIST each bring a reply per export.
     """
 
     ALLOCATION_ID = 1
+    OUTPUT_BUDGET = 64 * 1024
 
     def __init__(self, exports: Mapping[str, ExportInfo], default_export: str | None = None):
         self._exports = exports
@@ -729,6 +736,7 @@ class ServerHandshake:
         self._in = bytearray()
         greeting = SERVER_GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
         self._out: list[bytes] = [greeting]
+        self._out_bytes = 0  # in _out, of option replies (see OUTPUT_BUDGET)
         self.phase = Phase.GREETING
         self.no_zeroes = False
         self.structured = False
@@ -740,7 +748,14 @@ class ServerHandshake:
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
+        self._out_bytes = 0
         return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet processed (an option not complete yet, or
+        options held back by OUTPUT_BUDGET)."""
+        return len(self._in)
 
     def receive_data(self, data: bytes) -> None:
         if self.phase in (Phase.TRANSMISSION, Phase.CLOSED):
@@ -760,7 +775,9 @@ class ServerHandshake:
         return self._exports.get(name)
 
     def _reply(self, opt: int, rep: int, data: bytes = b"") -> None:
-        self._out.append(build_option_reply(opt, rep, data))
+        reply = build_option_reply(opt, rep, data)
+        self._out.append(reply)
+        self._out_bytes += len(reply)
 
     def _error(self, opt: int, rep: int, message: str) -> None:
         self._reply(opt, rep, encode_string(message))
@@ -779,7 +796,11 @@ class ServerHandshake:
                 raise ProtocolError(f"unknown client flags 0x{cflags:08x}")
             self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
             self.phase = Phase.OPTIONS
-        while self.phase is Phase.OPTIONS and len(buf) >= OPTION_HEADER.size:
+        while (
+            self.phase is Phase.OPTIONS
+            and len(buf) >= OPTION_HEADER.size
+            and self._out_bytes < self.OUTPUT_BUDGET
+        ):
             magic, opt, length = OPTION_HEADER.unpack_from(buf)
             if magic != IHAVEOPT:
                 raise ProtocolError(f"bad option magic 0x{magic:016x}")

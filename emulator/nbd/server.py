@@ -334,16 +334,22 @@ class _Connection(asyncio.BufferedProtocol):
     def _handshake(self, data: bytes) -> None:
         hs = self._hs
         assert hs is not None and self.transport is not None
-        try:
-            hs.receive_data(data)
-        finally:
-            out = hs.data_to_send()
-            if out:
-                self.transport.write(out)
-                if hs.phase is p.Phase.OPTIONS and self._timer is not None:
-                    # an option was answered: the client makes progress, restart its clock
-                    self._timer.cancel()
-                    self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._hs_timeout)
+        while True:
+            try:
+                hs.receive_data(data)
+            finally:
+                out = hs.data_to_send()
+                if out:
+                    self.transport.write(out)
+                    if hs.phase is p.Phase.OPTIONS and self._timer is not None:
+                        # an option was answered: the client makes progress, restart its clock
+                        self._timer.cancel()
+                        self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._hs_timeout)
+            # The core holds options back once OUTPUT_BUDGET bytes of replies wait: go on
+            # while the client takes them; once the transport pauses us, _resume goes on.
+            if not (out and hs.buffered and hs.phase is p.Phase.OPTIONS and not self._paused_reasons):
+                break
+            data = b""
         if hs.phase is p.Phase.CLOSED:
             self.transport.close()
         elif hs.phase is p.Phase.TRANSMISSION:
@@ -814,6 +820,15 @@ class _Connection(asyncio.BufferedProtocol):
                 self._abort(f"protocol error: {e}")
                 return
             if self._paused_reasons or self._disconnecting:
+                return
+        elif self._hs is not None and self._hs.buffered and self._hs.phase is p.Phase.OPTIONS:
+            # options held back while the client did not take our replies (OUTPUT_BUDGET)
+            try:
+                self._handshake(b"")
+            except ProtocolError as e:
+                self._abort(f"protocol error: {e}")
+                return
+            if self._paused_reasons or self._disconnecting or self.transport.is_closing():
                 return
         self.transport.resume_reading()
 

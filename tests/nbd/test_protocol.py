@@ -754,6 +754,34 @@ def test_handshake_bad_client_flags(flags: int) -> None:
         hs.receive_data(p.build_option(p.OPT_LIST))
 
 
+def test_handshake_holds_options_back_past_its_output_budget() -> None:
+    """Options pipelined by a client that does not read the replies wait in the core
+    once OUTPUT_BUDGET bytes of replies do; ``receive_data(b"")`` after a send goes on,
+    and the replies are those of the options one by one, in order."""
+    many = {f"export-{i:03d}": p.ExportInfo(f"export-{i:03d}", MIB, FLAGS) for i in range(100)}
+    c = ScriptedClient(many)
+    per_list = sum(20 + len(r.data) for r in c.option(p.OPT_LIST))  # bytes of one LIST's replies
+    n = 2 * p.ServerHandshake.OUTPUT_BUDGET // per_list + 3
+    c.hs.receive_data(
+        p.build_option(p.OPT_LIST) * n + p.build_option(p.OPT_GO, p.build_info_request("export-000"))
+    )
+    out = c.hs.data_to_send()
+    assert p.ServerHandshake.OUTPUT_BUDGET <= len(out) < p.ServerHandshake.OUTPUT_BUDGET + per_list
+    assert c.hs.buffered and c.hs.phase is p.Phase.OPTIONS
+    while c.hs.phase is p.Phase.OPTIONS:
+        c.hs.receive_data(b"")
+        more = c.hs.data_to_send()
+        assert more and len(more) < p.ServerHandshake.OUTPUT_BUDGET + per_list
+        out += more
+    replies, rest = _parse_option_replies(out)
+    assert rest == b"" and c.hs.buffered == 0
+    assert [r.type for r in replies] == ([p.REP_SERVER] * 100 + [p.REP_ACK]) * n + [
+        p.REP_INFO,
+        p.REP_INFO,
+        p.REP_ACK,
+    ]
+
+
 def test_handshake_list() -> None:
     c = ScriptedClient()
     replies = c.option(p.OPT_LIST)

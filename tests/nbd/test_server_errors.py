@@ -593,6 +593,49 @@ def test_handshake_timeout_spares_a_client_that_keeps_negotiating(
         assert reply[:16] == p.build_simple_reply(7) and len(reply) == 528
 
 
+def test_a_client_that_does_not_read_option_replies_holds_back_its_own_options() -> None:
+    """16 bytes of NBD_OPT_LIST bring a reply per export. The server answered every
+    option it received at once, so a client that pipelined LISTs and never read made
+    it queue their replies without bound (with 3000 LUNs, ~0.5 MB held per 16 bytes
+    sent; 8 MB per connection here). Now options wait unanswered while OUTPUT_BUDGET
+    bytes of replies do, and are answered as the client takes them."""
+    exports, lists = 300, 300
+    s = ServerThread()
+    try:
+        s.start()
+
+        async def add() -> None:
+            for i in range(exports):
+                s.server.add_export(f"volume-{i:04d}-" + "x" * 80, MemoryBackend(MIB))
+
+        s.call(add())
+
+        async def queued() -> int:
+            return sum(c.transport.get_write_buffer_size() for c in s.server.connections if c.transport)
+
+        with socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT) as sock:
+            f = sock.makefile("rb")
+            assert f.read(18) == GREETING
+            sock.sendall(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE) + p.build_option(p.OPT_LIST) * lists)
+            time.sleep(1.0)
+            assert s.call(queued()) < MIB, "the server queues replies nobody reads"
+            servers = acks = 0
+            while acks < lists:
+                head = f.read(20)
+                assert len(head) == 20
+                _, opt, rep, length = p.OPTION_REPLY_HEADER.unpack(head)
+                f.read(length)
+                assert opt == p.OPT_LIST
+                servers += rep == p.REP_SERVER
+                acks += rep == p.REP_ACK
+            assert servers == exports * lists
+            sock.sendall(p.build_option(p.OPT_EXPORT_NAME, b"volume-0000-" + b"x" * 80))
+            size, _ = p.EXPORT_NAME_REPLY.unpack(f.read(10))
+            assert size == MIB and f.read(124) == bytes(124)
+    finally:
+        s.stop()
+
+
 # =========================================================================== out of range
 OUT_OF_RANGE = [
     ("read-tail", p.CMD_READ, MIB - 100, 200, p.EINVAL),
