@@ -330,6 +330,11 @@ class _Connection(asyncio.BufferedProtocol):
     def _hs_timeout(self) -> None:
         if self._dec is None:
             self._abort("handshake timed out")
+            if self.transport is not None:
+                # a close waits until the client has taken the replies queued for it:
+                # one that stopped reading them (and so stopped negotiating) kept its
+                # connection and its buffers for as long as it liked
+                self.transport.abort()
 
     def _handshake(self, data: bytes) -> None:
         hs = self._hs

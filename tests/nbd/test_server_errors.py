@@ -593,6 +593,16 @@ def test_handshake_timeout_spares_a_client_that_keeps_negotiating(
         assert reply[:16] == p.build_simple_reply(7) and len(reply) == 528
 
 
+def _add_many_exports(s: ServerThread, n: int) -> None:
+    """``n`` exports with names of ~100 bytes: a LIST brings ~35 KiB of replies per 300."""
+
+    async def add() -> None:
+        for i in range(n):
+            s.server.add_export(f"volume-{i:04d}-" + "x" * 80, MemoryBackend(MIB))
+
+    s.call(add())
+
+
 def test_a_client_that_does_not_read_option_replies_holds_back_its_own_options() -> None:
     """16 bytes of NBD_OPT_LIST bring a reply per export. The server answered every
     option it received at once, so a client that pipelined LISTs and never read made
@@ -603,12 +613,7 @@ def test_a_client_that_does_not_read_option_replies_holds_back_its_own_options()
     s = ServerThread()
     try:
         s.start()
-
-        async def add() -> None:
-            for i in range(exports):
-                s.server.add_export(f"volume-{i:04d}-" + "x" * 80, MemoryBackend(MIB))
-
-        s.call(add())
+        _add_many_exports(s, exports)
 
         async def queued() -> int:
             return sum(c.transport.get_write_buffer_size() for c in s.server.connections if c.transport)
@@ -632,6 +637,29 @@ def test_a_client_that_does_not_read_option_replies_holds_back_its_own_options()
             sock.sendall(p.build_option(p.OPT_EXPORT_NAME, b"volume-0000-" + b"x" * 80))
             size, _ = p.EXPORT_NAME_REPLY.unpack(f.read(10))
             assert size == MIB and f.read(124) == bytes(124)
+    finally:
+        s.stop()
+
+
+def test_handshake_timeout_drops_a_client_that_does_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handshake timeout closed the connection, and a close waits until the client
+    has taken the replies queued for it: a client that sent options and stopped
+    reading kept its connection (and what was queued) after the timeout, forever."""
+    monkeypatch.setattr(nbd_server, "HANDSHAKE_TIMEOUT", 0.3)
+    s = ServerThread()
+    try:
+        s.start()
+        _add_many_exports(s, 300)
+
+        async def connections() -> int:
+            return len(s.server.connections)
+
+        with socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT) as sock:
+            sock.sendall(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE) + p.build_option(p.OPT_LIST) * 300)
+            deadline = time.monotonic() + TIMEOUT
+            while s.call(connections()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert s.call(connections()) == 0, "the timed-out client is still connected"
     finally:
         s.stop()
 
