@@ -349,14 +349,24 @@ async def list_exports(uri: str, timeout: float = 10.0) -> list[tuple[str, str]]
         replies = await asyncio.wait_for(hs.option(p.OPT_LIST), timeout)
         if replies[-1].is_error:
             raise _option_error(addr.uri(), "LIST", replies[-1])
-        out = []
-        for rep in replies[:-1]:
-            (n,) = p.U32.unpack_from(rep.data)
-            out.append((rep.data[4 : 4 + n].decode(), rep.data[4 + n :].decode()))
+        out = [_server_reply(addr.uri(), rep.data) for rep in replies[:-1] if rep.type == p.REP_SERVER]
         wire.write(p.build_option(p.OPT_ABORT))
         return out
+    except asyncio.IncompleteReadError:
+        raise DisconnectedError(f"{addr.uri()}: server closed the connection during LIST") from None
     finally:
         wire.close()
+
+
+def _server_reply(uri: str, data: bytes) -> tuple[str, str]:
+    """NBD_REP_SERVER: ``namelen:u32 name description`` (section "NBD_OPT_LIST")."""
+    n = p.U32.unpack_from(data)[0] if len(data) >= 4 else -1
+    if not 0 <= n <= len(data) - 4:
+        raise ProtocolError(f"{uri}: LIST: an NBD_REP_SERVER reply of {len(data)} bytes names {n}")
+    try:
+        return data[4 : 4 + n].decode(), data[4 + n :].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{uri}: LIST: an export name or description is not UTF-8") from None
 
 
 class NbdClient:

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from emulator.nbd import protocol as p
-from emulator.nbd.client import NbdClient
-from emulator.nbd.errors import DisconnectedError
+from emulator.nbd.client import NbdClient, list_exports
+from emulator.nbd.errors import DisconnectedError, ProtocolError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -247,3 +247,62 @@ def test_valid_block_sizes_are_kept(block_size: tuple[int, int, int]) -> None:
 
     run_against(answer, call, block_size)
     assert max(sent) == min(block_size[2], p.MAX_BLOCK, SIZE)
+
+
+# =========================================================================== LIST
+@asynccontextmanager
+async def listing_server(replies: bytes) -> AsyncIterator[str]:
+    """A server that answers NBD_OPT_LIST with ``replies``, then closes."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            w.write(p.SERVER_GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
+            await r.readexactly(4 + p.OPTION_HEADER.size)
+            w.write(replies)
+            await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"nbd://127.0.0.1:{srv.sockets[0].getsockname()[1]}/"
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+def _server(data: bytes) -> bytes:
+    return p.build_option_reply(p.OPT_LIST, p.REP_SERVER, data)
+
+
+ACK = p.build_option_reply(p.OPT_LIST, p.REP_ACK)
+BAD_LISTS = {
+    "short": (_server(b"\0\0") + ACK, ProtocolError),
+    "name-past-the-reply": (_server(p.U32.pack(10) + b"vol") + ACK, ProtocolError),
+    "name-not-utf8": (_server(p.U32.pack(2) + b"\xff\xfe") + ACK, ProtocolError),
+    "closed-half-way": (_server(p.U32.pack(3) + b"vol"), DisconnectedError),
+}
+
+
+@pytest.mark.parametrize("replies, error", BAD_LISTS.values(), ids=BAD_LISTS.keys())
+def test_list_exports_with_malformed_replies_raises_an_nbd_error(replies: bytes, error: type) -> None:
+    """list_exports raised struct.error, UnicodeDecodeError or IncompleteReadError
+    (none of them an NbdError), or returned a name cut short."""
+
+    async def main() -> None:
+        async with listing_server(replies) as uri:
+            with pytest.raises(error):
+                await list_exports(uri, timeout=TIMEOUT)
+
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+
+
+def test_list_exports_reads_names_and_descriptions() -> None:
+    async def main() -> None:
+        replies = _server(p.U32.pack(3) + b"vol" + b"a disk") + _server(p.U32.pack(0)) + ACK
+        async with listing_server(replies) as uri:
+            assert await list_exports(uri, timeout=TIMEOUT) == [("vol", "a disk"), ("", "")]
+
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
