@@ -498,6 +498,7 @@ class FileBackend(Backend):
         fd, end = self._fd, offset + length
         out: list[Extent] = []
         pos = offset
+        raced = 0
         try:
             while pos < end and len(out) < 1024:
                 try:
@@ -511,6 +512,15 @@ class FileBackend(Backend):
                     out.append(Extent(n, STATE_HOLE | STATE_ZERO))
                 else:
                     hole = os.lseek(fd, pos, os.SEEK_HOLE)
+                    if hole <= pos:
+                        # A hole punched at pos between the two seeks (a TRIM in a thread):
+                        # an extent of length 0 is no valid NBD descriptor (the server sent
+                        # one as a REQ_ONE answer, and clients drop the connection). Look
+                        # again; if it keeps racing, data is always a safe answer.
+                        raced += 1
+                        if raced < 3:
+                            continue
+                        hole = end
                     n = min(hole, end) - pos
                     out.append(Extent(n, 0))
                 pos += n
