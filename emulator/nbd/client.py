@@ -31,6 +31,7 @@ log = logging.getLogger("blockmig.nbd.client")
 DEFAULT_PORT = 10809
 #: requests queued on the transport beyond this wait for it to drain
 WRITE_BUFFER_MAX = 4 << 20
+_ERROR_CHUNK = 1 << 15  # the bit of every error chunk type
 #: extents kept of one BLOCK_STATUS answer (the rest is asked again): a 4 GiB ask of
 #: 4 KiB runs could bring 1M, 100+ MB of objects; this many cover 512 MiB at 4 KiB
 MAX_EXTENTS = 1 << 17
@@ -767,7 +768,11 @@ class NbdClient:
         t = ch.type
         if t == p.REPLY_TYPE_NONE:
             return
-        if t in (p.REPLY_TYPE_ERROR, p.REPLY_TYPE_ERROR_OFFSET):
+        if t & _ERROR_CHUNK:
+            # Section "Structured reply types": a type with bit 15 set is an error chunk,
+            # known or not; an unknown one fails the request, not the connection (it made
+            # us hard-disconnect, failing every request in flight and, through a
+            # RemoteBackend, retrying this one into the same answer until its window ended).
             err, msg, _ = p.parse_error_chunk(ch)
             if pend.error is None:
                 pend.error = self._error(pend, err, msg)

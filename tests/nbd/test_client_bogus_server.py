@@ -22,7 +22,7 @@ import pytest
 
 from emulator.nbd import protocol as p
 from emulator.nbd.client import NbdClient, list_exports
-from emulator.nbd.errors import DisconnectedError, ProtocolError
+from emulator.nbd.errors import DisconnectedError, ProtocolError, RequestError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -201,6 +201,28 @@ def test_a_structured_read_of_data_and_hole_chunks_in_any_order_succeeds() -> No
         assert await c.read(4096, 8192) == b"\xab" * 4096 + bytes(4096)
 
     run_against(_read_answer(make), call)
+
+
+@pytest.mark.parametrize("type_", [(1 << 15) | 3, 0xFFFF], ids=["0x8003", "0xffff"])
+def test_an_unknown_error_chunk_fails_the_request_not_the_connection(type_: int) -> None:
+    """Section "Structured reply types": a chunk type with bit 15 set is an error chunk;
+    an unknown one MUST fail the reply, and transmission MAY go on. The client
+    dropped the connection (every request in flight failed with it)."""
+
+    def answer(t: int, flags: int, cookie: int, offset: int, length: int) -> bytes:
+        if t == p.CMD_READ and offset == 0:
+            body = p.ERROR_CHUNK.pack(p.EIO, 3) + b"bad" + b"future fields"
+            return p.build_structured_header(cookie, type_, len(body), p.REPLY_FLAG_DONE) + body
+        return good(t, flags, cookie, offset, length)
+
+    async def call(c: NbdClient) -> None:
+        with pytest.raises(RequestError) as e:
+            await asyncio.wait_for(c.read(0, 4096), 5)
+        assert e.value.error == p.EIO and "bad" in str(e.value)
+        assert not c.closed
+        assert await c.read(4096, 10) == b"\xab" * 10
+
+    run_against(answer, call)
 
 
 # =========================================================================== block sizes
