@@ -437,7 +437,9 @@ class NbdClient:
             replies = await hs.option(
                 p.OPT_SET_META_CONTEXT, p.build_meta_context_request(name, [p.BASE_ALLOCATION])
             )
-            for rep in replies:
+            # Only if it succeeded (section "NBD_CMD_BLOCK_STATUS": contexts returned
+            # "without an error"); after a final error reply none is set.
+            for rep in replies if replies[-1].type == p.REP_ACK else ():
                 if rep.type == p.REP_META_CONTEXT and rep.data[4:] == p.BASE_ALLOCATION.encode():
                     (self.allocation_context,) = p.U32.unpack_from(rep.data)
         replies = await hs.option(

@@ -45,8 +45,11 @@ def good(type_: int, flags: int, cookie: int, offset: int, length: int) -> bytes
 
 
 @asynccontextmanager
-async def bogus_server(answer: Answer, block_size: tuple[int, int, int] | None = None) -> AsyncIterator[str]:
-    """A server whose replies ``answer`` makes; yields its URI."""
+async def bogus_server(
+    answer: Answer, block_size: tuple[int, int, int] | None = None, meta_final: int = p.REP_ACK
+) -> AsyncIterator[str]:
+    """A server whose replies ``answer`` makes; yields its URI. ``meta_final``: its
+    last reply to SET_META_CONTEXT (after it named base:allocation)."""
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
@@ -64,7 +67,7 @@ async def bogus_server(answer: Answer, block_size: tuple[int, int, int] | None =
                     if block_size is not None:
                         bs = p.INFO_BLOCK_SIZE_FMT.pack(p.INFO_BLOCK_SIZE, *block_size)
                         w.write(p.build_option_reply(opt, p.REP_INFO, bs))
-                w.write(p.build_option_reply(opt, p.REP_ACK))
+                w.write(p.build_option_reply(opt, meta_final if opt == p.OPT_SET_META_CONTEXT else p.REP_ACK))
                 if opt == p.OPT_GO:
                     break
             while True:
@@ -93,12 +96,13 @@ def run_against(
     answer: Answer,
     call: Callable[[NbdClient], Awaitable[Any]],
     block_size: tuple[int, int, int] | None = None,
+    meta_final: int = p.REP_ACK,
 ) -> Any:
     """``call(client)`` against a server answering with ``answer`` (and offering
     ``block_size`` in its GO reply): its result or exception."""
 
     async def main() -> Any:
-        async with bogus_server(answer, block_size) as uri:
+        async with bogus_server(answer, block_size, meta_final) as uri:
             c = await NbdClient.connect(uri, timeout=TIMEOUT)
             try:
                 return await call(c)
@@ -142,6 +146,25 @@ def test_a_block_status_success_without_extents_breaks_the_connection(answer: An
         assert c.closed
 
     run_against(answer, call)
+
+
+def test_a_context_named_by_a_set_meta_context_that_then_failed_is_not_used() -> None:
+    """SET_META_CONTEXT answered with base:allocation and then a final error sets no
+    context; the client used the one named, and sent BLOCK_STATUS requests the server
+    had not agreed to (section "NBD_CMD_BLOCK_STATUS": only contexts returned "without
+    an error")."""
+    sent: list[int] = []
+
+    def answer(t: int, flags: int, cookie: int, offset: int, length: int) -> bytes:
+        sent.append(t)
+        return good(t, flags, cookie, offset, length)
+
+    async def call(c: NbdClient) -> None:
+        assert c.allocation_context is None
+        assert await c.extents(0, 8192) == [p.Extent(8192, 0)]  # all data, nothing asked
+
+    run_against(answer, call, meta_final=p.REP_ERR_INVALID)
+    assert p.CMD_BLOCK_STATUS not in sent
 
 
 # =========================================================================== READ
