@@ -917,6 +917,11 @@ class ServerHandshake:
             return
         try:
             name, queries = _parse_meta_request(data)
+        except _TooManyQueries as e:
+            # valid, only more than we take: section "NBD_OPT_LIST_META_CONTEXT" says
+            # TOO_BIG (INVALID told the client its request was malformed)
+            self._error(opt, REP_ERR_TOO_BIG, str(e))
+            return
         except ValueError as e:
             self._error(opt, REP_ERR_INVALID, str(e))
             return
@@ -937,6 +942,10 @@ class ServerHandshake:
             cid = self.ALLOCATION_ID if opt == OPT_SET_META_CONTEXT else 0
             self._reply(opt, REP_META_CONTEXT, U32.pack(cid) + BASE_ALLOCATION.encode())
         self._reply(opt, REP_ACK)
+
+
+class _TooManyQueries(ValueError):
+    pass
 
 
 def _parse_meta_request(data: bytes) -> tuple[str, list[str]]:
@@ -961,8 +970,10 @@ def _parse_meta_request(data: bytes) -> tuple[str, list[str]]:
         raise ValueError("meta context request truncated")
     (nq,) = U32.unpack_from(data, pos)
     pos += 4
+    if nq * 4 > len(data) - pos:
+        raise ValueError(f"meta context request announces {nq} queries, more than it holds")
     if nq > 1024:
-        raise ValueError(f"{nq} meta context queries is too many")
+        raise _TooManyQueries(f"{nq} meta context queries is too many (at most 1024)")
     queries = [string() for _ in range(nq)]
     if pos != len(data):
         raise ValueError("meta context request has trailing bytes")

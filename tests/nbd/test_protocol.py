@@ -1025,6 +1025,19 @@ def test_handshake_meta_context_malformed_is_invalid(payload: bytes) -> None:
         assert [r.type for r in c.option(opt, payload)] == [p.REP_ERR_INVALID]
 
 
+@pytest.mark.parametrize("opt", [p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT])
+def test_handshake_meta_context_with_too_many_queries_is_too_big(opt: int) -> None:
+    """A well-formed request with more queries than the server takes (1024) is
+    NBD_REP_ERR_TOO_BIG (section "NBD_OPT_LIST_META_CONTEXT"), not INVALID, which
+    says the request is malformed; 1024 are still answered."""
+    c = ScriptedClient()
+    c.option(p.OPT_STRUCTURED_REPLY)
+    many = p.build_meta_context_request("vol", ["base:allocation"] + ["x-other:thing"] * 1024)
+    assert [r.type for r in c.option(opt, many)] == [p.REP_ERR_TOO_BIG]
+    enough = p.build_meta_context_request("vol", ["base:allocation"] + ["x-other:thing"] * 1023)
+    assert [r.type for r in c.option(opt, enough)] == [p.REP_META_CONTEXT, p.REP_ACK]
+
+
 def test_handshake_meta_context_unknown_export() -> None:
     c = ScriptedClient()
     c.option(p.OPT_STRUCTURED_REPLY)
