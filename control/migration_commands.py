@@ -117,12 +117,18 @@ def _action(action: str) -> Any:
 def cmd_wait(args: argparse.Namespace, api: ArrayApi) -> int:
     st = api.wait_migration(args.lun, args.timeout)
     if st["state"] not in FINAL:
-        msg = f"blockmig: migration of {args.lun} still {st['state']} after {args.timeout} s"
+        # --json promises one object on stdout whatever the outcome: a script that parses
+        # it (or `jq`) found nothing on a timeout. The last status is what it waited on.
+        if args.json:
+            _emit(args, st, "")
+        msg = f"blockmig: migration of {args.lun} still {st['state']} after {args.timeout:g} s"
         print(msg, file=sys.stderr)
         return 2
     _emit(args, st, format_status(st))
     if st["state"] != "completed":
-        print(f"blockmig: migration of {args.lun} {st['state']}: {st.get('last_error', '')}", file=sys.stderr)
+        why = st.get("last_error") or ("no error given" if st["state"] == "failed" else "")
+        msg = f"blockmig: migration of {args.lun} {st['state']}" + (f": {why}" if why else "")
+        print(msg, file=sys.stderr)
         return 1
     return 0
 
@@ -203,6 +209,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--timeout",
         type=seconds_arg(positive=False),
         metavar="S",
-        help="give up after this many seconds (exit 2; default: wait until it ends)",
+        help="give up after this many seconds (exit 2, with --json the last status still "
+        "printed; default: wait until it ends)",
     )
     p.set_defaults(func=run_api_command(cmd_wait))
