@@ -20,6 +20,10 @@ TOKEN_ENV = "BLOCKMIG_TOKEN"
 FINAL = ("completed", "failed", "cancelled")
 #: one long poll of a migration's status waits at most this long
 LONG_POLL_S = 10.0
+#: an array that answered once and then does not (its API closed: it restarts, `blockmig up`
+#: after a kill -9, and resumes its migrations by itself) is asked again this long by those
+#: who follow a migration, before they give up
+UNREACHABLE_WINDOW_S = 15.0
 
 
 class ApiError(Exception):
@@ -189,14 +193,38 @@ class ArrayApi:
         result: dict[str, Any] = self.call("PATCH", f"/api/v1/migrations/{q}", body)
         return result
 
-    def wait_migration(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+    def wait_migration(
+        self, name: str, timeout: float | None = None, unreachable_window: float = UNREACHABLE_WINDOW_S
+    ) -> dict[str, Any]:
         """Long-poll a migration until it has ended (``state`` in FINAL) or ``timeout``
-        seconds have passed (never: None); its last status either way."""
+        seconds have passed (never: None); its last status either way.
+
+        Once the array has answered, an API that stops answering (it restarts) is asked
+        again for up to ``unreachable_window`` seconds: a restart ended the wait with an
+        error (`migration wait`: exit 1, "failed or cancelled") while the migration, resumed
+        a moment later, went on. One that never answered (a wrong --api) fails at once."""
         deadline = None if timeout is None else time.monotonic() + timeout
         # each poll well inside this client's own timeout
         longest = min(LONG_POLL_S, self.timeout / 2)
+        answered = False
+        unreachable_since: float | None = None
         while True:
             left = longest if deadline is None else min(longest, deadline - time.monotonic())
-            st = self.migration(name, wait=left)
+            if not answered:
+                left = 0.0  # answered at once: a wrong address fails now, not a restart later
+            try:
+                st = self.migration(name, wait=left)
+            except ApiError as e:
+                now = time.monotonic()
+                if e.code != "unreachable" or not answered:
+                    raise
+                if unreachable_since is None:
+                    unreachable_since = now
+                waited = now - unreachable_since
+                if waited >= unreachable_window or (deadline is not None and now >= deadline):
+                    raise ApiError(e.status, e.code, f"{e.message} (for {waited:.0f} s)") from None
+                time.sleep(0.2)
+                continue
+            answered, unreachable_since = True, None
             if st["state"] in FINAL or (deadline is not None and time.monotonic() >= deadline):
                 return st

@@ -44,7 +44,15 @@ from emulator.array.names import check_name, check_size
 from emulator.nbd.errors import NbdError
 
 from .api_client import FINAL, ApiError, ArrayApi
-from .config import ArrayRecord, Registry, child_env, pid_alive, process_start, python_module_command
+from .config import (
+    ArrayRecord,
+    Registry,
+    RegistryError,
+    child_env,
+    pid_alive,
+    process_start,
+    python_module_command,
+)
 from .drivers import VolumeDriver, driver_for
 from .drivers.base import Host, RemoteTakeoverMixin
 from .volumes import MIGRATING, Conflict, Volume, VolumeError, VolumesDB
@@ -150,7 +158,18 @@ class VolumeManager:
             rec = self.registry.get(array)
         except KeyError as e:
             raise VolumeError(str(e.args[0])) from None
-        return driver_for(rec.model, array, rec.client())
+        d = driver_for(rec.model, array, rec.client())
+        # A follower asks an array whose API does not answer again for a while (it may be
+        # restarting), but not one `blockmig down` stopped or `up` no longer starts: those
+        # it leaves as they are at once (waiting_for), not after that while.
+        d.expect_back = lambda: self._expect_back(array)
+        return d
+
+    def _expect_back(self, array: str) -> bool:
+        try:
+            return array in self.registry.load() and array not in self.registry.load_stopped()
+        except RegistryError:  # damaged: no sign it was stopped on purpose
+            return True
 
     def resolve_host(self, text: str) -> Host:
         """``ARRAY[@BACKEND][#POOL]`` as a volume's host: an array `up` started, a backend (if

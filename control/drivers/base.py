@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from control.api_client import ApiError, ArrayApi
+from control.api_client import UNREACHABLE_WINDOW_S, ApiError, ArrayApi
 from control.volumes import Volume
 
 Progress = Callable[[dict[str, Any]], None]
@@ -63,10 +63,17 @@ class VolumeDriver:
     supports_remote_takeover = False
     supports_async_migration = False
 
+    #: seconds a migration's follower asks again an array whose API does not answer, before
+    #: it fails the migration (:meth:`_follow`): a restart (`blockmig up`) takes ~1 s
+    unreachable_window = UNREACHABLE_WINDOW_S
+
     def __init__(self, array_name: str, api: ArrayApi, poll_interval: float = 0.2) -> None:
         self.array_name = array_name
         self.api = api
         self.poll_interval = poll_interval
+        #: is the array expected back when its API does not answer (not stopped on purpose)?
+        #: False: :meth:`_follow` gives up at once (the volume manager sets it)
+        self.expect_back: Callable[[], bool] = lambda: True
 
     # ---- volume lifecycle
     def create_volume(self, volume: Volume, pool: str) -> dict[str, Any]:
@@ -134,10 +141,36 @@ class VolumeDriver:
         return uri
 
     def _follow(self, lun: str, progress: Progress | None, timeout: float | None = None) -> dict[str, Any]:
-        """Poll the array's migration of ``lun`` until it ends; raise unless completed."""
+        """Poll the array's migration of ``lun`` until it ends; raise unless completed.
+
+        An API that does not answer (connection refused: the array restarts, `blockmig up`
+        after a kill -9, and resumes the migration by itself) is asked again for up to
+        :attr:`unreachable_window` seconds before that error is raised: one failed poll
+        failed the whole migration, the volume sent back to its source while the array,
+        up again a moment later, resumed a copy nobody followed any more."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        unreachable_since: float | None = None
         while True:
-            st = self.api.migration(lun)
+            try:
+                st = self.api.migration(lun)
+            except ApiError as e:
+                if e.code != "unreachable":  # an answer (404, 409 ...): no outage to wait out
+                    raise
+                now = time.monotonic()
+                if unreachable_since is None:
+                    unreachable_since = now
+                if (
+                    now - unreachable_since >= self.unreachable_window
+                    or (deadline is not None and now > deadline)
+                    or not self.expect_back()
+                ):
+                    waited = now - unreachable_since
+                    raise ApiError(
+                        e.status, e.code, e.message + (f" (for {waited:.0f} s)" if waited >= 1 else "")
+                    ) from None
+                time.sleep(self.poll_interval)
+                continue
+            unreachable_since = None
             if progress is not None:
                 progress(st)
             if st["state"] == "completed":

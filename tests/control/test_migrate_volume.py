@@ -660,6 +660,35 @@ def _kill_target_mid_takeover(
     return v, img
 
 
+def test_a_target_killed_and_restarted_mid_takeover_is_followed_to_success(bm: BlockmigEnv) -> None:
+    """K dies (kill -9) while it takes a volume over and `blockmig up` starts it again at
+    once: K resumes its copy by itself (I4). Before: the follower's first status poll that
+    found K's API closed failed the whole migration (the volume back on A, in error, A kept
+    fenced), though K was back within a second; polls that find the API unreachable are
+    asked again for a while now (VolumeDriver.unreachable_window)."""
+    v, img = make(bm, "target-restarted", 16 * MiB, "A", stride=BLOCK)  # 8 s at 2 MB/s
+    p = bm.popen("migrate", v["id"], "K", "--wait")
+    try:
+        deadline = time.monotonic() + 30
+        while bm.db_row(v["id"])[0] != "migrating_attachable":  # step 3 done: `--wait` follows
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate(timeout=10)
+            time.sleep(0.02)
+        _wait_array_state(bm, "K", lun_of(v), ("copying",))
+        pid = bm.array_pids()["K"]
+        os.kill(pid, signal.SIGKILL)
+        _gone(pid, f"array K ({pid})")
+        time.sleep(1.0)  # the follower's polls (every 0.2 s) find K's API closed meanwhile
+        bm.ok("up", "--config", str(bm.state_dir / "arrays.toml"))  # K again: it resumes its copy
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, (out, err)
+    d = bm.show(v["id"])
+    assert d["migration_status"] == "success" and d["host"] == "K@unified#default", d
+    assert lun_of(v) not in bm.luns("A")
+    assert_content(d["provider_location"]["uri"], img)
+
+
 def test_target_killed_mid_takeover_then_restarted_the_migration_can_be_retried(bm: BlockmigEnv) -> None:
     """The takeover the dead target could not be told to drop must not block the next
     migration to it."""

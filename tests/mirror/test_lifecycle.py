@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from control.config import child_env
 from tests.mirror.test_faults import (
     LUN,
     TOKEN,
@@ -21,6 +25,7 @@ from tests.mirror.test_faults import (
     cli,
     make_data,
     new_source,
+    restart,
     run,
     start_migration,
     two_arrays,
@@ -69,3 +74,49 @@ def test_wait_that_times_out_prints_the_last_status_with_json(tmp_path: Path) ->
             assert r.stderr == f"blockmig: migration of {LUN} cancelled\n", r.stderr  # no ": " and nothing
 
         run(body(), 100)
+
+
+def test_wait_rides_out_a_restart_of_the_target(tmp_path: Path) -> None:
+    """B dies (kill -9) while `migration wait` follows its migration, and comes back on the
+    same API port a second later: it resumes the copy by itself (I4). Before: the wait
+    ended at once with exit 1 ("failed or cancelled", per its help) and "cannot reach the
+    array API", though the migration went on to complete."""
+    with two_arrays(tmp_path) as (stack, a, b):
+
+        async def body() -> None:
+            await new_source(a, make_data(62, SIZE))
+            await asyncio.to_thread(start_migration, b, a.uri(LUN), "--throttle", "4")  # 2 s
+            cmd = [sys.executable, "-m", "control.cli", "migration", "wait", LUN, "--json"]
+            cmd += ["--api", b.api, "--token", TOKEN]
+            p = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
+            )
+            try:
+                await asyncio.sleep(0.5)  # its first long poll is in
+                assert p.poll() is None, p.communicate()
+                b.sigkill()
+                await asyncio.sleep(1.0)
+                port = b.api.rsplit(":", 1)[1]
+                b2 = await restart(stack, b.data_dir, "B", "--api-listen", f"127.0.0.1:{port}")
+                assert b2.api == b.api
+                out, err = await asyncio.to_thread(p.communicate, timeout=60)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            assert p.returncode == 0, (out, err)
+            assert json.loads(out)["state"] == "completed", out
+
+        run(body(), 100)
+
+
+def test_wait_on_an_array_that_never_answered_fails_at_once(tmp_path: Path) -> None:
+    """A wrong --api (nothing listens there) is no restart to wait out: exit 1 at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        api = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+        t0 = time.monotonic()
+        r = cli("migration", "wait", LUN, "--api", api, "--token", TOKEN, "--json")
+    assert r.returncode == 1 and "cannot reach the array API" in r.stderr, (r.stdout, r.stderr)
+    assert one_object(r)["error"]["code"] == "unreachable"
+    assert time.monotonic() - t0 < 10
