@@ -119,6 +119,8 @@ class Migration:
         self.copier: Copier | None = None
         self._task: asyncio.Task[None] | None = None
         self._cancelling: asyncio.Future[None] | None = None  # a cancel under way
+        #: why the migration fails, once its task began to let go (_to_remote "failed")
+        self._failing = ""
         self._unpaused = asyncio.Event()
         self._unpaused.set()
         self._done = asyncio.Event()
@@ -265,6 +267,12 @@ class Migration:
         self._cancelling = done = asyncio.get_running_loop().create_future()
         try:
             await self._stop_task()
+            if self._failing:
+                # It failed, and this stopped its task while it let go of the local copy
+                # (waiting for host I/O on it): end it as the failure it is, with why (a
+                # full pool, for the operator to fix), not as a cancel with no error.
+                await self._to_remote("failed", self._failing)
+                raise ValueError(ended_message(self.name, self.state))
             await self._to_remote("cancelled", "")
         finally:
             self._cancelling = None
@@ -302,10 +310,12 @@ class Migration:
             raise
         except TargetError as e:
             log.error("migration of %s failed: %s", self.name, e)
-            await self._to_remote("failed", str(e))
+            self._failing = str(e)  # before the wait in _to_remote, where a cancel may stop it
+            await self._to_remote("failed", self._failing)
         except Exception as e:  # a bug: fail safe, the source stays authoritative
             log.exception("migration of %s failed", self.name)
-            await self._to_remote("failed", f"internal error: {e!r}")
+            self._failing = f"internal error: {e!r}"
+            await self._to_remote("failed", self._failing)
         finally:
             sampler.cancel()
 
