@@ -202,6 +202,14 @@ class MigrationManager:
                     f"size of source {source} {remote.size} is not a multiple of its minimum "
                     f"block size {remote.min_block} bytes"
                 )
+            taken = self._served_by(source, remote.identity)
+            if taken is not None:
+                raise Conflict(
+                    f"source {source} is served by LUN {taken!r} of array {self.array.name!r} already: "
+                    "a second LUN taking it over would miss the writes that go through the first "
+                    f"(its regions believed copied, I2); delete LUN {taken!r} or let its migration "
+                    "complete first"
+                )
             lun = self.array.create_lun(
                 name,
                 remote.size,
@@ -467,6 +475,19 @@ class MigrationManager:
         if source.startswith("move:"):  # the new pool's copy, which no LUN owns now
             durable.unlink(self.array.lun_path(source.split(":")[2], name))
         self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
+
+    def _served_by(self, source: str, identity: str) -> str | None:
+        """The LUN of this array that serves ``source`` (migrating, or remote after a
+        cancel or a failure), if any: the same LUN id where both are known, else the same
+        address."""
+        addr = Address.parse(source)
+        for lun, uri, ident in self._db.db.execute("SELECT lun, source, source_id FROM migrations"):
+            known = self.array.luns.get(lun)
+            if known is None or known.state not in ("migrating", "remote") or uri.startswith("move:"):
+                continue
+            if ident == identity if ident and identity else Address.parse(uri) == addr:
+                return str(lun)
+        return None
 
     @staticmethod
     def _region_size(size: int, region_size: int, asked: bool) -> int:

@@ -106,7 +106,9 @@ def test_long_poll_answers_at_the_end_not_at_the_next_poll(tmp_path: Path) -> No
         took, st = result[0]
         assert st["state"] == "cancelled" and took < 20, (took, st)
 
-        # An unthrottled migration: the answer is "completed", long before the wait is over.
+        # An unthrottled migration: the answer is "completed", long before the wait is over
+        # (of A's LUN again, once the cancelled one no longer serves it).
+        api(b).delete_lun("vol", force=True)
         api(b).call("POST", "/api/v1/migrations", {"lun": "vol2", "source": a.uri("vol")})
         took, st = long_poll(b, "vol2", 50)
         assert st["state"] == "completed" and took < 20, (took, st)
@@ -133,6 +135,7 @@ def test_migration_wait_long_polls_and_exits_by_the_outcome(tmp_path: Path) -> N
         later.join()
         assert p.returncode == 1 and "cancelled" in p.stderr, (p.returncode, p.stderr)
         assert json.loads(p.stdout)["state"] == "cancelled"
+        api(b).delete_lun("vol", force=True)  # it serves A's LUN, which vol2 takes over
         api(b).call("POST", "/api/v1/migrations", {"lun": "vol2", "source": a.uri("vol")})
         p = wait(b, "vol2", "--timeout", "30")
         assert p.returncode == 0, (p.returncode, p.stderr)

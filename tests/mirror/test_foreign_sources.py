@@ -127,22 +127,24 @@ def test_a_source_that_needs_aligned_requests(tmp_path: Path) -> None:
     policy = ("blocksize-minimum=4096", "blocksize-error-policy=error")
     with (
         nbdkit(tmp_path, "--filter=blocksize-policy", "memory", f"size={size}", *policy) as src,
+        nbdkit(tmp_path, "--filter=blocksize-policy", "memory", f"size={size}", *policy) as src2,
         array_daemon(tmp_path / "B", "B") as b,
     ):
+        sources = {"mig": src.uri, "rem": src2.uri}  # one LUN of an array takes a source over
 
         async def fill_and_block_size(uri: str) -> int:
             async with await NbdClient.connect(uri) as c:
-                if uri == src.uri:
+                if uri in sources.values():
                     for off in range(0, size, MiB):
                         await c.write(off, bytes([off // MiB + 1]) * 64 * KiB)
                     await c.flush()
                 return c.block_size.minimum
 
-        assert asyncio.run(fill_and_block_size(src.uri)) == 4096
+        assert asyncio.run(fill_and_block_size(src.uri)) == asyncio.run(fill_and_block_size(src2.uri)) == 4096
         api = array_api(b)
         for lun, action in (("mig", "pause"), ("rem", "cancel")):
             # paused: still a migrating LUN (its host I/O goes through to the source)
-            api.call("POST", "/api/v1/migrations", {"lun": lun, "source": src.uri, "throttle": 1})
+            api.call("POST", "/api/v1/migrations", {"lun": lun, "source": sources[lun], "throttle": 1})
             api.call("POST", f"/api/v1/migrations/{lun}/{action}")
             assert api.migration(lun)["state"] == {"pause": "paused", "cancel": "cancelled"}[action]
             assert asyncio.run(fill_and_block_size(b.uri(lun))) == 4096, lun
@@ -172,8 +174,9 @@ def test_a_source_that_needs_aligned_requests(tmp_path: Path) -> None:
         nbdcopy(src.uri, want)
         nbdcopy(b.uri("mig"), got)
         assert filecmp.cmp(want, got, shallow=False)
-        data = want.read_bytes()
-        assert data[5 * MiB : 5 * MiB + 2] == b"\x06\xab" and data[9 * MiB + 1] == 0xAB
+        assert want.read_bytes()[5 * MiB : 5 * MiB + 2] == b"\x06\xab"
+        nbdcopy(src2.uri, want)
+        assert want.read_bytes()[9 * MiB + 1] == 0xAB  # rem's write reached its source
 
 
 def test_a_source_whose_size_is_not_a_multiple_of_its_minimum_block_is_refused(tmp_path: Path) -> None:
@@ -220,13 +223,13 @@ def test_a_host_req_one_block_status_asks_the_source_for_one_extent(tmp_path: Pa
                 return e.length, e.flags
 
         want = asyncio.run(first_extent(src.uri))
-        for lun, action in (("mig", "pause"), ("rem", "cancel")):
-            api.call("POST", "/api/v1/migrations", {"lun": lun, "source": src.uri, "throttle": 1})
-            api.call("POST", f"/api/v1/migrations/{lun}/{action}")
+        api.call("POST", "/api/v1/migrations", {"lun": "mig", "source": src.uri, "throttle": 1})
+        for action in ("pause", "cancel"):  # a migrating LUN, then a remote one
+            api.call("POST", f"/api/v1/migrations/mig/{action}")
             asked = log.read_text().count(" Extents id=")
-            assert asyncio.run(first_extent(b.uri(lun))) == want, lun
+            assert asyncio.run(first_extent(b.uri("mig"))) == want, action
             new = [ln for ln in log.read_text().splitlines() if " Extents id=" in ln][asked:]
-            assert new and all("req_one=1" in ln for ln in new), (lun, new)
+            assert new and all("req_one=1" in ln for ln in new), (action, new)
 
 
 @pytest.mark.timeout(120)

@@ -54,15 +54,24 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def image(tmp: Path) -> Path:
-    """A sparse source image: 64 KiB of data at every MiB."""
-    img = tmp / "src.img"
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
-        for off in range(0, SIZE, MiB):
-            f.seek(off)
-            f.write(bytes([off // MiB + 1]) * 64 * KiB)
-    return img
+def image(tmp: Path) -> str:
+    """Two sparse source images, ``mig`` and ``rem`` (64 KiB of data at every MiB), in a
+    directory whose files nbdkit's file plugin serves by name (its ``dir=`` argument,
+    returned): one array takes a source over for one LUN only."""
+    d = tmp / "images"
+    d.mkdir(exist_ok=True)
+    for name in ("mig", "rem"):
+        with open(d / name, "wb") as f:
+            f.truncate(SIZE)
+            for off in range(0, SIZE, MiB):
+                f.seek(off)
+                f.write(bytes([off // MiB + 1]) * 64 * KiB)
+    return f"dir={d}"
+
+
+def export(sock: Path, lun: str = "mig") -> str:
+    """The URI of LUN ``lun``'s source image."""
+    return f"nbd+unix:///{lun}?socket={sock}"
 
 
 @contextmanager
@@ -85,12 +94,12 @@ def negotiated(uri: str) -> tuple[int, set[str]]:
     return asyncio.run(asyncio.wait_for(go(), 20))
 
 
-def take_over(b: ArrayDaemon, uri: str) -> None:
-    """LUN ``mig`` migrates from ``uri`` (paused: its host I/O goes to the source), ``rem``
-    serves it as a remote LUN (a cancelled migration)."""
+def take_over(b: ArrayDaemon, sock: Path) -> None:
+    """LUN ``mig`` migrates from its image (paused: its host I/O goes to the source), ``rem``
+    serves its own as a remote LUN (a cancelled migration)."""
     api = array_api(b)
     for lun, action in (("mig", "pause"), ("rem", "cancel")):
-        api.call("POST", "/api/v1/migrations", {"lun": lun, "source": uri, "throttle": 1})
+        api.call("POST", "/api/v1/migrations", {"lun": lun, "source": export(sock, lun), "throttle": 1})
         api.call("POST", f"/api/v1/migrations/{lun}/{action}")
 
 
@@ -131,11 +140,11 @@ def test_a_restarted_target_advertises_what_its_source_offers(tmp_path: Path, at
     answered: a host saw FUA the source refuses, and qemu-io's 1-byte write got EINVAL.
     They come from the record now, whether the source is up, stopped or not running."""
     img, sock = image(tmp_path), tmp_path / "src.sock"
-    with source(tmp_path, sock, *ALIGNED_NO_FUA, str(img)) as src:
-        want = negotiated(src.uri)
+    with source(tmp_path, sock, *ALIGNED_NO_FUA, img) as src:
+        want = negotiated(export(sock))
         assert want == (4096, {"trim", "zero", "flush", "cache"}), want
         with array_daemon(tmp_path / "B", "B") as b:
-            take_over(b, src.uri)
+            take_over(b, sock)
             assert negotiated(b.uri("mig")) == negotiated(b.uri("rem")) == want
             b.sigkill()
         if at_restart == "stopped":
@@ -150,15 +159,16 @@ def test_a_restarted_target_advertises_what_its_source_offers(tmp_path: Path, at
                 src.proc.send_signal(signal.SIGCONT)
             with ExitStack() as stack:
                 if at_restart == "gone":
-                    src = stack.enter_context(source(tmp_path, sock, *ALIGNED_NO_FUA, str(img)))
+                    src = stack.enter_context(source(tmp_path, sock, *ALIGNED_NO_FUA, img))
                 for lun, off in (("mig", 5 * MiB + 1), ("rem", 9 * MiB + 1)):
                     qemu_io(
                         b.uri(lun), f"write -P 0xab {off} 1", f"read -P 0xab {off} 1", f"read {off - 2} 513"
                     )
                     assert negotiated(b.uri(lun)) == want, lun  # the source connected: the same
-                complete_and_compare(b, src.uri, tmp_path)
+                complete_and_compare(b, export(sock), tmp_path)
         data = (tmp_path / "want").read_bytes()
-        assert data[5 * MiB : 5 * MiB + 2] == b"\x06\xab" and data[9 * MiB + 1] == 0xAB
+        assert data[5 * MiB : 5 * MiB + 2] == b"\x06\xab"
+        assert (tmp_path / "images" / "rem").read_bytes()[9 * MiB + 1] == 0xAB  # rem's source has it
 
 
 @pytest.mark.timeout(120)
@@ -167,11 +177,11 @@ def test_a_read_only_source_stays_read_only_through_a_restart(tmp_path: Path) ->
     advertised the LUNs writable (and TRIM, WRITE_ZEROES, FUA): a host's writes failed with
     EPERM from the source. Hosts see a read-only export now, the copy completes."""
     img, sock = image(tmp_path), tmp_path / "src.sock"
-    with source(tmp_path, sock, "-r", "file", str(img)) as src:
-        want = negotiated(src.uri)
+    with source(tmp_path, sock, "-r", "file", img) as src:
+        want = negotiated(export(sock))
         assert want == (1, {"read-only", "flush", "cache"}), want
         with array_daemon(tmp_path / "B", "B") as b:
-            take_over(b, src.uri)
+            take_over(b, sock)
             b.sigkill()
         src.proc.send_signal(signal.SIGSTOP)
         with array_daemon(tmp_path / "B", "B") as b:
@@ -179,7 +189,7 @@ def test_a_read_only_source_stays_read_only_through_a_restart(tmp_path: Path) ->
                 assert negotiated(b.uri(lun)) == want, lun
             src.proc.send_signal(signal.SIGCONT)
             qemu_io(b.uri("rem"), "read -P 0x0a 9M 64K", read_only=True)
-            complete_and_compare(b, src.uri, tmp_path)
+            complete_and_compare(b, export(sock), tmp_path)
 
 
 @pytest.mark.timeout(150)
@@ -195,14 +205,14 @@ def test_a_source_back_with_less_than_it_offered(tmp_path: Path, change: str) ->
     flags reached neither new hosts nor the record."""
     img, sock = image(tmp_path), tmp_path / "src.sock"
     later = ("-r", "file") if change == "read-only" else ALIGNED_NO_FUA
-    with source(tmp_path, sock, "file", str(img)) as src:
-        before = negotiated(src.uri)
+    with source(tmp_path, sock, "file", img) as src:
+        before = negotiated(export(sock))
         assert before == (1, {"fua", "trim", "zero", "flush", "cache"}), before
         with array_daemon(tmp_path / "B", "B") as b:
-            take_over(b, src.uri)
+            take_over(b, sock)
             b.sigkill()
-    with source(tmp_path, sock, *later, str(img)) as src, array_daemon(tmp_path / "B", "B") as b:
-        now = negotiated(src.uri)
+    with source(tmp_path, sock, *later, img) as src, array_daemon(tmp_path / "B", "B") as b:
+        now = negotiated(export(sock))
         assert now != before
 
         async def hosts_connected_before() -> None:
@@ -230,7 +240,7 @@ def test_a_source_back_with_less_than_it_offered(tmp_path: Path, change: str) ->
             for lun in ("mig", "rem"):
                 assert negotiated(b2.uri(lun)) == now, lun
             src.proc.send_signal(signal.SIGCONT)
-            complete_and_compare(b2, src.uri, tmp_path)
+            complete_and_compare(b2, export(sock), tmp_path)
             data = (tmp_path / "want").read_bytes()
             written = b"\xcd" * 4096 if change != "read-only" else b"\x06" * 4096
             assert data[5 * MiB : 5 * MiB + 4096] == written and data[5 * MiB + 4097] == 6
@@ -242,10 +252,10 @@ def test_a_record_without_capabilities_learns_them_from_the_source(tmp_path: Pat
     defaults until the source answers (nothing better is known), then what the source
     offers, to every host that connects from then on, and the record has them."""
     img, sock = image(tmp_path), tmp_path / "src.sock"
-    with source(tmp_path, sock, *ALIGNED_NO_FUA, str(img)) as src:
-        want = negotiated(src.uri)
+    with source(tmp_path, sock, *ALIGNED_NO_FUA, img):
+        want = negotiated(export(sock))
         with array_daemon(tmp_path / "B", "B") as b:
-            take_over(b, src.uri)
+            take_over(b, sock)
             b.sigkill()
         db = sqlite3.connect(b.data_dir / "array.db")
         try:
@@ -260,4 +270,4 @@ def test_a_record_without_capabilities_learns_them_from_the_source(tmp_path: Pat
                 qemu_io(b.uri(lun), "write -P 0xab 8M 4K")  # goes to the source: connects it
                 assert negotiated(b.uri(lun)) == want, lun
             assert all(recorded(b).values()), recorded(b)
-            complete_and_compare(b, src.uri, tmp_path)
+            complete_and_compare(b, export(sock), tmp_path)
