@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import NoSpace
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pools (
@@ -86,13 +88,33 @@ class Metadata:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One transaction; a file system too full to take it is NoSpace (507), not a 500:
+        a pool larger than the file system under it (thin pools may be) fills it with
+        hosts' writes, and then every LUN create, grow or delete answered "internal
+        error", and a restart said the database was damaged and to restore a backup."""
         try:
-            yield self.db
-        except BaseException:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self._rollback()
+                raise
+            try:
+                self.db.execute("COMMIT")
+            except BaseException:
+                self._rollback()  # a COMMIT that failed may leave it open: every BEGIN after would fail
+                raise
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            raise NoSpace(
+                f"cannot record the change in {self.path}: {e} (its file system is full); "
+                "free space there and retry"
+            ) from None
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
             self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()

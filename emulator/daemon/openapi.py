@@ -48,7 +48,10 @@ def _errors(*codes: int) -> dict[str, Any]:
         500: "the array's own storage failed (the message says how)",
         501: "not supported by this array model",
         503: "still waiting (a fence for its hosts' writes in flight): retry",
-        507: "pool full, or no open file left for a LUN (code too_many_open_files)",
+        507: (
+            "pool full, the file system of the array's metadata full (code no_space), "
+            "or no open file left for a LUN (code too_many_open_files)"
+        ),
     }
     return {str(c): _resp(_ref("Error"), text[c]) for c in (401, *codes)}
 
@@ -300,7 +303,7 @@ SPEC: dict[str, Any] = {
                         "schema": {"type": "string", "enum": ["true", "false"]},
                     }
                 ],
-                "responses": {"204": {"description": "deleted"}, **_errors(400, 404, 409)},
+                "responses": {"204": {"description": "deleted"}, **_errors(400, 404, 409, 507)},
             },
         },
         "/api/v1/luns/{name}/grow": {
@@ -350,7 +353,7 @@ SPEC: dict[str, Any] = {
                 "responses": {
                     "201": _resp(_ref("Fence"), "fenced"),
                     "200": _resp(_ref("Fence"), "already fenced"),
-                    **_errors(400, 404, 409, 503),
+                    **_errors(400, 404, 409, 503, 507),
                 },
             },
             "delete": {
@@ -359,7 +362,7 @@ SPEC: dict[str, Any] = {
                     "lift the fence (idempotent): the alias export goes and its clients are "
                     "disconnected, hosts may write again; deleting the LUN lifts it too"
                 ),
-                "responses": {"204": {"description": "not fenced (any more)"}, **_errors(400, 404)},
+                "responses": {"204": {"description": "not fenced (any more)"}, **_errors(400, 404, 507)},
             },
         },
         "/api/v1/luns/{name}/move": {

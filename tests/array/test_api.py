@@ -683,6 +683,37 @@ def test_failed_create_leaves_no_file(api: ApiThread, tmp_path: Path) -> None:
     assert leftovers == []
 
 
+def test_a_full_metadata_file_system_is_507_and_changes_nothing(api: ApiThread) -> None:
+    """Regression (was a bug): when the file system under array.db is full (a thin pool
+    larger than its file system, filled by hosts' writes), SQLite's "database or disk
+    is full" answered every create with a 500 "internal error" and a traceback in the
+    log. It is a 507 that says so, and nothing is left of the LUN. SQLite's
+    max_page_count makes the same error, SQLITE_FULL, without filling a disk."""
+    meta = meta_of(api)
+
+    async def limit(pages: int | None) -> None:
+        if pages is None:
+            pages = meta.db.execute("PRAGMA page_count").fetchone()[0]
+        meta.db.execute(f"PRAGMA max_page_count={pages}")
+
+    api.create("before", MIB)
+    api.call(limit(None))  # from now on, no page more
+    r = None
+    for i in range(500):  # rows fill the last page the database has
+        r = api.request("POST", "/api/v1/luns", {"name": f"lun{i}", "size": MIB})
+        if r.status != 201:
+            break
+    assert r is not None
+    expect_error(r, 507, "no_space", "full", "array.db")
+    refused = f"lun{i}"
+    assert refused not in api.array.luns
+    assert refused not in [row.name for row in meta.luns()]
+    assert not list((api.data_dir / "pools").rglob(f"{refused}.img"))
+    api.call(limit(1 << 30))  # room again: the same create works, and the array with it
+    assert api.create(refused, MIB)["state"] == "ready"
+    assert api.call(nbd_roundtrip(api.nbd_uri(refused))) != b""
+
+
 def test_a_migration_that_fails_to_start_leaves_no_record(
     api: ApiThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
