@@ -40,7 +40,7 @@ from .names import MAX_LUN_SIZE as MAX_LUN_SIZE  # re-exported: callers import i
 from .names import SECTOR, check_size
 from .names import check_name as check_name  # re-exported too
 from .open_files import OutOfFiles, check_room
-from .pool import Pool
+from .pool import FsRoom, Pool
 
 log = logging.getLogger("blockmig.array")
 
@@ -131,10 +131,12 @@ class Array:
             meta.upsert_pool("default", max(SECTOR, free - free % SECTOR))
         self.fences = {f.lun: f for f in meta.fences()}  # before the LUNs are exported
         durable.make_dir(self.data_dir / "pools")
+        rooms: dict[int, FsRoom] = {}  # by device: the pools of one file system share its room
         for row in meta.pools():
             d = self.data_dir / "pools" / row.name
             durable.make_dir(d)
-            self.pools[row.name] = Pool(row.name, row.capacity, d)
+            room = rooms.setdefault(os.stat(d).st_dev, FsRoom(d))
+            self.pools[row.name] = Pool(row.name, row.capacity, d, room)
         for lrow in meta.luns():
             path = self._path(lrow.pool, lrow.name)
             if lrow.state in ("creating", "deleting"):
@@ -481,11 +483,14 @@ class Array:
 
     def pool_info(self, pool: Pool) -> dict[str, Any]:
         used = pool.used()
+        free = max(0, pool.capacity - used)
+        if pool.room is not None:  # a thin pool larger than its file system: what writes may still take
+            free = min(free, pool.room.avail())
         return {
             "name": pool.name,
             "capacity": pool.capacity,
             "used": used,
-            "free": max(0, pool.capacity - used),
+            "free": free,
             "luns": len(pool.files),
         }
 

@@ -6,6 +6,12 @@ ENOSPC and changes nothing. The check is cheap while the pool has room: an
 estimate that only grows is kept between exact recounts, and only when the
 estimate reaches the capacity are the files stat'ed and the write's range
 inspected for holes.
+
+Pools are thin and may together be larger than the file system under them:
+then the file system, not a pool, fills first. The array keeps FS_RESERVE
+bytes of it free for itself (array.db and its journal, progress files), so
+that hosts' writes get ENOSPC first: once a host had taken the last byte,
+no LUN could be deleted to free space (its delete is recorded first).
 """
 
 from __future__ import annotations
@@ -24,13 +30,40 @@ BLOCK = 4096  # allocation unit assumed for charging (ext4/xfs default)
 #: near the capacity every write is checked exactly: file system metadata
 #: (extent-tree blocks) grows outside what the writes themselves allocate
 SLACK = 64 * 1024
+#: bytes of a pool's file system that writes to LUNs leave free for the array's metadata
+FS_RESERVE = 16 << 20
+
+
+class FsRoom:
+    """The room the pools on one file system share (:data:`FS_RESERVE` kept free).
+
+    Checked like a pool's capacity: writes draw on a budget measured by statvfs, and
+    only when it runs out is the file system asked again."""
+
+    def __init__(self, path: Path, reserve: int = FS_RESERVE) -> None:
+        self.path = path
+        self.reserve = reserve
+        self.budget = 0  # what writes may still take before the next statvfs
+        self.reserved = 0  # charged by writes in flight, on every pool of the file system
+
+    def fs_free(self) -> int:
+        """Bytes of the file system free to the array."""
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def avail(self) -> int:
+        """Bytes writes may still allocate: free to us, less the reserve and the writes in flight."""
+        self.budget = max(0, self.fs_free() - self.reserve - self.reserved)
+        return self.budget
 
 
 class Pool:
-    def __init__(self, name: str, capacity: int, directory: Path) -> None:
+    def __init__(self, name: str, capacity: int, directory: Path, room: FsRoom | None = None) -> None:
         self.name = name
         self.capacity = capacity
         self.directory = directory
+        #: its file system's room, shared with the other pools there (None: not checked)
+        self.room = room
         self.files: dict[str, FileBackend] = {}  # LUN name -> its file
         self._estimate = 0  # upper bound of allocated bytes, writes in flight included
         self._reserved = 0  # charged by writes still in flight
@@ -50,7 +83,9 @@ class Pool:
 
     @property
     def free(self) -> int:
-        return max(0, self.capacity - self.used())
+        """What writes may still allocate: the pool's room, or its file system's if that is less."""
+        free = max(0, self.capacity - self.used())
+        return free if self.room is None else min(free, self.room.avail())
 
     def charge(self, fb: FileBackend, lun: str, offset: int, length: int) -> int:
         """Reserve room for a write that may allocate ``length`` bytes; ENOSPC if it
@@ -59,9 +94,13 @@ class Pool:
         writes cannot overrun the pool together)."""
         # A write into a hole allocates whole blocks: charge what it may allocate.
         need = ((offset + length + BLOCK - 1) // BLOCK - offset // BLOCK) * BLOCK
-        if self._estimate + need <= self.capacity - SLACK:
+        room = self.room
+        if self._estimate + need <= self.capacity - SLACK and (room is None or need <= room.budget):
             self._estimate += need
             self._reserved += need
+            if room is not None:
+                room.budget -= need
+                room.reserved += need
             return need
         used = self.used()
         new = _unallocated(fb, offset, length)
@@ -74,12 +113,25 @@ class Pool:
                 f"{f', {self._reserved} reserved by writes in flight' if self._reserved else ''}): "
                 f"write of {length} bytes to LUN {lun!r} refused; grow the pool or free space",
             )
+        if room is not None:
+            avail = room.avail()
+            if new > avail:
+                raise BackendError(
+                    errno.ENOSPC,
+                    f"the file system of pool {self.name!r} is full ({avail} bytes free beyond "
+                    f"the {room.reserve} the array keeps for its metadata): write of {length} "
+                    f"bytes to LUN {lun!r} refused; free space there (delete a LUN)",
+                )
+            room.budget -= new
+            room.reserved += new
         self._reserved += new
         self._estimate = used + self._reserved
         return new
 
     def release(self, reserved: int) -> None:
         self._reserved -= reserved
+        if self.room is not None:
+            self.room.reserved -= reserved
 
     @contextmanager
     def reserve(self, fb: FileBackend, lun: str, offset: int, length: int) -> Iterator[None]:
@@ -88,7 +140,7 @@ class Pool:
         try:
             yield
         finally:
-            self._reserved -= n
+            self.release(n)
 
 
 def _unallocated(fb: FileBackend, offset: int, length: int) -> int:

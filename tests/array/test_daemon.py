@@ -659,6 +659,51 @@ def test_a_full_pool_stays_enforced_after_a_restart(tmp_path: Path) -> None:
         qemu_io(d.uri("s1"), "read -P 0x11 0 6M", "read -P 0 6M 4M")
 
 
+@contextmanager
+def small_file_system(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (skips the test where mounting is not allowed)."""
+    where.mkdir()
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+    )
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode(errors='replace').strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_pool_larger_than_its_file_system_leaves_room_to_delete_a_lun(tmp_path: Path) -> None:
+    """Regression (was a bug): a thin pool may be larger than the file system under it.
+    Hosts' writes then filled the file system to its last byte, and array.db had no room
+    left: no LUN could be deleted to free space (507, before that a 500), and the array
+    did not start again. Writes get ENOSPC while the array still has room for its
+    metadata; a delete then frees the space, and the LUNs left work."""
+    need("qemu-io")
+    with small_file_system(tmp_path / "fs", "48M") as mnt:
+        with array_daemon(mnt / "a", "arr-a", "--pool", "big=1G") as d:
+            az = api(d)
+            az.create_lun("hog", "64M")
+            az.create_lun("other", "8M")
+            qemu_io(d.uri("other"), "write -P 0x11 0 1M")
+            # 1M at a time, up to the last MiB the array gives them
+            p = qemu_io(d.uri("hog"), *(f"write -P 0x22 {i}M 1M" for i in range(48)), check=False)
+            assert p.returncode != 0 and "No space left on device" in p.stdout + p.stderr, p
+            st = os.statvfs(mnt)
+            assert st.f_bavail * st.f_frsize >= 8 * MiB, "the hosts' writes filled the file system"
+            qemu_io(d.uri("other"), "read -P 0x11 0 1M", "write -P 0x12 0 1M")  # an overwrite still fits
+            assert pool_info(d, "big")["free"] < MiB  # what writes may still take, not the pool's 1G
+            az.delete_lun("hog")
+            az.create_lun("new", "8M")
+            qemu_io(d.uri("new"), "write -P 0x33 0 4M")
+            assert d.sigterm() == 0
+        with array_daemon(mnt / "a", "arr-a") as d:
+            assert sorted(lun["name"] for lun in api(d).list_luns()) == ["new", "other"]
+            qemu_io(d.uri("other"), "read -P 0x12 0 1M")
+            qemu_io(d.uri("new"), "read -P 0x33 0 4M")
+
+
 def test_a_full_pool_accepts_overwrites_of_allocated_blocks_of_a_fragmented_lun(tmp_path: Path) -> None:
     """Fill a 1M pool with 4K writes every 8K (256 extents), then overwrite one of them.
 

@@ -24,7 +24,7 @@ from emulator.array.file_backend import FileBackend
 from emulator.array.lun import LunBackend, lun_id_of
 from emulator.array.metadata import Metadata
 from emulator.array.models import MODELS
-from emulator.array.pool import Pool
+from emulator.array.pool import FsRoom, Pool
 from emulator.nbd.client import NbdClient
 from emulator.nbd.errors import BackendError, RequestError
 from emulator.nbd.server import NbdServer
@@ -190,6 +190,45 @@ def test_several_luns_share_the_capacity(tmp_path: Path, block: int) -> None:
             b.write(MIB, CHUNK)
         assert "'b'" in str(e.value)
         assert pool.used() == 4 * CHUNK
+    finally:
+        a.close()
+        b.close()
+
+
+class SmallFs(FsRoom):
+    """The room of a file system of ``size`` bytes that holds only these pools' files."""
+
+    def __init__(self, path: Path, size: int, reserve: int) -> None:
+        super().__init__(path, reserve)
+        self.size = size
+        self.pools: list[Pool] = []
+
+    def fs_free(self) -> int:
+        return self.size - sum(p.used() for p in self.pools)
+
+
+def test_pools_larger_than_their_file_system_leave_its_reserve_free(tmp_path: Path, block: int) -> None:
+    """Thin pools may together be larger than their file system: writes to any of them
+    are refused before the reserve the array keeps on it for its metadata is taken
+    (with that taken, no LUN could be deleted any more), overwrites still fit."""
+    room = SmallFs(tmp_path, size=6 * CHUNK, reserve=2 * CHUNK)
+    gold, silver = Pool("gold", MIB, tmp_path, room), Pool("silver", MIB, tmp_path, room)
+    room.pools = [gold, silver]
+    a = PoolLun(gold, tmp_path / "a.img", "a")
+    b = PoolLun(silver, tmp_path / "b.img", "b")
+    try:
+        a.write(0, 2 * CHUNK)
+        b.write(0, 2 * CHUNK)  # 4 of 6 chunks: the rest is the reserve
+        for lun in (a, b):
+            with pytest.raises(BackendError) as e:
+                lun.write(MIB, CHUNK)
+            assert e.value.errno == errno.ENOSPC
+            assert "file system" in str(e.value) and f"'{lun.name}'" in str(e.value)
+        assert gold.used() + silver.used() == 4 * CHUNK
+        a.write(0, 2 * CHUNK, 7)  # allocated already
+        assert a.read(0, 2 * CHUNK) == b"\7" * 2 * CHUNK
+        run(b.lb.trim(0, CHUNK))  # space given back: it fits again
+        a.write(MIB, CHUNK)
     finally:
         a.close()
         b.close()
