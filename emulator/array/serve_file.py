@@ -17,10 +17,16 @@ from .file_backend import FileBackend
 
 async def _serve(args: argparse.Namespace) -> int:
     host, port = parse_hostport(args.listen)
-    backend = FileBackend(args.path, read_only=args.read_only, create_size=args.size)
-    server = NbdServer(default_export=args.export)
-    server.add_export(args.export, backend, args.description, read_only=args.read_only)
+    size = args.size
+    # A file this run makes goes again if it never served it (a bad --export or
+    # --description, an address in use): left, a rerun with another --size was
+    # refused ("exists with size ..."), for a file nobody had asked to keep.
+    creates = size is not None and not os.path.exists(args.path)
+    backend = FileBackend(args.path, read_only=args.read_only, create_size=size)
+    served = False
     try:
+        server = NbdServer(default_export=args.export)
+        server.add_export(args.export, backend, args.description, read_only=args.read_only)
         host, port = await server.listen_tcp(host, port)
         if args.unix:
             try:
@@ -28,6 +34,7 @@ async def _serve(args: argparse.Namespace) -> int:
             except OSError as e:  # its own message names no path
                 raise OSError(e.errno, f"cannot listen on {args.unix}: {e.strerror}") from None
         stopped = stop_event()  # before the line that says it serves
+        served = True
         print(
             f"serving {args.path} ({backend.size} bytes) at {format_listen(host, port)}/{args.export}",
             flush=True,
@@ -40,6 +47,9 @@ async def _serve(args: argparse.Namespace) -> int:
             await backend.flush()
     finally:
         backend.close()
+        if creates and not served:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.path)
         if args.unix:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(args.unix)

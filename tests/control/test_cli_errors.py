@@ -334,6 +334,8 @@ def test_serve_file_names_the_unix_socket_it_cannot_listen_on(tmp_path: Path) ->
     )
     assert p.returncode == 1
     assert f"cannot listen on {sock}: No such file or directory" in p.stderr
+    # the file it made for nothing goes (a rerun with another --size was refused)
+    assert not (tmp_path / "f.img").exists()
 
 
 def test_serve_file_refuses_a_description_no_nbd_client_takes(tmp_path: Path) -> None:
@@ -351,6 +353,33 @@ def test_serve_file_refuses_a_description_no_nbd_client_takes(tmp_path: Path) ->
     )
     assert p.returncode == 1
     assert p.stderr == "blockmig serve-file: export description is longer than 4096 bytes\n"
+    assert not os.path.exists(img)  # it made the file, and never served it
+
+
+def test_serve_file_that_cannot_start_keeps_a_file_it_did_not_make(tmp_path: Path) -> None:
+    """Only a file serve-file made itself goes when it cannot start: one that was there stays."""
+    img = tmp_path / "f.img"
+    img.write_bytes(b"keep" * 256)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "control.cli",
+            "serve-file",
+            str(img),
+            "--size",
+            "1K",
+            "--listen",
+            "127.0.0.1:0",
+        ]
+        + ["--export", "e" * 4097],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=config.child_env(),
+    )
+    assert p.returncode == 1 and "export name is longer than 4096 bytes" in p.stderr, p.stderr
+    assert img.read_bytes() == b"keep" * 256
 
 
 def test_serve_file_stopped_as_soon_as_it_says_it_serves_stops_gracefully(tmp_path: Path) -> None:
