@@ -23,7 +23,7 @@ async def _serve(args: argparse.Namespace) -> int:
     # refused ("exists with size ..."), for a file nobody had asked to keep.
     creates = size is not None and not os.path.exists(args.path)
     backend = FileBackend(args.path, read_only=args.read_only, create_size=size)
-    served = False
+    served = listening_unix = False
     try:
         server = NbdServer(default_export=args.export)
         server.add_export(args.export, backend, args.description, read_only=args.read_only)
@@ -31,6 +31,7 @@ async def _serve(args: argparse.Namespace) -> int:
         if args.unix:
             try:
                 await server.listen_unix(args.unix)
+                listening_unix = True
             except OSError as e:  # its own message names no path
                 raise OSError(e.errno, f"cannot listen on {args.unix}: {e.strerror}") from None
         stopped = stop_event()  # before the line that says it serves
@@ -50,7 +51,7 @@ async def _serve(args: argparse.Namespace) -> int:
         if creates and not served:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(args.path)
-        if args.unix:
+        if listening_unix:  # never another server's socket, one it could not take over
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(args.unix)
     return 0

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import functools
 import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -193,6 +195,12 @@ class NbdServer:
         return addr[0], addr[1]
 
     async def listen_unix(self, path: str) -> str:
+        """Listen on the unix socket ``path``; one a server still listens on is EADDRINUSE.
+        (asyncio removes a socket file before it binds: a second serve-file took a running
+        one's socket over, and removed it when it stopped, for both.) A stale one, which
+        no server listens on, is replaced."""
+        if _unix_socket_in_use(path):
+            raise OSError(errno.EADDRINUSE, "Address already in use (a server listens there)")
         loop = asyncio.get_running_loop()
         srv = await loop.create_unix_server(lambda: _Connection(self), path)
         self._servers.append(srv)
@@ -207,6 +215,25 @@ class NbdServer:
         for s in self._servers:
             await s.wait_closed()
         self._servers.clear()
+
+
+def _unix_socket_in_use(path: str) -> bool:
+    """A server accepts connections on the unix socket ``path`` (connecting to one answers
+    at once, or EAGAIN when its backlog is full)."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return False  # create_unix_server refuses what is no socket itself
+    except OSError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False  # ECONNREFUSED: stale, its server is gone
+    return True
 
 
 async def _drop(conns: list[_Connection], timeout: float, why: str) -> None:

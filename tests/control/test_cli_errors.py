@@ -12,6 +12,7 @@ import contextlib
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -336,6 +337,45 @@ def test_serve_file_names_the_unix_socket_it_cannot_listen_on(tmp_path: Path) ->
     assert f"cannot listen on {sock}: No such file or directory" in p.stderr
     # the file it made for nothing goes (a rerun with another --size was refused)
     assert not (tmp_path / "f.img").exists()
+
+
+def _nbd_size_via_unix(sock: Path) -> int:
+    """The size the NBD server on unix socket ``sock`` advertises (the handshake, in nbdinfo)."""
+    p = subprocess.run(
+        ["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"], capture_output=True, text=True, timeout=20
+    )
+    assert p.returncode == 0, p.stderr
+    return int(p.stdout)
+
+
+def test_serve_file_leaves_a_running_servers_unix_socket_alone(tmp_path: Path) -> None:
+    """Regression (was a bug): asyncio removes a socket file before it binds, so a second
+    serve-file on the --unix of a running one took its socket over (new clients reached the
+    second file) and removed it when it stopped: the first was unreachable there for good.
+    It is refused (exit 1, "Address already in use"), and the first's socket stays; a stale
+    socket, which no server listens on, is still taken over."""
+    if not shutil.which("nbdinfo"):
+        pytest.skip("nbdinfo is not installed")
+    sock = tmp_path / "s.sock"
+    with serve_file(tmp_path / "first.img", "--size", "1M", "--unix", str(sock)):
+        _nbd_size_via_unix(sock)  # listening
+        p = subprocess.run(
+            [sys.executable, "-m", "control.cli", "serve-file", str(tmp_path / "second.img"), "--size", "2M"]
+            + ["--listen", "127.0.0.1:0", "--unix", str(sock)],
+            capture_output=True,
+            text=True,
+            timeout=20,  # before: it served until stopped
+            env=config.child_env(),
+        )
+        assert p.returncode == 1
+        assert f"cannot listen on {sock}: Address already in use (a server listens there)" in p.stderr
+        assert p.stderr.count("\n") == 1, p.stderr
+        assert _nbd_size_via_unix(sock) == 1 << 20  # still the first one's
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # bound, never listened on, closed: what a killed server leaves
+    with serve_file(tmp_path / "third.img", "--size", "3M", "--unix", str(stale)):
+        assert _nbd_size_via_unix(stale) == 3 << 20
 
 
 def test_serve_file_refuses_a_description_no_nbd_client_takes(tmp_path: Path) -> None:
