@@ -65,13 +65,16 @@ class Pool:
         #: its file system's room, shared with the other pools there (None: not checked)
         self.room = room
         self.files: dict[str, FileBackend] = {}  # LUN name -> its file
+        #: the new files of LUNs moving into the pool (mirror/manager.py), by LUN name:
+        #: their copies fill it before they are its LUNs
+        self.incoming: dict[str, FileBackend] = {}
         self._estimate = 0  # upper bound of allocated bytes, writes in flight included
         self._reserved = 0  # charged by writes still in flight
 
     def used(self) -> int:
         """Exact allocated bytes of every LUN file in the pool."""
         total = 0
-        for fb in self.files.values():
+        for fb in (*self.files.values(), *self.incoming.values()):
             try:
                 # st_blocks: what the file system really gave the file, unwritten
                 # extents of fallocate(ZERO_RANGE) and extent-tree blocks included

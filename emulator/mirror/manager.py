@@ -258,6 +258,9 @@ class MigrationManager:
             await m.start()
         except BaseException as e:
             self.migrations.pop(name, None)
+            fb = self.array.pools[new].incoming.pop(name, None)
+            if fb is not None:
+                fb.close()
             self.array.lun_path(new, name).unlink(missing_ok=True)
             # ready again and the record gone in one transaction, as they came
             self.array.set_lun_state(name, "ready", also=self._unrecord(name))
@@ -275,6 +278,10 @@ class MigrationManager:
             path.unlink(missing_ok=True)
         fb = FileBackend(str(path), create_size=None if resume and path.exists() else lun.size)
         pool = self.array.pools[new_pool]
+        # counted in the new pool from the first byte copied: else its capacity checked
+        # the copy against the pool's LUNs alone, and a LUN holding 32 MiB moved into a
+        # 16 MiB pool whole
+        pool.incoming[lun.name] = fb
         assert lun.local is not None
         old_path, old_pool, old_file = lun.file.path, lun.pool, lun.file
         old = self.array.pools[old_pool]
@@ -610,6 +617,8 @@ class MigrationManager:
         if lun_state and lun is not None:
             if lun.state != "deleting":
                 lun.state = lun_state
+            if move is not None:
+                self.array.pools[move[0]].incoming.pop(lun.name, None)
             if move is not None and m.state == "completed":
                 new_pool, fb = move
                 self.array.pools[lun.pool].files.pop(lun.name, None)

@@ -61,3 +61,27 @@ def test_a_full_pool_refuses_host_writes_also_while_its_lun_moves(tmp_path: Path
         assert p1["used"] <= p1["capacity"], p1
         assert asyncio.run(read(uri, 16 * MiB, 4 * MiB)) == bytes([3]) * 4 * MiB
         assert asyncio.run(read(uri, 20 * MiB, 4096)) == bytes(4096)
+
+
+@pytest.mark.timeout(60)
+def test_a_lun_larger_than_the_room_of_the_pool_it_moves_to_does_not_overfill_it(tmp_path: Path) -> None:
+    """Regression (was a bug): the new pool counted its LUNs' files, not the copy a move
+    fills in it, so its capacity held nothing back: a LUN holding 32 MiB moved into a
+    16 MiB pool whole (32 MiB used of 16). The copy is refused at the capacity, the move
+    fails, and the LUN stays in its pool with all its data."""
+    with array_daemon(tmp_path / "C", "C", "--pool", "p1=1G", "--pool", "p2=16M") as d:
+        api = array_api(d)
+        api.call("POST", "/api/v1/luns", {"name": "m", "size": 64 * MiB, "pool": "p1"})
+        uri = d.uri("m")
+        assert asyncio.run(write(uri, 0, 32 * MiB, 7)) == 0
+        api.call("POST", "/api/v1/luns/m/move", {"pool": "p2"})
+        st = api.call("GET", "/api/v1/migrations/m", query={"wait": "30"})
+        p2 = pools(d)["p2"]
+        assert p2["used"] <= p2["capacity"], p2
+        assert st["state"] == "failed" and "pool 'p2' is full" in st["last_error"], st
+        lun = api.call("GET", "/api/v1/luns/m")
+        assert (lun["pool"], lun["state"]) == ("p1", "ready"), lun
+        assert pools(d)["p2"]["used"] == 0  # its copy is gone
+        assert not (d.data_dir / "pools" / "p2" / "m.img").exists()
+        assert asyncio.run(read(uri, 0, 32 * MiB)) == bytes([7]) * 32 * MiB
+        assert asyncio.run(write(uri, 32 * MiB, MiB, 8)) == 0  # its pool takes writes
