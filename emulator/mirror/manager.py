@@ -127,6 +127,8 @@ class MigrationManager:
                 self.array.export_lun(name)
             else:
                 self._final[name] = json.loads(status)
+                if state == "completed":
+                    self._finish_completed(lun, source)
                 if lun.state == "remote":
                     await self._serve_remote(lun, source, known, ident)
 
@@ -472,6 +474,23 @@ class MigrationManager:
         self._db.db.execute("DELETE FROM migrations WHERE lun=?", (name,))
 
     # ------------------------------------------------------------------ internals
+    def _finish_completed(self, lun: Lun, source: str) -> None:
+        """Remove what a completed migration still had when a crash stopped it: its end is
+        recorded first, then it waits out the reads in flight on its source, and only then
+        are its progress file and a pool move's old file removed. The old file, which no
+        LUN owns, kept its space in the old pool's file system for good."""
+        stale = [Path(lun.file.path.removesuffix(".img") + ".progress")]
+        if source.startswith("move:") and source.split(":")[1] != lun.pool:
+            stale.append(self.array.lun_path(source.split(":")[1], lun.name))
+        for path in stale:
+            if path.exists():
+                log.warning(
+                    "array %s: removed %s, left by a crash after its migration completed",
+                    self.array.name,
+                    path,
+                )
+                durable.unlink(path)
+
     def _forget_deleted(self, name: str, source: str) -> None:
         """A migration whose LUN is gone: a crash cut its delete short after the LUN was
         marked deleting, before :meth:`forget_lun`, and the array finished the delete. Its
