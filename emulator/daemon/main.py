@@ -43,6 +43,24 @@ STOP_GRACE = 5.0
 STOP_STEP_MIN = 1.0
 
 
+def given_token(arg: str | None) -> str | None:
+    """The token of ``--token`` or ``$BLOCKMIG_TOKEN`` (None: neither) as clients can send
+    it: an HTTP header value loses its surrounding whitespace and cannot carry control
+    characters, so with such a token (``--token "abc "``) the array started, and then
+    refused every request, its own CLI's with the same token too. Whitespace around it
+    goes (as from DATA_DIR/token); a token that is blank or holds control characters is
+    a ValueError."""
+    token = arg or os.environ.get(TOKEN_ENV)
+    if not token:
+        return None
+    if not token.strip() or any(ord(c) < 32 or ord(c) == 127 for c in token.strip()):
+        raise ValueError(
+            f"the API token (--token or ${TOKEN_ENV}) {token!r} cannot be sent in an HTTP header: "
+            "use printable characters (e.g. letters, digits, '-', '_', '.')"
+        )
+    return token.strip()
+
+
 def load_token(data_dir: Path, given: str | None) -> str:
     token = given or os.environ.get(TOKEN_ENV)
     if token:
@@ -89,9 +107,10 @@ async def serve(args: argparse.Namespace) -> int:
     # checked before the data dir and its token are made: a refused start leaves nothing
     check_name("array", args.name)
     pools = _parse_pools(args.pool)
+    given = given_token(args.token)
     data_dir: Path = args.data_dir.resolve()
     durable.make_dir(data_dir)  # the token goes there first
-    token = load_token(data_dir, args.token)
+    token = load_token(data_dir, given)
 
     raise_limit()  # a file per LUN: 1024 would not hold a real array's LUNs
     server = NbdServer()

@@ -223,6 +223,18 @@ def test_the_api_token_is_enforced(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert ea.value.status == 401
 
 
+def test_a_token_with_whitespace_around_it_is_the_token_clients_send(tmp_path: Path) -> None:
+    """Regression (was a bug): an HTTP header value loses its surrounding whitespace, so
+    with `--token "abc "` (a config value or an env var with a stray blank) the array
+    started and refused every request with 401, its own CLI's with that same token too."""
+    with array_daemon(tmp_path / "a", "arr-a", token="s3cret ") as d:
+        assert ArrayApi(d.api, "s3cret ", timeout=10).list_luns() == []
+        assert ArrayApi(d.api, "s3cret", timeout=10).list_luns() == []
+        with pytest.raises(ApiError) as ea:
+            ArrayApi(d.api, "s3cre", timeout=10).list_luns()
+        assert ea.value.status == 401
+
+
 def test_an_empty_token_file_gets_a_new_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A token file a crash left empty (older versions never fsync'ed it) is no empty
     token: with one, 'Authorization: Bearer ' let anyone in."""
@@ -819,6 +831,8 @@ def test_a_bad_command_line_exits_1_and_starts_nothing(tmp_path: Path) -> None:
         (("--pool", "small=0"), "capacity of pool 'small' 0 is invalid"),
         (("--pool", "a b=1G"), "invalid pool name 'a b'"),
         (("--name", "a b"), "invalid array name 'a b'"),
+        (("--token", "line\nbreak"), "cannot be sent in an HTTP header"),
+        (("--token", "  "), "cannot be sent in an HTTP header"),
     ):
         with pytest.raises(RuntimeError, match=rf"(?s)exited with 1\).*blockmig array serve: .*{msg}"):
             d = start_array(tmp_path / "a", "arr-a", *args)
