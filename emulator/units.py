@@ -10,7 +10,8 @@ from collections.abc import Callable
 from fractions import Fraction
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+# ASCII digits only (\d also takes other scripts' digits, "١٠٢٤"); B, KB, KiB but no "iB" alone
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGTP])(?:I?B)?|B)?\s*$", re.IGNORECASE | re.ASCII)
 
 
 def parse_size(text: str) -> int:
@@ -20,7 +21,7 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (try 4096, 64K, 512M, 1G)")
     if len(m.group(1)) > 20:
         raise ValueError(f"size {text!r} is too large")
-    value = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]
+    value = Fraction(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
     if value.denominator != 1:
         raise ValueError(f"size {text!r} is not a whole number of bytes")
     return int(value)
