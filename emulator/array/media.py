@@ -36,6 +36,7 @@ class MediaBackend(Backend):
         self._sleep = sleep
         self._busy_until = 0.0
         copy_capabilities(self, inner)
+        self.rotational = inner.rotational or media.rotational
 
     @property
     def size(self) -> int:

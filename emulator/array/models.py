@@ -61,6 +61,7 @@ class Media:
     write: LatencyModel = NO_LATENCY
     iops_limit: int = 0  # 0 = unlimited
     bandwidth_limit: int = 0  # bytes/s, 0 = unlimited
+    rotational: bool = False  # spinning disks: LUNs advertise NBD_FLAG_ROTATIONAL
 
     @property
     def active(self) -> bool:
@@ -70,7 +71,7 @@ class Media:
 MEDIA = {
     "none": Media(),
     "ssd": Media("ssd", SSD, LatencyModel("lognormal", 0.00025, 0.35)),
-    "hdd": Media("hdd", HDD, HDD, iops_limit=200, bandwidth_limit=200 << 20),
+    "hdd": Media("hdd", HDD, HDD, iops_limit=200, bandwidth_limit=200 << 20, rotational=True),
 }
 
 

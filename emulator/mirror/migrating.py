@@ -81,6 +81,7 @@ class MigratingBackend(Backend):
         self.refresh_capabilities()
         self.can_multi_conn = True  # one MigratingBackend serves every connection of the LUN
         self.can_extents = True
+        self.rotational = target.rotational  # the LUN's own media, which it cuts over to
         self.can_start_io = source.can_start_io
         self.remote = source.remote
 

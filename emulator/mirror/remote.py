@@ -194,6 +194,7 @@ class RemoteBackend(Backend):
         self.can_flush = c.can(p.FLAG_SEND_FLUSH)
         self.can_fua = c.can(p.FLAG_SEND_FUA)
         self.can_multi_conn = c.can(p.FLAG_CAN_MULTI_CONN)
+        self.rotational = c.can(p.FLAG_ROTATIONAL)
         self.can_extents = c.allocation_context is not None
         # Requests go on as they come: the source's alignment is the hosts' to keep
         # (a value outside what the spec allows, a power of two from 1 to 64K, is ignored).

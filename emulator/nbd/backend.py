@@ -44,6 +44,8 @@ class Backend(ABC):
     #: flushing on one connection covers writes completed on every connection
     can_multi_conn: bool = True
     can_extents: bool = True
+    #: spinning media (NBD_FLAG_ROTATIONAL): a host may order its I/O to spare seeks
+    rotational: bool = False
     #: the smallest unit of I/O it takes: offsets and lengths of requests must be
     #: multiples of it (a remote LUN's source may ask for 512 or 4096); the server
     #: advertises it as the export's minimum block size
@@ -162,6 +164,7 @@ CAPABILITIES = (
     "can_fua",
     "can_multi_conn",
     "can_extents",
+    "rotational",
     "min_block",
 )
 

@@ -109,6 +109,8 @@ class Export:
             flags |= p.FLAG_SEND_CACHE
         if b.can_multi_conn:
             flags |= p.FLAG_CAN_MULTI_CONN
+        if b.rotational:
+            flags |= p.FLAG_ROTATIONAL
         bs = p.BlockSize(b.min_block, max(p.PREFERRED_BLOCK, b.min_block))
         return p.ExportInfo(self.name, b.size, flags, self.description, bs, allocation=b.can_extents)
 
