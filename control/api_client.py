@@ -202,29 +202,32 @@ class ArrayApi:
         Once the array has answered, an API that stops answering (it restarts) is asked
         again for up to ``unreachable_window`` seconds: a restart ended the wait with an
         error (`migration wait`: exit 1, "failed or cancelled") while the migration, resumed
-        a moment later, went on. One that never answered (a wrong --api) fails at once."""
+        a moment later, went on. One that never answered (a wrong --api) fails at once, and
+        a ``timeout`` that ends meanwhile returns the last status (a timeout, not an error)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         # each poll well inside this client's own timeout
         longest = min(LONG_POLL_S, self.timeout / 2)
-        answered = False
+        last: dict[str, Any] | None = None  # the last status the array gave
         unreachable_since: float | None = None
         while True:
             left = longest if deadline is None else min(longest, deadline - time.monotonic())
-            if not answered:
+            if last is None:
                 left = 0.0  # answered at once: a wrong address fails now, not a restart later
             try:
                 st = self.migration(name, wait=left)
             except ApiError as e:
                 now = time.monotonic()
-                if e.code != "unreachable" or not answered:
+                if e.code != "unreachable" or last is None:
                     raise
+                if deadline is not None and now >= deadline:
+                    return last  # the timeout came first: what it was last seen doing
                 if unreachable_since is None:
                     unreachable_since = now
                 waited = now - unreachable_since
-                if waited >= unreachable_window or (deadline is not None and now >= deadline):
+                if waited >= unreachable_window:
                     raise ApiError(e.status, e.code, f"{e.message} (for {waited:.0f} s)") from None
                 time.sleep(0.2)
                 continue
-            answered, unreachable_since = True, None
+            last, unreachable_since = st, None
             if st["state"] in FINAL or (deadline is not None and time.monotonic() >= deadline):
                 return st

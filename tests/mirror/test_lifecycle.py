@@ -110,6 +110,35 @@ def test_wait_rides_out_a_restart_of_the_target(tmp_path: Path) -> None:
         run(body(), 100)
 
 
+def test_wait_whose_timeout_ends_while_the_target_is_down_is_a_timeout(tmp_path: Path) -> None:
+    """--timeout passes while B, killed, does not answer (within the window a restart gets):
+    exit 2 with the last status, as for any timeout. Before: exit 1, "cannot reach the
+    array API", which the help gives for a migration that failed or was cancelled."""
+    with two_arrays(tmp_path) as (_, a, b):
+
+        async def body() -> None:
+            await new_source(a, make_data(63, SIZE))
+            await asyncio.to_thread(start_migration, b, a.uri(LUN), "--throttle", "1")
+            cmd = [sys.executable, "-m", "control.cli", "migration", "wait", LUN, "--json"]
+            cmd += ["--api", b.api, "--token", TOKEN, "--timeout", "2"]
+            p = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
+            )
+            try:
+                await asyncio.sleep(0.5)  # its first long poll is in
+                b.sigkill()
+                out, err = await asyncio.to_thread(p.communicate, timeout=30)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            assert p.returncode == 2, (out, err)
+            assert json.loads(out)["state"] in ("copying", "converging"), out
+            assert "still" in err and "after 2 s" in err, err
+
+        run(body(), 100)
+
+
 def test_wait_on_an_array_that_never_answered_fails_at_once(tmp_path: Path) -> None:
     """A wrong --api (nothing listens there) is no restart to wait out: exit 1 at once."""
     with socket.socket() as s:
