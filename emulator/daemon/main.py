@@ -49,13 +49,13 @@ def given_token(arg: str | None) -> str | None:
     characters, so with such a token (``--token "abc "``) the array started, and then
     refused every request, its own CLI's with the same token too. Whitespace around it
     goes (as from DATA_DIR/token); a token that is blank or holds control characters is
-    a ValueError."""
+    a ValueError, which does not show it (a secret, and `blockmig up` prints the error)."""
     token = arg or os.environ.get(TOKEN_ENV)
     if not token:
         return None
     if not token.strip() or any(ord(c) < 32 or ord(c) == 127 for c in token.strip()):
         raise ValueError(
-            f"the API token (--token or ${TOKEN_ENV}) {token!r} cannot be sent in an HTTP header: "
+            f"the API token (--token or ${TOKEN_ENV}) cannot be sent in an HTTP header: "
             "use printable characters (e.g. letters, digits, '-', '_', '.')"
         )
     return token.strip()

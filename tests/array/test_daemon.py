@@ -831,7 +831,7 @@ def test_a_bad_command_line_exits_1_and_starts_nothing(tmp_path: Path) -> None:
         (("--pool", "small=0"), "capacity of pool 'small' 0 is invalid"),
         (("--pool", "a b=1G"), "invalid pool name 'a b'"),
         (("--name", "a b"), "invalid array name 'a b'"),
-        (("--token", "line\nbreak"), "cannot be sent in an HTTP header"),
+        (("--token", "line\nbreak"), r"\(--token or \$BLOCKMIG_TOKEN\) cannot be sent in an HTTP header"),
         (("--token", "  "), "cannot be sent in an HTTP header"),
     ):
         with pytest.raises(RuntimeError, match=rf"(?s)exited with 1\).*blockmig array serve: .*{msg}"):
