@@ -483,14 +483,11 @@ class Array:
 
     def pool_info(self, pool: Pool) -> dict[str, Any]:
         used = pool.used()
-        free = max(0, pool.capacity - used)
-        if pool.room is not None:  # a thin pool larger than its file system: what writes may still take
-            free = min(free, pool.room.avail())
         return {
             "name": pool.name,
             "capacity": pool.capacity,
             "used": used,
-            "free": free,
+            "free": pool.free_given(used),  # less than the room left where the file system has less
             "luns": len(pool.files),
         }
 

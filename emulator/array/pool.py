@@ -86,8 +86,12 @@ class Pool:
 
     @property
     def free(self) -> int:
-        """What writes may still allocate: the pool's room, or its file system's if that is less."""
-        free = max(0, self.capacity - self.used())
+        return self.free_given(self.used())
+
+    def free_given(self, used: int) -> int:
+        """What writes may still allocate with ``used`` bytes allocated: the pool's room,
+        or its file system's if that is less."""
+        free = max(0, self.capacity - used)
         return free if self.room is None else min(free, self.room.avail())
 
     def charge(self, fb: FileBackend, lun: str, offset: int, length: int) -> int:

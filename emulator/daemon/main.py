@@ -62,9 +62,9 @@ def given_token(arg: str | None) -> str | None:
 
 
 def load_token(data_dir: Path, given: str | None) -> str:
-    token = given or os.environ.get(TOKEN_ENV)
-    if token:
-        return token
+    """``given`` (:func:`given_token`), else DATA_DIR/token, made the first time."""
+    if given:
+        return given
     path = data_dir / "token"
     try:
         token = path.read_text().strip()

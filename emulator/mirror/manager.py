@@ -32,12 +32,12 @@ from emulator.array.file_backend import FileBackend
 from emulator.array.lun import Lun
 from emulator.array.names import check_size
 from emulator.array.open_files import check_room
-from emulator.nbd.client import Address
+from emulator.nbd.client import Address, without_user
 from emulator.nbd.errors import BackendError
 from emulator.units import format_size, parse_rate
 
 from .migration import FINAL, Migration, MigrationConfig, ended_message
-from .regions import MAX_REGIONS, default_region_size, regions_of
+from .regions import MAX_REGIONS, region_size_for, regions_of
 from .remote import OtherLun, RemoteBackend
 
 log = logging.getLogger("blockmig.mirror.manager")
@@ -520,11 +520,9 @@ class MigrationManager:
         """The region size of a migration of a LUN of ``size`` bytes: one ``asked`` for
         as it is, within MAX_REGIONS regions; the default one doubled for a big LUN."""
         if not asked:
-            return default_region_size(size, region_size)
-        if regions_of(size, region_size) > MAX_REGIONS:
-            least = region_size
-            while regions_of(size, least) > MAX_REGIONS:
-                least <<= 1
+            return region_size_for(size, region_size)
+        least = region_size_for(size, region_size, MAX_REGIONS)
+        if least != region_size:
             raise InvalidInput(
                 f"region_size {format_size(region_size)} cuts the source's {format_size(size)} into "
                 f"{regions_of(size, region_size)} regions, more than {MAX_REGIONS}: use "
@@ -535,14 +533,11 @@ class MigrationManager:
     def _drop_user(self, name: str, source: str) -> str:
         """``source`` without a ``user@`` part, which arrays took (and ignored) before such
         URIs were refused: the migration resumes, and no password stays in its row."""
-        scheme, sep, rest = source.partition("://")
-        authority, slash, tail = rest.partition("/")
-        if not sep or "@" not in authority:
-            return source
-        source = f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
-        self._db.db.execute("UPDATE migrations SET source=? WHERE lun=?", (source, name))
-        log.warning("array %s: dropped the user@ part of the source URI of %s", self.array.name, name)
-        return source
+        bare = without_user(source)
+        if bare != source:
+            self._db.db.execute("UPDATE migrations SET source=? WHERE lun=?", (bare, name))
+            log.warning("array %s: dropped the user@ part of the source URI of %s", self.array.name, name)
+        return bare
 
     def _new(self, lun: Lun, source: str, cfg: MigrationConfig) -> Migration:
         pool = self.array.pools[lun.pool]

@@ -51,10 +51,11 @@ def regions_of(size: int, region_size: int) -> int:
     return (size + region_size - 1) // region_size
 
 
-def default_region_size(size: int, region_size: int) -> int:
+def region_size_for(size: int, region_size: int, most: int | None = None) -> int:
     """``region_size`` (a power of two), doubled until a LUN of ``size`` bytes has at
-    most DEFAULT_MAX_REGIONS regions."""
-    while regions_of(size, region_size) > DEFAULT_MAX_REGIONS:
+    most ``most`` regions (DEFAULT_MAX_REGIONS)."""
+    most = DEFAULT_MAX_REGIONS if most is None else most
+    while regions_of(size, region_size) > most:
         region_size <<= 1
     return region_size
 

@@ -197,9 +197,8 @@ class RemoteBackend(Backend):
         self.rotational = c.can(p.FLAG_ROTATIONAL)
         self.can_extents = c.allocation_context is not None
         # Requests go on as they come: the source's alignment is the hosts' to keep
-        # (a value outside what the spec allows, a power of two from 1 to 64K, is ignored).
-        mn = c.block_size.minimum
-        self.min_block = mn if 1 <= mn <= 65536 and not mn & (mn - 1) else 1
+        # (the client ignores block sizes the spec does not allow: a minimum of 1 then).
+        self.min_block = c.block_size.minimum
         self.known = True
         if (before != self.capabilities() or not known or learnt) and self.on_capabilities is not None:
             try:

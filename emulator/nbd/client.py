@@ -37,6 +37,14 @@ _ERROR_CHUNK = 1 << 15  # the bit of every error chunk type
 MAX_EXTENTS = 1 << 17
 
 
+def without_user(uri: str, mask: str = "") -> str:
+    """``uri`` with its ``user@`` part (a password too, if any) replaced by ``mask``."""
+    netloc = urllib.parse.urlsplit(uri).netloc
+    if "@" not in netloc:
+        return uri
+    return uri.replace(netloc, mask + netloc.rpartition("@")[2], 1)  # the first: the authority
+
+
 @dataclass(slots=True, frozen=True)
 class Address:
     """Where an NBD server is: TCP host/port or a unix socket, plus export name."""
@@ -56,8 +64,7 @@ class Address:
         if "@" in u.netloc:
             # The NBD URI spec's user@ is a TLS username, which we cannot use; a password
             # there would be stored with the migration and shown back: refuse it unread.
-            query = f"?{u.query}" if u.query else ""
-            shown = f"{u.scheme}://***@{u.netloc.rpartition('@')[2]}{u.path}{query}"
+            shown = without_user(uri, "***@")
             raise ValueError(f"{shown!r}: a user@ part is a TLS user name, and NBD here has no TLS")
         export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)
         if u.scheme == "nbd":
