@@ -29,6 +29,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -331,13 +332,14 @@ def test_failure_at_each_step_leaves_the_volume_usable(bm: BlockmigEnv, step: st
 FIO_OFFSET, FIO_SIZE = 16 * MiB, 16 * MiB
 
 
-def _fio(uri: str, *extra: str) -> dict[str, Any]:
+def _fio(cwd: Path, uri: str, *extra: str) -> dict[str, Any]:
     cmd = [
         "fio", "--name=hostio", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
         "--iodepth=8", f"--offset={FIO_OFFSET}", f"--size={FIO_SIZE}", "--verify=crc32c",
         "--randrepeat=1", "--runtime=60", "--output-format=json", *extra,
     ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=HOST_IO_TIMEOUT)
+    # cwd: fio drops its verify state file there, not in the checkout
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=HOST_IO_TIMEOUT, cwd=cwd)
     said = [ln for ln in r.stdout.splitlines() if not ln.startswith((" ", "{", "}"))]
     assert r.returncode == 0, f"fio {extra} failed ({r.returncode}): {r.stderr}\n" + "\n".join(said)
     out: dict[str, Any] = json.loads(r.stdout[r.stdout.index("{") :])
@@ -345,7 +347,7 @@ def _fio(uri: str, *extra: str) -> dict[str, Any]:
     return out
 
 
-def test_attached_host_keeps_correct_data_through_the_cutover_fio(bm: BlockmigEnv) -> None:
+def test_attached_host_keeps_correct_data_through_the_cutover_fio(bm: BlockmigEnv, tmp_path: Path) -> None:
     v, img = make(bm, "fio", BIG, "S")
     d = bm.ok("migrate", v["id"], "T")
     assert d["migration_status"] == "migrating_attachable", d
@@ -356,7 +358,7 @@ def test_attached_host_keeps_correct_data_through_the_cutover_fio(bm: BlockmigEn
     with ThreadPoolExecutor(1) as pool:
         attached = pool.submit(bm.ok, "attach", v["id"], "--host-name", "fio-host")
         fio_start = time.time()
-        out = _fio(uri)
+        out = _fio(tmp_path, uri)
         assert attached.result()["data"]["uri"] == uri
     assert out["jobs"][0]["write"]["io_bytes"] == FIO_SIZE
 
@@ -368,7 +370,7 @@ def test_attached_host_keeps_correct_data_through_the_cutover_fio(bm: BlockmigEn
         f"the migration ended before fio started: nothing was tested ({st})"
     )
     # after the cutover, everything fio wrote while it migrated is still there
-    _fio(uri, "--verify_only")
+    _fio(tmp_path, uri, "--verify_only")
     assert_content(uri, img, ignore=(FIO_OFFSET, FIO_OFFSET + FIO_SIZE))
     assert lun_of(v) not in bm.luns("S")
 
