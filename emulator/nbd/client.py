@@ -32,6 +32,15 @@ DEFAULT_PORT = 10809
 #: requests queued on the transport beyond this wait for it to drain
 WRITE_BUFFER_MAX = 4 << 20
 _ERROR_CHUNK = 1 << 15  # the bit of every error chunk type
+#: replies to one option before its final one (ACK or an error) that the client takes:
+#: GO brings ~4 (INFO_EXPORT and the three infos asked), SET_META_CONTEXT one a context
+#: asked for; the spec sets no number (a server "MAY send" NBD_REP_INFO replies), so
+#: one that never stops would keep the client reading until the connect timeout
+MAX_OPTION_REPLIES = 64
+#: exports list_exports takes, and bytes of their names and descriptions: libnbd stopped
+#: at 10000 names when it kept them (before nbd_opt_list handed them to a callback)
+MAX_EXPORTS = 10_000
+MAX_LIST_BYTES = 8 << 20
 #: extents kept of one BLOCK_STATUS answer (the rest is asked again): a 4 GiB ask of
 #: 4 KiB runs could bring 1M, 100+ MB of objects; this many cover 512 MiB at 4 KiB
 MAX_EXTENTS = 1 << 17
@@ -298,23 +307,42 @@ class _Handshake:
             self.no_zeroes = True
         self.wire.write(p.CLIENT_FLAGS.pack(cflags))
 
-    async def option(self, opt: int, data: bytes = b"") -> list[p.OptionReply]:
-        """Send one option; collect its replies up to ACK or an error."""
+    async def option(
+        self,
+        opt: int,
+        what: str,
+        data: bytes = b"",
+        each: Callable[[p.OptionReply], None] | None = None,
+        most: int = MAX_OPTION_REPLIES,
+    ) -> p.OptionReply:
+        """Send one option and read its replies up to the final one (ACK or an
+        error), which it returns. The others go to ``each`` one at a time and are
+        not kept, so a server streaming replies costs no memory; past ``most`` of
+        them the handshake ends with ProtocolError (a server that never stops would
+        keep the client until the connect timeout). ``what`` names the option in
+        errors."""
         self.wire.write(p.build_option(opt, data))
-        replies: list[p.OptionReply] = []
+        count = 0
         while True:
             hdr = await self.wire.readexactly(p.OPTION_REPLY_HEADER.size)
             _, _, _, length = p.OPTION_REPLY_HEADER.unpack(hdr)
             if length > p.MAX_OPTION_LENGTH:
-                raise ProtocolError(f"{self.uri}: option reply of {length} bytes")
+                raise ProtocolError(f"{self.uri}: {what}: option reply of {length} bytes")
             parsed = p.parse_option_reply(hdr + await self.wire.readexactly(length))
             assert parsed is not None
             rep = parsed[0]
             if rep.option != opt:
                 raise ProtocolError(f"{self.uri}: reply to option {rep.option}, expected {opt}")
-            replies.append(rep)
             if rep.type == p.REP_ACK or rep.is_error:
-                return replies
+                return rep
+            count += 1
+            if count > most:
+                raise ProtocolError(
+                    f"{self.uri}: {what}: the server sent more than {most} replies without"
+                    " ending them (a broken or hostile server); giving up"
+                )
+            if each is not None:
+                each(rep)
 
 
 def _valid_block_size(bs: p.BlockSize, size: int) -> bool:
@@ -346,18 +374,43 @@ def _option_error(uri: str, what: str, rep: p.OptionReply) -> OptionError:
 
 
 async def list_exports(uri: str, timeout: float = 10.0) -> list[tuple[str, str]]:
-    """(name, description) of every export the server lists."""
+    """(name, description) of every export the server lists, up to MAX_EXPORTS of
+    them and MAX_LIST_BYTES of their names and descriptions: a server listing more
+    (or one that never ends its list) fails it with ProtocolError rather than grow
+    the caller's memory until the timeout."""
     addr = Address.parse(uri)
+    out: list[tuple[str, str]] = []
+    kept = 0
+
+    def take(rep: p.OptionReply) -> None:
+        nonlocal kept
+        if rep.type != p.REP_SERVER:
+            return
+        if len(out) == MAX_EXPORTS:
+            raise ProtocolError(
+                f"{addr.uri()}: LIST: the server lists more than {MAX_EXPORTS} exports,"
+                " more than list_exports takes"
+            )
+        kept += len(rep.data)
+        if kept > MAX_LIST_BYTES:
+            raise ProtocolError(
+                f"{addr.uri()}: LIST: the server lists more than {MAX_LIST_BYTES >> 20} MiB of export"
+                " names and descriptions, more than list_exports takes"
+            )
+        out.append(_server_reply(addr.uri(), rep.data))
+
     wire = await _open(addr, timeout)
     try:
         hs = _Handshake(wire, addr.uri())
         await asyncio.wait_for(hs.greet(), timeout)
         if not hs.fixed:
             raise OptionError(f"{addr.uri()}: LIST: the server speaks plain newstyle, which lists nothing")
-        replies = await asyncio.wait_for(hs.option(p.OPT_LIST), timeout)
-        if replies[-1].is_error:
-            raise _option_error(addr.uri(), "LIST", replies[-1])
-        out = [_server_reply(addr.uri(), rep.data) for rep in replies[:-1] if rep.type == p.REP_SERVER]
+        # other replies than NBD_REP_SERVER are skipped, but counted too
+        final = await asyncio.wait_for(
+            hs.option(p.OPT_LIST, "LIST", each=take, most=2 * MAX_EXPORTS), timeout
+        )
+        if final.is_error:
+            raise _option_error(addr.uri(), "LIST", final)
         wire.write(p.build_option(p.OPT_ABORT))
         return out
     except asyncio.IncompleteReadError:
@@ -375,6 +428,29 @@ def _server_reply(uri: str, data: bytes) -> tuple[str, str]:
         return data[4 : 4 + n].decode(), data[4 + n :].decode()
     except UnicodeDecodeError:
         raise ProtocolError(f"{uri}: LIST: an export name or description is not UTF-8") from None
+
+
+class _GoInfo:
+    """What NBD_REP_INFO replies to GO say, taken one reply at a time (a later one of
+    a type replaces an earlier); malformed and unknown ones are skipped."""
+
+    def __init__(self) -> None:
+        self.export: tuple[int, int] | None = None  # size, transmission flags
+        self.description = ""
+        self.block_size: p.BlockSize | None = None
+
+    def take(self, rep: p.OptionReply) -> None:
+        if rep.type != p.REP_INFO or len(rep.data) < 2:
+            return
+        (itype,) = p.U16.unpack_from(rep.data)
+        if itype == p.INFO_EXPORT and len(rep.data) == p.INFO_EXPORT_FMT.size:
+            _, size, flags = p.INFO_EXPORT_FMT.unpack(rep.data)
+            self.export = size, flags
+        elif itype == p.INFO_DESCRIPTION:
+            self.description = rep.data[2:].decode(errors="replace")
+        elif itype == p.INFO_BLOCK_SIZE and len(rep.data) == p.INFO_BLOCK_SIZE_FMT.size:
+            _, mn, pref, mx = p.INFO_BLOCK_SIZE_FMT.unpack(rep.data)
+            self.block_size = p.BlockSize(mn, pref, mx)
 
 
 class NbdClient:
@@ -438,50 +514,48 @@ class NbdClient:
             await self._export_name(hs, name)
             return
         if structured:
-            rep = (await hs.option(p.OPT_STRUCTURED_REPLY))[-1]
+            rep = await hs.option(p.OPT_STRUCTURED_REPLY, "STRUCTURED_REPLY")
             self.structured = rep.type == p.REP_ACK
         if self.structured and allocation:
-            replies = await hs.option(
-                p.OPT_SET_META_CONTEXT, p.build_meta_context_request(name, [p.BASE_ALLOCATION])
+            named: list[int] = []
+
+            def context(rep: p.OptionReply) -> None:
+                if rep.type == p.REP_META_CONTEXT and rep.data[4:] == p.BASE_ALLOCATION.encode():
+                    named[:] = p.U32.unpack_from(rep.data)
+
+            rep = await hs.option(
+                p.OPT_SET_META_CONTEXT,
+                "SET_META_CONTEXT",
+                p.build_meta_context_request(name, [p.BASE_ALLOCATION]),
+                context,
             )
             # Only if it succeeded (section "NBD_CMD_BLOCK_STATUS": contexts returned
             # "without an error"); after a final error reply none is set.
-            for rep in replies if replies[-1].type == p.REP_ACK else ():
-                if rep.type == p.REP_META_CONTEXT and rep.data[4:] == p.BASE_ALLOCATION.encode():
-                    (self.allocation_context,) = p.U32.unpack_from(rep.data)
-        replies = await hs.option(
+            if rep.type == p.REP_ACK and named:
+                self.allocation_context = named[0]
+        info = _GoInfo()
+        last = await hs.option(
             p.OPT_GO,
+            f"GO to export {name!r}",
             p.build_info_request(name, [p.INFO_NAME, p.INFO_DESCRIPTION, p.INFO_BLOCK_SIZE]),
+            info.take,
         )
-        last = replies[-1]
         if last.type == p.REP_ERR_UNSUP:
             await self._export_name(hs, name)
             return
         if last.is_error:
             raise _option_error(uri, f"GO to export {name!r}", last)
-        got_export = False
-        block_size: p.BlockSize | None = None
-        for rep in replies[:-1]:
-            if rep.type != p.REP_INFO or len(rep.data) < 2:
-                continue
-            (itype,) = p.U16.unpack_from(rep.data)
-            if itype == p.INFO_EXPORT and len(rep.data) == p.INFO_EXPORT_FMT.size:
-                _, self.size, self.flags = p.INFO_EXPORT_FMT.unpack(rep.data)
-                got_export = True
-            elif itype == p.INFO_DESCRIPTION:
-                self.description = rep.data[2:].decode(errors="replace")
-            elif itype == p.INFO_BLOCK_SIZE and len(rep.data) == p.INFO_BLOCK_SIZE_FMT.size:
-                _, mn, pref, mx = p.INFO_BLOCK_SIZE_FMT.unpack(rep.data)
-                block_size = p.BlockSize(mn, pref, mx)
-        if not got_export:
+        if info.export is None:
             raise ProtocolError(f"{uri}: GO succeeded without NBD_INFO_EXPORT")
-        if block_size is not None:
-            if _valid_block_size(block_size, self.size):
-                self.block_size = block_size
+        self.size, self.flags = info.export
+        self.description = info.description
+        if info.block_size is not None:
+            if _valid_block_size(info.block_size, self.size):
+                self.block_size = info.block_size
             else:
                 # Requests are split at the maximum: 0 crashed every read and write (a
                 # range() step of 0), 1 would send a 32 MiB read as 32M requests.
-                log.warning("%s: ignoring invalid block sizes %s", uri, block_size)
+                log.warning("%s: ignoring invalid block sizes %s", uri, info.block_size)
         self._max_request = min(self.block_size.maximum, p.MAX_BLOCK)
 
     async def _export_name(self, hs: _Handshake, name: str) -> None:
