@@ -415,6 +415,8 @@ async def list_exports(uri: str, timeout: float = 10.0) -> list[tuple[str, str]]
         return out
     except asyncio.IncompleteReadError:
         raise DisconnectedError(f"{addr.uri()}: server closed the connection during LIST") from None
+    except TimeoutError:
+        raise DisconnectedError(f"{addr.uri()}: LIST timed out") from None
     finally:
         wire.close()
 

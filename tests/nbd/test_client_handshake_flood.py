@@ -31,7 +31,7 @@ import pytest
 from emulator.nbd import client as cl
 from emulator.nbd import protocol as p
 from emulator.nbd.client import NbdClient, list_exports
-from emulator.nbd.errors import ProtocolError
+from emulator.nbd.errors import DisconnectedError, ProtocolError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -203,3 +203,14 @@ def test_list_exports_takes_a_list_of_max_exports() -> None:
     err, _, _ = measured(call, p.OPT_LIST, lambda i: replies[i], len(replies))
     assert err is None, repr(err)
     assert len(got) == cl.MAX_EXPORTS and got[-1] == (f"lun-{cl.MAX_EXPORTS - 1}", "")
+
+
+def test_list_exports_of_a_server_that_stops_answering_times_out_with_an_nbd_error() -> None:
+    """It raised a bare TimeoutError, not an NbdError as connect's 'handshake timed out'."""
+
+    async def call(uri: str) -> None:
+        with pytest.raises(DisconnectedError, match=r"^nbd://127\.0\.0\.1:\d+/vol: LIST timed out$"):
+            await list_exports(uri, timeout=0.5)
+
+    err, _, _ = measured(call, p.OPT_LIST, _export, 10)
+    assert err is None, repr(err)
