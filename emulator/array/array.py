@@ -30,7 +30,7 @@ from emulator import durable
 from emulator.nbd.backend import Backend
 from emulator.nbd.server import NbdServer
 
-from .errors import Busy, Conflict, InvalidInput, NoSpace, NotFound
+from .errors import NO_ROOM, Busy, Conflict, InvalidInput, NotFound, storage_error
 from .file_backend import FileBackend
 from .lun import Lun, LunBackend, describe
 from .media import MediaBackend
@@ -222,6 +222,12 @@ class Array:
     def lun_path(self, pool: str, lun: str) -> Path:
         return self._path(pool, lun)
 
+    def _storage_failed(self, e: OSError) -> None:
+        """Log a failure of the array's own storage, with its path (the API's answer
+        has none); a full file system is the operator's to see in the pool's numbers."""
+        if e.errno not in NO_ROOM:
+            log.error("array %s: %s", self.name, e)
+
     def _attach(self, name: str, pool: str, state: str, created: float, fb: FileBackend, uuid: str) -> Lun:
         inner = self.media_backend(fb)
         p = self.pools[pool]
@@ -373,7 +379,8 @@ class Array:
             fb = FileBackend(str(path), create_size=size)
         except OSError as e:
             meta.delete_lun(name)
-            raise NoSpace(f"cannot create the file of LUN {name!r}: {e.strerror}") from None
+            self._storage_failed(e)
+            raise storage_error(f"cannot create the file of LUN {name!r}", e) from None
         try:
             meta.update_lun(name, also, state=state)
         except BaseException:
@@ -410,7 +417,8 @@ class Array:
             os.ftruncate(lun.file.fd, size)
         except OSError as e:
             self._db().update_lun(lun.name, size=lun.size)
-            raise NoSpace(f"cannot grow LUN {lun.name!r}: {e.strerror}") from None
+            self._storage_failed(e)
+            raise storage_error(f"cannot grow LUN {lun.name!r}", e) from None
         lun.file.refresh_size()
         lun.size = size
         return lun

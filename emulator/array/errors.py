@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class ArrayError(Exception):
     """Base: ``code`` is a short machine word, ``status`` the HTTP status."""
@@ -38,3 +40,16 @@ class NoSpace(ArrayError):
 
 class Unsupported(ArrayError):
     code, status = "unsupported", 501
+
+
+#: errnos of a file system without room for what was asked (EFBIG: a size it cannot hold)
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def storage_error(what: str, e: OSError) -> ArrayError:
+    """The array's own storage failed at ``what``: NoSpace (507) where its file system
+    has no room (NO_ROOM), else a 500 (code ``error``): neither is the client's to fix
+    by freeing room. The message names the errno, not the path (the caller logs that)."""
+    name = errno.errorcode.get(e.errno or 0, "unknown error")
+    message = f"{what}: {e.strerror or name} ({name})"
+    return NoSpace(message) if e.errno in NO_ROOM else ArrayError(message)

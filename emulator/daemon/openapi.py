@@ -49,7 +49,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         501: "not supported by this array model",
         503: "still waiting (a fence for its hosts' writes in flight): retry",
         507: (
-            "pool full, the file system of the array's metadata full (code no_space), "
+            "pool full, a file system without room for a LUN's file or the array's "
+            "metadata, or a size it cannot hold (code no_space), "
             "or no open file left for a LUN (code too_many_open_files)"
         ),
     }
@@ -279,7 +280,7 @@ SPEC: dict[str, Any] = {
                 "requestBody": _body("LunCreate"),
                 "responses": {
                     "201": _resp(_ref("Lun"), "created"),
-                    **_errors(400, 404, 409, 507),
+                    **_errors(400, 404, 409, 500, 507),
                 },
             },
         },
@@ -317,7 +318,7 @@ SPEC: dict[str, Any] = {
                 "requestBody": _body("LunGrow"),
                 "responses": {
                     "200": _resp(_ref("Lun")),
-                    **_errors(400, 404, 409, 507),
+                    **_errors(400, 404, 409, 500, 507),
                 },
             },
         },

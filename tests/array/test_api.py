@@ -20,9 +20,11 @@ import json
 import logging
 import os
 import re
+import subprocess
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -681,6 +683,94 @@ def test_failed_create_leaves_no_file(api: ApiThread, tmp_path: Path) -> None:
     assert r.status == 507
     leftovers = sorted(p.name for p in (api.data_dir / "pools").rglob("*.img"))
     assert leftovers == []
+
+
+@contextmanager
+def file_in_place_of(d: Path) -> Iterator[None]:
+    """A regular file where the directory ``d`` was (ENOTDIR below it); ``d`` back after."""
+    aside = d.with_name(d.name + ".aside")
+    d.rename(aside)
+    d.write_bytes(b"not a directory")
+    try:
+        yield
+    finally:
+        d.unlink()
+        aside.rename(d)
+
+
+@contextmanager
+def read_only(d: Path) -> Iterator[None]:
+    """``d`` bind-mounted read-only over itself (EROFS below it); skips where this
+    process may not mount."""
+
+    def run(*args: str) -> bool:
+        return (
+            subprocess.run(["mount", *args, str(d), str(d)], capture_output=True, timeout=10).returncode == 0
+        )
+
+    if not run("--bind"):
+        pytest.skip("cannot bind-mount here (needs root and CAP_SYS_ADMIN)")
+    try:
+        if not run("-o", "remount,bind,ro"):
+            pytest.skip("cannot remount a bind mount read-only here")
+        yield
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True, timeout=10, check=True)
+
+
+@pytest.mark.parametrize(
+    "broken, name",
+    [(file_in_place_of, "ENOTDIR"), (read_only, "EROFS")],
+    ids=["pool-dir-is-a-file", "pool-dir-read-only"],
+)
+def test_a_create_that_fails_for_another_reason_than_room_is_500_and_leaves_nothing(
+    api: ApiThread, broken: Callable[[Path], AbstractContextManager[None]], name: str
+) -> None:
+    """Regression (was a bug): every OSError of the LUN file's create answered 507
+    no_space ("Not a directory", "Read-only file system"): a client told to free room
+    would free some and try again for nothing. A full file system (ENOSPC, EDQUOT, or
+    EFBIG: a size it cannot hold) is still 507; any other error is the array's own
+    storage failing, a 500 that names the errno without the array's paths. Nothing
+    is left of the LUN, and the other LUNs, of its pool too, keep working."""
+    api.create("before", MIB, pool="small")
+    api.create("elsewhere", MIB)
+    pool_dir = api.data_dir / "pools" / "small"
+    with broken(pool_dir):
+        r = api.request("POST", "/api/v1/luns", {"name": "x", "size": MIB, "pool": "small"})
+        err = expect_error(r, 500, "error", "cannot create the file of LUN 'x'", f"({name})")
+        assert str(api.data_dir) not in err["message"] and "x.img" not in err["message"]
+        assert "x" not in api.array.luns and [row.name for row in meta_of(api).luns()] == [
+            "before",
+            "elsewhere",
+        ]
+        for lun in ("before", "elsewhere"):
+            assert api.call(nbd_roundtrip(api.nbd_uri(lun))) != b""
+    assert not (pool_dir / "x.img").exists()
+    assert api.create("x", MIB, pool="small")["state"] == "ready"  # the name is free
+    assert api.call(nbd_roundtrip(api.nbd_uri("x"))) != b""
+
+
+def test_a_grow_that_fails_for_another_reason_than_room_is_500(
+    api: ApiThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grow's ftruncate, as the create: EIO was a 507 no_space too. Its size and
+    its row stay as they were."""
+    api.create("g", MIB)
+    fd = api.array.get_lun("g").file.fd
+    real = os.ftruncate
+
+    def failing(f: int, size: int) -> None:
+        if f == fd:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(f, size)
+
+    monkeypatch.setattr(os, "ftruncate", failing)
+    r = api.request("POST", "/api/v1/luns/g/grow", {"size": 2 * MIB})
+    expect_error(r, 500, "error", "cannot grow LUN 'g'", "(EIO)")
+    monkeypatch.undo()
+    assert api.array.get_lun("g").size == MIB and api.array.get_lun("g").file.size == MIB
+    assert [(row.name, row.size) for row in meta_of(api).luns()] == [("g", MIB)]
+    assert api.request("POST", "/api/v1/luns/g/grow", {"size": 2 * MIB}).status == 200
 
 
 def test_a_full_metadata_file_system_is_507_and_changes_nothing(api: ApiThread) -> None:
