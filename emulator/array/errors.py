@@ -20,6 +20,12 @@ class InvalidInput(ArrayError):
     code, status = "invalid", 400
 
 
+class TooLarge(ArrayError):
+    """A request body past the API's limit (HTTP 413 Content Too Large)."""
+
+    code, status = "too_large", 413
+
+
 class NotFound(ArrayError):
     code, status = "not_found", 404
 

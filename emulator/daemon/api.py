@@ -17,16 +17,15 @@ from typing import Any
 from aiohttp import web
 
 from emulator.array.array import Array, check_name, fence_export
-from emulator.array.errors import ArrayError, Conflict, InvalidInput
+from emulator.array.errors import ArrayError, Conflict, InvalidInput, TooLarge
 from emulator.array.stats import exposition
 from emulator.mirror.manager import MigrationManager
 from emulator.units import parse_size
 
-from .openapi import MAX_WAIT_S, SPEC
+from .openapi import MAX_BODY, MAX_WAIT_S, SPEC
 
 log = logging.getLogger("blockmig.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MAX_BODY = 64 * 1024
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -100,7 +99,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def _json_body(request: web.Request, allowed: set[str], required: set[str]) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise InvalidInput(f"request body is larger than {MAX_BODY} bytes")
+        raise TooLarge(f"request body is larger than {MAX_BODY} bytes")
     # read(n) returns what has come so far, not the whole body: a body that arrives in
     # pieces (TCP segments, HTTP chunks) is read to its end, up to one byte past the limit
     raw = b""
@@ -110,7 +109,7 @@ async def _json_body(request: web.Request, allowed: set[str], required: set[str]
             break
         raw += piece
     if len(raw) > MAX_BODY:
-        raise InvalidInput(f"request body is larger than {MAX_BODY} bytes")
+        raise TooLarge(f"request body is larger than {MAX_BODY} bytes")
     try:
         body = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:

@@ -6,6 +6,8 @@ from typing import Any
 
 #: longest long poll of GET /api/v1/migrations/{name}?wait=SECONDS
 MAX_WAIT_S = 60
+#: largest request body the API reads (413 beyond)
+MAX_BODY = 64 * 1024
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
 SIZE = {
     "oneOf": [
@@ -45,6 +47,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "missing or wrong bearer token",
         404: "no such LUN or pool",
         409: "conflict",
+        413: f"request body larger than {MAX_BODY} bytes",
         500: "the array's own storage failed (the message says how)",
         501: "not supported by this array model",
         503: "still waiting (a fence for its hosts' writes in flight): retry",
@@ -280,7 +283,7 @@ SPEC: dict[str, Any] = {
                 "requestBody": _body("LunCreate"),
                 "responses": {
                     "201": _resp(_ref("Lun"), "created"),
-                    **_errors(400, 404, 409, 500, 507),
+                    **_errors(400, 404, 409, 413, 500, 507),
                 },
             },
         },
@@ -318,7 +321,7 @@ SPEC: dict[str, Any] = {
                 "requestBody": _body("LunGrow"),
                 "responses": {
                     "200": _resp(_ref("Lun")),
-                    **_errors(400, 404, 409, 500, 507),
+                    **_errors(400, 404, 409, 413, 500, 507),
                 },
             },
         },
@@ -354,7 +357,7 @@ SPEC: dict[str, Any] = {
                 "responses": {
                     "201": _resp(_ref("Fence"), "fenced"),
                     "200": _resp(_ref("Fence"), "already fenced"),
-                    **_errors(400, 404, 409, 503, 507),
+                    **_errors(400, 404, 409, 413, 503, 507),
                 },
             },
             "delete": {
@@ -374,7 +377,7 @@ SPEC: dict[str, Any] = {
                 "requestBody": _body("LunMove"),
                 "responses": {
                     "202": _resp(_ref("Migration"), "moving"),
-                    **_errors(400, 404, 409, 500, 501, 507),
+                    **_errors(400, 404, 409, 413, 500, 501, 507),
                 },
             },
         },
@@ -393,7 +396,7 @@ SPEC: dict[str, Any] = {
                 "requestBody": _body("MigrationStart"),
                 "responses": {
                     "201": _resp(_ref("Migration"), "started"),
-                    **_errors(400, 404, 409, 501, 507),
+                    **_errors(400, 404, 409, 413, 501, 507),
                 },
             },
         },
@@ -423,7 +426,7 @@ SPEC: dict[str, Any] = {
                 "requestBody": _body("MigrationUpdate"),
                 "responses": {
                     "200": _resp(_ref("Migration")),
-                    **_errors(400, 404, 409),
+                    **_errors(400, 404, 409, 413),
                 },
             },
         },
