@@ -396,7 +396,7 @@ SPEC: dict[str, Any] = {
                 "requestBody": _body("MigrationStart"),
                 "responses": {
                     "201": _resp(_ref("Migration"), "started"),
-                    **_errors(400, 404, 409, 413, 501, 507),
+                    **_errors(400, 404, 409, 413, 500, 501, 507),
                 },
             },
         },

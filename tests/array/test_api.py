@@ -770,6 +770,21 @@ def test_a_create_that_fails_for_another_reason_than_room_is_500_and_leaves_noth
     assert api.call(nbd_roundtrip(api.nbd_uri("x"))) != b""
 
 
+def test_a_takeover_whose_lun_file_cannot_be_created_is_500_and_leaves_nothing(api: ApiThread) -> None:
+    """A takeover creates its LUN as a create does: the same 500 (was 507 no_space),
+    declared in the OpenAPI description, and no LUN nor migration is left."""
+    api.create("src", MIB)
+    with file_in_place_of(api.data_dir / "pools" / "small"):
+        r = api.request(
+            "POST", "/api/v1/migrations", {"lun": "t", "source": api.nbd_uri("src"), "pool": "small"}
+        )
+        expect_error(r, 500, "error", "cannot create the file of LUN 't'", "(ENOTDIR)")
+    assert "500" in SPEC["paths"]["/api/v1/migrations"]["post"]["responses"]
+    assert "t" not in api.array.luns and [row.name for row in meta_of(api).luns()] == ["src"]
+    assert api.call(_rows(api.array)) == [] and api.request("GET", "/api/v1/migrations").json() == []
+    assert api.call(nbd_roundtrip(api.nbd_uri("src"))) != b""
+
+
 def test_a_grow_that_fails_for_another_reason_than_room_is_500(
     api: ApiThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
