@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import sqlite3
@@ -27,7 +26,16 @@ from typing import Any
 
 from emulator import durable
 from emulator.array.array import Array, check_name
-from emulator.array.errors import ArrayError, Conflict, InvalidInput, NoSpace, NotFound, Unsupported
+from emulator.array.errors import (
+    NO_ROOM,
+    ArrayError,
+    Conflict,
+    InvalidInput,
+    NoSpace,
+    NotFound,
+    Unsupported,
+    storage_error,
+)
 from emulator.array.file_backend import FileBackend
 from emulator.array.lun import Lun
 from emulator.array.names import check_size
@@ -266,10 +274,13 @@ class MigrationManager:
             self.array.lun_path(new, name).unlink(missing_ok=True)
             # ready again and the record gone in one transaction, as they came
             self.array.set_lun_state(name, "ready", also=self._unrecord(name))
-            if isinstance(e, BackendError | OSError):
-                # the array's own storage failed: say how (a full file system: 507)
-                why = f"cannot move LUN {name!r} to pool {new!r}: {e}"
-                raise (NoSpace(why) if e.errno == errno.ENOSPC else ArrayError(why)) from None
+            # the array's own storage failed: say how (no room: 507), as a LUN create does
+            what = f"cannot move LUN {name!r} to pool {new!r}"
+            if isinstance(e, OSError):
+                log.warning("%s: %s", what, e)  # the path, which the answer leaves out
+                raise storage_error(what, e) from None
+            if isinstance(e, BackendError):
+                raise (NoSpace if e.errno in NO_ROOM else ArrayError)(f"{what}: {e}") from None
             raise
         return m
 

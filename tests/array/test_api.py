@@ -869,10 +869,16 @@ def test_a_migration_that_fails_to_start_leaves_no_record(
     for exc, status, code in [
         (BackendError(errno.EIO, "injected start failure"), 500, "error"),
         (OSError(errno.ENOSPC, "injected: no space left"), 507, "no_space"),
+        # a quota, or a size the file system cannot hold, is no room either
+        (OSError(errno.EDQUOT, "injected: quota"), 507, "no_space"),
+        (BackendError(errno.EFBIG, "injected: too big"), 507, "no_space"),
+        # the array's paths stay in its log
+        (OSError(errno.EIO, "injected I/O error", "/srv/array/pools/small/mover.img"), 500, "error"),
     ]:
         failure[0] = exc
         r = api.request("POST", "/api/v1/luns/mover/move", {"pool": "small"})
-        expect_error(r, status, code, "cannot move LUN 'mover' to pool 'small'", "injected")
+        err = expect_error(r, status, code, "cannot move LUN 'mover' to pool 'small'", "injected")
+        assert "/srv/array" not in err["message"], err
         lun = api.array.get_lun("mover")
         assert (lun.state, lun.pool) == ("ready", "default")
         assert [x.state for x in meta_of(api).luns() if x.name == "mover"] == ["ready"]
