@@ -13,7 +13,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 TOKEN_ENV = "BLOCKMIG_TOKEN"
 #: the states in which a migration has ended
@@ -24,6 +25,8 @@ LONG_POLL_S = 10.0
 #: after a kill -9, and resumes its migrations by itself) is asked again this long by those
 #: who follow a migration, before they give up
 UNREACHABLE_WINDOW_S = 15.0
+
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -200,34 +203,63 @@ class ArrayApi:
         seconds have passed (never: None); its last status either way.
 
         Once the array has answered, an API that stops answering (it restarts) is asked
-        again for up to ``unreachable_window`` seconds: a restart ended the wait with an
-        error (`migration wait`: exit 1, "failed or cancelled") while the migration, resumed
-        a moment later, went on. One that never answered (a wrong --api) fails at once, and
-        a ``timeout`` that ends meanwhile returns the last status (a timeout, not an error)."""
+        again for up to ``unreachable_window`` seconds (:func:`through_outage`): a restart
+        ended the wait with an error (`migration wait`: exit 1, "failed or cancelled") while
+        the migration, resumed a moment later, went on. One that never answered (a wrong
+        --api) fails at once, and a ``timeout`` that ends meanwhile returns the last status
+        (a timeout, not an error)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         # each poll well inside this client's own timeout
         longest = min(LONG_POLL_S, self.timeout / 2)
         last: dict[str, Any] | None = None  # the last status the array gave
-        unreachable_since: float | None = None
-        while True:
+
+        def poll() -> dict[str, Any]:
+            if last is None:  # answered at once: a wrong address fails now, not a restart later
+                return self.migration(name, wait=0.0)
             left = longest if deadline is None else min(longest, deadline - time.monotonic())
-            if last is None:
-                left = 0.0  # answered at once: a wrong address fails now, not a restart later
+            return self.migration(name, wait=left)
+
+        def answered() -> bool:
+            return last is not None
+
+        while True:
             try:
-                st = self.migration(name, wait=left)
+                st = through_outage(poll, unreachable_window, answered, deadline)
             except ApiError as e:
-                now = time.monotonic()
-                if e.code != "unreachable" or last is None:
-                    raise
-                if deadline is not None and now >= deadline:
-                    return last  # the timeout came first: what it was last seen doing
-                if unreachable_since is None:
-                    unreachable_since = now
-                waited = now - unreachable_since
-                if waited >= unreachable_window:
-                    raise ApiError(e.status, e.code, f"{e.message} (for {waited:.0f} s)") from None
-                time.sleep(0.2)
-                continue
-            last, unreachable_since = st, None
+                if e.code == "unreachable" and deadline is not None and time.monotonic() >= deadline:
+                    if last is not None:
+                        return last  # the timeout came first: what it was last seen doing
+                raise
+            last = st
             if st["state"] in FINAL or (deadline is not None and time.monotonic() >= deadline):
                 return st
+
+
+def through_outage(
+    call: Callable[[], T],
+    window: float,
+    expect_back: Callable[[], bool],
+    until: float | None = None,
+    interval: float = 0.2,
+) -> T:
+    """``call()``, a call to an array's API that may be made again (a read), made again while
+    the array does not answer and ``expect_back()`` says it will be back (it answered before,
+    and was not stopped on purpose: its API closed because it restarts, `blockmig up` after a
+    kill -9): every ``interval`` seconds, for up to ``window`` seconds of the outage and not
+    past the monotonic time ``until``; then its error, saying how long. An answer (404, 409
+    ...) is no outage: raised at once."""
+    since: float | None = None
+    while True:
+        try:
+            return call()
+        except ApiError as e:
+            if e.code != "unreachable":
+                raise
+            now = time.monotonic()
+            if since is None:
+                since = now
+            waited = now - since
+            if waited >= window or (until is not None and now >= until) or not expect_back():
+                more = f" (for {waited:.0f} s)" if waited >= 1 else ""
+                raise ApiError(e.status, e.code, e.message + more) from None
+            time.sleep(interval)

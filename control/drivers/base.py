@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
-from control.api_client import UNREACHABLE_WINDOW_S, ApiError, ArrayApi
+from control.api_client import UNREACHABLE_WINDOW_S, ApiError, ArrayApi, through_outage
 from control.volumes import Volume
 
 Progress = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 
 class MigrateResult(NamedTuple):
@@ -140,6 +141,12 @@ class VolumeDriver:
         uri: str = self.api.connection(volume.lun)["uri"]
         return uri
 
+    def _asked(self, call: Callable[[], T], until: float | None = None) -> T:
+        """``call()``, a read of this array's API, asked again while the array does not answer
+        for up to :attr:`unreachable_window` seconds (not past the monotonic time ``until``),
+        unless :attr:`expect_back` says it was stopped on purpose (:func:`through_outage`)."""
+        return through_outage(call, self.unreachable_window, self.expect_back, until, self.poll_interval)
+
     def _follow(self, lun: str, progress: Progress | None, timeout: float | None = None) -> dict[str, Any]:
         """Poll the array's migration of ``lun`` until it ends; raise unless completed.
 
@@ -149,28 +156,8 @@ class VolumeDriver:
         failed the whole migration, the volume sent back to its source while the array,
         up again a moment later, resumed a copy nobody followed any more."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        unreachable_since: float | None = None
         while True:
-            try:
-                st = self.api.migration(lun)
-            except ApiError as e:
-                if e.code != "unreachable":  # an answer (404, 409 ...): no outage to wait out
-                    raise
-                now = time.monotonic()
-                if unreachable_since is None:
-                    unreachable_since = now
-                if (
-                    now - unreachable_since >= self.unreachable_window
-                    or (deadline is not None and now > deadline)
-                    or not self.expect_back()
-                ):
-                    waited = now - unreachable_since
-                    raise ApiError(
-                        e.status, e.code, e.message + (f" (for {waited:.0f} s)" if waited >= 1 else "")
-                    ) from None
-                time.sleep(self.poll_interval)
-                continue
-            unreachable_since = None
+            st = self._asked(lambda: self.api.migration(lun), deadline)
             if progress is not None:
                 progress(st)
             if st["state"] == "completed":
