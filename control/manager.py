@@ -692,14 +692,14 @@ class VolumeManager:
         if dest.array != src.array:
             return None
         d = self.driver(src.array)
-        st = d.api.migration_if_any(v.lun)
+        st = d._asked(lambda: d.api.migration_if_any(v.lun))  # through a restart of the array
         if st is None:
             return None
         if st.get("source") != f"move:{src.pool}:{dest.pool}":
             return None  # not this move's
         if st.get("state") not in FINAL:
             st = d._follow(v.lun, progress)  # raises if it fails or is cancelled
-        lun = d.api.get_lun(v.lun)
+        lun = d._asked(lambda: d.api.get_lun(v.lun))
         if st.get("state") != "completed" or lun["pool"] != dest.pool:
             return None  # (an earlier move's record, the LUN moved back since)
         loc = d._location(lun)
@@ -723,7 +723,7 @@ class VolumeManager:
         d = self.driver(dest.array)
         if not isinstance(d, RemoteTakeoverMixin):
             return None
-        st = d.api.migration_if_any(v.lun)
+        st = d._asked(lambda: d.api.migration_if_any(v.lun))  # through a restart of the array
         if st is None:
             return None  # it never got that far
         if mig.get("source_uri") and st.get("source") != mig["source_uri"]:
@@ -732,7 +732,7 @@ class VolumeManager:
             st = d._follow(v.lun, progress)  # raises if it fails or is cancelled: back to the source
         if st.get("state") != "completed":
             return None  # not cut over
-        loc = d._location(d.api.get_lun(v.lun))
+        loc = d._location(d._asked(lambda: d.api.get_lun(v.lun)))
         mig.update(phase="cleanup", adopted=True)
         v = self._switch_host(v.id, str(dest), provider_location=loc, migration=mig)
         return self._cleanup(v)

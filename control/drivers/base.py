@@ -144,8 +144,15 @@ class VolumeDriver:
     def _asked(self, call: Callable[[], T], until: float | None = None) -> T:
         """``call()``, a read of this array's API, asked again while the array does not answer
         for up to :attr:`unreachable_window` seconds (not past the monotonic time ``until``),
-        unless :attr:`expect_back` says it was stopped on purpose (:func:`through_outage`)."""
-        return through_outage(call, self.unreachable_window, self.expect_back, until, self.poll_interval)
+        unless :attr:`expect_back` says it was stopped on purpose (:func:`through_outage`);
+        then its error names the array (the API's named an address alone)."""
+        try:
+            return through_outage(call, self.unreachable_window, self.expect_back, until, self.poll_interval)
+        except ApiError as e:
+            if e.code != "unreachable":
+                raise
+            why = f"array {self.array_name} does not answer ({e.message})"
+            raise ApiError(e.status, e.code, why) from None
 
     def _follow(self, lun: str, progress: Progress | None, timeout: float | None = None) -> dict[str, Any]:
         """Poll the array's migration of ``lun`` until it ends; raise unless completed.
@@ -184,7 +191,7 @@ class PoolMigrationMixin(VolumeDriver):
             return MigrateResult(False, None)
         self.api.call("POST", f"/api/v1/luns/{volume.lun}/move", {"pool": host.pool})
         self._follow(volume.lun, progress)
-        return MigrateResult(True, self._location(self.api.get_lun(volume.lun)))
+        return MigrateResult(True, self._location(self._asked(lambda: self.api.get_lun(volume.lun))))
 
 
 class RemoteTakeoverMixin(VolumeDriver):
@@ -197,12 +204,14 @@ class RemoteTakeoverMixin(VolumeDriver):
         if not self.supports_async_migration:
             # Not attachable while copying: finish the copy before saying it moved.
             self._follow(volume.lun, None)
-        lun = self.api.get_lun(volume.lun)
+        # the reads of the migration asked again through an outage of the array (a restart):
+        # one failed the whole migration, while the array, up a second later, went on with it
+        lun = self._asked(lambda: self.api.get_lun(volume.lun))
         return TargetMigrateResult(True, self.supports_async_migration, self._location(lun))
 
     def complete_migration_target(self, volume: Volume, progress: Progress | None = None) -> dict[str, Any]:
         self._follow(volume.lun, progress)
-        return self._location(self.api.get_lun(volume.lun))
+        return self._location(self._asked(lambda: self.api.get_lun(volume.lun)))
 
     def set_migration_source(self, volume: Volume, source_uri: str) -> None:
         """Tell the array where the source of its takeover of ``volume`` is served now (its

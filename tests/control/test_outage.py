@@ -1,0 +1,215 @@
+"""A migration's calls to an array whose API is out for a moment: the array killed with SIGKILL
+right after one of its answers and started again by `blockmig up` a second later, as a crash
+and a supervisor's restart would have it. The array resumes what it ran (I4); the migration
+rides the outage out, as its status polls did already (VolumeDriver.unreachable_window).
+
+The migration (VolumeManager) runs in this process, so that the outage comes at the very call
+a test names (a spy on ArrayApi.call kills the array once that call has its answer); the
+arrays are real processes, killed and restarted for real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from control.api_client import ArrayApi
+from control.config import pid_alive
+from control.drivers.base import VolumeDriver
+from control.manager import VolumeManager
+from control.volumes import VolumeError
+
+from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill
+
+pytestmark = pytest.mark.timeout(120)
+
+ARRAYS = [ArraySpec("A", "unified"), ArraySpec("K", "unified")]
+#: an answer of an array's API that sets off the outage: (method, path, answer)
+When = Callable[[str, str, Any], bool]
+
+
+@pytest.fixture(scope="module")
+def bm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockmigEnv]:
+    with BlockmigEnv(tmp_path_factory.mktemp("outage") / "state") as env:  # always stops them
+        env.up(ARRAYS)
+        yield env
+
+
+@pytest.fixture
+def m(bm: BlockmigEnv) -> Iterator[VolumeManager]:
+    mgr = VolumeManager(bm.state_dir)
+    try:
+        yield mgr
+    finally:
+        mgr.close()
+
+
+def make(bm: BlockmigEnv, name: str, size: int = 4 * MiB) -> tuple[dict[str, Any], Image]:
+    v = bm.create(name, size, "A")
+    return v, fill(v["provider_location"]["uri"], size, seed=zlib.crc32(name.encode()), stride=BLOCK * 16)
+
+
+def lun_of(v: dict[str, Any]) -> str:
+    return f"volume-{v['id']}"
+
+
+def up(bm: BlockmigEnv) -> None:
+    bm.ok("up", "--config", str(bm.state_dir / "arrays.toml"))
+
+
+def kill(bm: BlockmigEnv, array: str) -> None:
+    pid = bm.array_pids()[array]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, f"array {array} ({pid}) survived kill -9"
+        time.sleep(0.02)
+
+
+@contextmanager
+def outage(
+    bm: BlockmigEnv, monkeypatch: pytest.MonkeyPatch, array: str, when: When, back_after: float | None = 1.0
+) -> Iterator[list[tuple[str, str]]]:
+    """Kill ``array`` once it has given an answer ``when`` holds for, and have `blockmig up` start
+    it again ``back_after`` seconds later (None: at the end of the block). Yields the (method,
+    path) of each call made to it meanwhile."""
+    url = bm.api(array).url
+    real = ArrayApi.call
+    calls: list[tuple[str, str]] = []
+    restarts: list[threading.Thread] = []
+    failed: list[BaseException] = []
+
+    def restart() -> None:
+        time.sleep(back_after or 0.0)
+        try:
+            up(bm)
+        except BaseException as e:  # said at the end of the block
+            failed.append(e)
+
+    def spy(
+        self: ArrayApi, method: str, path: str, body: Any = None, query: dict[str, str] | None = None
+    ) -> Any:
+        if self.url != url:
+            return real(self, method, path, body, query)
+        calls.append((method, path))
+        answer = real(self, method, path, body, query)
+        if not restarts and when(method, path, answer):
+            kill(bm, array)
+            restarts.append(threading.Thread(target=restart, daemon=True))
+            if back_after is not None:
+                restarts[0].start()
+        return answer
+
+    monkeypatch.setattr(ArrayApi, "call", spy)
+    try:
+        yield calls
+    finally:
+        monkeypatch.setattr(ArrayApi, "call", real)
+        if restarts:
+            if not restarts[0].is_alive() and back_after is None:
+                restarts[0].start()
+            restarts[0].join(timeout=60)
+        assert not failed, failed
+    assert restarts, f"array {array} was never killed: no answer of its API set the outage off"
+
+
+def answer_to(method: str, path: str) -> When:
+    return lambda m, p, _: (m, p) == (method, path)
+
+
+def test_the_target_killed_right_after_it_took_the_volume_over(
+    bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K dies right after it answered the POST that starts its takeover (step 2) and is up a
+    second later, resuming the takeover. Before: step 2's next call, a GET of the LUN, found
+    K's API closed and failed the whole migration at once (back on A, in error)."""
+    v, img = make(bm, "killed-after-takeover")
+    with outage(bm, monkeypatch, "K", answer_to("POST", "/api/v1/migrations")):
+        started = m.migrate(v["id"], "K")
+        assert started.migration_status == "migrating_attachable", started.migration
+        end = m.follow(v["id"])
+    assert (end.migration_status, end.host) == ("success", "K@unified#default"), end.migration
+    assert lun_of(v) not in bm.luns("A")
+    assert_content(end.provider_location["uri"], img)
+
+
+def test_the_target_killed_right_after_it_said_its_copy_completed(
+    bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K dies right after the follower saw its takeover completed (step 4) and is up a second
+    later. Before: complete_migration_target's last call, a GET of the LUN, found K's API
+    closed and failed the migration, though K had cut over and held the volume."""
+    v, img = make(bm, "killed-after-cutover")
+    path = f"/api/v1/migrations/{lun_of(v)}"
+
+    def completed(method: str, p: str, answer: Any) -> bool:
+        return (method, p) == ("GET", path) and answer.get("state") == "completed"
+
+    started = m.migrate(v["id"], "K")
+    assert started.migration_status == "migrating_attachable", started.migration
+    with outage(bm, monkeypatch, "K", completed):
+        end = m.follow(v["id"])
+    assert (end.migration_status, end.host) == ("success", "K@unified#default"), end.migration
+    assert lun_of(v) not in bm.luns("A")
+    assert_content(end.provider_location["uri"], img)
+
+
+def test_a_follower_that_finds_the_target_restarting_adopts_its_cutover(
+    bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command that ran step 2 died before step 3, K cut over since, and K restarts just
+    as a follower takes the migration up (`blockmig up` after a kill -9). Before: the
+    follower's first call, a GET of K's migration, failed it at once: back on A, in error,
+    though K holds the volume (and hosts may have found it there)."""
+    v, img = make(bm, "follower-finds-target-down")
+
+    def dies(step: str) -> None:  # the command dies after step 2
+        if step == "host":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(m, "_inject", dies)
+    with pytest.raises(KeyboardInterrupt):
+        m.migrate(v["id"], "K")
+    deadline = time.monotonic() + 30
+    while (bm.array_migration("K", lun_of(v)) or {}).get("state") != "completed":
+        assert time.monotonic() < deadline, bm.array_migration("K", lun_of(v))
+        time.sleep(0.05)
+    assert bm.db_migration(v["id"])["phase"] == "target"
+    with outage(bm, monkeypatch, "K", answer_to("GET", "/api/v1/array")):
+        bm.api("K").array_info()  # sets it off
+        end = m.follow(v["id"])
+    assert (end.migration_status, end.host) == ("success", "K@unified#default"), end.migration
+    assert lun_of(v) not in bm.luns("A")
+    assert_content(end.provider_location["uri"], img)
+
+
+def test_a_target_that_stays_down_fails_the_migration_naming_it(
+    bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K dies after it took the volume over and does not come back: the migration is not
+    held up for ever but fails once K's window has passed, saying which array did not
+    answer, and the volume stays on A with its data (and `up` drops K's takeover)."""
+    monkeypatch.setattr(VolumeDriver, "unreachable_window", 2.0)
+    v, img = make(bm, "target-stays-down")
+    with outage(bm, monkeypatch, "K", answer_to("POST", "/api/v1/migrations"), back_after=None):
+        t0 = time.monotonic()
+        with pytest.raises(VolumeError) as err:
+            m.migrate(v["id"], "K")
+        took = time.monotonic() - t0
+        assert took < 10, took
+        msg = str(err.value)
+        assert msg.startswith(f"migration of {v['name']} failed at step target: array K does not answer"), msg
+        d = bm.show(v["id"])
+        assert (d["migration_status"], d["host"]) == ("error", "A@unified#default"), d
+    d = bm.show(v["id"])  # `up` started K again and dropped its takeover
+    assert lun_of(v) not in bm.luns("K")
+    assert bm.api("A").get_lun(lun_of(v))["fenced"] is False
+    assert_content(d["provider_location"]["uri"], img)
