@@ -200,7 +200,7 @@ class RemoteTakeoverMixin(VolumeDriver):
     supports_remote_takeover = True
 
     def migrate_volume_target(self, volume: Volume, source_uri: str, pool: str) -> TargetMigrateResult:
-        self.api.call("POST", "/api/v1/migrations", {"lun": volume.lun, "source": source_uri, "pool": pool})
+        self._start_takeover(volume.lun, source_uri, pool)
         if not self.supports_async_migration:
             # Not attachable while copying: finish the copy before saying it moved.
             self._follow(volume.lun, None)
@@ -208,6 +208,32 @@ class RemoteTakeoverMixin(VolumeDriver):
         # one failed the whole migration, while the array, up a second later, went on with it
         lun = self._asked(lambda: self.api.get_lun(volume.lun))
         return TargetMigrateResult(True, self.supports_async_migration, self._location(lun))
+
+    def _start_takeover(self, lun: str, source_uri: str, pool: str) -> None:
+        """Ask the array to take ``source_uri`` over as LUN ``lun``.
+
+        A start whose answer is lost (the array died, and restarts) is not sent again
+        blindly: the array may have begun the takeover, and a second start would be refused
+        (the LUN exists) and fail the migration. Once the array answers again, its migration
+        of ``lun`` says: begun, it goes on; none, the start is sent again (what got the
+        first died before it took it; one still at it refuses the second: the LUN exists)."""
+        body = {"lun": lun, "source": source_uri, "pool": pool}
+        try:
+            self.api.call("POST", "/api/v1/migrations", body)
+            return
+        except ApiError as e:
+            if e.code != "unreachable":
+                raise
+        st = self._asked(lambda: self.api.migration_if_any(lun))
+        if st is None:
+            self.api.call("POST", "/api/v1/migrations", body)
+        elif st.get("source") != source_uri:
+            raise ApiError(
+                409,
+                "conflict",
+                f"array {self.array_name} takes LUN {lun} over from {st.get('source')}, not from "
+                f"{source_uri} (the answer to the start of this takeover was lost)",
+            )
 
     def complete_migration_target(self, volume: Volume, progress: Progress | None = None) -> dict[str, Any]:
         self._follow(volume.lun, progress)

@@ -31,9 +31,16 @@ from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_cont
 
 pytestmark = pytest.mark.timeout(120)
 
-ARRAYS = [ArraySpec("A", "unified"), ArraySpec("K", "unified")]
+ARRAYS = [
+    ArraySpec("A", "unified"),
+    ArraySpec("K", "unified"),
+    # a slow target: a takeover it resumes after a restart lasts longer than `up`
+    ArraySpec("L", "unified", migration_throttle=2),
+]
 #: an answer of an array's API that sets off the outage: (method, path, answer)
 When = Callable[[str, str, Any], bool]
+#: the call that starts a takeover (step 2)
+START = ("POST", "/api/v1/migrations")
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +59,11 @@ def m(bm: BlockmigEnv) -> Iterator[VolumeManager]:
         mgr.close()
 
 
-def make(bm: BlockmigEnv, name: str, size: int = 4 * MiB) -> tuple[dict[str, Any], Image]:
+def make(
+    bm: BlockmigEnv, name: str, size: int = 4 * MiB, stride: int = 16 * BLOCK
+) -> tuple[dict[str, Any], Image]:
     v = bm.create(name, size, "A")
-    return v, fill(v["provider_location"]["uri"], size, seed=zlib.crc32(name.encode()), stride=BLOCK * 16)
+    return v, fill(v["provider_location"]["uri"], size, seed=zlib.crc32(name.encode()), stride=stride)
 
 
 def lun_of(v: dict[str, Any]) -> str:
@@ -76,20 +85,32 @@ def kill(bm: BlockmigEnv, array: str) -> None:
 
 @contextmanager
 def outage(
-    bm: BlockmigEnv, monkeypatch: pytest.MonkeyPatch, array: str, when: When, back_after: float | None = 1.0
+    bm: BlockmigEnv,
+    monkeypatch: pytest.MonkeyPatch,
+    array: str,
+    when: When,
+    back_after: float | None = 1.0,
+    at: str = "answer",
 ) -> Iterator[list[tuple[str, str]]]:
-    """Kill ``array`` once it has given an answer ``when`` holds for, and have `blockmig up` start
-    it again ``back_after`` seconds later (None: at the end of the block). Yields the (method,
-    path) of each call made to it meanwhile."""
+    """Kill ``array`` at a call to its API ``when`` holds for, and have `blockmig up` start it
+    again ``back_after`` seconds later (None: at the end of the block). ``at``: "answer", once
+    the call has its answer; "lost", the same, but the answer is lost: the call fails as one
+    made to the killed array; "request": the array stops (SIGSTOP) as the call is made and is
+    killed a moment later, before it reads the request (``when`` gets no answer: None). Yields
+    the (method, path) of each call made to the array meanwhile (before it, in ``at="lost"``,
+    the call whose answer is lost)."""
     url = bm.api(array).url
     real = ArrayApi.call
     calls: list[tuple[str, str]] = []
     restarts: list[threading.Thread] = []
     failed: list[BaseException] = []
 
-    def restart() -> None:
-        time.sleep(back_after or 0.0)
+    def restart(pid: int | None) -> None:
         try:
+            if pid is not None:  # stopped: the call waits for an answer meanwhile
+                time.sleep(0.5)
+                kill(bm, array)
+            time.sleep(back_after or 0.0)
             up(bm)
         except BaseException as e:  # said at the end of the block
             failed.append(e)
@@ -100,12 +121,20 @@ def outage(
         if self.url != url:
             return real(self, method, path, body, query)
         calls.append((method, path))
+        if at == "request" and not restarts and when(method, path, None):
+            pid = bm.array_pids()[array]
+            os.kill(pid, signal.SIGSTOP)
+            restarts.append(threading.Thread(target=restart, args=(pid,), daemon=True))
+            restarts[0].start()
+            return real(self, method, path, body, query)
         answer = real(self, method, path, body, query)
-        if not restarts and when(method, path, answer):
+        if at != "request" and not restarts and when(method, path, answer):
             kill(bm, array)
-            restarts.append(threading.Thread(target=restart, daemon=True))
+            restarts.append(threading.Thread(target=restart, args=(None,), daemon=True))
             if back_after is not None:
                 restarts[0].start()
+            if at == "lost":
+                return real(self, method, path, body, query)  # to the killed array: its error
         return answer
 
     monkeypatch.setattr(ArrayApi, "call", spy)
@@ -118,7 +147,7 @@ def outage(
                 restarts[0].start()
             restarts[0].join(timeout=60)
         assert not failed, failed
-    assert restarts, f"array {array} was never killed: no answer of its API set the outage off"
+    assert restarts, f"array {array} was never killed: no call to its API set the outage off"
 
 
 def answer_to(method: str, path: str) -> When:
@@ -132,10 +161,45 @@ def test_the_target_killed_right_after_it_took_the_volume_over(
     second later, resuming the takeover. Before: step 2's next call, a GET of the LUN, found
     K's API closed and failed the whole migration at once (back on A, in error)."""
     v, img = make(bm, "killed-after-takeover")
-    with outage(bm, monkeypatch, "K", answer_to("POST", "/api/v1/migrations")):
+    with outage(bm, monkeypatch, "K", answer_to(*START)):
         started = m.migrate(v["id"], "K")
         assert started.migration_status == "migrating_attachable", started.migration
         end = m.follow(v["id"])
+    assert (end.migration_status, end.host) == ("success", "K@unified#default"), end.migration
+    assert lun_of(v) not in bm.luns("A")
+    assert_content(end.provider_location["uri"], img)
+
+
+def test_a_takeover_started_whose_answer_is_lost_is_not_started_twice(
+    bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K takes the volume over, then dies before its answer comes (the answer lost), and is up
+    a second later, resuming the takeover. Before: the start failed the migration at once;
+    sent again blindly, K would refuse it (the LUN exists). Now K's migration of the LUN,
+    asked once K answers, says the takeover began: it goes on, not started again."""
+    v, img = make(bm, "takeover-answer-lost")
+    with outage(bm, monkeypatch, "K", answer_to(*START), at="lost") as calls:
+        started = m.migrate(v["id"], "K")
+        assert started.migration_status == "migrating_attachable", started.migration
+        end = m.follow(v["id"])
+    assert calls.count(START) == 1, calls  # not sent again
+    assert (end.migration_status, end.host) == ("success", "K@unified#default"), end.migration
+    assert lun_of(v) not in bm.luns("A")
+    assert_content(end.provider_location["uri"], img)
+
+
+def test_a_takeover_start_the_target_never_read_is_sent_again_once_it_is_back(
+    bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K stops as the start of its takeover is sent, dies before it reads it, and is up a
+    second later. Before: the lost answer failed the migration at once. Now K, asked once it
+    answers, has no migration of the LUN: the start is sent again, and the migration goes on."""
+    v, img = make(bm, "takeover-start-unread")
+    with outage(bm, monkeypatch, "K", answer_to(*START), at="request") as calls:
+        started = m.migrate(v["id"], "K")
+        assert started.migration_status == "migrating_attachable", started.migration
+        end = m.follow(v["id"])
+    assert calls.count(START) == 2, calls  # the one K never read, and the one it took
     assert (end.migration_status, end.host) == ("success", "K@unified#default"), end.migration
     assert lun_of(v) not in bm.luns("A")
     assert_content(end.provider_location["uri"], img)
@@ -194,22 +258,23 @@ def test_a_follower_that_finds_the_target_restarting_adopts_its_cutover(
 def test_a_target_that_stays_down_fails_the_migration_naming_it(
     bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """K dies after it took the volume over and does not come back: the migration is not
-    held up for ever but fails once K's window has passed, saying which array did not
-    answer, and the volume stays on A with its data (and `up` drops K's takeover)."""
+    """L dies after it took the volume over and does not come back: the migration is not
+    held up for ever but fails once L's window has passed, saying which array did not
+    answer, and the volume stays on A with its data (and `up` drops L's takeover)."""
     monkeypatch.setattr(VolumeDriver, "unreachable_window", 2.0)
-    v, img = make(bm, "target-stays-down")
-    with outage(bm, monkeypatch, "K", answer_to("POST", "/api/v1/migrations"), back_after=None):
+    v, img = make(bm, "target-stays-down", 16 * MiB, stride=BLOCK)  # 8 s to copy at 2 MB/s
+    with outage(bm, monkeypatch, "L", answer_to(*START), back_after=None):
         t0 = time.monotonic()
         with pytest.raises(VolumeError) as err:
-            m.migrate(v["id"], "K")
+            m.migrate(v["id"], "L")
         took = time.monotonic() - t0
         assert took < 10, took
         msg = str(err.value)
-        assert msg.startswith(f"migration of {v['name']} failed at step target: array K does not answer"), msg
+        assert msg.startswith(f"migration of {v['name']} failed at step target: array L does not answer"), msg
         d = bm.show(v["id"])
         assert (d["migration_status"], d["host"]) == ("error", "A@unified#default"), d
-    d = bm.show(v["id"])  # `up` started K again and dropped its takeover
-    assert lun_of(v) not in bm.luns("K")
+    d = bm.show(v["id"])  # `up` started L again and dropped its takeover
+    assert (d["migration_status"], d["host"]) == ("error", "A@unified#default"), d
+    assert lun_of(v) not in bm.luns("L")
     assert bm.api("A").get_lun(lun_of(v))["fenced"] is False
     assert_content(d["provider_location"]["uri"], img)
