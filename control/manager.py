@@ -974,7 +974,9 @@ class VolumeManager:
         mig["fenced"] = True
         v = self.db.update(v.id, migration=mig)
         try:
-            return v, sdrv.fence_for_takeover(v, f"volume {v.id}")
+            # asked again through an outage of the source array (a restart): a fence is
+            # idempotent for its holder (the array gives the one it holds)
+            return v, sdrv._asked(lambda: sdrv.fence_for_takeover(v, f"volume {v.id}"))
         except ApiError as e:
             if e.status in (400, 404, 409):
                 mig["fenced"] = False
@@ -989,8 +991,10 @@ class VolumeManager:
 
     def _remove_source(self, v: Volume, mig: dict[str, Any]) -> None:
         self._inject("cleanup")
-        src = Host.parse(mig["source"])
-        self.driver(src.array).delete_volume(v)
+        d = self.driver(Host.parse(mig["source"]).array)
+        # asked again through an outage of the source array (a restart): one left after the
+        # cutover ended the migration in error; a delete of a missing LUN succeeds
+        d._asked(lambda: d.delete_volume(v))
 
     def _fail(self, vid: str, error: str) -> None:
         """Step failed: leave the volume on its authoritative side, status error."""

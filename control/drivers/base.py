@@ -138,7 +138,8 @@ class VolumeDriver:
         return {"array": self.array_name, "lun": lun["name"], "pool": lun["pool"], "uri": lun["uri"]}
 
     def connection_uri(self, volume: Volume) -> str:
-        uri: str = self.api.connection(volume.lun)["uri"]
+        """The volume's nbd:// URI, asked through an outage of the array (:meth:`_asked`)."""
+        uri: str = self._asked(lambda: self.api.connection(volume.lun))["uri"]
         return uri
 
     def _asked(self, call: Callable[[], T], until: float | None = None) -> T:

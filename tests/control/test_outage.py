@@ -278,3 +278,41 @@ def test_a_target_that_stays_down_fails_the_migration_naming_it(
     assert lun_of(v) not in bm.luns("L")
     assert bm.api("A").get_lun(lun_of(v))["fenced"] is False
     assert_content(d["provider_location"]["uri"], img)
+
+
+def test_the_source_killed_as_it_fences_the_volume_for_the_takeover(
+    bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fences the volume's LUN for K's takeover (step 2), dies before its answer comes, and
+    is up a second later. Before: the migration failed at once, and so did lifting the fence
+    (A down): the volume stayed fenced, in error. A fence is idempotent for its holder: it is
+    asked for again once A answers, and the migration goes on."""
+    v, img = make(bm, "source-killed-fencing")
+    fence = ("POST", f"/api/v1/luns/{lun_of(v)}/fence")
+    with outage(bm, monkeypatch, "A", answer_to(*fence), at="lost") as calls:
+        started = m.migrate(v["id"], "K")
+        assert started.migration_status == "migrating_attachable", started.migration
+    assert calls.count(fence) > 1, calls  # asked again
+    end = m.follow(v["id"])
+    assert (end.migration_status, end.host) == ("success", "K@unified#default"), end.migration
+    assert lun_of(v) not in bm.luns("A")
+    assert_content(end.provider_location["uri"], img)
+
+
+def test_the_source_killed_as_the_cleanup_deletes_its_lun(
+    bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K has cut over; A stops as the follower asks it to delete the source LUN (step 4's
+    end), dies before it reads it, and is up a second later. Before: the migration ended in
+    error ("its source LUN may remain") with the volume on K, the LUN left on A until `up`
+    or the next migrate or delete. A delete of a missing LUN succeeds: it is asked again."""
+    v, img = make(bm, "source-killed-at-cleanup")
+    started = m.migrate(v["id"], "K")
+    assert started.migration_status == "migrating_attachable", started.migration
+    delete = ("DELETE", f"/api/v1/luns/{lun_of(v)}")
+    with outage(bm, monkeypatch, "A", answer_to(*delete), at="request") as calls:
+        end = m.follow(v["id"])
+    assert calls.count(delete) > 1, calls  # asked again
+    assert (end.migration_status, end.host) == ("success", "K@unified#default"), end.migration
+    assert lun_of(v) not in bm.luns("A")
+    assert_content(end.provider_location["uri"], img)
