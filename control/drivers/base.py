@@ -155,6 +155,26 @@ class VolumeDriver:
             why = f"array {self.array_name} does not answer ({e.message})"
             raise ApiError(e.status, e.code, why) from None
 
+    def _start(
+        self, path: str, body: dict[str, Any], lun: str, begun: Callable[[dict[str, Any]], bool]
+    ) -> None:
+        """POST ``body`` to ``path``, which starts a migration of ``lun`` (a takeover, a move).
+
+        A start whose answer is lost (the array died, and restarts) is not sent again
+        blindly: the array may have begun it, and would refuse a second (the LUN exists, or
+        migrates) and fail the migration. Once the array answers again, its migration of
+        ``lun`` says: ``begun(status)``, it goes on; else the start is sent again (what got
+        the first died before it took it; one still at it refuses the second)."""
+        try:
+            self.api.call("POST", path, body)
+            return
+        except ApiError as e:
+            if e.code != "unreachable":
+                raise
+        st = self._asked(lambda: self.api.migration_if_any(lun))
+        if st is None or not begun(st):
+            self.api.call("POST", path, body)
+
     def _follow(self, lun: str, progress: Progress | None, timeout: float | None = None) -> dict[str, Any]:
         """Poll the array's migration of ``lun`` until it ends; raise unless completed.
 
@@ -190,7 +210,12 @@ class PoolMigrationMixin(VolumeDriver):
     def migrate_volume(self, volume: Volume, host: Host, progress: Progress | None = None) -> MigrateResult:
         if host.array != self.array_name:
             return MigrateResult(False, None)
-        self.api.call("POST", f"/api/v1/luns/{volume.lun}/move", {"pool": host.pool})
+        move = f"move:{Host.parse(volume.host).pool}:{host.pool}"  # the array's name of it
+
+        def begun(st: dict[str, Any]) -> bool:  # (not an earlier one, failed or cancelled)
+            return st.get("source") == move and st.get("state") not in ("failed", "cancelled")
+
+        self._start(f"/api/v1/luns/{volume.lun}/move", {"pool": host.pool}, volume.lun, begun)
         self._follow(volume.lun, progress)
         return MigrateResult(True, self._location(self._asked(lambda: self.api.get_lun(volume.lun))))
 
@@ -201,7 +226,8 @@ class RemoteTakeoverMixin(VolumeDriver):
     supports_remote_takeover = True
 
     def migrate_volume_target(self, volume: Volume, source_uri: str, pool: str) -> TargetMigrateResult:
-        self._start_takeover(volume.lun, source_uri, pool)
+        body = {"lun": volume.lun, "source": source_uri, "pool": pool}
+        self._start("/api/v1/migrations", body, volume.lun, lambda st: st.get("source") == source_uri)
         if not self.supports_async_migration:
             # Not attachable while copying: finish the copy before saying it moved.
             self._follow(volume.lun, None)
@@ -209,32 +235,6 @@ class RemoteTakeoverMixin(VolumeDriver):
         # one failed the whole migration, while the array, up a second later, went on with it
         lun = self._asked(lambda: self.api.get_lun(volume.lun))
         return TargetMigrateResult(True, self.supports_async_migration, self._location(lun))
-
-    def _start_takeover(self, lun: str, source_uri: str, pool: str) -> None:
-        """Ask the array to take ``source_uri`` over as LUN ``lun``.
-
-        A start whose answer is lost (the array died, and restarts) is not sent again
-        blindly: the array may have begun the takeover, and a second start would be refused
-        (the LUN exists) and fail the migration. Once the array answers again, its migration
-        of ``lun`` says: begun, it goes on; none, the start is sent again (what got the
-        first died before it took it; one still at it refuses the second: the LUN exists)."""
-        body = {"lun": lun, "source": source_uri, "pool": pool}
-        try:
-            self.api.call("POST", "/api/v1/migrations", body)
-            return
-        except ApiError as e:
-            if e.code != "unreachable":
-                raise
-        st = self._asked(lambda: self.api.migration_if_any(lun))
-        if st is None:
-            self.api.call("POST", "/api/v1/migrations", body)
-        elif st.get("source") != source_uri:
-            raise ApiError(
-                409,
-                "conflict",
-                f"array {self.array_name} takes LUN {lun} over from {st.get('source')}, not from "
-                f"{source_uri} (the answer to the start of this takeover was lost)",
-            )
 
     def complete_migration_target(self, volume: Volume, progress: Progress | None = None) -> dict[str, Any]:
         self._follow(volume.lun, progress)

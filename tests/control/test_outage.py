@@ -32,7 +32,7 @@ from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_cont
 pytestmark = pytest.mark.timeout(120)
 
 ARRAYS = [
-    ArraySpec("A", "unified"),
+    ArraySpec("A", "unified", ("default", "gold")),
     ArraySpec("K", "unified"),
     # a slow target: a takeover it resumes after a restart lasts longer than `up`
     ArraySpec("L", "unified", migration_throttle=2),
@@ -315,4 +315,23 @@ def test_the_source_killed_as_the_cleanup_deletes_its_lun(
     assert calls.count(delete) > 1, calls  # asked again
     assert (end.migration_status, end.host) == ("success", "K@unified#default"), end.migration
     assert lun_of(v) not in bm.luns("A")
+    assert_content(end.provider_location["uri"], img)
+
+
+@pytest.mark.parametrize("at", ["lost", "request"])
+def test_a_pool_move_whose_start_loses_its_answer(
+    bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch, at: str
+) -> None:
+    """A, asked to move the volume's LUN to its pool gold (step 1), dies before its answer
+    comes: after it began the move ("lost"), or before it read the request ("request"); it
+    is up a second later. Before: the migration failed at once. Now A's migration of the
+    LUN, asked once A answers, says: the move it resumed goes on (sent again, A would refuse
+    it: the LUN migrates), or, none, the move is asked for again."""
+    v, img = make(bm, f"move-start-{at}")
+    move = ("POST", f"/api/v1/luns/{lun_of(v)}/move")
+    with outage(bm, monkeypatch, "A", answer_to(*move), at=at) as calls:
+        end = m.migrate(v["id"], "A#gold")
+    assert calls.count(move) == (1 if at == "lost" else 2), calls
+    assert (end.migration_status, end.host) == ("success", "A@unified#gold"), end.migration
+    assert end.provider_location["pool"] == bm.api("A").get_lun(lun_of(v))["pool"] == "gold"
     assert_content(end.provider_location["uri"], img)
