@@ -335,3 +335,32 @@ def test_a_pool_move_whose_start_loses_its_answer(
     assert (end.migration_status, end.host) == ("success", "A@unified#gold"), end.migration
     assert end.provider_location["pool"] == bm.api("A").get_lun(lun_of(v))["pool"] == "gold"
     assert_content(end.provider_location["uri"], img)
+
+
+def test_a_follower_that_finds_the_array_restarting_follows_its_pool_move(
+    bm: BlockmigEnv, m: VolumeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command that asked A to move the volume to its pool gold (step 1) died while it
+    waited, A moved it since, and A restarts just as a follower takes the migration up.
+    Before: the follower's first call, a GET of A's move, failed the migration at once
+    (back in pool default, in error), though the LUN is in gold."""
+    v, img = make(bm, "follower-finds-move-array-down")
+
+    def dies(*args: Any, **kwargs: Any) -> dict[str, Any]:  # the command dies as it waits
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(VolumeDriver, "_follow", dies)
+        with pytest.raises(KeyboardInterrupt):
+            m.migrate(v["id"], "A#gold")
+    deadline = time.monotonic() + 30
+    while (bm.array_migration("A", lun_of(v)) or {}).get("state") != "completed":
+        assert time.monotonic() < deadline, bm.array_migration("A", lun_of(v))
+        time.sleep(0.05)
+    assert bm.db_migration(v["id"])["phase"] == "source"
+    with outage(bm, monkeypatch, "A", answer_to("GET", "/api/v1/array")):
+        bm.api("A").array_info()  # sets it off
+        end = m.follow(v["id"])
+    assert (end.migration_status, end.host) == ("success", "A@unified#gold"), end.migration
+    assert end.provider_location["pool"] == bm.api("A").get_lun(lun_of(v))["pool"] == "gold"
+    assert_content(end.provider_location["uri"], img)
