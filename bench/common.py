@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,26 @@ def dir_arg(text: str) -> str:
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"not a directory: {text!r}")
     return text
+
+
+def names_arg(valid: Sequence[str], empty: bool = False) -> Callable[[str], list[str]]:
+    """A comma-separated list of names from ``valid``, each at most once, for argparse
+    (``empty``: '' is the empty list). A typo is a usage error before anything starts,
+    not a traceback once the fabric and the arrays are up, nor a quiet run of fewer;
+    a name twice would run its part twice and keep one result."""
+
+    def parse(text: str) -> list[str]:
+        names = text.split(",") if text else []
+        if not names and not empty:
+            raise argparse.ArgumentTypeError(f"name one or more of {','.join(valid)}")
+        for n in names:
+            if n not in valid:
+                raise argparse.ArgumentTypeError(f"{n!r} is not one of {','.join(valid)}")
+            if names.count(n) > 1:
+                raise argparse.ArgumentTypeError(f"{n!r} is named twice")
+        return names
+
+    return parse
 
 
 def no_wrap(argv: list[str]) -> list[str]:

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
-from bench.common import dir_arg, emit_json, free_port, stop
+from bench.common import dir_arg, emit_json, free_port, names_arg, stop
 from emulator.units import count_arg, parse_size, seconds_arg, size_arg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,16 +176,18 @@ def main(argv: list[str] | None = None) -> int:
         "--runtime", type=seconds_arg(positive=True), help="seconds per fio run (default 10, 1.5 quick)"
     )
     ap.add_argument("--rounds", type=count_arg, help="rounds per server (default 3, 2 quick)")
-    ap.add_argument("--jobs", help="comma-separated job keys (default: all)")
+    ap.add_argument(
+        "--jobs",
+        type=names_arg([j.key for j in JOBS]),
+        help=f"comma-separated job keys: {','.join(j.key for j in JOBS)} (default: all)",
+    )
     ap.add_argument("--dir", type=dir_arg, help="where to create the backing file (default: $TMPDIR)")
     ap.add_argument("--json-out", metavar="FILE", help="also write the JSON result here")
     args = ap.parse_args(argv)
     size = args.size or parse_size("256M" if args.quick else "1G")
     runtime = args.runtime or (1.5 if args.quick else 10.0)
     rounds = args.rounds or (2 if args.quick else 3)
-    keys = args.jobs.split(",") if args.jobs else [j.key for j in JOBS]
-    if not set(keys) <= {j.key for j in JOBS}:  # a typo would quietly run fewer jobs
-        ap.error(f"--jobs: choose from {', '.join(j.key for j in JOBS)}")
+    keys = args.jobs or [j.key for j in JOBS]
     jobs = [j for j in JOBS if j.key in keys]
     for tool in ("fio", "nbdkit"):
         if not shutil.which(tool):

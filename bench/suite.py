@@ -66,6 +66,7 @@ from bench.common import (
     Wrap,
     dir_arg,
     free_port,
+    names_arg,
     run,
     serve_array,
     serve_peer,
@@ -423,22 +424,19 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 def config(args: argparse.Namespace) -> Config:
     q = args.quick
-    profiles = (args.jobs or "oltp,readheavy,seq").split(",")
-    for p in profiles:
-        if p not in PROFILES:
-            raise SystemExit(f"unknown fio profile {p!r}: use {', '.join(PROFILES)}")
-    peer_default = "oltp" if q else ",".join(profiles)
+    profiles = args.jobs or list(PROFILES)
+    peer_default = ["oltp"] if q else profiles
     return Config(
         quick=q,
-        fabrics=(args.profile or ("fc" if q else "fc,metro")).split(","),
-        media=args.media.split(","),
+        fabrics=args.profile or (["fc"] if q else ["fc", "metro"]),
+        media=args.media,
         profiles=profiles,
         size=args.size or parse_size("64M" if q else "256M"),
         runtime=args.runtime or (1.5 if q else 6.0),
         ramp=0.5 if q else 1.0,
         bin_s=0.25 if q else 0.5,
         rounds=args.rounds or (1 if q else 2),
-        peer_profiles=[p for p in (args.peers if args.peers is not None else peer_default).split(",") if p],
+        peer_profiles=args.peers if args.peers is not None else peer_default,
     )
 
 
@@ -453,11 +451,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--profile",
+        type=names_arg(list(fabric_mod.PROFILES)),
         help=f"fabrics: {', '.join(fabric_mod.PROFILES)} (default fc,metro; quick: fc)",
     )
     ap.add_argument("--media", default="ssd,none", help="media models of the arrays (default ssd,none)")
-    ap.add_argument("--jobs", help="fio profiles: oltp,readheavy,seq (default: all)")
-    ap.add_argument("--peers", help="fio profiles the peers run (default all; quick oltp; '' for none)")
+    ap.add_argument(
+        "--jobs", type=names_arg(list(PROFILES)), help="fio profiles: oltp,readheavy,seq (default: all)"
+    )
+    ap.add_argument(
+        "--peers",
+        type=names_arg(list(PROFILES), empty=True),
+        help="fio profiles the peers run (default all; quick oltp; '' for none)",
+    )
     ap.add_argument("--size", type=size_arg, help="volume size (default 256M, quick 64M)")
     ap.add_argument(
         "--runtime",
@@ -472,15 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--workdir", type=dir_arg, help="where to put array data (default: $TMPDIR)")
     args = ap.parse_args(argv)
-    for m in args.media.split(","):
+    args.media = args.media.split(",")
+    for m in args.media:
         try:
             parse_media(m)  # else its arrays refuse it after the fabric and the first media ran
         except ValueError as e:
             ap.error(f"--media: {e}")
+        if args.media.count(m) > 1:  # its arrays would restart on the first one's data
+            ap.error(f"--media: {m!r} is named twice")
     cfg = config(args)
-    for fab in cfg.fabrics:
-        if fab not in fabric_mod.PROFILES:
-            raise SystemExit(f"unknown fabric profile {fab!r}: use {', '.join(fabric_mod.PROFILES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     global _MAIN_PID

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+#: a suite run that ends soon if its arguments are taken (later ones override these)
+TINY_SUITE = ["--quick", "--profile", "loopback", "--media", "none", "--jobs", "oltp", "--peers", ""]
+TINY_SUITE += ["--size", "16M", "--runtime", "0.5"]
 
 
 @pytest.mark.parametrize(
@@ -27,15 +30,45 @@ ROOT = Path(__file__).resolve().parents[2]
         ("bench.migration", ["--quick", "--workdir", "/nonexistent/blockmig"], "not a directory"),
         ("bench.nbd_server", ["--quick", "--dir", "/nonexistent/blockmig"], "not a directory"),
         ("bench.file_io", ["--size", "1X"], "not a size"),
+        # a typo in a list of names: exit 2 like the others, not 1 with a bare message
+        ("bench.suite", ["--quick", "--jobs", "oltp,nope"], "--jobs"),
+        ("bench.suite", ["--quick", "--profile", "fc,nope"], "--profile"),
+        ("bench.suite", ["--quick", "--jobs", ""], "--jobs"),
+        ("bench.nbd_server", ["--quick", "--jobs", ""], "--jobs"),
+        ("bench.migration", ["--quick", "--only", ""], "--only"),
+        # ... nor after a whole run (--peers was checked by nobody: a KeyError at the peers),
+        # nor a second run of a fabric or media over the first one's directories and data
+        ("bench.suite", [*TINY_SUITE, "--peers", "oltpp"], "--peers"),
+        ("bench.suite", [*TINY_SUITE, "--profile", "loopback,loopback"], "twice"),
+        ("bench.suite", [*TINY_SUITE, "--media", "none,none"], "twice"),
     ],
 )
 def test_a_bad_argument_is_a_usage_error(tmp_path: Path, module: str, args: list[str], says: str) -> None:
     cmd = [sys.executable, "-m", module, *args, *_work_in(module, tmp_path, args)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    p = run_bounded(cmd, 60)
     assert p.returncode == 2, f"exit {p.returncode}: {p.stdout[-2000:]} {p.stderr[-2000:]}"
     assert "Traceback" not in p.stderr, p.stderr
     assert "usage:" in p.stderr and says in p.stderr, p.stderr
     assert list(tmp_path.iterdir()) == [], "it started work before refusing its arguments"
+
+
+def run_bounded(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``cmd``'s exit and output; past ``timeout`` it gets SIGTERM, on which every benchmark
+    stops what it started (a SIGKILL, subprocess.run's, would leave its arrays running)."""
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+    )
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        pytest.fail(f"{cmd} still ran after {timeout} s: {out[-2000:]} {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def _work_in(module: str, tmp_path: Path, args: list[str]) -> list[str]:
