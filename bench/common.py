@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from control.api_client import FINAL, ArrayApi
+from emulator.units import size_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
@@ -34,11 +36,52 @@ Wrap = Callable[[list[str]], list[str]]
 
 
 def dir_arg(text: str) -> str:
-    """An existing directory, for argparse: tempfile's own error is a traceback, after the
-    benchmark has set up its fabric and its arrays."""
+    """An existing directory we can create files in, for argparse: tempfile's own error is
+    a traceback, after the benchmark has set up its fabric and its arrays."""
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"not a directory: {text!r}")
+    _check_writable(text)
     return text
+
+
+def out_file_arg(text: str) -> str:
+    """A file the result can be written to (``--json-out``), checked before the run: not
+    after it, when a missing directory would lose the JSON of a half-hour run."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    parent = os.path.dirname(text) or "."
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no directory {parent!r}")
+    _check_writable(parent)
+    return text
+
+
+def out_dir(path: Path) -> Path:
+    """``path`` made if need be and checked to take files; ArgumentTypeError says why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot make directory {str(path)!r}: {e.strerror}") from None
+    _check_writable(str(path))
+    return path
+
+
+def _check_writable(directory: str) -> None:
+    # try it: os.access says yes to root for a read-only bind mount or /proc
+    try:
+        tempfile.TemporaryDirectory(dir=directory, prefix=".blockmig-probe-").cleanup()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot create files in {directory!r}: {e.strerror}") from None
+
+
+def mib_size_arg(text: str) -> int:
+    """A size of whole MiB (at least 1M), for argparse: the benchmarks write their volumes
+    and files in 1 MiB blocks, and a LUN is whole sectors. 0 is no size (it used to mean
+    the default), and a size the arrays or fio refuse failed mid-run with a traceback."""
+    n: int = size_arg(text)
+    if n <= 0 or n % MiB:
+        raise argparse.ArgumentTypeError(f"a whole number of MiB, at least 1M (e.g. 64M), not {text!r}")
+    return n
 
 
 def names_arg(valid: Sequence[str], empty: bool = False) -> Callable[[str], list[str]]:

@@ -79,14 +79,16 @@ from bench.common import (
     cpu_s,
     dir_arg,
     emit_json,
+    mib_size_arg,
     names_arg,
+    out_file_arg,
     serve_array,
     start,
     status,
     stop,
     wait,
 )
-from emulator.units import count_arg, parse_hostport, parse_size, size_arg
+from emulator.units import count_arg, parse_hostport, parse_size
 
 MiB = 1 << 20
 RAMP_S = 0.5
@@ -548,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--quick", action="store_true", help="small LUNs, few rounds (< 2 min)")
-    ap.add_argument("--size", type=size_arg, help="LUN size of the copy phases (default 512M)")
+    ap.add_argument("--size", type=mib_size_arg, help="LUN size of the copy phases, whole MiB (default 512M)")
     ap.add_argument(
         "--only", type=names_arg(PHASES), help=f"comma-separated phases: {','.join(PHASES)} (default: all)"
     )
@@ -556,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cutover-runs", type=count_arg, help="migrations in the cutover phase (default 10, 5 quick)"
     )
     ap.add_argument("--workdir", type=dir_arg, help="where to put array data (default: $TMPDIR)")
-    ap.add_argument("--json-out", metavar="FILE", help="also write the JSON result here")
+    ap.add_argument("--json-out", metavar="FILE", type=out_file_arg, help="also write the JSON result here")
     args = ap.parse_args(argv)
     q = args.quick
     # 512M quick too: a migration's fixed cost (API, connect, cutover, durable commits:

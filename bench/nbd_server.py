@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
-from bench.common import dir_arg, emit_json, free_port, names_arg, stop
-from emulator.units import count_arg, parse_size, seconds_arg, size_arg
+from bench.common import dir_arg, emit_json, free_port, mib_size_arg, names_arg, out_file_arg, stop
+from emulator.units import count_arg, parse_size, seconds_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 20.0
@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--quick", action="store_true", help="small file, short runs (< 60 s)")
-    ap.add_argument("--size", type=size_arg, help="backing file size (default 1G, 256M with --quick)")
+    ap.add_argument(
+        "--size", type=mib_size_arg, help="backing file size, whole MiB (default 1G, 256M with --quick)"
+    )
     ap.add_argument(
         "--runtime", type=seconds_arg(positive=True), help="seconds per fio run (default 10, 1.5 quick)"
     )
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated job keys: {','.join(j.key for j in JOBS)} (default: all)",
     )
     ap.add_argument("--dir", type=dir_arg, help="where to create the backing file (default: $TMPDIR)")
-    ap.add_argument("--json-out", metavar="FILE", help="also write the JSON result here")
+    ap.add_argument("--json-out", metavar="FILE", type=out_file_arg, help="also write the JSON result here")
     args = ap.parse_args(argv)
     size = args.size or parse_size("256M" if args.quick else "1G")
     runtime = args.runtime or (1.5 if args.quick else 10.0)

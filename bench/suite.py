@@ -66,7 +66,9 @@ from bench.common import (
     Wrap,
     dir_arg,
     free_port,
+    mib_size_arg,
     names_arg,
+    out_dir,
     run,
     serve_array,
     serve_peer,
@@ -77,7 +79,7 @@ from bench.common import (
 from bench.fio_jobs import PROFILES, FioProfile, FioRun, bins, run_fio
 from control.api_client import FINAL, ApiError
 from emulator.array.models import parse_media
-from emulator.units import count_arg, parse_size, seconds_arg, size_arg
+from emulator.units import count_arg, parse_size, seconds_arg
 
 CLAIM_LOSS = 0.15  # the proposal: OLTP loses at most 15% while migrating
 POLL_S = 0.2
@@ -463,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         type=names_arg(list(PROFILES), empty=True),
         help="fio profiles the peers run (default all; quick oltp; '' for none)",
     )
-    ap.add_argument("--size", type=size_arg, help="volume size (default 256M, quick 64M)")
+    ap.add_argument("--size", type=mib_size_arg, help="volume size, whole MiB (default 256M, quick 64M)")
     ap.add_argument(
         "--runtime",
         type=seconds_arg(positive=True),
@@ -486,8 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.media.count(m) > 1:  # its arrays would restart on the first one's data
             ap.error(f"--media: {m!r} is named twice")
     cfg = config(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = out_dir(Path(args.out))  # else a traceback here, or at the end of the run
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"--out: {e}")
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _sigterm)

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: a suite run that ends soon if its arguments are taken (later ones override these)
 TINY_SUITE = ["--quick", "--profile", "loopback", "--media", "none", "--jobs", "oltp", "--peers", ""]
 TINY_SUITE += ["--size", "16M", "--runtime", "0.5"]
+TINY_MIGRATION = ["--quick", "--only", "cutover", "--cutover-runs", "1"]
+TINY_NBD = ["--size", "16M", "--runtime", "0.5", "--rounds", "1", "--jobs", "4k_randread_qd32"]
 
 
 @pytest.mark.parametrize(
@@ -41,6 +43,20 @@ TINY_SUITE += ["--size", "16M", "--runtime", "0.5"]
         ("bench.suite", [*TINY_SUITE, "--peers", "oltpp"], "--peers"),
         ("bench.suite", [*TINY_SUITE, "--profile", "loopback,loopback"], "twice"),
         ("bench.suite", [*TINY_SUITE, "--media", "none,none"], "twice"),
+        # a size of 0 was the default size; one the arrays or fio refuse failed mid-run
+        ("bench.suite", [*TINY_SUITE, "--size", "0"], "--size"),
+        ("bench.suite", [*TINY_SUITE, "--size", "1000"], "--size"),
+        ("bench.migration", ["--quick", "--only", "copy", "--size", "1000"], "--size"),
+        ("bench.nbd_server", [*TINY_NBD, "--size", "100K"], "--size"),
+        # where nothing can be made (root may write anywhere else, even where modes forbid)
+        ("bench.suite", ["--quick", "--workdir", "/proc"], "--workdir"),
+        ("bench.migration", ["--quick", "--workdir", "/proc"], "--workdir"),
+        ("bench.nbd_server", ["--quick", "--dir", "/proc"], "--dir"),
+        ("bench.suite", ["--quick", "--out", "/proc/version"], "--out"),
+        ("bench.suite", ["--quick", "--out", "/proc/blockmig"], "--out"),
+        # ... and not at the end of the run, losing its JSON
+        ("bench.migration", [*TINY_MIGRATION, "--json-out", "/nonexistent/r.json"], "--json-out"),
+        ("bench.nbd_server", [*TINY_NBD, "--json-out", "/nonexistent/r.json"], "--json-out"),
     ],
 )
 def test_a_bad_argument_is_a_usage_error(tmp_path: Path, module: str, args: list[str], says: str) -> None:
@@ -73,15 +89,15 @@ def run_bounded(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[s
 
 def _work_in(module: str, tmp_path: Path, args: list[str]) -> list[str]:
     """What keeps a run that should have been refused inside ``tmp_path``."""
+    if module == "bench.suite" and "--out" not in args:
+        out = ["--out", str(tmp_path / "out")]
+    else:
+        out = []
     if "--workdir" in args or "--dir" in args or module == "bench.file_io":
-        return []
+        return out
     if module == "bench.nbd_server":
         return ["--dir", str(tmp_path)]
-    return [
-        "--workdir",
-        str(tmp_path),
-        *(["--out", str(tmp_path / "out")] if module == "bench.suite" else []),
-    ]
+    return ["--workdir", str(tmp_path), *out]
 
 
 def test_file_io_takes_the_size_its_usage_line_shows(tmp_path: Path) -> None:
