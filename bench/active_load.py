@@ -21,9 +21,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from bench.common import ROOT, MiB, serve_array, start, status, stop
+from bench.common import ROOT, MiB, out_file_arg, serve_array, start, status, stop
+from emulator.units import count_arg, seconds_arg
 
 
 def fio_totals(path: Path) -> list[int]:
@@ -42,16 +44,26 @@ def fio_totals(path: Path) -> list[int]:
     return out
 
 
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds the with-blocks: fio and the arrays get stopped
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hosts", type=int, default=64)
-    ap.add_argument("--qd", type=int, default=128)
-    ap.add_argument("--size", type=int, default=256, help="LUN size in MiB")
-    ap.add_argument("--seconds", type=float, default=60.0, help="give up on completion after this")
+    ap = argparse.ArgumentParser(prog="python -m bench.active_load", description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", type=count_arg, default=64, help="fio jobs, one connection each (default 64)")
+    ap.add_argument("--qd", type=count_arg, default=128, help="queue depth of each (default 128)")
+    ap.add_argument("--size", type=count_arg, default=256, help="LUN size in MiB (default 256)")
+    ap.add_argument(
+        "--seconds",
+        type=seconds_arg(positive=True),
+        default=60.0,
+        help="give up on completion after this (default 60)",
+    )
     ap.add_argument("--bs", default="4k")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=out_file_arg, default=None, help="also write the JSON result here")
     ap.add_argument("--keep", default=None, help="work here (arrays' logs) and keep it")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
     size = args.size * MiB
     with tempfile.TemporaryDirectory(prefix="active-load-") as tmp:
         work = Path(args.keep or tmp)
@@ -106,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.monotonic()
                 samples: list[tuple[float, int, str]] = []
                 st: dict[str, Any] = {}
-                while time.monotonic() - t0 < args.seconds:
+                while True:  # one sample at least, however short --seconds
                     st = status(b, "v")
                     samples.append((time.monotonic() - t0, int(st["dirty_bytes"]), st["state"]))
                     if st["state"] in ("completed", "failed", "cancelled"):
+                        break
+                    if time.monotonic() - t0 >= args.seconds:
                         break
                     time.sleep(0.5)
             finally:

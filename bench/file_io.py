@@ -19,9 +19,11 @@ import asyncio
 import json
 import os
 import random
+import signal
 import tempfile
 import time
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import uvloop
@@ -83,6 +85,10 @@ async def _run(fd: int, file_size: int, bs: int, write: bool, inline: bool, seco
     }
 
 
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds the with-block: the test file is deleted
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short rounds (about 20 s in all)")
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.size < max(SIZES):  # each request size needs one whole block of the file
         ap.error(f"--size: at least {format_size(max(SIZES))}")
+    signal.signal(signal.SIGTERM, _sigterm)
     seconds = 0.4 if args.quick else 1.5
     file_size = args.size
     results: list[dict[str, Any]] = []

@@ -4,6 +4,7 @@ something else than what was asked."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_SUITE = ["--quick", "--profile", "loopback", "--media", "none", "--jobs", "oltp", "--peers", ""]
 TINY_SUITE += ["--size", "16M", "--runtime", "0.5"]
 TINY_MIGRATION = ["--quick", "--only", "cutover", "--cutover-runs", "1"]
+TINY_ACTIVE = ["--size", "16", "--seconds", "1", "--hosts", "1", "--qd", "1"]
 TINY_NBD = ["--size", "16M", "--runtime", "0.5", "--rounds", "1", "--jobs", "4k_randread_qd32"]
 
 
@@ -57,22 +59,36 @@ TINY_NBD = ["--size", "16M", "--runtime", "0.5", "--rounds", "1", "--jobs", "4k_
         # ... and not at the end of the run, losing its JSON
         ("bench.migration", [*TINY_MIGRATION, "--json-out", "/nonexistent/r.json"], "--json-out"),
         ("bench.nbd_server", [*TINY_NBD, "--json-out", "/nonexistent/r.json"], "--json-out"),
+        # counts and times that are none: tracebacks (KeyError, ApiError) after the arrays started
+        ("bench.active_load", [*TINY_ACTIVE, "--hosts", "0"], "--hosts"),
+        ("bench.active_load", [*TINY_ACTIVE, "--qd", "-1"], "--qd"),
+        ("bench.active_load", [*TINY_ACTIVE, "--size", "0"], "--size"),
+        ("bench.active_load", [*TINY_ACTIVE, "--seconds", "0"], "--seconds"),
+        ("bench.active_load", [*TINY_ACTIVE, "--json", "/nonexistent/r.json"], "--json"),
     ],
 )
 def test_a_bad_argument_is_a_usage_error(tmp_path: Path, module: str, args: list[str], says: str) -> None:
     cmd = [sys.executable, "-m", module, *args, *_work_in(module, tmp_path, args)]
-    p = run_bounded(cmd, 60)
+    p = run_bounded(cmd, 60, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert p.returncode == 2, f"exit {p.returncode}: {p.stdout[-2000:]} {p.stderr[-2000:]}"
     assert "Traceback" not in p.stderr, p.stderr
     assert "usage:" in p.stderr and says in p.stderr, p.stderr
     assert list(tmp_path.iterdir()) == [], "it started work before refusing its arguments"
 
 
-def run_bounded(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def run_bounded(
+    cmd: list[str], timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``cmd``'s exit and output; past ``timeout`` it gets SIGTERM, on which every benchmark
     stops what it started (a SIGKILL, subprocess.run's, would leave its arrays running)."""
     p = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     try:
         out, err = p.communicate(timeout=timeout)
@@ -93,7 +109,7 @@ def _work_in(module: str, tmp_path: Path, args: list[str]) -> list[str]:
         out = ["--out", str(tmp_path / "out")]
     else:
         out = []
-    if "--workdir" in args or "--dir" in args or module == "bench.file_io":
+    if "--workdir" in args or "--dir" in args or module in ("bench.file_io", "bench.active_load"):
         return out
     if module == "bench.nbd_server":
         return ["--dir", str(tmp_path)]
