@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.common import ROOT, MiB, out_file_arg, serve_array, start, status, stop
+from bench.common import ROOT, MiB, missing_tools, out_file_arg, serve_array, start, status, stop
 from emulator.units import count_arg, seconds_arg
 
 
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=out_file_arg, default=None, help="also write the JSON result here")
     ap.add_argument("--keep", default=None, help="work here (arrays' logs) and keep it")
     args = ap.parse_args(argv)
+    if missing_tools("fio"):
+        return 1
     signal.signal(signal.SIGTERM, _sigterm)
     size = args.size * MiB
     with tempfile.TemporaryDirectory(prefix="active-load-") as tmp:

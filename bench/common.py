@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -102,6 +103,16 @@ def names_arg(valid: Sequence[str], empty: bool = False) -> Callable[[str], list
         return names
 
     return parse
+
+
+def missing_tools(*tools: str) -> bool:
+    """Say which of ``tools`` (peers run by name) are not installed; True if any: the
+    benchmark stops before it starts anything, not with a traceback midway, or at the
+    end after its other phases ran for nothing."""
+    missing = [t for t in dict.fromkeys(tools) if shutil.which(t) is None]
+    for tool in missing:
+        print(f"bench: {tool} is not installed (make install)", file=sys.stderr)
+    return bool(missing)
 
 
 def no_wrap(argv: list[str]) -> list[str]:

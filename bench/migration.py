@@ -80,6 +80,7 @@ from bench.common import (
     dir_arg,
     emit_json,
     mib_size_arg,
+    missing_tools,
     names_arg,
     out_file_arg,
     serve_array,
@@ -573,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     co_size, co_runs = (64 * MiB, 5) if q else (128 * MiB, 10)
     co_runs = args.cutover_runs or co_runs
     rt_size = 128 * MiB if q else 256 * MiB
+    if missing_tools("fio", *(["nbdcopy"] if "copy" in phases else [])):
+        return 1
     signal.signal(signal.SIGTERM, _sigterm)
 
     t0 = time.monotonic()

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -38,7 +37,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
-from bench.common import dir_arg, emit_json, free_port, mib_size_arg, names_arg, out_file_arg, stop
+from bench.common import (
+    dir_arg,
+    emit_json,
+    free_port,
+    mib_size_arg,
+    missing_tools,
+    names_arg,
+    out_file_arg,
+    stop,
+)
 from emulator.units import count_arg, parse_size, seconds_arg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,10 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 3)
     keys = args.jobs or [j.key for j in JOBS]
     jobs = [j for j in JOBS if j.key in keys]
-    for tool in ("fio", "nbdkit"):
-        if not shutil.which(tool):
-            print(f"bench: {tool} is not installed (make install)", file=sys.stderr)
-            return 1
+    if missing_tools("fio", "nbdkit"):
+        return 1
     signal.signal(signal.SIGTERM, _sigterm)
 
     results: dict[str, dict[str, list[Result]]] = {j.key: {s: [] for s in SERVERS} for j in jobs}

@@ -67,6 +67,7 @@ from bench.common import (
     dir_arg,
     free_port,
     mib_size_arg,
+    missing_tools,
     names_arg,
     out_dir,
     run,
@@ -488,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.media.count(m) > 1:  # its arrays would restart on the first one's data
             ap.error(f"--media: {m!r} is named twice")
     cfg = config(args)
+    peers = ["qemu-img", "qemu-nbd"] if cfg.peer_profiles else []  # the qcow2 overlays
+    if cfg.peer_profiles and "none" in cfg.media:
+        peers = ["nbdcopy", "nbdkit", *peers]  # nbdkit and qemu-nbd on a copy of the volume
+    if missing_tools("fio", *peers):
+        return 1
     try:
         out = out_dir(Path(args.out))  # else a traceback here, or at the end of the run
     except argparse.ArgumentTypeError as e:

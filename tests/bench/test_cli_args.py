@@ -5,6 +5,7 @@ something else than what was asked."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,41 @@ def test_file_io_takes_the_size_its_usage_line_shows(tmp_path: Path) -> None:
             p.wait(10)
     assert p.returncode == 0, err[-2000:]
     assert out.splitlines()[-1].startswith('{"inline_max"'), out[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "installed", "missing"),
+    [
+        ("bench.migration", ["--quick", "--only", "cutover"], [], "fio"),
+        ("bench.migration", ["--quick", "--only", "copy"], ["fio"], "nbdcopy"),
+        ("bench.suite", TINY_SUITE, [], "fio"),
+        # the peers' tools: missing, the suite ran its phases and then failed at the peers
+        ("bench.suite", [*TINY_SUITE, "--peers", "oltp"], ["fio"], "nbdcopy"),
+        (
+            "bench.suite",
+            [*TINY_SUITE, "--peers", "oltp"],
+            ["fio", "nbdcopy", "nbdkit", "qemu-nbd"],
+            "qemu-img",
+        ),
+        ("bench.active_load", TINY_ACTIVE, [], "fio"),
+        ("bench.nbd_server", TINY_NBD, ["fio"], "nbdkit"),
+    ],
+)
+def test_a_missing_tool_stops_it_before_it_starts(
+    tmp_path: Path, module: str, args: list[str], installed: list[str], missing: str
+) -> None:
+    """Not a FileNotFoundError traceback once the arrays run (or after a whole suite)."""
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    work.mkdir()
+    for tool in installed:
+        found = shutil.which(tool)
+        if found is None:
+            pytest.skip(f"needs {tool}")
+        (bin_dir / tool).symlink_to(found)
+    cmd = [sys.executable, "-m", module, *args, *_work_in(module, work, args)]
+    p = run_bounded(cmd, 60, env={**os.environ, "TMPDIR": str(work), "PATH": str(bin_dir)})
+    assert p.returncode == 1, f"exit {p.returncode}: {p.stdout[-2000:]} {p.stderr[-2000:]}"
+    assert "Traceback" not in p.stderr, p.stderr
+    assert f"{missing} is not installed" in p.stderr, p.stderr
+    assert list(work.iterdir()) == [], "it started work before it looked for its tools"
