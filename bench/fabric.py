@@ -78,6 +78,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from control.config import child_env
+from emulator.units import count_arg
 
 log = logging.getLogger("bench.fabric")
 
@@ -1125,19 +1127,18 @@ def ping_main(connect: str, count: int, size: int = 1) -> int:
             got += len(chunk)
         rtts.append((time.monotonic() - t) * 1000)
     s.close()
-    rtts.sort()
-    print(
-        json.dumps(
-            {
-                "count": count,
-                "connect_ms": round(connect_ms, 4),
-                "min_ms": round(rtts[0], 4),
-                "p50_ms": round(rtts[len(rtts) // 2], 4),
-                "max_ms": round(rtts[-1], 4),
-            }
-        )
-    )
+    print(json.dumps({"count": count, "connect_ms": round(connect_ms, 4), **rtt_summary(rtts)}))
     return 0
+
+
+def rtt_summary(rtts: Sequence[float]) -> dict[str, float]:
+    """min, median and max of round trips in ms (``p50_ms`` was the upper of the two middle
+    ones for an even count: the 11th of 20, not their mean)."""
+    return {
+        "min_ms": round(min(rtts), 4),
+        "p50_ms": round(statistics.median(rtts), 4),
+        "max_ms": round(max(rtts), 4),
+    }
 
 
 def measure_rtt(fabric: Fabric, src: str, dst: str, count: int = 20, timeout: float = 60.0) -> dict[str, Any]:
@@ -1178,13 +1179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp = sub.add_parser("show", help="build a fabric, print its description and round trips, remove it")
     sp.add_argument("--profile", default="metro", choices=sorted(PROFILES))
     sp.add_argument("--shaper", default="auto", choices=["auto", "netem", "wire"])
-    sp.add_argument("--count", type=int, default=50)
+    sp.add_argument("--count", type=count_arg, default=50, help="round trips per pair of nodes (default 50)")
     sub.add_parser("sweep", help="remove the namespaces of fabric runs whose process is dead")
     sp = sub.add_parser("echo", help="(internal) TCP echo server")
     sp.add_argument("--listen", required=True)
     sp = sub.add_parser("ping", help="(internal) TCP round-trip prober")
     sp.add_argument("--connect", required=True)
-    sp.add_argument("--count", type=int, default=20)
+    sp.add_argument("--count", type=count_arg, default=20)
     sp = sub.add_parser("_wire", help="(internal) the userspace link emulator")
     sp.add_argument("spec")
     args = ap.parse_args(argv)

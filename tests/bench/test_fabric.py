@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from bench import fabric as fm
-from bench.fabric import PROFILES, Fabric, FabricProfile, LinkProfile, measure_rtt
+from bench.fabric import PROFILES, Fabric, FabricProfile, LinkProfile, measure_rtt, rtt_summary
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -469,3 +469,9 @@ def test_forced_netem_shaper_needs_the_kernel_module() -> None:
         else:
             assert fab.fallback_reason and "netem" in fab.fallback_reason
             assert fab.addr("A") == "127.0.0.1"
+
+
+def test_rtt_summary_p50_is_the_median() -> None:
+    """Of an even count, the mean of the two middle round trips (it was the upper one)."""
+    assert rtt_summary([4.0, 1.0, 3.0, 2.0]) == {"min_ms": 1.0, "p50_ms": 2.5, "max_ms": 4.0}
+    assert rtt_summary([0.3, 0.1, 0.2])["p50_ms"] == 0.2
