@@ -16,8 +16,8 @@ the baseline copy is ``nbdcopy``. One run measures:
    0.4-1.5 GB/s in one hour, and copies with it).
 2. sparse: a LUN of the same size with 10% written in scattered 1 MiB
    chunks; ratio sparse_time / full_time (goal <= 1.5 x the share, 0.15).
-3. cutover: migrations of a written LUN while fio writes ~20 MB/s at
-   random (64k, rate=20m) into B's LUN. Each migration is paused right
+3. cutover: migrations of a written LUN while fio writes 20 MiB/s at
+   random (64k, fio's rate=20m: 21 MB/s) into B's LUN. Each migration is paused right
    after its start, the load runs for a moment, then it resumes, so the
    load covers the whole copy. ``cutover_pause_ms`` from the status: p50,
    p99, max (goal p99 <= 10 ms) and the steps of the worst one.
@@ -94,6 +94,9 @@ from emulator.units import count_arg, parse_hostport, parse_size
 MiB = 1 << 20
 RAMP_S = 0.5
 SWEEP = ("256K", "1M", "4M")
+#: the cutover phase's write load, bytes/s: fio's "20m" it always was, which is MiB
+#: (fio's kb_base is 1024), 21 MB/s, not the 20 MB/s its labels said
+LOAD_RATE = 20 * MiB
 
 
 # ---------------------------------------------------------------- fio, nbdcopy
@@ -138,8 +141,8 @@ def oltp(uri: str, runtime: float, out: Path, qd: int = 16) -> float:
 
 @contextmanager
 def write_load(uri: str, log: Path) -> Iterator[None]:
-    """~20 MB/s of 64k random writes until the block ends."""
-    opts = "--rw=randwrite --bs=64k --iodepth=4 --rate=20m --time_based --runtime=600".split()
+    """``LOAD_RATE`` of 64k random writes until the block ends."""
+    opts = f"--rw=randwrite --bs=64k --iodepth=4 --rate={LOAD_RATE} --time_based --runtime=600".split()
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             ["fio", "--name=load", "--ioengine=nbd", f"--uri={uri}", *opts],
@@ -459,7 +462,8 @@ def recommend(sweep: dict[str, dict[str, Any]]) -> str:
     r = sweep[best]
     return (
         f"recommendation: region size {best} (of {', '.join(ok)}: soonest done under writes): "
-        f"{r['under_load_ms']} ms under 20 MB/s of 64k writes ({r['copied_x']}x the LUN copied), "
+        f"{r['under_load_ms']} ms under {LOAD_RATE / MiB:g} MiB/s of 64k writes "
+        f"({r['copied_x']}x the LUN copied), "
         f"flat-out copy {r['copy_mbps']} MB/s, cutover p99 {r['cutover_p99_ms']} ms, "
         f"read-through loss {r['loss']:.1%}"
     )

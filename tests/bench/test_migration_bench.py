@@ -8,10 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import bench.migration
 from bench.migration import recommend
 from emulator.nbd.client import NbdClient
 from tests.servers import serve_file, stop
@@ -38,6 +40,29 @@ def test_recommend_takes_the_size_soonest_done_under_writes_among_those_meeting_
     assert "size 256K " in recommend({"256K": size(100, loss=0.1), "1M": size(85)})
     # none meets the pause goal: still the soonest done
     assert "size 1M " in recommend({"1M": size(85, p99=12.0), "4M": size(95, p99=11.0)})
+
+
+def test_the_write_load_is_the_rate_its_labels_say(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """fio's --rate=20m is 20 MiB/s (its kb_base is 1024): the labels said 20 MB/s."""
+    started: list[list[str]] = []
+
+    class FakeFio:
+        def __init__(self, argv: list[str], **kw: object) -> None:
+            started.append(argv)
+
+        def poll(self) -> None:
+            return None
+
+    monkeypatch.setattr(subprocess, "Popen", FakeFio)
+    monkeypatch.setattr(bench.migration, "stop", lambda proc, sig: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    with bench.migration.write_load("nbd://127.0.0.1:1/x", tmp_path / "load.log"):
+        pass
+    [argv] = started
+    [rate] = [int(a.removeprefix("--rate=")) for a in argv if a.startswith("--rate=")]  # bytes/s, no suffix
+    text = recommend({"1M": size(85)})
+    said = float(text.split(" ms under ")[1].split(" MiB/s of 64k writes")[0])
+    assert rate == said * (1 << 20), (rate, text)
 
 
 @pytest.mark.slow
