@@ -47,7 +47,8 @@ Shaping, per direction (``LinkProfile`` gives round-trip figures):
 
 Teardown (``__exit__``, also on exceptions, SIGTERM and SIGINT) ends the
 processes started with ``popen`` and any other process left in the run's
-namespaces, removes the root-side interfaces and deletes the namespaces.
+namespaces, removes the root-side interfaces and deletes the namespaces; a
+SIGINT or SIGTERM that comes meanwhile (a second Ctrl-C) waits until it is done.
 A fabric whose owner died (``kill -9``) is removed by the stale sweep at the
 start of the next run (``sweep_stale()``, or ``python -m bench.fabric sweep``).
 
@@ -439,6 +440,7 @@ class Fabric:
                     log.warning("fabric %s: building the namespaces failed", self.run_id, exc_info=True)
                     self._teardown()
                     self._tearing_down = False
+                    self._deliver_pending_signal()  # a Ctrl-C during that teardown: stop here
                     self._ns.clear()
                     self._links.clear()
                     self._addr.clear()
@@ -470,8 +472,46 @@ class Fabric:
             self._state = "closed"
             atexit.unregister(self._teardown)
             self._restore_signal_handler()
-        if self._pending_signal is not None:  # a SIGTERM that came during the teardown
-            raise SystemExit(128 + self._pending_signal)
+        self._deliver_pending_signal()
+
+    def _deliver_pending_signal(self) -> None:
+        """A SIGINT or SIGTERM that came during the teardown, now that it is done: to the
+        handler it would have met (a KeyboardInterrupt, the caller's, SystemExit(143) for
+        the default SIGTERM, or nothing if ignored)."""
+        sig, self._pending_signal = self._pending_signal, None
+        if sig is None:
+            return
+        handler = signal.getsignal(sig)
+        if handler is signal.SIG_IGN:
+            return
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.raise_signal(sig)  # its handler runs before this returns
+            return
+        if sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + sig)
+
+    def _hold_signals(self) -> dict[int, Any]:
+        """Until ``_release_signals``, SIGINT and SIGTERM only note that they came: a second
+        Ctrl-C (or a SIGTERM after the first) must not cut the teardown short, which left
+        the namespaces and what runs in them until the next run's stale sweep."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        held: dict[int, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            held[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._note_signal)
+        return held
+
+    def _release_signals(self, held: dict[int, Any]) -> None:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+    def _note_signal(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self.pid:
+            os._exit(128 + signum)  # a forked helper: die, do not unwind our stack
+        if self._pending_signal is None:
+            self._pending_signal = signum
 
     def _install_signal_handler(self) -> None:
         # SIGINT already raises KeyboardInterrupt, which unwinds through __exit__;
@@ -841,6 +881,13 @@ class Fabric:
         if self._tearing_down or os.getpid() != self.pid:
             return  # (a forked child, e.g. pyroute2's helpers, runs our atexit hook too: not its job)
         self._tearing_down = True
+        held = self._hold_signals()
+        try:
+            self._remove_all()
+        finally:
+            self._release_signals(held)
+
+    def _remove_all(self) -> None:
         self._release_lock()
         for p in self._procs:
             _stop(p)

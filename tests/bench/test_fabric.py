@@ -308,6 +308,56 @@ def test_removed_on_sigterm_and_sigint(tmp_path: Path, sig: signal.Signals) -> N
     assert gone(info["ns"]) and root_ifs_gone(info["ifs"])
 
 
+STUBBORN = """
+import json, signal, subprocess, sys, time
+from bench.fabric import Fabric, PROFILES
+if sys.argv[1:] == ["own-sigterm"]:  # as bench.suite does: the Fabric keeps out of it
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+with Fabric(PROFILES["metro"]) as f:
+    # ignores SIGTERM: the teardown waits for it, then kills it
+    p = f.popen("A", ["sh", "-c", "trap '' TERM; echo trapped; sleep 60"], stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"trapped\\n"
+    print(json.dumps({"ns": [f.namespace(n) for n in f.nodes if f.namespace(n)] + [f._wire_ns],
+                      "ifs": f._root_ifs, "pid": p.pid}), flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_does_not_cut_the_teardown_short(tmp_path: Path, second: signal.Signals) -> None:
+    """Ctrl-C, then Ctrl-C again (or a SIGTERM, to a caller with a SIGTERM handler of its
+    own, as bench.suite) while the teardown waits for a process: it used to abort the
+    teardown, leaving the namespaces and what ran in them."""
+    require_namespaces()
+    p = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN, *(["own-sigterm"] if second == signal.SIGTERM else [])],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    info: dict[str, Any] = {"ns": []}
+    try:
+        line = readline(p, 60)
+        assert line, f"fabric script said nothing (exit {p.poll()})"
+        info = json.loads(line)
+        info["ns"] = [n for n in info["ns"] if n]
+        p.send_signal(signal.SIGINT)
+        time.sleep(1.0)  # the teardown gives the stubborn process 3 s after its SIGTERM
+        assert p.poll() is None
+        p.send_signal(second)
+        rc = p.wait(30)
+        # the second signal is delivered once the teardown is done
+        assert rc in (-signal.SIGINT, 128 + signal.SIGTERM), rc
+        assert gone(info["ns"]) and root_ifs_gone(info["ifs"])
+        assert not fm._pid_alive(info["pid"]) or fm._is_zombie(info["pid"])
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        fm.sweep_stale()  # what a cut-short teardown left
+
+
 def test_stale_sweep_after_kill_9(tmp_path: Path) -> None:
     require_namespaces()
     p, info = start_script(tmp_path, "metro")
