@@ -6,7 +6,8 @@ rate on the host link and on the array-to-array link, by fabric profile);
 fio (``nbd`` engine) runs in the host's namespace. Where namespaces cannot
 be made, everything runs on 127.0.0.1 and the JSON says why.
 
-For each media model (``--media``: ``ssd``, ``hdd``, raw ``none``) a pair of
+For each media model (``--media``: ``ssd``, ``hdd``, raw ``none``, or a
+fixed service time ``fixed:MS``) a pair of
 arrays A (source) and B (target) is started and one LUN of A is filled.
 For each fio profile (``bench.fio_jobs``: OLTP 8k 70/30 QD16, read-heavy
 4k 90/10 QD16, sequential 1M read QD4) two episodes run on that volume,
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -186,10 +188,12 @@ class Suite:
     # ------------------------------------------------------------ episodes
     @contextmanager
     def site(self, fabric: str, media: str) -> Iterator[Site]:
+        # an array's name takes letters, digits, '.', '_' and '-': not fixed:0.5's colon
+        tag = re.sub(r"[^A-Za-z0-9._-]", "-", media)
         with ExitStack() as stack:
             a, b = (
                 stack.enter_context(
-                    serve_array(self.work, f"{node}{media}", media, self.fab.addr(node), self.wrap(node))
+                    serve_array(self.work, f"{node}{tag}", media, self.fab.addr(node), self.wrap(node))
                 )
                 for node in ("A", "B")
             )
@@ -457,7 +461,11 @@ def main(argv: list[str] | None = None) -> int:
         type=names_arg(list(fabric_mod.PROFILES)),
         help=f"fabrics: {', '.join(fabric_mod.PROFILES)} (default fc,metro; quick: fc)",
     )
-    ap.add_argument("--media", default="ssd,none", help="media models of the arrays (default ssd,none)")
+    ap.add_argument(
+        "--media",
+        default="ssd,none",
+        help="media models of the arrays: none, ssd, hdd or fixed:MS (default ssd,none)",
+    )
     ap.add_argument(
         "--jobs", type=names_arg(list(PROFILES)), help="fio profiles: oltp,readheavy,seq (default: all)"
     )

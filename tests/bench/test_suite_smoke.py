@@ -48,3 +48,17 @@ def test_suite_tiny_run(tmp_path: Path) -> None:
     [png] = last["pngs"]
     data = Path(png).read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_suite_takes_a_fixed_media_model(tmp_path: Path) -> None:
+    """--media fixed:MS passed its check, then the arrays refused their name ('Afixed:0.1')
+    once the fabric was up: a traceback, no results."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench.suite", "--quick", "--profile", "loopback", "--media", "fixed:0.1"]
+    cmd += ["--jobs", "oltp", "--peers", "", "--size", "16M", "--runtime", "1", "--out", str(out)]
+    cmd += ["--workdir", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert "loopback/fixed:0.1" in last["summary"], last["summary"]
+    assert last["summary"]["loopback/fixed:0.1"]["profiles"]["oltp"]["source_iops"] > 0
