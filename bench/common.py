@@ -131,6 +131,8 @@ class Array:
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """``sig``, then SIGKILL if it still runs 10 s later, or at once if we are interrupted
+    meanwhile (a second Ctrl-C or SIGTERM): it must not outlive us."""
     if proc.poll() is None:
         proc.send_signal(sig)
         try:
@@ -138,6 +140,9 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        except BaseException:
+            proc.kill()
+            raise
 
 
 @contextmanager

@@ -140,3 +140,28 @@ def test_file_io_deletes_its_file_on_sigterm() -> None:
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+def test_stop_kills_what_it_stops_when_interrupted_meanwhile() -> None:
+    """A second Ctrl-C (or SIGTERM) while stop() gave an array its 10 s to exit left that
+    array running, orphaned (bench.migration's, bench.nbd_server's, the relay)."""
+    from bench.common import stop
+
+    p = subprocess.Popen(["sh", "-c", "trap '' TERM; echo trapped; exec sleep 60"], stdout=subprocess.PIPE)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"trapped\n"
+        signal.setitimer(signal.ITIMER_REAL, 0.5)  # within stop()'s 10 s
+        with pytest.raises(KeyboardInterrupt):
+            stop(p)
+        assert p.wait(5) == -signal.SIGKILL
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
