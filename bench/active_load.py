@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         default=60.0,
         help="give up on completion after this (default 60)",
     )
-    ap.add_argument("--bs", default="4k")
+    ap.add_argument("--bs", default="4k", help="fio block size of the random writes (default 4k)")
     ap.add_argument("--json", type=out_file_arg, default=None, help="also write the JSON result here")
     ap.add_argument("--keep", default=None, help="work here (arrays' logs) and keep it")
     args = ap.parse_args(argv)
