@@ -81,8 +81,9 @@ async def serve(host: str, port: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[1].isdigit():
-        print("usage: python -m bench.relay HOST PORT", file=sys.stderr)
+    if len(argv) != 2 or not argv[1].isdigit() or not 0 < int(argv[1]) < 65536:
+        # (a port past 65535 started a relay that refused every connection it took)
+        print("usage: python -m bench.relay HOST PORT (1-65535)", file=sys.stderr)
         return 2
     uvloop.install()
     asyncio.run(serve(argv[0], int(argv[1])))

@@ -85,8 +85,11 @@ def test_a_tiny_cutover_run(tmp_path: Path) -> None:
 def test_the_raw_relay_carries_nbd_both_ways(tmp_path: Path) -> None:
     """bench.relay in front of an NBD server: a client through it writes, reads back
     what it wrote, and sees the server's size; a bad command line exits 2."""
-    bad = subprocess.run([sys.executable, "-m", "bench.relay", "127.0.0.1"], cwd=ROOT, capture_output=True)
-    assert bad.returncode == 2 and b"usage" in bad.stderr
+    for args in (["127.0.0.1"], ["127.0.0.1", "65536"], ["127.0.0.1", "0"]):
+        bad = subprocess.run(
+            [sys.executable, "-m", "bench.relay", *args], cwd=ROOT, capture_output=True, timeout=10
+        )
+        assert bad.returncode == 2 and b"usage" in bad.stderr, args
     with serve_file(tmp_path / "disk.img", "--size", "8M") as server:
         relay = subprocess.Popen(
             [sys.executable, "-m", "bench.relay", "127.0.0.1", str(server.port)],
