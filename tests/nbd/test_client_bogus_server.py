@@ -44,40 +44,18 @@ def good(type_: int, flags: int, cookie: int, offset: int, length: int) -> bytes
     return p.build_simple_reply(cookie)
 
 
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
 @asynccontextmanager
-async def bogus_server(
-    answer: Answer, block_size: tuple[int, int, int] | None = None, meta_final: int = p.REP_ACK
-) -> AsyncIterator[str]:
-    """A server whose replies ``answer`` makes; yields its URI. ``meta_final``: its
-    last reply to SET_META_CONTEXT (after it named base:allocation)."""
+async def scripted_server(script: Script, export: str = "vol") -> AsyncIterator[str]:
+    """An NBD server on 127.0.0.1 port 0 that greets each client (fixed newstyle, no
+    zeroes), then runs ``script`` on the connection and closes it; yields its URI."""
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
             w.write(p.SERVER_GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
-            await r.readexactly(4)
-            while True:
-                _, opt, length = p.OPTION_HEADER.unpack(await r.readexactly(p.OPTION_HEADER.size))
-                await r.readexactly(length)
-                if opt == p.OPT_SET_META_CONTEXT:
-                    ctx = p.U32.pack(1) + p.BASE_ALLOCATION.encode()
-                    w.write(p.build_option_reply(opt, p.REP_META_CONTEXT, ctx))
-                elif opt == p.OPT_GO:
-                    info = p.INFO_EXPORT_FMT.pack(p.INFO_EXPORT, SIZE, FLAGS)
-                    w.write(p.build_option_reply(opt, p.REP_INFO, info))
-                    if block_size is not None:
-                        bs = p.INFO_BLOCK_SIZE_FMT.pack(p.INFO_BLOCK_SIZE, *block_size)
-                        w.write(p.build_option_reply(opt, p.REP_INFO, bs))
-                w.write(p.build_option_reply(opt, meta_final if opt == p.OPT_SET_META_CONTEXT else p.REP_ACK))
-                if opt == p.OPT_GO:
-                    break
-            while True:
-                header = await r.readexactly(p.REQUEST.size)
-                _, flags, type_, cookie, offset, length = p.REQUEST.unpack(header)
-                if type_ == p.CMD_DISC:
-                    break
-                if type_ == p.CMD_WRITE:
-                    await r.readexactly(length)
-                w.write(answer(type_, flags, cookie, offset, length))
+            await script(r, w)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -85,11 +63,47 @@ async def bogus_server(
 
     srv = await asyncio.start_server(handle, "127.0.0.1", 0)
     try:
-        port = srv.sockets[0].getsockname()[1]
-        yield f"nbd://127.0.0.1:{port}/vol"
+        yield f"nbd://127.0.0.1:{srv.sockets[0].getsockname()[1]}/{export}"
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+@asynccontextmanager
+async def bogus_server(
+    answer: Answer, block_size: tuple[int, int, int] | None = None, meta_final: int = p.REP_ACK
+) -> AsyncIterator[str]:
+    """A server whose replies ``answer`` makes; yields its URI. ``meta_final``: its
+    last reply to SET_META_CONTEXT (after it named base:allocation)."""
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(4)
+        while True:
+            _, opt, length = p.OPTION_HEADER.unpack(await r.readexactly(p.OPTION_HEADER.size))
+            await r.readexactly(length)
+            if opt == p.OPT_SET_META_CONTEXT:
+                ctx = p.U32.pack(1) + p.BASE_ALLOCATION.encode()
+                w.write(p.build_option_reply(opt, p.REP_META_CONTEXT, ctx))
+            elif opt == p.OPT_GO:
+                info = p.INFO_EXPORT_FMT.pack(p.INFO_EXPORT, SIZE, FLAGS)
+                w.write(p.build_option_reply(opt, p.REP_INFO, info))
+                if block_size is not None:
+                    bs = p.INFO_BLOCK_SIZE_FMT.pack(p.INFO_BLOCK_SIZE, *block_size)
+                    w.write(p.build_option_reply(opt, p.REP_INFO, bs))
+            w.write(p.build_option_reply(opt, meta_final if opt == p.OPT_SET_META_CONTEXT else p.REP_ACK))
+            if opt == p.OPT_GO:
+                break
+        while True:
+            header = await r.readexactly(p.REQUEST.size)
+            _, flags, type_, cookie, offset, length = p.REQUEST.unpack(header)
+            if type_ == p.CMD_DISC:
+                break
+            if type_ == p.CMD_WRITE:
+                await r.readexactly(length)
+            w.write(answer(type_, flags, cookie, offset, length))
+
+    async with scripted_server(script) as uri:
+        yield uri
 
 
 def run_against(
@@ -299,23 +313,13 @@ def test_valid_block_sizes_are_kept(block_size: tuple[int, int, int]) -> None:
 async def listing_server(replies: bytes) -> AsyncIterator[str]:
     """A server that answers NBD_OPT_LIST with ``replies``, then closes."""
 
-    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            w.write(p.SERVER_GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
-            await r.readexactly(4 + p.OPTION_HEADER.size)
-            w.write(replies)
-            await w.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            w.close()
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(4 + p.OPTION_HEADER.size)
+        w.write(replies)
+        await w.drain()
 
-    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"nbd://127.0.0.1:{srv.sockets[0].getsockname()[1]}/"
-    finally:
-        srv.close()
-        await srv.wait_closed()
+    async with scripted_server(script, export="") as uri:
+        yield uri
 
 
 def _server(data: bytes) -> bytes:

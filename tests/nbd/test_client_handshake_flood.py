@@ -32,6 +32,7 @@ from emulator.nbd import client as cl
 from emulator.nbd import protocol as p
 from emulator.nbd.client import NbdClient, list_exports
 from emulator.nbd.errors import DisconnectedError, ProtocolError
+from tests.nbd.test_client_bogus_server import scripted_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,40 +46,30 @@ async def flooding_server(flood: int, reply: Callable[[int], bytes], count: int)
     """A server that answers option ``flood`` with ``reply(i)`` for i in range(count)
     and then nothing more; every other option as a good server would. Yields its URI."""
 
-    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            w.write(p.SERVER_GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
-            await r.readexactly(4)
-            while True:
-                _, opt, length = p.OPTION_HEADER.unpack(await r.readexactly(p.OPTION_HEADER.size))
-                await r.readexactly(length)
-                if opt == flood:
-                    for i in range(count):
-                        w.write(reply(i))
-                        await w.drain()  # at the client's pace: it is the client's memory we look at
-                    await r.read()  # nothing more: wait for the client to go
-                    return
-                if opt == p.OPT_SET_META_CONTEXT:
-                    ctx = p.U32.pack(1) + p.BASE_ALLOCATION.encode()
-                    w.write(p.build_option_reply(opt, p.REP_META_CONTEXT, ctx))
-                elif opt == p.OPT_GO:
-                    info = p.INFO_EXPORT_FMT.pack(p.INFO_EXPORT, SIZE, FLAGS)
-                    w.write(p.build_option_reply(opt, p.REP_INFO, info))
-                w.write(p.build_option_reply(opt, p.REP_ACK))
-                if opt == p.OPT_GO:
-                    await r.read()
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            w.close()
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(4)
+        while True:
+            _, opt, length = p.OPTION_HEADER.unpack(await r.readexactly(p.OPTION_HEADER.size))
+            await r.readexactly(length)
+            if opt == flood:
+                for i in range(count):
+                    w.write(reply(i))
+                    await w.drain()  # at the client's pace: it is the client's memory we look at
+                await r.read()  # nothing more: wait for the client to go
+                return
+            if opt == p.OPT_SET_META_CONTEXT:
+                ctx = p.U32.pack(1) + p.BASE_ALLOCATION.encode()
+                w.write(p.build_option_reply(opt, p.REP_META_CONTEXT, ctx))
+            elif opt == p.OPT_GO:
+                info = p.INFO_EXPORT_FMT.pack(p.INFO_EXPORT, SIZE, FLAGS)
+                w.write(p.build_option_reply(opt, p.REP_INFO, info))
+            w.write(p.build_option_reply(opt, p.REP_ACK))
+            if opt == p.OPT_GO:
+                await r.read()
+                return
 
-    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"nbd://127.0.0.1:{srv.sockets[0].getsockname()[1]}/vol"
-    finally:
-        srv.close()
-        await srv.wait_closed()
+    async with scripted_server(script) as uri:
+        yield uri
 
 
 def measured(
