@@ -6,15 +6,19 @@ checked over NBD against a model of what was written.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import struct
 import subprocess
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from blockmig.testing import MIGRATING, ArraySpec, NbdDevice, assert_same_data, host_array
 from blockmig.testing import BlockmigEnv as _BlockmigEnv
+from control.config import pid_alive
 
 __all__ = [
     "BLOCK",
@@ -27,6 +31,7 @@ __all__ = [
     "block",
     "fill",
     "host_array",
+    "lun_of",
     "qemu_io",
     "read_all",
     "write_blocks",
@@ -70,6 +75,24 @@ class BlockmigEnv(_BlockmigEnv):
         v = self.create_volume(name, size, host).info
         assert v["status"] == "available", v
         return v
+
+    def kill_array(self, array: str) -> None:
+        """kill -9 of ``array``'s daemon, returning once it is gone."""
+        pid = self.array_pids()[array]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, f"array {array} ({pid}) survived kill -9"
+            time.sleep(0.02)
+
+    def up_again(self) -> None:
+        """`blockmig up` with the arrays' config: starts those not running."""
+        self.ok("up", "--config", str(self.state_dir / "arrays.toml"))
+
+
+def lun_of(v: dict[str, Any]) -> str:
+    """The LUN of volume ``v`` on its array."""
+    return f"volume-{v['id']}"
 
 
 # ---------------------------------------------------------------------- data over NBD

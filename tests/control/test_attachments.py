@@ -24,7 +24,7 @@ from control.manager import VolumeManager
 from control.volumes import Volume, VolumeError
 from tests.tools import LibnbdShell
 
-from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill
+from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill, lun_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -48,10 +48,6 @@ def make(bm: BlockmigEnv, name: str, size: int = SIZE) -> tuple[dict[str, Any], 
     v = bm.create(name, size, "A")
     img = fill(v["provider_location"]["uri"], size, seed=zlib.crc32(name.encode()), stride=BLOCK)
     return v, img
-
-
-def lun_of(v: dict[str, Any]) -> str:
-    return f"volume-{v['id']}"
 
 
 def records(bm: BlockmigEnv, vid: str) -> dict[str, dict[str, Any]]:

@@ -22,7 +22,7 @@ from control.drivers.base import VolumeDriver
 from control.manager import VolumeManager
 from control.volumes import Volume, VolumeError
 
-from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill
+from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill, lun_of
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -56,10 +56,6 @@ def make(bm: BlockmigEnv, name: str, host: str = "A", size: int = SIZE) -> tuple
     v = bm.create(name, size, host)
     img = fill(v["provider_location"]["uri"], size, seed=zlib.crc32(name.encode()), stride=4 * BLOCK)
     return v, img
-
-
-def lun_of(v: dict[str, Any]) -> str:
-    return f"volume-{v['id']}"
 
 
 def let_run(bm: BlockmigEnv, vid: str, p: subprocess.Popen[str]) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.tools import LibnbdShell, libnbd_host
 
-from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill
+from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill, lun_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -70,10 +70,6 @@ def make(bm: BlockmigEnv, name: str) -> tuple[dict[str, Any], Image]:
     v = bm.create(name, SIZE, "A")
     img = fill(v["provider_location"]["uri"], SIZE, seed=zlib.crc32(name.encode()), stride=BLOCK)
     return v, img
-
-
-def lun_of(v: dict[str, Any]) -> str:
-    return f"volume-{v['id']}"
 
 
 def wait_for(pred: Any, what: str, timeout: float = 30.0) -> None:

@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 
 from control.api_client import FINAL
-from control.config import pid_alive
 
-from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill
+from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill, lun_of
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,23 +46,6 @@ def make(bm: BlockmigEnv, name: str, size: int, host: str, stride: int) -> tuple
     v = bm.create(name, size, host)
     img = fill(v["provider_location"]["uri"], size, seed=zlib.crc32(name.encode()), stride=stride)
     return v, img
-
-
-def lun_of(v: dict[str, Any]) -> str:
-    return f"volume-{v['id']}"
-
-
-def kill_array(bm: BlockmigEnv, array: str) -> None:
-    pid = bm.array_pids()[array]
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while pid_alive(pid):
-        assert time.monotonic() < deadline, f"array {array} ({pid}) survived kill -9"
-        time.sleep(0.05)
-
-
-def up(bm: BlockmigEnv) -> None:
-    bm.ok("up", "--config", str(bm.state_dir / "arrays.toml"))
 
 
 def _migrate_until(
@@ -100,7 +82,7 @@ def test_a_host_copy_whose_target_dies_leaves_no_partial_lun_there(bm: BlockmigE
     # 8192 runs of 4K, each read 2 ms, 4 at once: the copy lasts ~4 s
     v, img = make(bm, "host-copy-target-killed", 64 * MiB, "S", stride=8192)
     lun = lun_of(v)
-    rc, out, err = _migrate_until(bm, v, "P", lambda: lun in bm.luns("P"), lambda p: kill_array(bm, "P"))
+    rc, out, err = _migrate_until(bm, v, "P", lambda: lun in bm.luns("P"), lambda p: bm.kill_array("P"))
     assert rc == 1 and err.startswith("blockmig: ") and "Traceback" not in err, (out, err)
     d = bm.show(v["id"])
     assert d["migration_status"] == "error" and d["host"] == "S@unified#default", d
@@ -118,7 +100,7 @@ def test_a_host_copy_whose_target_dies_leaves_no_partial_lun_there(bm: BlockmigE
     assert msg.startswith(f"{stays}: {left}"), msg
     assert msg.endswith("(`blockmig up` starts the arrays; then retry)"), msg
 
-    up(bm)  # P again, with the partial copy: `up` deletes it
+    bm.up_again()  # P again, with the partial copy: `up` deletes it
 
     assert lun not in bm.luns("P"), "the partial copy stays on P"
     error = bm.show(v["id"])["migration"]["error"]  # it said the copy stays: not so any more
@@ -156,7 +138,7 @@ def test_a_delete_while_the_volumes_array_is_down_changes_nothing(bm: BlockmigEn
     on the array and left it in error (attach and migrate refused from then on, delete the
     only way out) over an outage that `up` ends."""
     v, img = make(bm, "delete-array-down", 1 * MiB, "P", stride=64 * 1024)
-    kill_array(bm, "P")
+    bm.kill_array("P")
     try:
         msg = bm.refused("delete", v["id"])
         assert msg.startswith(
@@ -164,7 +146,7 @@ def test_a_delete_while_the_volumes_array_is_down_changes_nothing(bm: BlockmigEn
         ), msg
         assert bm.show(v["id"])["status"] == "available"
     finally:
-        up(bm)
+        bm.up_again()
     assert_content(bm.show(v["id"])["provider_location"]["uri"], img)
     bm.ok("delete", v["id"])
     assert lun_of(v) not in bm.luns("P")
@@ -206,12 +188,12 @@ def test_an_array_killed_during_a_pool_move_is_not_left_moving_behind_the_record
     takes the pool it ended in, and the record names where the LUN is."""
     v, img = make(bm, "pool-move-array-killed", 8 * MiB, "Q", stride=BLOCK)  # 4 s at 2 MB/s
     lun = lun_of(v)
-    rc, out, err = _migrate_until(bm, v, "Q#gold", _copying(bm, "Q", lun), lambda p: kill_array(bm, "Q"))
+    rc, out, err = _migrate_until(bm, v, "Q#gold", _copying(bm, "Q", lun), lambda p: bm.kill_array("Q"))
     assert rc == 1 and err.startswith("blockmig: ") and "Traceback" not in err, (out, err)
     d = bm.show(v["id"])
     assert d["migration_status"] == "error" and d["host"] == "Q@unified#default", d
 
-    up(bm)  # Q again, with its move
+    bm.up_again()  # Q again, with its move
 
     st = bm.array_migration("Q", lun) or {}
     assert st.get("state") in (None, *FINAL), f"Q still moves the LUN behind the volume's record: {st}"
@@ -335,7 +317,7 @@ def test_a_migration_whose_source_array_is_down_changes_nothing(bm: BlockmigEnv)
     migration_status error with a fence to lift; a target that does not answer was
     already refused before anything changed."""
     v, img = make(bm, "source-array-down", 1 * MiB, "P", stride=64 * 1024)
-    kill_array(bm, "P")
+    bm.kill_array("P")
     try:
         msg = bm.refused("migrate", v["id"], "Q")
         assert msg.startswith(
@@ -346,7 +328,7 @@ def test_a_migration_whose_source_array_is_down_changes_nothing(bm: BlockmigEnv)
         status, mig = bm.db_row(v["id"])
         assert (status, mig) == (None, {}), (status, mig)
     finally:
-        up(bm)
+        bm.up_again()
     d = bm.ok("migrate", v["id"], "Q", "--wait")
     assert d["migration_status"] == "success" and d["host"] == "Q@unified#default", d
     assert_content(d["provider_location"]["uri"], img)
@@ -380,7 +362,7 @@ def test_show_says_when_a_takeovers_source_is_not_connected(bm: BlockmigEnv) -> 
     v, img = make(bm, "source-killed", 8 * MiB, "S", stride=64 * 1024)  # 4 s at 2 MB/s
     d = bm.ok("migrate", v["id"], "Q")
     assert d["migration_status"] == "migrating_attachable", d
-    kill_array(bm, "S")
+    bm.kill_array("S")
     try:
         deadline = time.monotonic() + 20
         while "\nsource:            not connected" not in (text := bm.run("show", v["id"]).stdout):
@@ -389,7 +371,7 @@ def test_show_says_when_a_takeovers_source_is_not_connected(bm: BlockmigEnv) -> 
         assert "up to the target's source retry window, then fail with EIO" in text, text
         assert "attachable:        True" in text, text
     finally:
-        up(bm)
+        bm.up_again()
     end = bm.wait_migration(v["id"], timeout=60)
     assert end["migration_status"] == "success" and end["host"] == "Q@unified#default", end
     assert "\nsource:" not in bm.run("show", v["id"]).stdout

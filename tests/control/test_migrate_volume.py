@@ -49,6 +49,7 @@ from .blockmig_env import (
     block,
     fill,
     host_array,
+    lun_of,
     qemu_io,
     write_blocks,
 )
@@ -93,10 +94,6 @@ def make(
     v = bm.create(name, size, host)
     img = fill(v["provider_location"]["uri"], size, seed=zlib.crc32(name.encode()), stride=stride)
     return v, img
-
-
-def lun_of(v: dict[str, Any]) -> str:
-    return f"volume-{v['id']}"
 
 
 # ---------------------------------------------------------------------- step 1

@@ -22,12 +22,11 @@ from typing import Any
 import pytest
 
 from control.api_client import ArrayApi
-from control.config import pid_alive
 from control.drivers.base import VolumeDriver
 from control.manager import VolumeManager
 from control.volumes import VolumeError
 
-from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill
+from .blockmig_env import BLOCK, ArraySpec, BlockmigEnv, Image, MiB, assert_content, fill, lun_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,23 +65,6 @@ def make(
     return v, fill(v["provider_location"]["uri"], size, seed=zlib.crc32(name.encode()), stride=stride)
 
 
-def lun_of(v: dict[str, Any]) -> str:
-    return f"volume-{v['id']}"
-
-
-def up(bm: BlockmigEnv) -> None:
-    bm.ok("up", "--config", str(bm.state_dir / "arrays.toml"))
-
-
-def kill(bm: BlockmigEnv, array: str) -> None:
-    pid = bm.array_pids()[array]
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while pid_alive(pid):
-        assert time.monotonic() < deadline, f"array {array} ({pid}) survived kill -9"
-        time.sleep(0.02)
-
-
 @contextmanager
 def outage(
     bm: BlockmigEnv,
@@ -109,9 +91,9 @@ def outage(
         try:
             if pid is not None:  # stopped: the call waits for an answer meanwhile
                 time.sleep(0.5)
-                kill(bm, array)
+                bm.kill_array(array)
             time.sleep(back_after or 0.0)
-            up(bm)
+            bm.up_again()
         except BaseException as e:  # said at the end of the block
             failed.append(e)
 
@@ -129,7 +111,7 @@ def outage(
             return real(self, method, path, body, query)
         answer = real(self, method, path, body, query)
         if at != "request" and not restarts and when(method, path, answer):
-            kill(bm, array)
+            bm.kill_array(array)
             restarts.append(threading.Thread(target=restart, args=(None,), daemon=True))
             if back_after is not None:
                 restarts[0].start()
