@@ -692,14 +692,14 @@ class VolumeManager:
         if dest.array != src.array:
             return None
         d = self.driver(src.array)
-        st = d._asked(lambda: d.api.migration_if_any(v.lun))  # through a restart of the array
+        st = d.migration_if_any(v.lun)  # through a restart of the array
         if st is None:
             return None
         if st.get("source") != f"move:{src.pool}:{dest.pool}":
             return None  # not this move's
         if st.get("state") not in FINAL:
             st = d._follow(v.lun, progress)  # raises if it fails or is cancelled
-        lun = d._asked(lambda: d.api.get_lun(v.lun))
+        lun = d.asked(lambda: d.api.get_lun(v.lun))
         if st.get("state") != "completed" or lun["pool"] != dest.pool:
             return None  # (an earlier move's record, the LUN moved back since)
         loc = d._location(lun)
@@ -723,7 +723,7 @@ class VolumeManager:
         d = self.driver(dest.array)
         if not isinstance(d, RemoteTakeoverMixin):
             return None
-        st = d._asked(lambda: d.api.migration_if_any(v.lun))  # through a restart of the array
+        st = d.migration_if_any(v.lun)  # through a restart of the array
         if st is None:
             return None  # it never got that far
         if mig.get("source_uri") and st.get("source") != mig["source_uri"]:
@@ -732,7 +732,7 @@ class VolumeManager:
             st = d._follow(v.lun, progress)  # raises if it fails or is cancelled: back to the source
         if st.get("state") != "completed":
             return None  # not cut over
-        loc = d._location(d._asked(lambda: d.api.get_lun(v.lun)))
+        loc = d.location(v.lun)
         mig.update(phase="cleanup", adopted=True)
         v = self._switch_host(v.id, str(dest), provider_location=loc, migration=mig)
         return self._cleanup(v)
@@ -976,7 +976,7 @@ class VolumeManager:
         try:
             # asked again through an outage of the source array (a restart): a fence is
             # idempotent for its holder (the array gives the one it holds)
-            return v, sdrv._asked(lambda: sdrv.fence_for_takeover(v, f"volume {v.id}"))
+            return v, sdrv.asked(lambda: sdrv.fence_for_takeover(v, f"volume {v.id}"))
         except ApiError as e:
             if e.status in (400, 404, 409):
                 mig["fenced"] = False
@@ -994,7 +994,7 @@ class VolumeManager:
         d = self.driver(Host.parse(mig["source"]).array)
         # asked again through an outage of the source array (a restart): one left after the
         # cutover ended the migration in error; a delete of a missing LUN succeeds
-        d._asked(lambda: d.delete_volume(v))
+        d.asked(lambda: d.delete_volume(v))
 
     def _fail(self, vid: str, error: str) -> None:
         """Step failed: leave the volume on its authoritative side, status error."""

@@ -138,11 +138,11 @@ class VolumeDriver:
         return {"array": self.array_name, "lun": lun["name"], "pool": lun["pool"], "uri": lun["uri"]}
 
     def connection_uri(self, volume: Volume) -> str:
-        """The volume's nbd:// URI, asked through an outage of the array (:meth:`_asked`)."""
-        uri: str = self._asked(lambda: self.api.connection(volume.lun))["uri"]
+        """The volume's nbd:// URI, asked through an outage of the array (:meth:`asked`)."""
+        uri: str = self.asked(lambda: self.api.connection(volume.lun))["uri"]
         return uri
 
-    def _asked(self, call: Callable[[], T], until: float | None = None) -> T:
+    def asked(self, call: Callable[[], T], until: float | None = None) -> T:
         """``call()``, a read of this array's API, asked again while the array does not answer
         for up to :attr:`unreachable_window` seconds (not past the monotonic time ``until``),
         unless :attr:`expect_back` says it was stopped on purpose (:func:`through_outage`);
@@ -154,6 +154,14 @@ class VolumeDriver:
                 raise
             why = f"array {self.array_name} does not answer ({e.message})"
             raise ApiError(e.status, e.code, why) from None
+
+    def location(self, lun: str) -> dict[str, Any]:
+        """The provider_location of ``lun``, read through an outage of the array."""
+        return self._location(self.asked(lambda: self.api.get_lun(lun)))
+
+    def migration_if_any(self, lun: str) -> dict[str, Any] | None:
+        """The array's migration of ``lun``, if any, read through an outage of the array."""
+        return self.asked(lambda: self.api.migration_if_any(lun))
 
     def _start(
         self, path: str, body: dict[str, Any], lun: str, begun: Callable[[dict[str, Any]], bool]
@@ -171,7 +179,7 @@ class VolumeDriver:
         except ApiError as e:
             if e.code != "unreachable":
                 raise
-        st = self._asked(lambda: self.api.migration_if_any(lun))
+        st = self.migration_if_any(lun)
         if st is None or not begun(st):
             self.api.call("POST", path, body)
 
@@ -185,7 +193,7 @@ class VolumeDriver:
         up again a moment later, resumed a copy nobody followed any more."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            st = self._asked(lambda: self.api.migration(lun), deadline)
+            st = self.asked(lambda: self.api.migration(lun), deadline)
             if progress is not None:
                 progress(st)
             if st["state"] == "completed":
@@ -217,7 +225,7 @@ class PoolMigrationMixin(VolumeDriver):
 
         self._start(f"/api/v1/luns/{volume.lun}/move", {"pool": host.pool}, volume.lun, begun)
         self._follow(volume.lun, progress)
-        return MigrateResult(True, self._location(self._asked(lambda: self.api.get_lun(volume.lun))))
+        return MigrateResult(True, self.location(volume.lun))
 
 
 class RemoteTakeoverMixin(VolumeDriver):
@@ -233,12 +241,11 @@ class RemoteTakeoverMixin(VolumeDriver):
             self._follow(volume.lun, None)
         # the reads of the migration asked again through an outage of the array (a restart):
         # one failed the whole migration, while the array, up a second later, went on with it
-        lun = self._asked(lambda: self.api.get_lun(volume.lun))
-        return TargetMigrateResult(True, self.supports_async_migration, self._location(lun))
+        return TargetMigrateResult(True, self.supports_async_migration, self.location(volume.lun))
 
     def complete_migration_target(self, volume: Volume, progress: Progress | None = None) -> dict[str, Any]:
         self._follow(volume.lun, progress)
-        return self._location(self._asked(lambda: self.api.get_lun(volume.lun)))
+        return self.location(volume.lun)
 
     def set_migration_source(self, volume: Volume, source_uri: str) -> None:
         """Tell the array where the source of its takeover of ``volume`` is served now (its
